@@ -1,0 +1,304 @@
+//! `out[m, n] = x[m, k] · W[n, k]ᵀ` with f32 accumulation, W in f32 or BF16.
+//!
+//! Two regimes, chosen by `m` (the number of activation rows):
+//! - **small m** (decode, MoE experts with few tokens): the op is bound by reading W once.
+//!   A register-blocked AVX2/FMA kernel streams each weight row once and applies it to up to
+//!   four activation rows held in L1, converting BF16 to f32 in registers (a 16-bit shift).
+//! - **large m** (prefill): compute bound. W is converted block by block to f32 and handed to
+//!   the `gemm` crate (182 GFLOP/s f32 on this machine's two cores, ../shared/reference/deps.md).
+//!
+//! Both split the weight rows across the rayon pool, so each thread reads a disjoint part of W.
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::Elem;
+
+/// Rows of `x` up to which the streaming kernel is used; above it, the blocked gemm path.
+/// Picked by `duet-kernels`' matmul benchmark: at m = 32 the gemm path wins on BF16 weights.
+pub const STREAM_M_MAX: usize = 24;
+
+/// Weight rows per parallel task: large enough to amortise rayon's scheduling (~µs), small
+/// enough that two cores still balance on the smallest layer (an expert of 48–512 rows).
+const ROWS_PER_TASK_MIN: usize = 16;
+
+/// Weight rows converted to f32 at once on the gemm path: 64 rows × 7168 × 4 B ≈ 1.8 MiB, an L2-ish
+/// working set per thread.
+const GEMM_ROW_BLOCK: usize = 64;
+
+/// A raw output pointer that tasks write to at disjoint column ranges.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes a disjoint set of columns of `out` (its own weight rows), and the
+// buffer outlives the parallel scope that uses the pointer.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above; the pointer is only written through at disjoint indices.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Through a method so closures capture the whole `Send` wrapper, not the raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+pub fn matmul<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), m * k);
+    assert_eq!(w.len(), n * k);
+    assert_eq!(out.len(), m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let ptr = OutPtr(out.as_mut_ptr());
+    if m <= STREAM_M_MAX {
+        let rows_per_task = n.div_ceil(threads * 4).max(ROWS_PER_TASK_MIN);
+        let tasks = n.div_ceil(rows_per_task);
+        (0..tasks).into_par_iter().for_each(|t| {
+            let j0 = t * rows_per_task;
+            let j1 = (j0 + rows_per_task).min(n);
+            // SAFETY: rows j0..j1 are this task's alone; `out` has m*n elements.
+            unsafe { stream_rows(x, m, k, &w[j0 * k..j1 * k], j0, j1 - j0, n, ptr.get()) };
+        });
+    } else {
+        let blocks = n.div_ceil(GEMM_ROW_BLOCK);
+        (0..blocks).into_par_iter().for_each_init(Vec::new, |scratch, b| {
+            let j0 = b * GEMM_ROW_BLOCK;
+            let nb = GEMM_ROW_BLOCK.min(n - j0);
+            let wb = W::as_f32_block(&w[j0 * k..(j0 + nb) * k], scratch);
+            // SAFETY: dst covers columns j0..j0+nb of the row-major [m, n] `out` (row stride n),
+            // disjoint from every other block; lhs is [m, k] row-major; rhs is the block read as
+            // its transpose [k, nb] (row stride 1, column stride k). All in bounds.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    nb,
+                    k,
+                    ptr.get().add(j0),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    wb.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    }
+}
+
+/// Computes `out[t, j0 + j] = x[t] · w[j]` for `j < nw`, all `t < m`.
+///
+/// # Safety
+/// `out` must point to an `[m, n]` buffer and columns `j0..j0 + nw` must be this caller's alone.
+unsafe fn stream_rows<W: Elem>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    j0: usize,
+    nw: usize,
+    n: usize,
+    out: *mut f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if W::HAS_AVX2_LOAD && avx2::available() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above); the caller's contract on
+            // `out` is passed through.
+            unsafe { avx2::stream_rows(x, m, k, w, j0, nw, n, out) };
+            return;
+        }
+    }
+    for j in 0..nw {
+        let wr = &w[j * k..(j + 1) * k];
+        for t in 0..m {
+            let xr = &x[t * k..(t + 1) * k];
+            let mut acc = 0.0f32;
+            for i in 0..k {
+                acc += wr[i].to_f32() * xr[i];
+            }
+            // SAFETY: t < m and j0 + j < n, inside the caller's columns.
+            unsafe { *out.add(t * n + j0 + j) = acc };
+        }
+    }
+}
+
+impl Elem for f32 {
+    const HAS_AVX2_LOAD: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn as_f32_block<'a>(src: &'a [Self], _scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        src
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees 8 readable f32 at p.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl Elem for bf16 {
+    const HAS_AVX2_LOAD: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn as_f32_block<'a>(src: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        scratch.clear();
+        scratch.extend(src.iter().map(|v| v.to_f32()));
+        scratch
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 8 readable bf16 (16 bytes) at p and AVX2 support.
+        unsafe {
+            let h = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::Elem;
+
+    pub fn available() -> bool {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        // SAFETY: plain register arithmetic; AVX is available (caller's contract).
+        unsafe {
+            let lo = _mm256_castps256_ps128(v);
+            let hi = _mm256_extractf128_ps(v, 1);
+            let s = _mm_add_ps(lo, hi);
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
+    }
+
+    /// `R` weight rows × `T` activation rows per pass: R·T accumulators stay in registers
+    /// (≤ 8 of the 16 ymm), each weight vector is loaded once and used `T` times.
+    #[inline(always)]
+    unsafe fn block<W: Elem, const R: usize, const T: usize>(
+        x: *const f32,
+        k: usize,
+        w: *const W,
+        out: *mut f32,
+        n: usize,
+    ) {
+        // SAFETY: the caller guarantees R rows of k weights at w, T rows of k activations at x,
+        // and the R×T output cells (row stride n) writable; AVX2+FMA are available.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); T]; R];
+            let k8 = k & !7;
+            let mut i = 0;
+            while i < k8 {
+                let mut wv = [_mm256_setzero_ps(); R];
+                for r in 0..R {
+                    wv[r] = W::load8(w.add(r * k + i));
+                }
+                for t in 0..T {
+                    let xv = _mm256_loadu_ps(x.add(t * k + i));
+                    for r in 0..R {
+                        acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+                    }
+                }
+                i += 8;
+            }
+            for r in 0..R {
+                for t in 0..T {
+                    let mut s = hsum(acc[r][t]);
+                    for j in k8..k {
+                        s += (*w.add(r * k + j)).to_f32() * *x.add(t * k + j);
+                    }
+                    *out.add(t * n + r) = s;
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn stream_rows<W: Elem>(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[W],
+        j0: usize,
+        nw: usize,
+        n: usize,
+        out: *mut f32,
+    ) {
+        // SAFETY (whole body): every pointer offset stays inside x ([m, k]), w ([nw, k]) and the
+        // caller's columns j0..j0+nw of out ([m, n]).
+        unsafe {
+            let xp = x.as_ptr();
+            let wp = w.as_ptr();
+            // Weight rows outermost: a block of R rows is read from memory once and reused from L1
+            // for every group of activation rows.
+            macro_rules! row_block {
+                ($r:literal, $j:expr) => {{
+                    let wj = wp.add($j * k);
+                    let mut t = 0;
+                    while t < m {
+                        let xt = xp.add(t * k);
+                        let ot = out.add(t * n + j0 + $j);
+                        match m - t {
+                            1 => { block::<W, $r, 1>(xt, k, wj, ot, n); t += 1; }
+                            2 => { block::<W, $r, 2>(xt, k, wj, ot, n); t += 2; }
+                            3 => { block::<W, $r, 3>(xt, k, wj, ot, n); t += 3; }
+                            _ => { block::<W, $r, 4>(xt, k, wj, ot, n); t += 4; }
+                        }
+                    }
+                }};
+            }
+            let mut j = 0;
+            if m <= 2 {
+                while j + 4 <= nw {
+                    row_block!(4, j);
+                    j += 4;
+                }
+            } else {
+                while j + 2 <= nw {
+                    row_block!(2, j);
+                    j += 2;
+                }
+            }
+            while j < nw {
+                row_block!(1, j);
+                j += 1;
+            }
+        }
+    }
+}

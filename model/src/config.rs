@@ -1,0 +1,287 @@
+//! `config.json` of DeepSeek-V2/V2-Lite/V3/R1 checkpoints, as released.
+//!
+//! Released configs put `rope_theta` and `rope_scaling` at the top level; transformers ≥ 5 writes
+//! them inside `rope_parameters` instead. Both are accepted.
+
+use std::path::Path;
+
+use duet_kernels::moe::{RouterConfig, Scoring, TopkMethod};
+use duet_kernels::ops::MlaShape;
+use duet_kernels::rope::Yarn;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::Error;
+
+/// The fields of `config.json` duet reads. Unknown fields are ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    #[serde(default)]
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    #[serde(default)]
+    pub moe_intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    #[serde(default)]
+    pub num_nextn_predict_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub n_shared_experts: Option<usize>,
+    #[serde(default)]
+    pub n_routed_experts: Option<usize>,
+    #[serde(default = "one")]
+    pub routed_scaling_factor: f32,
+    pub kv_lora_rank: usize,
+    #[serde(default)]
+    pub q_lora_rank: Option<usize>,
+    pub qk_rope_head_dim: usize,
+    pub qk_nope_head_dim: usize,
+    pub v_head_dim: usize,
+    #[serde(default = "greedy")]
+    pub topk_method: String,
+    #[serde(default)]
+    pub n_group: Option<usize>,
+    #[serde(default)]
+    pub topk_group: Option<usize>,
+    #[serde(default)]
+    pub num_experts_per_tok: Option<usize>,
+    #[serde(default = "one_usize")]
+    pub moe_layer_freq: usize,
+    #[serde(default)]
+    pub first_k_dense_replace: usize,
+    #[serde(default)]
+    pub norm_topk_prob: bool,
+    #[serde(default = "softmax")]
+    pub scoring_func: String,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<Value>,
+    #[serde(default)]
+    pub rope_parameters: Option<Value>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<Value>,
+    #[serde(default)]
+    pub quantization_config: Option<QuantizationConfig>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+}
+
+/// `quantization_config` of FP8 checkpoints (DeepSeek-V3/R1 ship `fp8`, e4m3, 128×128 blocks).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuantizationConfig {
+    pub quant_method: String,
+    #[serde(default)]
+    pub fmt: Option<String>,
+    #[serde(default)]
+    pub weight_block_size: Option<Vec<usize>>,
+    #[serde(default)]
+    pub activation_scheme: Option<String>,
+}
+
+fn one() -> f32 {
+    1.0
+}
+fn one_usize() -> usize {
+    1
+}
+fn greedy() -> String {
+    "greedy".into()
+}
+fn softmax() -> String {
+    "softmax".into()
+}
+fn default_max_pos() -> usize {
+    4096
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+
+/// Rope settings resolved from either config layout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeSettings {
+    pub theta: f64,
+    pub yarn: Option<Yarn>,
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let cfg: ModelConfig = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        cfg.validate().map_err(|detail| Error::Config {
+            path: path.to_path_buf(),
+            detail,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Checks what the forward pass relies on, so a bad config is an error at load, not a panic
+    /// mid-step.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("kv_lora_rank", self.kv_lora_rank),
+            ("qk_rope_head_dim", self.qk_rope_head_dim),
+            ("v_head_dim", self.v_head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(format!("{name} must be positive"));
+            }
+        }
+        if self.qk_rope_head_dim % 2 != 0 {
+            return Err("qk_rope_head_dim must be even".into());
+        }
+        if self.moe_layer_freq == 0 {
+            return Err("moe_layer_freq must be positive".into());
+        }
+        if let Some(e) = self.n_routed_experts.filter(|&e| e > 0) {
+            let k = self.num_experts_per_tok.unwrap_or(0);
+            if k == 0 || k > e {
+                return Err(format!("num_experts_per_tok {k} must be in 1..={e}"));
+            }
+            if self.moe_intermediate_size == 0 {
+                return Err("moe_intermediate_size must be positive".into());
+            }
+            let g = self.n_group.unwrap_or(1).max(1);
+            if e % g != 0 || self.topk_group.unwrap_or(1) > g {
+                return Err(format!("n_group {g} / topk_group {:?} do not divide {e} experts", self.topk_group));
+            }
+            self.router(e)?;
+        }
+        self.rope()?;
+        if let Some(q) = &self.quantization_config {
+            if q.quant_method != "fp8" {
+                return Err(format!("quantization method {:?} is not supported (fp8 is)", q.quant_method));
+            }
+            match q.weight_block_size.as_deref() {
+                Some([a, b]) if *a > 0 && *b > 0 => {}
+                other => return Err(format!("fp8 weight_block_size {other:?} must be two positive sizes")),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn mla_shape(&self) -> MlaShape {
+        MlaShape {
+            heads: self.num_attention_heads,
+            kv_lora: self.kv_lora_rank,
+            rope: self.qk_rope_head_dim,
+            nope: self.qk_nope_head_dim,
+            v: self.v_head_dim,
+        }
+    }
+
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Whether layer `i` has routed experts (DeepSeek's `first_k_dense_replace`/`moe_layer_freq`).
+    pub fn is_moe_layer(&self, i: usize) -> bool {
+        self.n_routed_experts.is_some_and(|e| e > 0)
+            && i >= self.first_k_dense_replace
+            && i % self.moe_layer_freq == 0
+    }
+
+    /// The first EOS id (configs give one id or a list).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn router(&self, n_experts: usize) -> Result<RouterConfig, String> {
+        let method = match self.topk_method.as_str() {
+            "greedy" => TopkMethod::Greedy,
+            "group_limited_greedy" => TopkMethod::GroupLimitedGreedy,
+            "noaux_tc" => TopkMethod::NoauxTc,
+            other => return Err(format!("unknown topk_method {other:?}")),
+        };
+        let scoring = match self.scoring_func.as_str() {
+            "softmax" => Scoring::Softmax,
+            "sigmoid" => Scoring::Sigmoid,
+            other => return Err(format!("unknown scoring_func {other:?}")),
+        };
+        Ok(RouterConfig {
+            n_experts,
+            top_k: self.num_experts_per_tok.unwrap_or(1),
+            n_group: self.n_group.unwrap_or(1).max(1),
+            topk_group: self.topk_group.unwrap_or(1).max(1),
+            scoring,
+            method,
+            norm_topk_prob: self.norm_topk_prob,
+            routed_scaling_factor: self.routed_scaling_factor,
+            scale_after_norm: self.model_type != "deepseek_v2",
+        })
+    }
+
+    /// `rope_theta` and YaRN from the top level (released) or `rope_parameters` (transformers 5).
+    pub fn rope(&self) -> Result<RopeSettings, String> {
+        let params = self.rope_parameters.as_ref().filter(|v| v.is_object());
+        let scaling = params.or(self.rope_scaling.as_ref().filter(|v| v.is_object()));
+        let theta = self
+            .rope_theta
+            .or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+            .unwrap_or(10_000.0);
+        let Some(s) = scaling else {
+            return Ok(RopeSettings { theta, yarn: None });
+        };
+        let kind = s
+            .get("rope_type")
+            .or_else(|| s.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        match kind {
+            "default" => Ok(RopeSettings { theta, yarn: None }),
+            "yarn" => {
+                let f = |k: &str, d: f64| s.get(k).and_then(Value::as_f64).unwrap_or(d);
+                let factor = f("factor", 1.0);
+                let orig = s
+                    .get("original_max_position_embeddings")
+                    .and_then(Value::as_u64)
+                    .map(|v| v as usize)
+                    .unwrap_or(self.max_position_embeddings);
+                if factor <= 0.0 || orig == 0 {
+                    return Err("yarn factor and original_max_position_embeddings must be positive".into());
+                }
+                Ok(RopeSettings {
+                    theta,
+                    yarn: Some(Yarn {
+                        factor,
+                        original_max_position_embeddings: orig,
+                        beta_fast: f("beta_fast", 32.0),
+                        beta_slow: f("beta_slow", 1.0),
+                        mscale: f("mscale", 1.0),
+                        mscale_all_dim: f("mscale_all_dim", 0.0),
+                    }),
+                })
+            }
+            other => Err(format!("rope scaling type {other:?} is not supported (yarn is)")),
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The paged latent KV cache of one model replica: one pool per layer,
+//! `[pages, PAGE_TOKENS, kv_lora_rank + qk_rope_head_dim]`, and a free list of page ids shared by
+//! all layers (a sequence's page `p` holds its tokens `64p..64p+63` in every layer's pool).
+//!
+//! This is the engine-level cache that `duet generate` and the tests drive directly; the serving
+//! path's allocator with prefix sharing lives in core/ and hands page ids to the same pools.
+
+use duet_kernels::ops::PAGE_TOKENS;
+use duet_kernels::{DType, Device, Tensor};
+
+use crate::{Error, ModelConfig, Result};
+
+pub struct KvCache {
+    pub(crate) pools: Vec<Tensor>,
+    free: Vec<u32>,
+    pages: usize,
+}
+
+impl KvCache {
+    pub fn new(cfg: &ModelConfig, pages: usize, dtype: DType, device: Device) -> Self {
+        let width = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
+        let pools = (0..cfg.num_hidden_layers)
+            .map(|_| Tensor::zeros(&[pages, PAGE_TOKENS, width], dtype, device))
+            .collect();
+        Self {
+            pools,
+            // Popped from the back: hand out low page ids first, which keeps tests readable.
+            free: (0..pages as u32).rev().collect(),
+            pages,
+        }
+    }
+
+    pub fn pages_total(&self) -> usize {
+        self.pages
+    }
+
+    pub fn pages_free(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Bytes one token occupies across all layers (70,272 for V3 in BF16).
+    pub fn bytes_per_token(&self) -> usize {
+        self.pools
+            .iter()
+            .map(|p| p.size_bytes() / (self.pages * PAGE_TOKENS).max(1))
+            .sum()
+    }
+
+    /// Grows `block_table` so it covers `tokens` tokens. All or nothing: on `KvFull` nothing
+    /// was taken.
+    pub fn ensure(&mut self, block_table: &mut Vec<u32>, tokens: usize) -> Result<()> {
+        let needed = tokens.div_ceil(PAGE_TOKENS).saturating_sub(block_table.len());
+        if needed > self.free.len() {
+            return Err(Error::KvFull {
+                needed,
+                free: self.free.len(),
+            });
+        }
+        for _ in 0..needed {
+            block_table.push(self.free.pop().expect("checked above"));
+        }
+        Ok(())
+    }
+
+    /// Returns a sequence's pages to the free list.
+    pub fn release(&mut self, block_table: &mut Vec<u32>) {
+        debug_assert!(block_table.iter().all(|p| (*p as usize) < self.pages && !self.free.contains(p)));
+        self.free.append(block_table);
+    }
+}

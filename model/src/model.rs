@@ -1,0 +1,389 @@
+//! The DeepSeek decoder: embedding → N × (MLA attention, dense MLP or DeepSeekMoE) → norm → lm_head.
+//!
+//! A forward call takes a batch of sequences, each with some new tokens (a prompt chunk or one
+//! decode token) at a start position, and that sequence's KV block table. Every op goes through
+//! `duet_kernels::ops`, so the same code runs on any backend.
+
+use std::path::Path;
+
+use duet_kernels::moe::{self, RouterConfig};
+use duet_kernels::ops::{self, AttnSeq, MlaShape, PAGE_TOKENS};
+use duet_kernels::{DType, Device, Tensor, rope};
+
+use crate::kv::KvCache;
+use crate::loader::{LoadProgress, Mapped, TensorSource};
+use crate::{Error, ModelConfig, Result};
+
+/// `q_a_layernorm` and `kv_a_layernorm` are built without `rms_norm_eps` in the released modeling
+/// code and in HF transformers, so they always use the RMSNorm default.
+const LORA_NORM_EPS: f32 = 1e-6;
+
+/// One sequence's part of a forward batch.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqInput<'a> {
+    /// New tokens to run (a prompt or chunk of it, or the last sampled token).
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]`; positions `0..start_pos` are already in the cache.
+    pub start_pos: usize,
+    /// Pages covering at least `start_pos + tokens.len()` tokens.
+    pub block_table: &'a [u32],
+}
+
+/// Which rows of logits to compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// Every input position (`duet logits`, scoring).
+    All,
+    /// Only each sequence's last position (generation): skips the vocabulary projection for the
+    /// rest, the largest single matmul of a prefill.
+    Last,
+}
+
+/// Which MLA form to run attention in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionForm {
+    /// Decompressing prefill form when any sequence brings more than one token, absorbed
+    /// otherwise.
+    #[default]
+    Auto,
+    Prefill,
+    Absorbed,
+}
+
+struct Ffn {
+    /// `gate_proj` and `up_proj` stacked: one matmul gives `[gate | up]`.
+    gate_up: Tensor,
+    down: Tensor,
+}
+
+enum QProj {
+    Lora { a: Tensor, norm: Tensor, b: Tensor },
+    Plain(Tensor),
+}
+
+struct Attention {
+    q: QProj,
+    kv_a: Tensor,
+    kv_a_norm: Tensor,
+    kv_b: Tensor,
+    o: Tensor,
+}
+
+enum Mlp {
+    Dense(Ffn),
+    Moe {
+        gate: Tensor,
+        bias: Option<Tensor>,
+        router: RouterConfig,
+        experts: Vec<Ffn>,
+        shared: Option<Ffn>,
+    },
+}
+
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    attn: Attention,
+    mlp: Mlp,
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    pub dtype: DType,
+    pub device: Device,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope_cos: Tensor,
+    rope_sin: Tensor,
+    softmax_scale: f32,
+    eps: f32,
+    pub attention_form: AttentionForm,
+}
+
+fn load_ffn(src: &TensorSource<'_>, prefix: &str, hidden: usize, inter: usize) -> Result<Ffn> {
+    let mut gu = src.f32_values(&format!("{prefix}.gate_proj.weight"), &[inter, hidden])?;
+    gu.extend(src.f32_values(&format!("{prefix}.up_proj.weight"), &[inter, hidden])?);
+    Ok(Ffn {
+        gate_up: Tensor::from_f32_as(&[2 * inter, hidden], gu, src.dtype, src.device)?,
+        down: src.weight(&format!("{prefix}.down_proj.weight"), &[hidden, inter])?,
+    })
+}
+
+impl Ffn {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gu = ops::matmul(x, &self.gate_up)?;
+        let h = ops::silu_mul(&gu)?;
+        Ok(ops::matmul(&h, &self.down)?)
+    }
+}
+
+impl Model {
+    /// Loads `dir/config.json` and its safetensors weights, converting weights to `dtype`.
+    pub fn load(dir: &Path, dtype: DType, progress: &dyn Fn(LoadProgress)) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let mapped = Mapped::open(dir)?;
+        let fp8_block = config
+            .quantization_config
+            .as_ref()
+            .and_then(|q| q.weight_block_size.as_deref())
+            .and_then(|b| match b {
+                [r, c] => Some((*r, *c)),
+                _ => None,
+            });
+        let device = Device::Cpu;
+        let src = TensorSource::new(dir, &mapped, fp8_block, dtype, device, progress)?;
+        Self::from_source(config, &src)
+    }
+
+    fn from_source(config: ModelConfig, src: &TensorSource<'_>) -> Result<Self> {
+        let c = &config;
+        let h = c.hidden_size;
+        let s = c.mla_shape();
+        let embed = src.weight("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let qw = s.heads * c.qk_head_dim();
+            let q = match c.q_lora_rank {
+                Some(r) if r > 0 => QProj::Lora {
+                    a: src.weight(&format!("{p}.self_attn.q_a_proj.weight"), &[r, h])?,
+                    norm: src.f32(&format!("{p}.self_attn.q_a_layernorm.weight"), &[r])?,
+                    b: src.weight(&format!("{p}.self_attn.q_b_proj.weight"), &[qw, r])?,
+                },
+                _ => QProj::Plain(src.weight(&format!("{p}.self_attn.q_proj.weight"), &[qw, h])?),
+            };
+            let attn = Attention {
+                q,
+                kv_a: src.weight(&format!("{p}.self_attn.kv_a_proj_with_mqa.weight"), &[s.kv_lora + s.rope, h])?,
+                kv_a_norm: src.f32(&format!("{p}.self_attn.kv_a_layernorm.weight"), &[s.kv_lora])?,
+                kv_b: src.weight(&format!("{p}.self_attn.kv_b_proj.weight"), &[s.heads * (s.nope + s.v), s.kv_lora])?,
+                o: src.weight(&format!("{p}.self_attn.o_proj.weight"), &[h, s.heads * s.v])?,
+            };
+            let mlp = if c.is_moe_layer(i) {
+                let n = c.n_routed_experts.unwrap_or(0);
+                let router = c.router(n).map_err(|detail| Error::Config {
+                    path: Path::new("config.json").to_path_buf(),
+                    detail,
+                })?;
+                let bias_name = format!("{p}.mlp.gate.e_score_correction_bias");
+                let bias = if src.contains(&bias_name) || c.topk_method == "noaux_tc" {
+                    Some(src.f32(&bias_name, &[n])?)
+                } else {
+                    None
+                };
+                let experts = (0..n)
+                    .map(|e| load_ffn(src, &format!("{p}.mlp.experts.{e}"), h, c.moe_intermediate_size))
+                    .collect::<Result<Vec<_>>>()?;
+                let shared = match c.n_shared_experts {
+                    Some(k) if k > 0 => Some(load_ffn(src, &format!("{p}.mlp.shared_experts"), h, k * c.moe_intermediate_size)?),
+                    _ => None,
+                };
+                Mlp::Moe {
+                    gate: src.f32(&format!("{p}.mlp.gate.weight"), &[n, h])?,
+                    bias,
+                    router,
+                    experts,
+                    shared,
+                }
+            } else {
+                Mlp::Dense(load_ffn(src, &format!("{p}.mlp"), h, c.intermediate_size)?)
+            };
+            layers.push(Layer {
+                input_norm: src.f32(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_norm: src.f32(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                attn,
+                mlp,
+            });
+        }
+        let norm = src.f32("model.norm.weight", &[h])?;
+        let lm_head = if c.tie_word_embeddings && !src.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            src.weight("lm_head.weight", &[c.vocab_size, h])?
+        };
+        let rope_cfg = c.rope().map_err(|detail| Error::Config {
+            path: Path::new("config.json").to_path_buf(),
+            detail,
+        })?;
+        let (rope_cos, rope_sin) = rope::tables(
+            s.rope,
+            rope_cfg.theta,
+            rope_cfg.yarn.as_ref(),
+            c.max_position_embeddings,
+            src.device,
+        )?;
+        let softmax_scale = ((c.qk_head_dim() as f64).powf(-0.5) * rope::softmax_scale_factor(rope_cfg.yarn.as_ref())) as f32;
+        Ok(Self {
+            eps: c.rms_norm_eps as f32,
+            dtype: src.dtype,
+            device: src.device,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope_cos,
+            rope_sin,
+            softmax_scale,
+            attention_form: AttentionForm::Auto,
+            config,
+        })
+    }
+
+    /// A KV cache for this model with `pages` pages (`PAGE_TOKENS` tokens each).
+    pub fn new_cache(&self, pages: usize) -> KvCache {
+        KvCache::new(&self.config, pages, self.dtype, self.device)
+    }
+
+    /// Bytes of weights resident (for reports).
+    pub fn weight_bytes(&self) -> usize {
+        let mut n = self.embed.size_bytes() + self.lm_head.size_bytes() + self.norm.size_bytes();
+        for l in &self.layers {
+            n += l.input_norm.size_bytes() + l.post_norm.size_bytes();
+            let a = &l.attn;
+            n += a.kv_a.size_bytes() + a.kv_a_norm.size_bytes() + a.kv_b.size_bytes() + a.o.size_bytes();
+            n += match &a.q {
+                QProj::Lora { a, norm, b } => a.size_bytes() + norm.size_bytes() + b.size_bytes(),
+                QProj::Plain(q) => q.size_bytes(),
+            };
+            let ffn = |f: &Ffn| f.gate_up.size_bytes() + f.down.size_bytes();
+            n += match &l.mlp {
+                Mlp::Dense(f) => ffn(f),
+                Mlp::Moe { gate, experts, shared, .. } => {
+                    gate.size_bytes() + experts.iter().map(ffn).sum::<usize>() + shared.as_ref().map_or(0, ffn)
+                }
+            };
+        }
+        n
+    }
+
+    /// Runs the batch through the model, writing the new tokens' latent KV into `cache`, and
+    /// returns logits `[rows, vocab]` (rows per `mode`).
+    pub fn forward(&self, cache: &mut KvCache, batch: &[SeqInput<'_>], mode: LogitsMode) -> Result<Tensor> {
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut slots = Vec::new();
+        let mut seqs = Vec::with_capacity(batch.len());
+        let max_pos = self.config.max_position_embeddings;
+        for b in batch {
+            if b.tokens.is_empty() {
+                return Err(Error::Invalid("a sequence in the batch has no tokens".into()));
+            }
+            let end = b.start_pos + b.tokens.len();
+            if end > max_pos {
+                return Err(Error::TooLong { len: end, max: max_pos });
+            }
+            if b.block_table.len() * PAGE_TOKENS < end {
+                return Err(Error::Invalid(format!("block table of {} pages cannot hold {end} tokens", b.block_table.len())));
+            }
+            seqs.push(AttnSeq {
+                q_row: ids.len(),
+                q_len: b.tokens.len(),
+                ctx_len: end,
+                block_table: b.block_table,
+            });
+            for (i, &t) in b.tokens.iter().enumerate() {
+                let pos = b.start_pos + i;
+                ids.push(t);
+                positions.push(pos as u32);
+                slots.push(b.block_table[pos / PAGE_TOKENS] * PAGE_TOKENS as u32 + (pos % PAGE_TOKENS) as u32);
+            }
+        }
+        let form = match self.attention_form {
+            AttentionForm::Auto if batch.iter().all(|b| b.tokens.len() == 1) => AttentionForm::Absorbed,
+            AttentionForm::Auto => AttentionForm::Prefill,
+            f => f,
+        };
+        let mut x = ops::embedding(&self.embed, &ids)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = ops::rms_norm(&x, &layer.input_norm, self.eps)?;
+            let a = self.attention(&layer.attn, &h, &positions, &slots, &seqs, &mut cache.pools[l], form)?;
+            ops::add_inplace(&mut x, &a)?;
+            let h = ops::rms_norm(&x, &layer.post_norm, self.eps)?;
+            let m = self.mlp(&layer.mlp, &h)?;
+            ops::add_inplace(&mut x, &m)?;
+        }
+        let x = match mode {
+            LogitsMode::All => x,
+            LogitsMode::Last => {
+                let last: Vec<u32> = seqs.iter().map(|s| (s.q_row + s.q_len - 1) as u32).collect();
+                ops::gather_rows(&x, &last)?
+            }
+        };
+        let x = ops::rms_norm(&x, &self.norm, self.eps)?;
+        Ok(ops::matmul(&x, &self.lm_head)?)
+    }
+
+    fn attention(
+        &self,
+        a: &Attention,
+        h: &Tensor,
+        positions: &[u32],
+        slots: &[u32],
+        seqs: &[AttnSeq<'_>],
+        pool: &mut Tensor,
+        form: AttentionForm,
+    ) -> Result<Tensor> {
+        let s: MlaShape = self.config.mla_shape();
+        let qk = s.nope + s.rope;
+        let mut q = match &a.q {
+            QProj::Lora { a, norm, b } => {
+                let qa = ops::matmul(h, a)?;
+                let qa = ops::rms_norm(&qa, norm, LORA_NORM_EPS)?;
+                ops::matmul(&qa, b)?
+            }
+            QProj::Plain(w) => ops::matmul(h, w)?,
+        };
+        ops::rope_inplace(&mut q, s.heads, qk, s.nope, positions, &self.rope_cos, &self.rope_sin)?;
+        let kva = ops::matmul(h, &a.kv_a)?;
+        let parts = ops::split_cols(&kva, &[s.kv_lora, s.rope])?;
+        let c_kv = ops::rms_norm(&parts[0], &a.kv_a_norm, LORA_NORM_EPS)?;
+        let mut k_pe = parts[1].clone();
+        ops::rope_inplace(&mut k_pe, 1, s.rope, 0, positions, &self.rope_cos, &self.rope_sin)?;
+        let latent = ops::concat_cols(&[&c_kv, &k_pe])?;
+        ops::kv_cache_write(pool, &latent, slots)?;
+        let out = match form {
+            AttentionForm::Absorbed => ops::mla_absorbed(&q, &a.kv_b, pool, seqs, &s, self.softmax_scale)?,
+            _ => ops::mla_prefill(&q, &a.kv_b, pool, seqs, &s, self.softmax_scale)?,
+        };
+        Ok(ops::matmul(&out, &a.o)?)
+    }
+
+    fn mlp(&self, mlp: &Mlp, h: &Tensor) -> Result<Tensor> {
+        match mlp {
+            Mlp::Dense(f) => f.forward(h),
+            Mlp::Moe {
+                gate,
+                bias,
+                router,
+                experts,
+                shared,
+            } => {
+                let logits = ops::matmul(h, gate)?;
+                let routing = moe::route(&logits, bias.as_ref(), router)?;
+                let mut out = Tensor::zeros(h.shape(), DType::F32, self.device);
+                // Group token rows by expert so each expert runs one matmul over its tokens.
+                let mut rows: Vec<Vec<u32>> = vec![Vec::new(); experts.len()];
+                let mut weights: Vec<Vec<f32>> = vec![Vec::new(); experts.len()];
+                for (i, (&e, &w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
+                    rows[e as usize].push((i / routing.top_k) as u32);
+                    weights[e as usize].push(w);
+                }
+                for (e, ffn) in experts.iter().enumerate() {
+                    if rows[e].is_empty() {
+                        continue;
+                    }
+                    let xe = ops::gather_rows(h, &rows[e])?;
+                    let ye = ffn.forward(&xe)?;
+                    ops::scatter_add_rows(&mut out, &ye, &rows[e], &weights[e])?;
+                }
+                if let Some(sh) = shared {
+                    let y = sh.forward(h)?;
+                    ops::add_inplace(&mut out, &y)?;
+                }
+                Ok(out)
+            }
+        }
+    }
+}

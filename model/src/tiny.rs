@@ -1,0 +1,207 @@
+//! Random-weight checkpoints in the released DeepSeek layout (`duet tiny-model`): the demo and
+//! test model, and the benchmark shape. They carry the real DeepSeek-R1 tokenizer (MIT), shipped
+//! compressed in `model/assets/`, so the full text path works on them.
+//!
+//! Weights get real magnitude (std 1/√fan_in, embeddings std 1, norms around 1): with the tiny
+//! std of HF's default init every logit is ≈ 0 and nothing downstream can be told apart.
+
+use std::io::Read;
+use std::path::Path;
+
+use rayon::prelude::*;
+use serde_json::{Value, json};
+
+use crate::rng::Rng;
+use crate::safetensors_io::{self, TensorBytes};
+use crate::{Error, ModelConfig};
+
+const R1_TOKENIZER_GZ: &[u8] = include_bytes!("../assets/deepseek-r1-tokenizer.json.gz");
+const R1_TOKENIZER_CONFIG: &str = include_str!("../assets/deepseek-r1-tokenizer_config.json");
+
+/// Rows of the embedding in the R1/V3 vocabulary (the tokenizer has fewer ids; the rest pad).
+pub const DEEPSEEK_VOCAB: usize = 129_280;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TinyArch {
+    /// DeepSeek-V3/R1 shape in miniature: q-LoRA, noaux_tc routing, YaRN ×40.
+    V3,
+    /// DeepSeek-V2-Lite in miniature: plain q_proj, softmax greedy routing.
+    V2Lite,
+    /// The benchmark shape of BENCHMARKS.md: hidden 2048, 8 layers (1 dense), 64 experts top-6.
+    V3Bench,
+}
+
+impl std::str::FromStr for TinyArch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "v3" => Ok(Self::V3),
+            "v2-lite" => Ok(Self::V2Lite),
+            "v3-bench" => Ok(Self::V3Bench),
+            _ => Err(format!("unknown arch {s:?} (v3, v2-lite, v3-bench)")),
+        }
+    }
+}
+
+/// The `config.json` written for `arch`, in the released layout.
+pub fn config_json(arch: TinyArch) -> Value {
+    let yarn_v3 = json!({"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0});
+    let common = json!({
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": DEEPSEEK_VOCAB, "bos_token_id": 0, "eos_token_id": 1,
+        "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000,
+        "max_position_embeddings": 163840, "tie_word_embeddings": false, "attention_bias": false,
+        "num_nextn_predict_layers": 0, "torch_dtype": "bfloat16", "moe_layer_freq": 1,
+        "first_k_dense_replace": 1, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+        "norm_topk_prob": true, "routed_scaling_factor": 2.5, "rope_scaling": yarn_v3,
+    });
+    let specific = match arch {
+        TinyArch::V3 => json!({
+            "hidden_size": 128, "intermediate_size": 384, "moe_intermediate_size": 64,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "q_lora_rank": 64, "kv_lora_rank": 64, "qk_rope_head_dim": 32, "qk_nope_head_dim": 32,
+            "v_head_dim": 32, "n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 4,
+            "topk_group": 2, "n_shared_experts": 1,
+        }),
+        TinyArch::V2Lite => json!({
+            "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+            "hidden_size": 128, "intermediate_size": 384, "moe_intermediate_size": 64,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "q_lora_rank": null, "kv_lora_rank": 64, "qk_rope_head_dim": 32, "qk_nope_head_dim": 32,
+            "v_head_dim": 32, "n_routed_experts": 16, "num_experts_per_tok": 4, "n_group": 1,
+            "topk_group": 1, "n_shared_experts": 2, "scoring_func": "softmax", "topk_method": "greedy",
+            "norm_topk_prob": false, "routed_scaling_factor": 1.0,
+            "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        }),
+        TinyArch::V3Bench => json!({
+            "hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 512,
+            "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 16,
+            "q_lora_rank": 768, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+            "v_head_dim": 128, "n_routed_experts": 64, "num_experts_per_tok": 6, "n_group": 8,
+            "topk_group": 4, "n_shared_experts": 1,
+        }),
+    };
+    let mut c = common;
+    let obj = c.as_object_mut().expect("literal object");
+    for (k, v) in specific.as_object().expect("literal object") {
+        obj.insert(k.clone(), v.clone());
+    }
+    c
+}
+
+/// What a tensor's random values look like.
+#[derive(Clone, Copy)]
+enum Init {
+    /// N(0, std²).
+    Normal(f64),
+    /// 1 + N(0, 0.1²): an RMSNorm weight.
+    Norm,
+}
+
+struct Spec {
+    name: String,
+    shape: Vec<usize>,
+    init: Init,
+    f32: bool,
+}
+
+fn specs(c: &ModelConfig) -> Vec<Spec> {
+    let mut v = Vec::new();
+    let mut add = |name: String, shape: &[usize], init: Init, f32: bool| {
+        v.push(Spec { name, shape: shape.to_vec(), init, f32 })
+    };
+    let lin = |fan_in: usize| Init::Normal(1.0 / (fan_in as f64).sqrt());
+    let h = c.hidden_size;
+    let s = c.mla_shape();
+    add("model.embed_tokens.weight".into(), &[c.vocab_size, h], Init::Normal(1.0), false);
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        add(format!("{p}.input_layernorm.weight"), &[h], Init::Norm, false);
+        add(format!("{p}.post_attention_layernorm.weight"), &[h], Init::Norm, false);
+        let qw = s.heads * (s.nope + s.rope);
+        match c.q_lora_rank {
+            Some(r) if r > 0 => {
+                add(format!("{p}.self_attn.q_a_proj.weight"), &[r, h], lin(h), false);
+                add(format!("{p}.self_attn.q_a_layernorm.weight"), &[r], Init::Norm, false);
+                add(format!("{p}.self_attn.q_b_proj.weight"), &[qw, r], lin(r), false);
+            }
+            _ => add(format!("{p}.self_attn.q_proj.weight"), &[qw, h], lin(h), false),
+        }
+        add(format!("{p}.self_attn.kv_a_proj_with_mqa.weight"), &[s.kv_lora + s.rope, h], lin(h), false);
+        add(format!("{p}.self_attn.kv_a_layernorm.weight"), &[s.kv_lora], Init::Norm, false);
+        add(format!("{p}.self_attn.kv_b_proj.weight"), &[s.heads * (s.nope + s.v), s.kv_lora], lin(s.kv_lora), false);
+        add(format!("{p}.self_attn.o_proj.weight"), &[h, s.heads * s.v], lin(s.heads * s.v), false);
+        let mut ffn = |prefix: String, inter: usize| {
+            add(format!("{prefix}.gate_proj.weight"), &[inter, h], lin(h), false);
+            add(format!("{prefix}.up_proj.weight"), &[inter, h], lin(h), false);
+            add(format!("{prefix}.down_proj.weight"), &[h, inter], lin(inter), false);
+        };
+        if c.is_moe_layer(i) {
+            let n = c.n_routed_experts.unwrap_or(0);
+            for e in 0..n {
+                ffn(format!("{p}.mlp.experts.{e}"), c.moe_intermediate_size);
+            }
+            if let Some(k) = c.n_shared_experts.filter(|&k| k > 0) {
+                ffn(format!("{p}.mlp.shared_experts"), k * c.moe_intermediate_size);
+            }
+            add(format!("{p}.mlp.gate.weight"), &[n, h], lin(h), false);
+            if c.topk_method == "noaux_tc" {
+                add(format!("{p}.mlp.gate.e_score_correction_bias"), &[n], Init::Normal(0.1), true);
+            }
+        } else {
+            ffn(format!("{p}.mlp"), c.intermediate_size);
+        }
+    }
+    add("model.norm.weight".into(), &[h], Init::Norm, false);
+    add("lm_head.weight".into(), &[c.vocab_size, h], Init::Normal(2.0 / (h as f64).sqrt()), false);
+    v
+}
+
+/// The R1 tokenizer files shipped with duet: `(tokenizer.json bytes, tokenizer_config.json)`.
+pub fn r1_tokenizer_files() -> Result<(Vec<u8>, &'static str), Error> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(R1_TOKENIZER_GZ)
+        .read_to_end(&mut out)
+        .map_err(|e| Error::Io { path: "model/assets/deepseek-r1-tokenizer.json.gz".into(), source: e })?;
+    Ok((out, R1_TOKENIZER_CONFIG))
+}
+
+/// Writes a random checkpoint for `arch` into `dir` (created if missing).
+pub fn write_tiny_model(dir: &Path, arch: TinyArch, seed: u64) -> Result<(), Error> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e| Error::Io { path: path.clone(), source: e }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let cfg_json = config_json(arch);
+    let cfg: ModelConfig = serde_json::from_value(cfg_json.clone()).map_err(|e| Error::Config { path: dir.join("config.json"), detail: e.to_string() })?;
+    let tensors: Vec<TensorBytes> = specs(&cfg)
+        .into_par_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut rng = Rng::new(seed.wrapping_mul(0x9e37_79b9).wrapping_add(i as u64));
+            let n: usize = s.shape.iter().product();
+            let vals: Vec<f32> = (0..n)
+                .map(|_| match s.init {
+                    Init::Normal(std) => (rng.normal() * std) as f32,
+                    Init::Norm => (1.0 + 0.1 * rng.normal()) as f32,
+                })
+                .collect();
+            if s.f32 { TensorBytes::f32(s.name, &s.shape, &vals) } else { TensorBytes::bf16(s.name, &s.shape, &vals) }
+        })
+        .collect();
+    safetensors_io::write(&dir.join("model.safetensors"), &tensors, &[("format", "pt")])?;
+    let cfg_path = dir.join("config.json");
+    let pretty = serde_json::to_string_pretty(&cfg_json).expect("JSON value serialises");
+    std::fs::write(&cfg_path, pretty).map_err(io(&cfg_path))?;
+    let (tok, tok_cfg) = r1_tokenizer_files()?;
+    let tp = dir.join("tokenizer.json");
+    std::fs::write(&tp, tok).map_err(io(&tp))?;
+    let tcp = dir.join("tokenizer_config.json");
+    std::fs::write(&tcp, tok_cfg).map_err(io(&tcp))?;
+    let gen_cfg = dir.join("generation_config.json");
+    std::fs::write(&gen_cfg, r#"{"bos_token_id": 0, "eos_token_id": 1, "do_sample": true, "temperature": 0.6, "top_p": 0.95}"#).map_err(io(&gen_cfg))?;
+    Ok(())
+}

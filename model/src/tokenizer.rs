@@ -1,0 +1,80 @@
+//! `tokenizer.json` (HF tokenizers, pure-Rust regex) plus `tokenizer_config.json`'s special tokens
+//! and chat template.
+
+use std::path::Path;
+
+use serde_json::Value as Json;
+
+use crate::chat::{ChatTemplate, special_token};
+use crate::Error;
+
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub chat: Option<ChatTemplate>,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer").field("bos_token", &self.bos_token).finish()
+    }
+}
+
+impl TextTokenizer {
+    /// Loads `dir/tokenizer.json` and, when present, `dir/tokenizer_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self, Error> {
+        let tj = dir.join("tokenizer.json");
+        let bytes = std::fs::read(&tj).map_err(|e| Error::Io { path: tj.clone(), source: e })?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Json = if cfg_path.exists() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io { path: cfg_path.clone(), source: e })?;
+            serde_json::from_str(&text).map_err(|e| Error::Tokenizer { path: cfg_path.clone(), detail: e.to_string() })?
+        } else {
+            Json::Null
+        };
+        Self::from_bytes(&bytes, &cfg, &tj)
+    }
+
+    pub fn from_bytes(tokenizer_json: &[u8], cfg: &Json, origin: &Path) -> Result<Self, Error> {
+        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json)
+            .map_err(|e| Error::Tokenizer { path: origin.to_path_buf(), detail: e.to_string() })?;
+        Ok(Self {
+            inner,
+            bos_token: special_token(cfg, "bos_token"),
+            eos_token: special_token(cfg, "eos_token"),
+            chat: ChatTemplate::from_tokenizer_config(cfg)?,
+        })
+    }
+
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, Error> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenizer { path: "tokenizer.json".into(), detail: e.to_string() })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, Error> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenizer { path: "tokenizer.json".into(), detail: e.to_string() })
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Renders `messages` with the chat template and tokenizes the result without adding special
+    /// tokens again (the template writes BOS itself), as `apply_chat_template(tokenize=True)`.
+    pub fn apply_chat_template(&self, messages: &Json, tools: Option<&Json>, add_generation_prompt: bool) -> Result<(String, Vec<u32>), Error> {
+        let chat = self.chat.as_ref().ok_or_else(|| Error::Template("tokenizer_config.json has no chat_template".into()))?;
+        let text = chat.render(messages, tools, add_generation_prompt)?;
+        let ids = self.encode(&text, false)?;
+        Ok((text, ids))
+    }
+}

@@ -1,0 +1,168 @@
+//! `duet engine-bench`: the engine's prefill and decode throughput on one machine, printed as a
+//! table or JSON. `bench/model_vs_hf.sh` runs it beside HF transformers on the same checkpoint.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use duet_model::rng::Rng;
+use duet_model::{LogitsMode, SeqInput};
+use serde_json::json;
+
+use crate::DTypeArg;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: DTypeArg,
+    /// Prompt length of the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prompt_len: usize,
+    /// Decode batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    batches: Vec<usize>,
+    /// Context each decode sequence starts from.
+    #[arg(long, default_value_t = 128)]
+    decode_context: usize,
+    /// Timed decode steps per batch size (after one warm-up step).
+    #[arg(long, default_value_t = 16)]
+    decode_steps: usize,
+    /// Timed prefill repetitions (the best is reported).
+    #[arg(long, default_value_t = 2)]
+    repeats: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Read bandwidth of this machine with all threads (sum of a 1 GiB buffer), the ceiling for a
+/// decode step that streams weights.
+fn read_bandwidth_bytes_per_s() -> f64 {
+    use rayon::prelude::*;
+    let n = (1usize << 30) / 4;
+    let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s: f32 = buf.par_chunks(1 << 16).map(|c| c.iter().sum::<f32>()).sum();
+        let dt = t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((n * 4) as f64 / dt);
+    }
+    best
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let t0 = Instant::now();
+    let model = crate::load_model(&a.model, a.dtype.into())?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let c = &model.config;
+    let mut rng = Rng::new(1);
+    let mut rand_ids = |n: usize| -> Vec<u32> { (0..n).map(|_| 1000 + (rng.next_u64() % 100_000) as u32 % (c.vocab_size as u32 - 1000)).collect() };
+    let max_b = a.batches.iter().copied().max().unwrap_or(1);
+    let per_seq = a.prompt_len.max(a.decode_context + a.decode_steps + 2);
+    let pages = max_b * per_seq.div_ceil(64) + 4;
+    let mut cache = model.new_cache(pages);
+
+    // Prefill.
+    let prompt = rand_ids(a.prompt_len);
+    let mut best_prefill = f64::INFINITY;
+    for _ in 0..a.repeats.max(1) {
+        let mut table = Vec::new();
+        cache.ensure(&mut table, prompt.len())?;
+        let t = Instant::now();
+        model.forward(&mut cache, &[SeqInput { tokens: &prompt, start_pos: 0, block_table: &table }], LogitsMode::Last)?;
+        best_prefill = best_prefill.min(t.elapsed().as_secs_f64());
+        cache.release(&mut table);
+    }
+    let prefill_tok_s = a.prompt_len as f64 / best_prefill;
+
+    // Decode.
+    let mut decode = Vec::new();
+    for &b in &a.batches {
+        let prompts: Vec<Vec<u32>> = (0..b).map(|_| rand_ids(a.decode_context)).collect();
+        let mut tables = vec![Vec::new(); b];
+        for t in tables.iter_mut() {
+            cache.ensure(t, a.decode_context + a.decode_steps + 1)?;
+        }
+        let batch: Vec<SeqInput<'_>> = prompts.iter().zip(&tables).map(|(p, t)| SeqInput { tokens: p, start_pos: 0, block_table: t }).collect();
+        model.forward(&mut cache, &batch, LogitsMode::Last)?;
+        let mut last: Vec<[u32; 1]> = vec![[rand_ids(1)[0]]; b];
+        let mut elapsed = 0.0;
+        for step in 0..=a.decode_steps {
+            let pos = a.decode_context + step;
+            let batch: Vec<SeqInput<'_>> = last.iter().zip(&tables).map(|(l, t)| SeqInput { tokens: l, start_pos: pos, block_table: t }).collect();
+            let t = Instant::now();
+            let logits = model.forward(&mut cache, &batch, LogitsMode::Last)?;
+            let ids = duet_kernels::ops::argmax_rows(&logits)?;
+            if step > 0 {
+                elapsed += t.elapsed().as_secs_f64();
+            }
+            for (l, id) in last.iter_mut().zip(ids) {
+                l[0] = id;
+            }
+        }
+        for t in tables.iter_mut() {
+            cache.release(t);
+        }
+        decode.push((b, (b * a.decode_steps) as f64 / elapsed));
+    }
+    let active = active_weight_bytes(&model);
+    let bw = read_bandwidth_bytes_per_s();
+    let b1 = decode.iter().find(|(b, _)| *b == 1).map(|d| d.1);
+    let report = json!({
+        "engine": "duet",
+        "model": a.model.display().to_string(),
+        "dtype": format!("{:?}", model.dtype),
+        "threads": rayon::current_num_threads(),
+        "load_s": load_s,
+        "prefill_tokens": a.prompt_len,
+        "prefill_tok_s": prefill_tok_s,
+        "decode": decode.iter().map(|(b, r)| json!({"batch": b, "tok_s": r})).collect::<Vec<_>>(),
+        "weights_resident_bytes": model.weight_bytes(),
+        "active_weight_bytes_per_token": active,
+        "read_bandwidth_gb_s": bw / 1e9,
+        "decode_b1_bandwidth_limit_tok_s": bw / active as f64,
+        "decode_b1_fraction_of_limit": b1.map(|r| r * active as f64 / bw),
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+/// Bytes of weights one decode token reads at batch 1: every dense weight, the routed experts it
+/// picks (top-k) and the shared ones, the lm_head, one embedding row.
+fn active_weight_bytes(m: &duet_model::Model) -> usize {
+    let c = &m.config;
+    let e = m.dtype.size_bytes();
+    let h = c.hidden_size;
+    let s = c.mla_shape();
+    let q = match c.q_lora_rank {
+        Some(r) if r > 0 => r * h + s.heads * (s.nope + s.rope) * r,
+        _ => s.heads * (s.nope + s.rope) * h,
+    };
+    let attn = q + (s.kv_lora + s.rope) * h + s.heads * (s.nope + s.v) * s.kv_lora + h * s.heads * s.v;
+    let mut total = 0;
+    for i in 0..c.num_hidden_layers {
+        total += attn;
+        total += if c.is_moe_layer(i) {
+            let k = c.num_experts_per_tok.unwrap_or(0) + c.n_shared_experts.unwrap_or(0);
+            3 * h * c.moe_intermediate_size * k
+        } else {
+            3 * h * c.intermediate_size
+        };
+    }
+    (total + h + c.vocab_size * h) * e
+}
