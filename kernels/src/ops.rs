@@ -52,6 +52,50 @@ pub fn matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Tensor::from_f32(&[m, n], out, x.device())
 }
 
+/// Several `x · Wᵀ` at once (a grouped GEMM): MoE experts of one step, or projections of one
+/// input. Same results as calling [`matmul`] on each pair; fewer trips through the thread pool.
+pub fn matmul_grouped(pairs: &[(&Tensor, &Tensor)]) -> Result<Vec<Tensor>> {
+    let mut dims = Vec::with_capacity(pairs.len());
+    for (x, w) in pairs {
+        let (m, k) = x.dims2("matmul_grouped")?;
+        let (n, kw) = w.dims2("matmul_grouped")?;
+        if k != kw {
+            return shape_err("matmul_grouped", format!("x {:?} · W {:?}ᵀ", x.shape(), w.shape()));
+        }
+        x.f32s("matmul_grouped")?;
+        dims.push((m, k, n));
+    }
+    let mut outs: Vec<Vec<f32>> = dims.iter().map(|&(m, _, n)| vec![0.0f32; m * n]).collect();
+    let all_f32 = pairs.iter().all(|(_, w)| matches!(w.storage, Storage::F32(_)));
+    let all_bf16 = pairs.iter().all(|(_, w)| matches!(w.storage, Storage::BF16(_)));
+    macro_rules! grouped {
+        ($variant:ident) => {{
+            let mut problems: Vec<cpu::matmul::Problem<'_, _>> = pairs
+                .iter()
+                .zip(&dims)
+                .zip(outs.iter_mut())
+                .map(|(((x, w), &(m, k, n)), out)| {
+                    let Storage::$variant(ws) = &w.storage else { unreachable!("checked above") };
+                    let Storage::F32(xs) = &x.storage else { unreachable!("checked above") };
+                    cpu::matmul::Problem { x: xs, m, k, w: ws, n, out }
+                })
+                .collect();
+            cpu::matmul::matmul_grouped(&mut problems);
+        }};
+    }
+    if all_bf16 {
+        grouped!(BF16);
+    } else if all_f32 {
+        grouped!(F32);
+    } else {
+        return pairs.iter().map(|(x, w)| matmul(x, w)).collect();
+    }
+    outs.into_iter()
+        .zip(&dims)
+        .map(|(o, &(m, _, n))| Tensor::from_f32(&[m, n], o, Default::default()))
+        .collect()
+}
+
 /// RMSNorm over the last dimension (its width is `weight`'s length).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     let w = weight.f32s("rms_norm")?;

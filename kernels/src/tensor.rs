@@ -45,6 +45,34 @@ impl std::fmt::Debug for Tensor {
     }
 }
 
+/// Buffers at least this large ask the kernel for transparent huge pages.
+const HUGE_PAGE_MIN_BYTES: usize = 4 << 20;
+
+/// An empty vector with room for `n` elements whose memory is marked `MADV_HUGEPAGE` before any
+/// page is touched. Decode streams every weight once per token: with 4 KiB pages that is a TLB
+/// miss per page and hardware prefetchers stop at each page boundary; 2 MiB pages measured
+/// faster in `examples/matmul_bench.rs --cold` (BENCHMARKS.md). Only a hint: where THP is off the
+/// call fails harmlessly.
+pub(crate) fn huge_vec<T>(n: usize) -> Vec<T> {
+    let v: Vec<T> = Vec::with_capacity(n);
+    let bytes = n * std::mem::size_of::<T>();
+    #[cfg(target_os = "linux")]
+    if bytes >= HUGE_PAGE_MIN_BYTES {
+        const PAGE: usize = 2 << 20;
+        let start = (v.as_ptr() as usize).next_multiple_of(PAGE);
+        let end = (v.as_ptr() as usize + bytes) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: [start, end) lies inside this vector's allocation, which we own; madvise
+            // with MADV_HUGEPAGE changes no contents, only how the kernel backs the range.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    let _ = bytes;
+    v
+}
+
 fn check_count(shape: &[usize], got: usize) -> Result<()> {
     let expected: usize = shape.iter().product();
     if expected != got {
@@ -79,7 +107,9 @@ impl Tensor {
         match dtype {
             DType::F32 => Self::from_f32(shape, data, device),
             DType::BF16 => {
-                Self::from_bf16(shape, data.into_iter().map(bf16::from_f32).collect(), device)
+                let mut v = huge_vec(data.len());
+                v.extend(data.into_iter().map(bf16::from_f32));
+                Self::from_bf16(shape, v, device)
             }
         }
     }

@@ -327,16 +327,21 @@ impl Model {
     ) -> Result<Tensor> {
         let s: MlaShape = self.config.mla_shape();
         let qk = s.nope + s.rope;
-        let mut q = match &a.q {
-            QProj::Lora { a, norm, b } => {
-                let qa = ops::matmul(h, a)?;
-                let qa = ops::rms_norm(&qa, norm, LORA_NORM_EPS)?;
-                ops::matmul(&qa, b)?
+        // The first projections share their input: one grouped matmul.
+        let (mut q, kva) = match &a.q {
+            QProj::Lora { a: qa_w, norm, b } => {
+                let mut r = ops::matmul_grouped(&[(h, qa_w), (h, &a.kv_a)])?;
+                let kva = r.pop().expect("two results");
+                let qa = ops::rms_norm(&r[0], norm, LORA_NORM_EPS)?;
+                (ops::matmul(&qa, b)?, kva)
             }
-            QProj::Plain(w) => ops::matmul(h, w)?,
+            QProj::Plain(w) => {
+                let mut r = ops::matmul_grouped(&[(h, w), (h, &a.kv_a)])?;
+                let kva = r.pop().expect("two results");
+                (r.pop().expect("two results"), kva)
+            }
         };
         ops::rope_inplace(&mut q, s.heads, qk, s.nope, positions, &self.rope_cos, &self.rope_sin)?;
-        let kva = ops::matmul(h, &a.kv_a)?;
         let parts = ops::split_cols(&kva, &[s.kv_lora, s.rope])?;
         let c_kv = ops::rms_norm(&parts[0], &a.kv_a_norm, LORA_NORM_EPS)?;
         let mut k_pe = parts[1].clone();
@@ -370,17 +375,27 @@ impl Model {
                     rows[e as usize].push((i / routing.top_k) as u32);
                     weights[e as usize].push(w);
                 }
-                for (e, ffn) in experts.iter().enumerate() {
-                    if rows[e].is_empty() {
-                        continue;
-                    }
-                    let xe = ops::gather_rows(h, &rows[e])?;
-                    let ye = ffn.forward(&xe)?;
-                    ops::scatter_add_rows(&mut out, &ye, &rows[e], &weights[e])?;
-                }
+                // All experts with tokens, and the shared experts, as one grouped matmul per
+                // projection.
+                let active: Vec<usize> = (0..experts.len()).filter(|&e| !rows[e].is_empty()).collect();
+                let inputs: Vec<Tensor> = active.iter().map(|&e| ops::gather_rows(h, &rows[e])).collect::<std::result::Result<_, _>>()?;
+                let mut ffns: Vec<&Ffn> = active.iter().map(|&e| &experts[e]).collect();
+                let mut xs: Vec<&Tensor> = inputs.iter().collect();
                 if let Some(sh) = shared {
-                    let y = sh.forward(h)?;
+                    ffns.push(sh);
+                    xs.push(h);
+                }
+                let pairs: Vec<(&Tensor, &Tensor)> = xs.iter().zip(&ffns).map(|(x, f)| (*x, &f.gate_up)).collect();
+                let gate_up = ops::matmul_grouped(&pairs)?;
+                let acts: Vec<Tensor> = gate_up.iter().map(ops::silu_mul).collect::<std::result::Result<_, _>>()?;
+                let pairs: Vec<(&Tensor, &Tensor)> = acts.iter().zip(&ffns).map(|(x, f)| (x, &f.down)).collect();
+                let mut ys = ops::matmul_grouped(&pairs)?;
+                if shared.is_some() {
+                    let y = ys.pop().expect("shared expert output");
                     ops::add_inplace(&mut out, &y)?;
+                }
+                for (&e, y) in active.iter().zip(&ys) {
+                    ops::scatter_add_rows(&mut out, y, &rows[e], &weights[e])?;
                 }
                 Ok(out)
             }

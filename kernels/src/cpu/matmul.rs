@@ -15,8 +15,9 @@ use rayon::prelude::*;
 use super::Elem;
 
 /// Rows of `x` up to which the streaming kernel is used; above it, the blocked gemm path.
-/// Picked by `duet-kernels`' matmul benchmark: at m = 32 the gemm path wins on BF16 weights.
-pub const STREAM_M_MAX: usize = 24;
+/// Picked with `examples/matmul_bench.rs`: the streaming kernel holds ~155 GFLOP/s at any m while
+/// the convert-then-gemm path needs m in the hundreds to amortise converting W (BENCHMARKS.md).
+pub const STREAM_M_MAX: usize = 96;
 
 /// Weight rows per parallel task: large enough to amortise rayon's scheduling (~µs), small
 /// enough that two cores still balance on the smallest layer (an expert of 48–512 rows).
@@ -98,6 +99,49 @@ pub fn matmul<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, out: &m
             }
         });
     }
+}
+
+/// One problem of a grouped matmul: `out[m, n] = x[m, k] · w[n, k]ᵀ`.
+pub struct Problem<'a, W> {
+    pub x: &'a [f32],
+    pub m: usize,
+    pub k: usize,
+    pub w: &'a [W],
+    pub n: usize,
+    pub out: &'a mut [f32],
+}
+
+/// Several independent matmuls in one parallel region (MoE experts of a step, or projections
+/// sharing an input). Each small problem is cut into row tasks and all tasks of all problems go to
+/// the pool at once: waking the pool costs tens of µs, which at batch 1 is the price of reading
+/// a whole expert, so one wake-up per layer instead of one per expert matters.
+pub fn matmul_grouped<W: Elem>(problems: &mut [Problem<'_, W>]) {
+    let threads = rayon::current_num_threads().max(1);
+    let total_rows: usize = problems.iter().filter(|p| p.m <= STREAM_M_MAX).map(|p| p.n).sum();
+    let rows_per_task = total_rows.div_ceil(threads * 4).max(ROWS_PER_TASK_MIN);
+    let mut tasks = Vec::new();
+    for (pi, p) in problems.iter_mut().enumerate() {
+        assert_eq!(p.x.len(), p.m * p.k);
+        assert_eq!(p.w.len(), p.n * p.k);
+        assert_eq!(p.out.len(), p.m * p.n);
+        if p.m > STREAM_M_MAX || p.k == 0 {
+            matmul(p.x, p.m, p.k, p.w, p.n, p.out);
+            continue;
+        }
+        let mut j0 = 0;
+        while j0 < p.n {
+            let j1 = (j0 + rows_per_task).min(p.n);
+            tasks.push((pi, j0, j1, OutPtr(p.out.as_mut_ptr())));
+            j0 = j1;
+        }
+    }
+    let problems = &*problems;
+    tasks.into_par_iter().for_each(|(pi, j0, j1, ptr)| {
+        let p = &problems[pi];
+        // SAFETY: rows j0..j1 of problem pi belong to this task alone; its `out` has m*n elements
+        // and outlives the parallel loop.
+        unsafe { stream_rows(p.x, p.m, p.k, &p.w[j0 * p.k..j1 * p.k], j0, j1 - j0, p.n, ptr.get()) };
+    });
 }
 
 /// Computes `out[t, j0 + j] = x[t] · w[j]` for `j < nw`, all `t < m`.
@@ -209,7 +253,7 @@ mod avx2 {
     }
 
     /// `R` weight rows × `T` activation rows per pass: R·T accumulators stay in registers
-    /// (≤ 8 of the 16 ymm), each weight vector is loaded once and used `T` times.
+    /// (≤ 12 of the 16 ymm), each weight vector is loaded once and used `T` times.
     #[inline(always)]
     unsafe fn block<W: Elem, const R: usize, const T: usize>(
         x: *const f32,
@@ -276,6 +320,7 @@ mod avx2 {
                         let ot = out.add(t * n + j0 + $j);
                         match m - t {
                             1 => { block::<W, $r, 1>(xt, k, wj, ot, n); t += 1; }
+                            _ if $r > 4 => unreachable!("8-row blocks are only used for m = 1"),
                             2 => { block::<W, $r, 2>(xt, k, wj, ot, n); t += 2; }
                             3 => { block::<W, $r, 3>(xt, k, wj, ot, n); t += 3; }
                             _ => { block::<W, $r, 4>(xt, k, wj, ot, n); t += 4; }
@@ -284,15 +329,20 @@ mod avx2 {
                 }};
             }
             let mut j = 0;
-            if m <= 2 {
+            if m == 1 {
+                while j + 8 <= nw {
+                    row_block!(8, j);
+                    j += 8;
+                }
+            } else if m <= 2 {
                 while j + 4 <= nw {
                     row_block!(4, j);
                     j += 4;
                 }
             } else {
-                while j + 2 <= nw {
-                    row_block!(2, j);
-                    j += 2;
+                while j + 3 <= nw {
+                    row_block!(3, j);
+                    j += 3;
                 }
             }
             while j < nw {

@@ -24,6 +24,10 @@ pub trait Elem: Copy + Send + Sync + 'static {
 /// Rows per rayon task for cheap elementwise ops: below this, splitting costs more than it saves.
 const ROWS_PER_TASK_ELEMENTWISE: usize = 8;
 
+/// Below this many elements an elementwise op runs on the calling thread: waking the pool costs
+/// more than the op (a decode step's activations are a few thousand values).
+const SEQUENTIAL_ELEMS_MAX: usize = 1 << 16;
+
 /// Dot product with eight independent partial sums, so the compiler can vectorise it without
 /// reassociating floats on its own.
 #[inline]
@@ -76,21 +80,40 @@ pub fn axpy_elem<E: Elem>(y: &mut [f32], alpha: f32, x: &[E]) {
 /// RMSNorm over rows of width `w.len()`: `x / sqrt(mean(x²) + eps) * w`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
+    if x.len() <= SEQUENTIAL_ELEMS_MAX {
+        for (orow, xrow) in out.chunks_mut(d).zip(x.chunks(d)) {
+            rms_row(xrow, w, eps, orow);
+        }
+        return;
+    }
     out.par_chunks_mut(d * ROWS_PER_TASK_ELEMENTWISE)
         .zip(x.par_chunks(d * ROWS_PER_TASK_ELEMENTWISE))
         .for_each(|(o, xi)| {
             for (orow, xrow) in o.chunks_mut(d).zip(xi.chunks(d)) {
-                let ms = dot(xrow, xrow) / d as f32;
-                let inv = 1.0 / (ms + eps).sqrt();
-                for ((oi, &xv), &wv) in orow.iter_mut().zip(xrow).zip(w) {
-                    *oi = xv * inv * wv;
-                }
+                rms_row(xrow, w, eps, orow);
             }
         });
 }
 
+fn rms_row(xrow: &[f32], w: &[f32], eps: f32, orow: &mut [f32]) {
+    let ms = dot(xrow, xrow) / w.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for ((oi, &xv), &wv) in orow.iter_mut().zip(xrow).zip(w) {
+        *oi = xv * inv * wv;
+    }
+}
+
 /// `silu(gate) * up` where each input row is `[gate | up]`, both of width `inter`.
 pub fn silu_mul(gu: &[f32], inter: usize, out: &mut [f32]) {
+    if gu.len() <= SEQUENTIAL_ELEMS_MAX {
+        for (o, row) in out.chunks_mut(inter).zip(gu.chunks(2 * inter)) {
+            let (g, u) = row.split_at(inter);
+            for i in 0..inter {
+                o[i] = g[i] / (1.0 + (-g[i]).exp()) * u[i];
+            }
+        }
+        return;
+    }
     out.par_chunks_mut(inter)
         .zip(gu.par_chunks(2 * inter))
         .for_each(|(o, row)| {
