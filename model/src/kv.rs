@@ -68,3 +68,53 @@ impl KvCache {
         self.free.append(block_table);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cfg() -> ModelConfig {
+        serde_json::from_value(crate::tiny::config_json(crate::tiny::TinyArch::V3)).unwrap()
+    }
+
+    proptest! {
+        /// Under any sequence of grow/release, no page is held twice or lost, and a failed grow
+        /// takes nothing.
+        #[test]
+        fn pages_are_never_leaked_or_shared(ops in proptest::collection::vec((0usize..4, 0usize..300, any::<bool>()), 1..60)) {
+            let mut cache = KvCache::new(&cfg(), 10, DType::BF16, Device::Cpu);
+            let mut tables: Vec<Vec<u32>> = vec![Vec::new(); 4];
+            for (seq, tokens, release) in ops {
+                if release {
+                    cache.release(&mut tables[seq]);
+                    prop_assert!(tables[seq].is_empty());
+                } else {
+                    let before = (tables[seq].clone(), cache.pages_free());
+                    match cache.ensure(&mut tables[seq], tokens) {
+                        Ok(()) => prop_assert!(tables[seq].len() * PAGE_TOKENS >= tokens),
+                        Err(Error::KvFull { .. }) => prop_assert_eq!((tables[seq].clone(), cache.pages_free()), before),
+                        Err(e) => prop_assert!(false, "unexpected error {}", e),
+                    }
+                }
+                let mut held: Vec<u32> = tables.iter().flatten().copied().collect();
+                let n = held.len();
+                held.sort_unstable();
+                held.dedup();
+                prop_assert_eq!(held.len(), n, "a page is in two block tables");
+                prop_assert_eq!(n + cache.pages_free(), 10);
+            }
+        }
+    }
+
+    #[test]
+    fn v3_latent_bytes_per_token() {
+        // DESIGN.md: 576 BF16 values per token and layer; 61 layers give 70,272 bytes.
+        let mut c = cfg();
+        c.num_hidden_layers = 61;
+        c.kv_lora_rank = 512;
+        c.qk_rope_head_dim = 64;
+        let cache = KvCache::new(&c, 1, DType::BF16, Device::Cpu);
+        assert_eq!(cache.bytes_per_token(), 70_272);
+    }
+}

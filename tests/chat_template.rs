@@ -1,0 +1,68 @@
+//! Chat templates rendered exactly as HF's `apply_chat_template` renders them (goldens in
+//! tests/golden/chat/, made by tests/golden/chat_golden.py from the released R1 and V3
+//! tokenizer_config.json). The tokenizer is the one duet ships (R1); the V3 vocabulary differs
+//! only in ids 128798/128799, which V3 calls placeholders instead of `<think>`/`</think>`.
+
+use std::path::Path;
+
+use duet_model::tiny::r1_tokenizer_files;
+use duet_model::tokenizer::TextTokenizer;
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    messages: Value,
+    tools: Option<Value>,
+    add_generation_prompt: bool,
+    text: String,
+    ids: Vec<u32>,
+}
+
+fn tokenizer(v3: bool) -> TextTokenizer {
+    let (json, r1_cfg) = r1_tokenizer_files().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (json, cfg) = if v3 {
+        let text = String::from_utf8(json).unwrap()
+            .replace("\"<think>\"", "\"<｜place▁holder▁no▁798｜>\"")
+            .replace("\"</think>\"", "\"<｜place▁holder▁no▁799｜>\"");
+        let cfg = std::fs::read_to_string(root.join("tests/golden/chat/deepseek-v3-tokenizer_config.json")).unwrap();
+        (text.into_bytes(), cfg)
+    } else {
+        (json, r1_cfg.to_string())
+    };
+    TextTokenizer::from_bytes(&json, &serde_json::from_str(&cfg).unwrap(), Path::new("tokenizer.json")).unwrap()
+}
+
+fn check(file: &str, v3: bool) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cases: Vec<Case> = serde_json::from_str(&std::fs::read_to_string(root.join("tests/golden/chat").join(file)).unwrap()).unwrap();
+    assert!(cases.len() >= 10);
+    let tok = tokenizer(v3);
+    for c in cases {
+        let (text, ids) = tok.apply_chat_template(&c.messages, c.tools.as_ref(), c.add_generation_prompt).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        assert_eq!(text, c.text, "{file} {}: rendered text", c.name);
+        assert_eq!(ids, c.ids, "{file} {}: token ids", c.name);
+    }
+}
+
+#[test]
+fn r1_template_matches_hf() {
+    check("deepseek-r1.json", false);
+}
+
+#[test]
+fn v3_template_matches_hf() {
+    check("deepseek-v3.json", true);
+}
+
+#[test]
+fn tokenizer_round_trips_unicode() {
+    let tok = tokenizer(false);
+    let text = "Grüße, 世界! 🚀 <think>";
+    let ids = tok.encode(text, false).unwrap();
+    assert_eq!(tok.decode(&ids, false).unwrap(), text);
+    assert_eq!(tok.token_to_id("<think>"), Some(128798));
+    assert_eq!(tok.token_to_id("<｜Assistant｜>"), Some(128804));
+}

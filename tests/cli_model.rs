@@ -1,0 +1,143 @@
+//! The model CLI contracts (`duet logits`, `duet generate`, `duet tiny-model`), driven through the
+//! real binary as scripts use it, and the errors a bad model directory gets.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use duet_model::safetensors_io::{TensorBytes, write};
+use serde_json::Value;
+
+fn duet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_duet")).args(args).output().unwrap()
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/fixtures").join(name)
+}
+
+fn ok_json(out: Output) -> Value {
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn logits_prints_one_row_per_position_matching_hf() {
+    let dir = fixture("v3-tiny");
+    let golden: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let ids: Vec<String> = golden["input_ids"].as_array().unwrap()[..5].iter().map(|v| v.to_string()).collect();
+    let v = ok_json(duet(&["logits", "--model", dir.to_str().unwrap(), "--ids", &ids.join(",")]));
+    let rows = v["logits"].as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    for (row, reference) in rows.iter().zip(golden["logits"].as_array().unwrap()) {
+        let (row, reference) = (row.as_array().unwrap(), reference.as_array().unwrap());
+        assert_eq!(row.len(), 512, "the full vocabulary");
+        for (a, b) in row.iter().zip(reference) {
+            assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-3 * 10.0);
+        }
+    }
+}
+
+#[test]
+fn generate_ids_json_is_hf_greedy_without_a_tokenizer() {
+    let dir = fixture("v2-lite-tiny");
+    let golden: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let ids: Vec<String> = golden["greedy_prompt_ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    let v = ok_json(duet(&["generate", "--model", dir.to_str().unwrap(), "--ids", &ids.join(","), "--max-tokens", "16", "--temperature", "0", "--dtype", "f32", "--json"]));
+    assert_eq!(v["ids"], golden["greedy_ids"]);
+    assert!(v["text"].is_null(), "no tokenizer in this directory");
+}
+
+#[test]
+fn tiny_model_generates_text_and_same_seed_gives_same_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    let out = duet(&["tiny-model", "--out", dir.to_str().unwrap(), "--arch", "v2-lite", "--seed", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(dir.join(f).exists(), "{f}");
+    }
+    let run = |seed: &str| {
+        ok_json(duet(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "Why is the sky blue?", "--chat", "--max-tokens", "12", "--temperature", "0.9", "--top-p", "0.95", "--top-k", "50", "--seed", seed, "--json"]))
+    };
+    let (a, b, c) = (run("7"), run("7"), run("8"));
+    assert_eq!(a, b, "same seed, same output");
+    assert_eq!(a["ids"].as_array().unwrap().len(), 12);
+    assert!(a["text"].as_str().is_some_and(|t| !t.is_empty()));
+    assert_ne!(a["ids"], c["ids"], "another seed samples differently");
+}
+
+/// Copies `v3-tiny` with its weights rewritten by `edit`.
+fn broken_copy(tmp: &Path, edit: impl FnOnce(&mut Vec<TensorBytes>)) -> PathBuf {
+    let src = fixture("v3-tiny");
+    let dir = tmp.join("bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<TensorBytes> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| TensorBytes {
+            name,
+            dtype: match v.dtype() {
+                safetensors::Dtype::BF16 => "BF16",
+                safetensors::Dtype::F32 => "F32",
+                d => panic!("fixture dtype {d:?}"),
+            },
+            shape: v.shape().to_vec(),
+            data: v.data().to_vec(),
+        })
+        .collect();
+    edit(&mut tensors);
+    write(&dir.join("model.safetensors"), &tensors, &[]).unwrap();
+    dir
+}
+
+fn fails_with(dir: &Path, expected: &[&str]) {
+    let out = duet(&["logits", "--model", dir.to_str().unwrap(), "--ids", "1,2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a bad model must fail");
+    assert!(!err.contains("panicked"), "an error, not a panic: {err}");
+    for e in expected {
+        assert!(err.contains(e), "stderr should mention {e:?}: {err}");
+    }
+}
+
+#[test]
+fn bad_model_directories_fail_with_the_file_and_tensor_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "model.layers.1.mlp.gate.weight";
+
+    let dir = broken_copy(tmp.path(), |t| t.retain(|t| t.name != name));
+    fails_with(&dir, &["missing tensor", name]);
+
+    let dir = broken_copy(tmp.path(), |t| {
+        let x = t.iter_mut().find(|t| t.name == name).unwrap();
+        x.shape = vec![x.shape[1], x.shape[0]];
+    });
+    fails_with(&dir, &["model.safetensors", name, "shape"]);
+
+    let dir = broken_copy(tmp.path(), |t| {
+        let x = t.iter_mut().find(|t| t.name == name).unwrap();
+        x.dtype = "I16";
+    });
+    fails_with(&dir, &["model.safetensors", name, "unsupported dtype"]);
+
+    let dir = broken_copy(tmp.path(), |_| {});
+    let full = std::fs::read(dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &full[..full.len() / 2]).unwrap();
+    fails_with(&dir, &["model.safetensors", "invalid safetensors"]);
+
+    std::fs::write(dir.join("config.json"), "{\"hidden_size\": ").unwrap();
+    fails_with(&dir, &["config.json", "invalid config"]);
+
+    fails_with(&tmp.path().join("does-not-exist"), &["does-not-exist", "config.json"]);
+}
+
+#[test]
+fn out_of_vocabulary_ids_are_an_error() {
+    let out = duet(&["logits", "--model", fixture("v3-tiny").to_str().unwrap(), "--ids", "5,512"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("token id 512") && !err.contains("panicked"), "{err}");
+}
