@@ -79,7 +79,11 @@ pub fn run(a: Args) -> Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     let c = &model.config;
     let mut rng = Rng::new(1);
-    let mut rand_ids = |n: usize| -> Vec<u32> { (0..n).map(|_| 1000 + (rng.next_u64() % 100_000) as u32 % (c.vocab_size as u32 - 1000)).collect() };
+    let mut rand_ids = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| 1000 + (rng.next_u64() % 100_000) as u32 % (c.vocab_size as u32 - 1000))
+            .collect()
+    };
     let max_b = a.batches.iter().copied().max().unwrap_or(1);
     let per_seq = a.prompt_len.max(a.decode_context + a.decode_steps + 2);
     let pages = max_b * per_seq.div_ceil(64) + 4;
@@ -92,7 +96,15 @@ pub fn run(a: Args) -> Result<()> {
         let mut table = Vec::new();
         cache.ensure(&mut table, prompt.len())?;
         let t = Instant::now();
-        model.forward(&mut cache, &[SeqInput { tokens: &prompt, start_pos: 0, block_table: &table }], LogitsMode::Last)?;
+        model.forward(
+            &mut cache,
+            &[SeqInput {
+                tokens: &prompt,
+                start_pos: 0,
+                block_table: &table,
+            }],
+            LogitsMode::Last,
+        )?;
         best_prefill = best_prefill.min(t.elapsed().as_secs_f64());
         cache.release(&mut table);
     }
@@ -106,13 +118,29 @@ pub fn run(a: Args) -> Result<()> {
         for t in tables.iter_mut() {
             cache.ensure(t, a.decode_context + a.decode_steps + 1)?;
         }
-        let batch: Vec<SeqInput<'_>> = prompts.iter().zip(&tables).map(|(p, t)| SeqInput { tokens: p, start_pos: 0, block_table: t }).collect();
+        let batch: Vec<SeqInput<'_>> = prompts
+            .iter()
+            .zip(&tables)
+            .map(|(p, t)| SeqInput {
+                tokens: p,
+                start_pos: 0,
+                block_table: t,
+            })
+            .collect();
         model.forward(&mut cache, &batch, LogitsMode::Last)?;
         let mut last: Vec<[u32; 1]> = vec![[rand_ids(1)[0]]; b];
         let mut elapsed = 0.0;
         for step in 0..=a.decode_steps {
             let pos = a.decode_context + step;
-            let batch: Vec<SeqInput<'_>> = last.iter().zip(&tables).map(|(l, t)| SeqInput { tokens: l, start_pos: pos, block_table: t }).collect();
+            let batch: Vec<SeqInput<'_>> = last
+                .iter()
+                .zip(&tables)
+                .map(|(l, t)| SeqInput {
+                    tokens: l,
+                    start_pos: pos,
+                    block_table: t,
+                })
+                .collect();
             let t = Instant::now();
             let logits = model.forward(&mut cache, &batch, LogitsMode::Last)?;
             let ids = duet_kernels::ops::argmax_rows(&logits)?;
@@ -166,7 +194,8 @@ fn active_weight_bytes(m: &duet_model::Model) -> usize {
         Some(r) if r > 0 => r * h + s.heads * (s.nope + s.rope) * r,
         _ => s.heads * (s.nope + s.rope) * h,
     };
-    let attn = q + (s.kv_lora + s.rope) * h + s.heads * (s.nope + s.v) * s.kv_lora + h * s.heads * s.v;
+    let attn =
+        q + (s.kv_lora + s.rope) * h + s.heads * (s.nope + s.v) * s.kv_lora + h * s.heads * s.v;
     let mut total = 0;
     for i in 0..c.num_hidden_layers {
         total += attn;

@@ -17,7 +17,11 @@ use serde_json::json;
 mod engine_bench;
 
 #[derive(Parser)]
-#[command(name = "duet", version, about = "Disaggregated prefill/decode serving for DeepSeek-V3/R1")]
+#[command(
+    name = "duet",
+    version,
+    about = "Disaggregated prefill/decode serving for DeepSeek-V3/R1"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -55,7 +59,12 @@ enum Cmd {
         /// Model directory; the embedded tiny default when omitted.
         #[arg(long)]
         model: Option<PathBuf>,
-        #[arg(long, value_delimiter = ',', conflicts_with = "prompt", required_unless_present = "prompt")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            conflicts_with = "prompt",
+            required_unless_present = "prompt"
+        )]
         ids: Option<Vec<u32>>,
         #[arg(long)]
         prompt: Option<String>,
@@ -113,7 +122,13 @@ fn main() -> Result<()> {
             json,
             dtype,
         } => {
-            let sampling = SamplingParams { temperature, top_k, top_p, min_p, seed };
+            let sampling = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                seed,
+            };
             sampling.validate().map_err(anyhow::Error::msg)?;
             let dir = match model {
                 Some(d) => d,
@@ -127,7 +142,8 @@ fn main() -> Result<()> {
             run_generate(&dir, input, max_tokens, sampling, json, dtype.into())
         }
         Cmd::TinyModel { out, arch, seed } => {
-            write_tiny_model(&out, arch, seed).with_context(|| format!("writing {}", out.display()))?;
+            write_tiny_model(&out, arch, seed)
+                .with_context(|| format!("writing {}", out.display()))?;
             eprintln!("wrote a random {arch:?} checkpoint to {}", out.display());
             Ok(())
         }
@@ -140,9 +156,11 @@ pub fn load_model(dir: &Path, dtype: DType) -> Result<Model> {
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
-            indicatif::ProgressStyle::with_template("loading {msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
-                .expect("static template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "loading {msg} [{bar:40}] {bytes}/{total_bytes} ({eta})",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
         );
         b.set_message(dir.display().to_string());
         b
@@ -153,7 +171,8 @@ pub fn load_model(dir: &Path, dtype: DType) -> Result<Model> {
             b.set_position(p.bytes_done);
         }
     };
-    let model = Model::load(dir, dtype, &progress).with_context(|| format!("loading model from {}", dir.display()))?;
+    let model = Model::load(dir, dtype, &progress)
+        .with_context(|| format!("loading model from {}", dir.display()))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -168,7 +187,15 @@ fn logits(dir: &Path, ids: &[u32], dtype: DType) -> Result<()> {
     let mut cache = model.new_cache(ids.len().div_ceil(duet_kernels::ops::PAGE_TOKENS));
     let mut table = Vec::new();
     cache.ensure(&mut table, ids.len())?;
-    let out = model.forward(&mut cache, &[SeqInput { tokens: ids, start_pos: 0, block_table: &table }], LogitsMode::All)?;
+    let out = model.forward(
+        &mut cache,
+        &[SeqInput {
+            tokens: ids,
+            start_pos: 0,
+            block_table: &table,
+        }],
+        LogitsMode::All,
+    )?;
     let vocab = model.config.vocab_size;
     let v = out.to_vec_f32();
     let rows: Vec<&[f32]> = v.chunks(vocab).collect();
@@ -183,7 +210,14 @@ enum Input {
     Text { prompt: String, chat: bool },
 }
 
-fn run_generate(dir: &Path, input: Input, max_tokens: usize, sampling: SamplingParams, as_json: bool, dtype: DType) -> Result<()> {
+fn run_generate(
+    dir: &Path,
+    input: Input,
+    max_tokens: usize,
+    sampling: SamplingParams,
+    as_json: bool,
+    dtype: DType,
+) -> Result<()> {
     let tokenizer = match TextTokenizer::from_dir(dir) {
         Ok(t) => Some(t),
         Err(e) if matches!(input, Input::Ids(_)) => {
@@ -199,20 +233,34 @@ fn run_generate(dir: &Path, input: Input, max_tokens: usize, sampling: SamplingP
             let messages = json!([{ "role": "user", "content": prompt }]);
             tok.apply_chat_template(&messages, None, true)?.1
         }
-        Input::Text { prompt, chat: false } => tokenizer.as_ref().expect("loaded above for text input").encode(prompt, true)?,
+        Input::Text {
+            prompt,
+            chat: false,
+        } => tokenizer
+            .as_ref()
+            .expect("loaded above for text input")
+            .encode(prompt, true)?,
     };
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
     let model = load_model(dir, dtype)?;
     let mut stop_ids = model.config.eos_ids();
-    if let Some(id) = tokenizer.as_ref().and_then(|t| t.eos_token.as_deref().and_then(|e| t.token_to_id(e))) {
+    if let Some(id) = tokenizer
+        .as_ref()
+        .and_then(|t| t.eos_token.as_deref().and_then(|e| t.token_to_id(e)))
+    {
         stop_ids.push(id);
     }
     let pages = (prompt.len() + max_tokens).div_ceil(duet_kernels::ops::PAGE_TOKENS) + 1;
     let mut cache = model.new_cache(pages);
     let started = Instant::now();
-    let req = GenerateRequest { prompt, max_tokens, sampling, stop_ids };
+    let req = GenerateRequest {
+        prompt,
+        max_tokens,
+        sampling,
+        stop_ids,
+    };
     let out = generate(&model, &mut cache, std::slice::from_ref(&req))?.remove(0);
     let elapsed = started.elapsed();
     let text = match &tokenizer {
@@ -224,7 +272,10 @@ fn run_generate(dir: &Path, input: Input, max_tokens: usize, sampling: SamplingP
     } else {
         match text {
             Some(t) => println!("{t}"),
-            None => println!("{}", out.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")),
+            None => println!(
+                "{}",
+                out.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+            ),
         }
     }
     if std::io::stderr().is_terminal() {
@@ -247,13 +298,16 @@ pub fn default_model_dir() -> Result<PathBuf> {
     }
     // Write beside and rename, so a crash or a concurrent first run never leaves half a model.
     let tmp = base.join(format!(".tiny-v3-{}", std::process::id()));
-    write_tiny_model(&tmp, TinyArch::V3, 0).with_context(|| format!("writing the default model to {}", tmp.display()))?;
+    write_tiny_model(&tmp, TinyArch::V3, 0)
+        .with_context(|| format!("writing the default model to {}", tmp.display()))?;
     match std::fs::rename(&tmp, &dir) {
         Ok(()) => {}
         Err(_) if dir.join("config.json").exists() => {
             let _ = std::fs::remove_dir_all(&tmp);
         }
-        Err(e) => return Err(e).with_context(|| format!("moving the default model to {}", dir.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("moving the default model to {}", dir.display()));
+        }
     }
     Ok(dir)
 }

@@ -24,24 +24,38 @@ fn tokenizer(v3: bool) -> TextTokenizer {
     let (json, r1_cfg) = r1_tokenizer_files().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let (json, cfg) = if v3 {
-        let text = String::from_utf8(json).unwrap()
+        let text = String::from_utf8(json)
+            .unwrap()
             .replace("\"<think>\"", "\"<｜place▁holder▁no▁798｜>\"")
             .replace("\"</think>\"", "\"<｜place▁holder▁no▁799｜>\"");
-        let cfg = std::fs::read_to_string(root.join("tests/golden/chat/deepseek-v3-tokenizer_config.json")).unwrap();
+        let cfg = std::fs::read_to_string(
+            root.join("tests/golden/chat/deepseek-v3-tokenizer_config.json"),
+        )
+        .unwrap();
         (text.into_bytes(), cfg)
     } else {
         (json, r1_cfg.to_string())
     };
-    TextTokenizer::from_bytes(&json, &serde_json::from_str(&cfg).unwrap(), Path::new("tokenizer.json")).unwrap()
+    TextTokenizer::from_bytes(
+        &json,
+        &serde_json::from_str(&cfg).unwrap(),
+        Path::new("tokenizer.json"),
+    )
+    .unwrap()
 }
 
 fn check(file: &str, v3: bool) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let cases: Vec<Case> = serde_json::from_str(&std::fs::read_to_string(root.join("tests/golden/chat").join(file)).unwrap()).unwrap();
+    let cases: Vec<Case> = serde_json::from_str(
+        &std::fs::read_to_string(root.join("tests/golden/chat").join(file)).unwrap(),
+    )
+    .unwrap();
     assert!(cases.len() >= 10);
     let tok = tokenizer(v3);
     for c in cases {
-        let (text, ids) = tok.apply_chat_template(&c.messages, c.tools.as_ref(), c.add_generation_prompt).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        let (text, ids) = tok
+            .apply_chat_template(&c.messages, c.tools.as_ref(), c.add_generation_prompt)
+            .unwrap_or_else(|e| panic!("{}: {e}", c.name));
         assert_eq!(text, c.text, "{file} {}: rendered text", c.name);
         assert_eq!(ids, c.ids, "{file} {}: token ids", c.name);
     }

@@ -8,24 +8,43 @@ use duet_model::safetensors_io::{TensorBytes, write};
 use serde_json::Value;
 
 fn duet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_duet")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_duet"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/fixtures")
+        .join(name)
 }
 
 fn ok_json(out: Output) -> Value {
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]
 fn logits_prints_one_row_per_position_matching_hf() {
     let dir = fixture("v3-tiny");
-    let golden: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let ids: Vec<String> = golden["input_ids"].as_array().unwrap()[..5].iter().map(|v| v.to_string()).collect();
-    let v = ok_json(duet(&["logits", "--model", dir.to_str().unwrap(), "--ids", &ids.join(",")]));
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let ids: Vec<String> = golden["input_ids"].as_array().unwrap()[..5]
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    let v = ok_json(duet(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--ids",
+        &ids.join(","),
+    ]));
     let rows = v["logits"].as_array().unwrap();
     assert_eq!(rows.len(), 5);
     for (row, reference) in rows.iter().zip(golden["logits"].as_array().unwrap()) {
@@ -40,9 +59,28 @@ fn logits_prints_one_row_per_position_matching_hf() {
 #[test]
 fn generate_ids_json_is_hf_greedy_without_a_tokenizer() {
     let dir = fixture("v2-lite-tiny");
-    let golden: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let ids: Vec<String> = golden["greedy_prompt_ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
-    let v = ok_json(duet(&["generate", "--model", dir.to_str().unwrap(), "--ids", &ids.join(","), "--max-tokens", "16", "--temperature", "0", "--dtype", "f32", "--json"]));
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let ids: Vec<String> = golden["greedy_prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    let v = ok_json(duet(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--ids",
+        &ids.join(","),
+        "--max-tokens",
+        "16",
+        "--temperature",
+        "0",
+        "--dtype",
+        "f32",
+        "--json",
+    ]));
     assert_eq!(v["ids"], golden["greedy_ids"]);
     assert!(v["text"].is_null(), "no tokenizer in this directory");
 }
@@ -51,13 +89,48 @@ fn generate_ids_json_is_hf_greedy_without_a_tokenizer() {
 fn tiny_model_generates_text_and_same_seed_gives_same_output() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("tiny");
-    let out = duet(&["tiny-model", "--out", dir.to_str().unwrap(), "--arch", "v2-lite", "--seed", "3"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    let out = duet(&[
+        "tiny-model",
+        "--out",
+        dir.to_str().unwrap(),
+        "--arch",
+        "v2-lite",
+        "--seed",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         assert!(dir.join(f).exists(), "{f}");
     }
     let run = |seed: &str| {
-        ok_json(duet(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "Why is the sky blue?", "--chat", "--max-tokens", "12", "--temperature", "0.9", "--top-p", "0.95", "--top-k", "50", "--seed", seed, "--json"]))
+        ok_json(duet(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "Why is the sky blue?",
+            "--chat",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.95",
+            "--top-k",
+            "50",
+            "--seed",
+            seed,
+            "--json",
+        ]))
     };
     let (a, b, c) = (run("7"), run("7"), run("8"));
     assert_eq!(a, b, "same seed, same output");
@@ -131,13 +204,25 @@ fn bad_model_directories_fail_with_the_file_and_tensor_named() {
     std::fs::write(dir.join("config.json"), "{\"hidden_size\": ").unwrap();
     fails_with(&dir, &["config.json", "invalid config"]);
 
-    fails_with(&tmp.path().join("does-not-exist"), &["does-not-exist", "config.json"]);
+    fails_with(
+        &tmp.path().join("does-not-exist"),
+        &["does-not-exist", "config.json"],
+    );
 }
 
 #[test]
 fn out_of_vocabulary_ids_are_an_error() {
-    let out = duet(&["logits", "--model", fixture("v3-tiny").to_str().unwrap(), "--ids", "5,512"]);
+    let out = duet(&[
+        "logits",
+        "--model",
+        fixture("v3-tiny").to_str().unwrap(),
+        "--ids",
+        "5,512",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("token id 512") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("token id 512") && !err.contains("panicked"),
+        "{err}"
+    );
 }

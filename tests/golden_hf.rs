@@ -24,7 +24,9 @@ struct Golden {
 }
 
 fn fixture(name: &str) -> (PathBuf, Golden) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/fixtures").join(name);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/fixtures")
+        .join(name);
     let text = std::fs::read_to_string(dir.join("golden.json")).unwrap();
     (dir, serde_json::from_str(&text).unwrap())
 }
@@ -43,7 +45,15 @@ fn logits_in_chunks(model: &Model, ids: &[u32], chunks: &[usize]) -> Vec<f32> {
     for &n in chunks {
         let tokens = &ids[start..start + n];
         let l = model
-            .forward(&mut cache, &[SeqInput { tokens, start_pos: start, block_table: &table }], LogitsMode::All)
+            .forward(
+                &mut cache,
+                &[SeqInput {
+                    tokens,
+                    start_pos: start,
+                    block_table: &table,
+                }],
+                LogitsMode::All,
+            )
             .unwrap();
         out.extend(l.to_vec_f32());
         start += n;
@@ -56,7 +66,11 @@ fn worst_rel_err(ours: &[f32], reference: &[Vec<f64>]) -> f64 {
     let flat: Vec<f64> = reference.iter().flatten().copied().collect();
     assert_eq!(ours.len(), flat.len());
     let scale = flat.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    ours.iter().zip(&flat).map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max) / scale
+    ours.iter()
+        .zip(&flat)
+        .map(|(&a, &b)| (a as f64 - b).abs())
+        .fold(0.0, f64::max)
+        / scale
 }
 
 fn argmax(row: &[f32]) -> usize {
@@ -82,7 +96,10 @@ fn check_fixture_bf16(name: &str, bf16_top1_min: f64) {
     let ours = logits_in_chunks(&model, &g.input_ids, &[g.input_ids.len()]);
     let err = worst_rel_err(&ours, &g.logits);
     println!("{name}: f32 prefill-form logits, worst error relative to max |logit|: {err:.3e}");
-    assert!(err < LOGITS_REL_TOL, "{name}: f32 logits off by {err:e} (tolerance {LOGITS_REL_TOL:e})");
+    assert!(
+        err < LOGITS_REL_TOL,
+        "{name}: f32 logits off by {err:e} (tolerance {LOGITS_REL_TOL:e})"
+    );
 
     // Chunked prefill reads the first chunk back from the paged cache.
     let chunked = logits_in_chunks(&model, &g.input_ids, &[10, 1, 13]);
@@ -97,8 +114,13 @@ fn check_fixture_bf16(name: &str, bf16_top1_min: f64) {
         stop_ids: model.config.eos_ids(),
     };
     let mut cache = model.new_cache(4);
-    let out = generate(&model, &mut cache, std::slice::from_ref(&greedy)).unwrap().remove(0);
-    assert_eq!(out, g.greedy_ids, "{name}: greedy continuation (absorbed decode) differs from HF");
+    let out = generate(&model, &mut cache, std::slice::from_ref(&greedy))
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        out, g.greedy_ids,
+        "{name}: greedy continuation (absorbed decode) differs from HF"
+    );
     assert_eq!(cache.pages_free(), 4, "generation returns its pages");
 
     // The absorbed form on the whole prompt equals the decompressing form.
@@ -119,18 +141,34 @@ fn check_fixture_bf16(name: &str, bf16_top1_min: f64) {
         .filter(|(o, r)| argmax(o) == argmax64(r))
         .count();
     let frac = agree as f64 / g.logits.len() as f64;
-    println!("{name}: bf16 top-1 agreement {agree}/{} = {:.1}%, worst relative error {:.3e}", g.logits.len(), frac * 100.0, worst_rel_err(&ours, &g.logits));
+    println!(
+        "{name}: bf16 top-1 agreement {agree}/{} = {:.1}%, worst relative error {:.3e}",
+        g.logits.len(),
+        frac * 100.0,
+        worst_rel_err(&ours, &g.logits)
+    );
     assert!(frac >= bf16_top1_min, "{name}: bf16 top-1 agreement {frac}");
 
     // Batching does not change results: the same prompt twice in one batch, plus a shorter one.
     greedy.max_tokens = 6;
-    let short = GenerateRequest { prompt: g.greedy_prompt_ids[..9].to_vec(), ..greedy.clone() };
+    let short = GenerateRequest {
+        prompt: g.greedy_prompt_ids[..9].to_vec(),
+        ..greedy.clone()
+    };
     let mut cache = model.new_cache(8);
-    let batch = generate(&model, &mut cache, &[greedy.clone(), short.clone(), greedy.clone()]).unwrap();
+    let batch = generate(
+        &model,
+        &mut cache,
+        &[greedy.clone(), short.clone(), greedy.clone()],
+    )
+    .unwrap();
     assert_eq!(batch[0], g.greedy_ids[..6]);
     assert_eq!(batch[2], g.greedy_ids[..6]);
     let alone = generate(&model, &mut cache, &[short]).unwrap().remove(0);
-    assert_eq!(batch[1], alone, "{name}: a sequence's tokens do not depend on its batch");
+    assert_eq!(
+        batch[1], alone,
+        "{name}: a sequence's tokens do not depend on its batch"
+    );
 }
 
 #[test]
@@ -152,4 +190,3 @@ fn v2_lite_tiny_sharded_matches_hf() {
 fn v2_grouped_f16_matches_hf() {
     check_fixture_bf16("v2-tiny-grouped", 0.75);
 }
-

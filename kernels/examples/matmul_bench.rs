@@ -7,9 +7,16 @@ use std::time::Instant;
 use duet_kernels::{DType, Device, Tensor, ops};
 
 fn bench(m: usize, n: usize, k: usize, dtype: DType) {
-    let w: Vec<f32> = (0..n * k).map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
     let w = Tensor::from_f32_as(&[n, k], w, dtype, Device::Cpu).unwrap();
-    let x = Tensor::from_f32(&[m, k], (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect(), Device::Cpu).unwrap();
+    let x = Tensor::from_f32(
+        &[m, k],
+        (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect(),
+        Device::Cpu,
+    )
+    .unwrap();
     ops::matmul(&x, &w).unwrap();
     let reps = (2_000_000_000 / (n * k * dtype.size_bytes())).clamp(3, 200);
     let t = Instant::now();
@@ -29,11 +36,18 @@ fn bench(m: usize, n: usize, k: usize, dtype: DType) {
 fn bench_cold(m: usize, n: usize, k: usize, count: usize, grouped: usize) {
     let ws: Vec<Tensor> = (0..count)
         .map(|c| {
-            let w: Vec<f32> = (0..n * k).map(|i| (((i + c) * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5).collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| (((i + c) * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5)
+                .collect();
             Tensor::from_f32_as(&[n, k], w, DType::BF16, Device::Cpu).unwrap()
         })
         .collect();
-    let x = Tensor::from_f32(&[m, k], (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect(), Device::Cpu).unwrap();
+    let x = Tensor::from_f32(
+        &[m, k],
+        (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect(),
+        Device::Cpu,
+    )
+    .unwrap();
     let t = Instant::now();
     for _ in 0..3 {
         for chunk in ws.chunks(grouped) {
@@ -58,7 +72,13 @@ fn main() {
         bench_cold(16, 1024, 2048, 210, 7);
         return;
     }
-    for &(n, k) in &[(129_280, 2048), (1024, 2048), (2048, 512), (3072, 768), (576, 2048)] {
+    for &(n, k) in &[
+        (129_280, 2048),
+        (1024, 2048),
+        (2048, 512),
+        (3072, 768),
+        (576, 2048),
+    ] {
         for &m in &[1, 2, 4, 16] {
             bench(m, n, k, DType::BF16);
         }

@@ -63,7 +63,10 @@ pub fn route(logits: &Tensor, bias: Option<&Tensor>, cfg: &RouterConfig) -> Resu
     let (t, e) = logits.dims2("moe_route")?;
     let groups_ok = cfg.n_group > 0 && e % cfg.n_group == 0 && cfg.topk_group <= cfg.n_group;
     if e != cfg.n_experts || cfg.top_k == 0 || cfg.top_k > e || !groups_ok {
-        return shape_err("moe_route", format!("logits {:?} for {cfg:?}", logits.shape()));
+        return shape_err(
+            "moe_route",
+            format!("logits {:?} for {cfg:?}", logits.shape()),
+        );
     }
     let bias = match bias {
         Some(b) if b.elem_count() != e => {

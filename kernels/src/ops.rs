@@ -60,14 +60,21 @@ pub fn matmul_grouped(pairs: &[(&Tensor, &Tensor)]) -> Result<Vec<Tensor>> {
         let (m, k) = x.dims2("matmul_grouped")?;
         let (n, kw) = w.dims2("matmul_grouped")?;
         if k != kw {
-            return shape_err("matmul_grouped", format!("x {:?} · W {:?}ᵀ", x.shape(), w.shape()));
+            return shape_err(
+                "matmul_grouped",
+                format!("x {:?} · W {:?}ᵀ", x.shape(), w.shape()),
+            );
         }
         x.f32s("matmul_grouped")?;
         dims.push((m, k, n));
     }
     let mut outs: Vec<Vec<f32>> = dims.iter().map(|&(m, _, n)| vec![0.0f32; m * n]).collect();
-    let all_f32 = pairs.iter().all(|(_, w)| matches!(w.storage, Storage::F32(_)));
-    let all_bf16 = pairs.iter().all(|(_, w)| matches!(w.storage, Storage::BF16(_)));
+    let all_f32 = pairs
+        .iter()
+        .all(|(_, w)| matches!(w.storage, Storage::F32(_)));
+    let all_bf16 = pairs
+        .iter()
+        .all(|(_, w)| matches!(w.storage, Storage::BF16(_)));
     macro_rules! grouped {
         ($variant:ident) => {{
             let mut problems: Vec<cpu::matmul::Problem<'_, _>> = pairs
@@ -75,9 +82,20 @@ pub fn matmul_grouped(pairs: &[(&Tensor, &Tensor)]) -> Result<Vec<Tensor>> {
                 .zip(&dims)
                 .zip(outs.iter_mut())
                 .map(|(((x, w), &(m, k, n)), out)| {
-                    let Storage::$variant(ws) = &w.storage else { unreachable!("checked above") };
-                    let Storage::F32(xs) = &x.storage else { unreachable!("checked above") };
-                    cpu::matmul::Problem { x: xs, m, k, w: ws, n, out }
+                    let Storage::$variant(ws) = &w.storage else {
+                        unreachable!("checked above")
+                    };
+                    let Storage::F32(xs) = &x.storage else {
+                        unreachable!("checked above")
+                    };
+                    cpu::matmul::Problem {
+                        x: xs,
+                        m,
+                        k,
+                        w: ws,
+                        n,
+                        out,
+                    }
                 })
                 .collect();
             cpu::matmul::matmul_grouped(&mut problems);
@@ -101,7 +119,10 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     let w = weight.f32s("rms_norm")?;
     let xs = x.f32s("rms_norm")?;
     if w.is_empty() || xs.len() % w.len() != 0 {
-        return shape_err("rms_norm", format!("x {:?}, weight {:?}", x.shape(), weight.shape()));
+        return shape_err(
+            "rms_norm",
+            format!("x {:?}, weight {:?}", x.shape(), weight.shape()),
+        );
     }
     let mut out = vec![0.0; xs.len()];
     cpu::rms_norm(xs, w, eps, &mut out);
@@ -136,7 +157,10 @@ pub fn add_inplace(a: &mut Tensor, b: &Tensor) -> Result<()> {
 pub fn embedding(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
     let (vocab, d) = table.dims2("embedding")?;
     if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-        return shape_err("embedding", format!("token id {bad} outside vocabulary of {vocab}"));
+        return shape_err(
+            "embedding",
+            format!("token id {bad} outside vocabulary of {vocab}"),
+        );
     }
     let mut out = Vec::with_capacity(ids.len() * d);
     with_elem!(table, t => {
@@ -151,7 +175,10 @@ pub fn embedding(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
 pub fn split_cols(x: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
     let (m, n) = x.dims2("split_cols")?;
     if widths.iter().sum::<usize>() != n {
-        return shape_err("split_cols", format!("widths {widths:?} of {:?}", x.shape()));
+        return shape_err(
+            "split_cols",
+            format!("widths {widths:?} of {:?}", x.shape()),
+        );
     }
     let xs = x.f32s("split_cols")?;
     let mut parts: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(m * w)).collect();
@@ -182,7 +209,10 @@ pub fn concat_cols(parts: &[&Tensor]) -> Result<Tensor> {
     }
     let n: usize = widths.iter().sum();
     let mut out = Vec::with_capacity(m * n);
-    let slices: Vec<&[f32]> = parts.iter().map(|p| p.f32s("concat_cols")).collect::<Result<_>>()?;
+    let slices: Vec<&[f32]> = parts
+        .iter()
+        .map(|p| p.f32s("concat_cols"))
+        .collect::<Result<_>>()?;
     for r in 0..m {
         for (s, &w) in slices.iter().zip(&widths) {
             out.extend_from_slice(&s[r * w..(r + 1) * w]);
@@ -206,10 +236,21 @@ pub fn rope_inplace(
     let (m, w) = x.dims2("rope")?;
     let (max_pos, half) = cos.dims2("rope")?;
     if w != heads * head_dim || offset + 2 * half > head_dim || positions.len() != m {
-        return shape_err("rope", format!("x {:?}, heads {heads}×{head_dim}, offset {offset}, rope {}, {} positions", x.shape(), 2 * half, positions.len()));
+        return shape_err(
+            "rope",
+            format!(
+                "x {:?}, heads {heads}×{head_dim}, offset {offset}, rope {}, {} positions",
+                x.shape(),
+                2 * half,
+                positions.len()
+            ),
+        );
     }
     if let Some(p) = positions.iter().find(|&&p| p as usize >= max_pos) {
-        return shape_err("rope", format!("position {p} beyond the rope table of {max_pos} (max_position_embeddings)"));
+        return shape_err(
+            "rope",
+            format!("position {p} beyond the rope table of {max_pos} (max_position_embeddings)"),
+        );
     }
     let (c, s) = (cos.f32s("rope")?, sin.f32s("rope")?);
     let xs = x.f32s_mut("rope")?;
@@ -239,11 +280,24 @@ pub fn gather_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
 }
 
 /// `out[rows[i]] += weights[i] · src[i]`.
-pub fn scatter_add_rows(out: &mut Tensor, src: &Tensor, rows: &[u32], weights: &[f32]) -> Result<()> {
+pub fn scatter_add_rows(
+    out: &mut Tensor,
+    src: &Tensor,
+    rows: &[u32],
+    weights: &[f32],
+) -> Result<()> {
     let (m, n) = out.dims2("scatter_add_rows")?;
     let (sm, sn) = src.dims2("scatter_add_rows")?;
     if sn != n || sm != rows.len() || weights.len() != sm || rows.iter().any(|&r| r as usize >= m) {
-        return shape_err("scatter_add_rows", format!("out {:?}, src {:?}, {} rows", out.shape(), src.shape(), rows.len()));
+        return shape_err(
+            "scatter_add_rows",
+            format!(
+                "out {:?}, src {:?}, {} rows",
+                out.shape(),
+                src.shape(),
+                rows.len()
+            ),
+        );
     }
     let ss = src.f32s("scatter_add_rows")?;
     let os = out.f32s_mut("scatter_add_rows")?;
@@ -267,7 +321,10 @@ pub fn scale_inplace(x: &mut Tensor, alpha: f32) -> Result<()> {
 fn check_pool(op: &'static str, pool: &Tensor, width: usize) -> Result<usize> {
     match pool.shape() {
         [pages, PAGE_TOKENS, w] if *w == width => Ok(*pages),
-        s => shape_err(op, format!("pool {s:?}, expected [pages, {PAGE_TOKENS}, {width}]")),
+        s => shape_err(
+            op,
+            format!("pool {s:?}, expected [pages, {PAGE_TOKENS}, {width}]"),
+        ),
     }
 }
 
@@ -276,7 +333,10 @@ pub fn kv_cache_write(pool: &mut Tensor, latent: &Tensor, slots: &[u32]) -> Resu
     let (m, width) = latent.dims2("kv_cache_write")?;
     let pages = check_pool("kv_cache_write", pool, width)?;
     if slots.len() != m || slots.iter().any(|&s| s as usize >= pages * PAGE_TOKENS) {
-        return shape_err("kv_cache_write", format!("{} slots for {m} rows in {pages} pages", slots.len()));
+        return shape_err(
+            "kv_cache_write",
+            format!("{} slots for {m} rows in {pages} pages", slots.len()),
+        );
     }
     let ls = latent.f32s("kv_cache_write")?;
     match &mut pool.storage {
@@ -289,7 +349,10 @@ pub fn kv_cache_write(pool: &mut Tensor, latent: &Tensor, slots: &[u32]) -> Resu
         Storage::BF16(p) => {
             for (i, &s) in slots.iter().enumerate() {
                 let s = s as usize;
-                for (d, v) in p[s * width..(s + 1) * width].iter_mut().zip(&ls[i * width..(i + 1) * width]) {
+                for (d, v) in p[s * width..(s + 1) * width]
+                    .iter_mut()
+                    .zip(&ls[i * width..(i + 1) * width])
+                {
                     *d = bf16::from_f32(*v);
                 }
             }
@@ -321,9 +384,14 @@ fn check_attention(
             || seq.q_len == 0
             || seq.q_len > seq.ctx_len
             || seq.block_table.len() < pages_needed
-            || seq.block_table[..pages_needed].iter().any(|&p| p as usize >= pages)
+            || seq.block_table[..pages_needed]
+                .iter()
+                .any(|&p| p as usize >= pages)
         {
-            return shape_err(op, format!("bad sequence span {seq:?} (rows so far {rows}, {pages} pages)"));
+            return shape_err(
+                op,
+                format!("bad sequence span {seq:?} (rows so far {rows}, {pages} pages)"),
+            );
         }
         rows += seq.q_len;
     }

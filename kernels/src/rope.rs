@@ -23,7 +23,11 @@ pub struct Yarn {
 
 /// `0.1 · m · ln(scale) + 1` for `scale > 1`, else 1 (DeepSeek's `yarn_get_mscale`).
 pub fn yarn_get_mscale(scale: f64, m: f64) -> f64 {
-    if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 }
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * m * scale.ln() + 1.0
+    }
 }
 
 /// The factor the softmax scale `1/sqrt(qk_head_dim)` is multiplied by.
@@ -78,7 +82,10 @@ pub fn tables(
     max_positions: usize,
     device: Device,
 ) -> Result<(Tensor, Tensor)> {
-    let freqs: Vec<f32> = inv_freq(dim, base, yarn).iter().map(|&f| f as f32).collect();
+    let freqs: Vec<f32> = inv_freq(dim, base, yarn)
+        .iter()
+        .map(|&f| f as f32)
+        .collect();
     let m = yarn.map_or(1.0, |y| {
         yarn_get_mscale(y.factor, y.mscale) / yarn_get_mscale(y.factor, y.mscale_all_dim)
     });

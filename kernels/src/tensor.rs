@@ -103,7 +103,12 @@ impl Tensor {
     }
 
     /// Builds a tensor of `dtype` from f32 host values (rounding to nearest-even for BF16).
-    pub fn from_f32_as(shape: &[usize], data: Vec<f32>, dtype: DType, device: Device) -> Result<Self> {
+    pub fn from_f32_as(
+        shape: &[usize],
+        data: Vec<f32>,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
         match dtype {
             DType::F32 => Self::from_f32(shape, data, device),
             DType::BF16 => {

@@ -9,10 +9,14 @@ use proptest::prelude::*;
 
 /// Deterministic pseudo-random values in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -24,14 +28,20 @@ fn t(shape: &[usize], v: Vec<f32>) -> Tensor {
 
 fn max_rel_err(a: &[f32], b: &[f64]) -> f64 {
     let scale = b.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max) / scale
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - y).abs())
+        .fold(0.0, f64::max)
+        / scale
 }
 
 fn naive_matmul(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f64> {
     let mut out = vec![0.0; m * n];
     for i in 0..m {
         for j in 0..n {
-            out[i * n + j] = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
+            out[i * n + j] = (0..k)
+                .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
+                .sum();
         }
     }
     out
@@ -45,7 +55,9 @@ fn matmul_matches_naive_for_every_regime() {
         for &(n, k) in &[(37, 5), (130, 64), (64, 130), (9, 1)] {
             for dtype in [DType::F32, DType::BF16] {
                 let x = values(m * k, m as u64);
-                let w = Tensor::from_f32_as(&[n, k], values(n * k, 7 + n as u64), dtype, Device::Cpu).unwrap();
+                let w =
+                    Tensor::from_f32_as(&[n, k], values(n * k, 7 + n as u64), dtype, Device::Cpu)
+                        .unwrap();
                 let wv = w.to_vec_f32(); // the rounded weights are the reference's weights
                 let out = ops::matmul(&t(&[m, k], x.clone()), &w).unwrap();
                 assert_eq!(out.shape(), [m, n]);
@@ -58,8 +70,20 @@ fn matmul_matches_naive_for_every_regime() {
 
 #[test]
 fn matmul_grouped_equals_separate_matmuls() {
-    let ws: Vec<Tensor> = (0..5).map(|i| Tensor::from_f32_as(&[33 + i, 48], values((33 + i) * 48, i as u64), DType::BF16, Device::Cpu).unwrap()).collect();
-    let xs: Vec<Tensor> = (0..5).map(|i| t(&[1 + i * 7, 48], values((1 + i * 7) * 48, 100 + i as u64))).collect();
+    let ws: Vec<Tensor> = (0..5)
+        .map(|i| {
+            Tensor::from_f32_as(
+                &[33 + i, 48],
+                values((33 + i) * 48, i as u64),
+                DType::BF16,
+                Device::Cpu,
+            )
+            .unwrap()
+        })
+        .collect();
+    let xs: Vec<Tensor> = (0..5)
+        .map(|i| t(&[1 + i * 7, 48], values((1 + i * 7) * 48, 100 + i as u64)))
+        .collect();
     let pairs: Vec<(&Tensor, &Tensor)> = xs.iter().zip(&ws).collect();
     let grouped = ops::matmul_grouped(&pairs).unwrap();
     for ((x, w), g) in pairs.iter().zip(&grouped) {
@@ -77,11 +101,17 @@ fn matmul_rejects_mismatched_shapes() {
 fn rms_norm_silu_softmax_match_naive() {
     let x = values(3 * 10, 1);
     let w = values(10, 2);
-    let out = ops::rms_norm(&t(&[3, 10], x.clone()), &t(&[10], w.clone()), 1e-6).unwrap().to_vec_f32();
+    let out = ops::rms_norm(&t(&[3, 10], x.clone()), &t(&[10], w.clone()), 1e-6)
+        .unwrap()
+        .to_vec_f32();
     let mut reference = Vec::new();
     for row in x.chunks(10) {
         let ms: f64 = row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / 10.0;
-        reference.extend(row.iter().zip(&w).map(|(v, w)| *v as f64 / (ms + 1e-6).sqrt() * *w as f64));
+        reference.extend(
+            row.iter()
+                .zip(&w)
+                .map(|(v, w)| *v as f64 / (ms + 1e-6).sqrt() * *w as f64),
+        );
     }
     assert!(max_rel_err(&out, &reference) < 1e-6);
 
@@ -89,10 +119,12 @@ fn rms_norm_silu_softmax_match_naive() {
     let out = ops::silu_mul(&t(&[2, 8], gu.clone())).unwrap().to_vec_f32();
     let reference: Vec<f64> = gu
         .chunks(8)
-        .flat_map(|r| (0..4).map(move |i| {
-            let g = r[i] as f64;
-            g / (1.0 + (-g).exp()) * r[4 + i] as f64
-        }))
+        .flat_map(|r| {
+            (0..4).map(move |i| {
+                let g = r[i] as f64;
+                g / (1.0 + (-g).exp()) * r[4 + i] as f64
+            })
+        })
         .collect();
     assert!(max_rel_err(&out, &reference) < 1e-6);
 
@@ -100,13 +132,19 @@ fn rms_norm_silu_softmax_match_naive() {
     duet_kernels::cpu::softmax(&mut row);
     let e: Vec<f64> = [0.0f64, 1.0, -1.0].iter().map(|v| v.exp()).collect();
     let s: f64 = e.iter().sum();
-    assert!(max_rel_err(&row, &e.iter().map(|v| v / s).collect::<Vec<_>>()) < 1e-6, "large logits do not overflow");
+    assert!(
+        max_rel_err(&row, &e.iter().map(|v| v / s).collect::<Vec<_>>()) < 1e-6,
+        "large logits do not overflow"
+    );
 }
 
 #[test]
 fn embedding_rejects_out_of_vocabulary_ids() {
     let table = t(&[4, 2], values(8, 1));
-    assert_eq!(ops::embedding(&table, &[3, 0]).unwrap().to_vec_f32()[..2], table.to_vec_f32()[6..8]);
+    assert_eq!(
+        ops::embedding(&table, &[3, 0]).unwrap().to_vec_f32()[..2],
+        table.to_vec_f32()[6..8]
+    );
     let e = ops::embedding(&table, &[4]).unwrap_err().to_string();
     assert!(e.contains("token id 4"), "{e}");
 }
@@ -114,19 +152,48 @@ fn embedding_rejects_out_of_vocabulary_ids() {
 /// Values HF transformers 5.23 computes for the golden fixtures (tests/golden/HF_SEMANTICS.md §8).
 #[test]
 fn yarn_matches_hf_worked_values() {
-    let v3 = Yarn { factor: 4.0, original_max_position_embeddings: 16, beta_fast: 32.0, beta_slow: 1.0, mscale: 1.0, mscale_all_dim: 0.8 };
-    let hf = [1.0, 0.079056941, 0.0250000004, 0.00790569466, 0.00249999994, 0.000790569466, 0.000250000012, 7.90569466e-05];
+    let v3 = Yarn {
+        factor: 4.0,
+        original_max_position_embeddings: 16,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        mscale: 1.0,
+        mscale_all_dim: 0.8,
+    };
+    let hf = [
+        1.0,
+        0.079056941,
+        0.0250000004,
+        0.00790569466,
+        0.00249999994,
+        0.000790569466,
+        0.000250000012,
+        7.90569466e-05,
+    ];
     for (ours, hf) in rope::inv_freq(16, 10000.0, Some(&v3)).iter().zip(hf) {
         assert!((ours / hf - 1.0).abs() < 1e-6, "{ours} vs {hf}");
     }
     let scale = 40f64.powf(-0.5) * rope::softmax_scale_factor(Some(&v3));
     assert!((scale - 0.19512940158293646).abs() < 1e-12, "{scale}");
     let (cos, _) = rope::tables(16, 10000.0, Some(&v3), 2, Device::Cpu).unwrap();
-    assert!((cos.to_vec_f32()[0] as f64 - 1.0249579607969668).abs() < 1e-6, "attention factor on cos");
+    assert!(
+        (cos.to_vec_f32()[0] as f64 - 1.0249579607969668).abs() < 1e-6,
+        "attention factor on cos"
+    );
 
-    let grouped = Yarn { beta_fast: 4.0, beta_slow: 0.5, mscale: 0.707, mscale_all_dim: 0.707, ..v3 };
+    let grouped = Yarn {
+        beta_fast: 4.0,
+        beta_slow: 0.5,
+        mscale: 0.707,
+        mscale_all_dim: 0.707,
+        ..v3
+    };
     let f = rope::inv_freq(16, 10000.0, Some(&grouped));
-    assert!((f[1] / 0.197642356 - 1.0).abs() < 1e-6, "a fractional ramp blends: {}", f[1]);
+    assert!(
+        (f[1] / 0.197642356 - 1.0).abs() < 1e-6,
+        "a fractional ramp blends: {}",
+        f[1]
+    );
 }
 
 fn router(method: TopkMethod, scoring: Scoring) -> RouterConfig {
@@ -149,7 +216,12 @@ fn noaux_tc_selects_by_biased_group_scores_and_weights_by_unbiased() {
     // bias makes groups 0 and 1 win, so experts come from there, weighted by the raw sigmoid.
     let logits = t(&[1, 8], vec![0.0, 0.1, 0.2, -0.5, -3.0, -3.0, 3.0, 2.9]);
     let bias = t(&[8], vec![5.0, 5.0, 5.0, 5.0, 0.0, 0.0, 0.0, 0.0]);
-    let r = route(&logits, Some(&bias), &router(TopkMethod::NoauxTc, Scoring::Sigmoid)).unwrap();
+    let r = route(
+        &logits,
+        Some(&bias),
+        &router(TopkMethod::NoauxTc, Scoring::Sigmoid),
+    )
+    .unwrap();
     let mut chosen = r.experts.clone();
     chosen.sort();
     assert_eq!(chosen, vec![1, 2]);
@@ -196,9 +268,20 @@ proptest! {
 }
 
 /// Plain multi-head attention over decompressed K/V, in f64: the definition MLA must equal.
-fn reference_mla(q: &[f32], kv_b: &[f32], latent: &[Vec<f32>], q_pos: &[usize], s: &MlaShape, scale: f64) -> Vec<f64> {
+fn reference_mla(
+    q: &[f32],
+    kv_b: &[f32],
+    latent: &[Vec<f32>],
+    q_pos: &[usize],
+    s: &MlaShape,
+    scale: f64,
+) -> Vec<f64> {
     let (qw, kvw, width) = (s.nope + s.rope, s.nope + s.v, s.kv_lora + s.rope);
-    let decompress = |row: &[f32], r: usize| -> f64 { (0..s.kv_lora).map(|c| row[c] as f64 * kv_b[r * s.kv_lora + c] as f64).sum() };
+    let decompress = |row: &[f32], r: usize| -> f64 {
+        (0..s.kv_lora)
+            .map(|c| row[c] as f64 * kv_b[r * s.kv_lora + c] as f64)
+            .sum()
+    };
     let mut out = vec![0.0; q_pos.len() * s.heads * s.v];
     for (i, &pos) in q_pos.iter().enumerate() {
         for h in 0..s.heads {
@@ -206,8 +289,12 @@ fn reference_mla(q: &[f32], kv_b: &[f32], latent: &[Vec<f32>], q_pos: &[usize], 
             let scores: Vec<f64> = (0..=pos)
                 .map(|j| {
                     let row = &latent[j];
-                    let nope: f64 = (0..s.nope).map(|d| qr[d] as f64 * decompress(row, h * kvw + d)).sum();
-                    let pe: f64 = (0..s.rope).map(|d| qr[s.nope + d] as f64 * row[s.kv_lora + d] as f64).sum();
+                    let nope: f64 = (0..s.nope)
+                        .map(|d| qr[d] as f64 * decompress(row, h * kvw + d))
+                        .sum();
+                    let pe: f64 = (0..s.rope)
+                        .map(|d| qr[s.nope + d] as f64 * row[s.kv_lora + d] as f64)
+                        .sum();
                     (nope + pe) * scale
                 })
                 .collect();
@@ -215,7 +302,9 @@ fn reference_mla(q: &[f32], kv_b: &[f32], latent: &[Vec<f32>], q_pos: &[usize], 
             let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
             let sum: f64 = e.iter().sum();
             for d in 0..s.v {
-                out[(i * s.heads + h) * s.v + d] = (0..=pos).map(|j| e[j] / sum * decompress(&latent[j], h * kvw + s.nope + d)).sum();
+                out[(i * s.heads + h) * s.v + d] = (0..=pos)
+                    .map(|j| e[j] / sum * decompress(&latent[j], h * kvw + s.nope + d))
+                    .sum();
             }
             let _ = width;
         }
@@ -225,7 +314,13 @@ fn reference_mla(q: &[f32], kv_b: &[f32], latent: &[Vec<f32>], q_pos: &[usize], 
 
 #[test]
 fn mla_prefill_and_absorbed_forms_equal_plain_attention_over_scattered_pages() {
-    let s = MlaShape { heads: 3, kv_lora: 16, rope: 8, nope: 12, v: 10 };
+    let s = MlaShape {
+        heads: 3,
+        kv_lora: 16,
+        rope: 8,
+        nope: 12,
+        v: 10,
+    };
     let width = s.kv_lora + s.rope;
     let pages = 6;
     let mut pool = Tensor::zeros(&[pages, PAGE_TOKENS, width], DType::F32, Device::Cpu);
@@ -236,7 +331,9 @@ fn mla_prefill_and_absorbed_forms_equal_plain_attention_over_scattered_pages() {
     let lat_a: Vec<Vec<f32>> = (0..70).map(|j| values(width, 1000 + j)).collect();
     let lat_b: Vec<Vec<f32>> = (0..5).map(|j| values(width, 2000 + j)).collect();
     for (lat, table) in [(&lat_a, &table_a[..]), (&lat_b, &table_b[..])] {
-        let slots: Vec<u32> = (0..lat.len()).map(|p| table[p / PAGE_TOKENS] * PAGE_TOKENS as u32 + (p % PAGE_TOKENS) as u32).collect();
+        let slots: Vec<u32> = (0..lat.len())
+            .map(|p| table[p / PAGE_TOKENS] * PAGE_TOKENS as u32 + (p % PAGE_TOKENS) as u32)
+            .collect();
         let flat: Vec<f32> = lat.iter().flatten().copied().collect();
         ops::kv_cache_write(&mut pool, &t(&[lat.len(), width], flat), &slots).unwrap();
     }
@@ -245,20 +342,56 @@ fn mla_prefill_and_absorbed_forms_equal_plain_attention_over_scattered_pages() {
     let rows = 3 + 5;
     let q = values(rows * s.heads * (s.nope + s.rope), 9);
     let seqs = [
-        AttnSeq { q_row: 0, q_len: 3, ctx_len: 70, block_table: &table_a },
-        AttnSeq { q_row: 3, q_len: 5, ctx_len: 5, block_table: &table_b },
+        AttnSeq {
+            q_row: 0,
+            q_len: 3,
+            ctx_len: 70,
+            block_table: &table_a,
+        },
+        AttnSeq {
+            q_row: 3,
+            q_len: 5,
+            ctx_len: 5,
+            block_table: &table_b,
+        },
     ];
     let scale = 0.3;
     let qt = t(&[rows, s.heads * (s.nope + s.rope)], q.clone());
-    let prefill = ops::mla_prefill(&qt, &kv_b_t, &pool, &seqs, &s, scale as f32).unwrap().to_vec_f32();
-    let absorbed = ops::mla_absorbed(&qt, &kv_b_t, &pool, &seqs, &s, scale as f32).unwrap().to_vec_f32();
+    let prefill = ops::mla_prefill(&qt, &kv_b_t, &pool, &seqs, &s, scale as f32)
+        .unwrap()
+        .to_vec_f32();
+    let absorbed = ops::mla_absorbed(&qt, &kv_b_t, &pool, &seqs, &s, scale as f32)
+        .unwrap()
+        .to_vec_f32();
     let qw = s.heads * (s.nope + s.rope);
     let mut reference = reference_mla(&q[..3 * qw], &kv_b, &lat_a, &[67, 68, 69], &s, scale);
-    reference.extend(reference_mla(&q[3 * qw..], &kv_b, &lat_b, &[0, 1, 2, 3, 4], &s, scale));
+    reference.extend(reference_mla(
+        &q[3 * qw..],
+        &kv_b,
+        &lat_b,
+        &[0, 1, 2, 3, 4],
+        &s,
+        scale,
+    ));
     assert!(max_rel_err(&prefill, &reference) < 1e-5, "prefill form");
     assert!(max_rel_err(&absorbed, &reference) < 1e-5, "absorbed form");
 
     // A block table too short for its context is an error, not an out-of-bounds read.
-    let bad = [AttnSeq { q_row: 0, q_len: 3, ctx_len: 70, block_table: &table_a[..1] }];
-    assert!(ops::mla_absorbed(&t(&[3, qw], q[..3 * qw].to_vec()), &kv_b_t, &pool, &bad, &s, 0.3).is_err());
+    let bad = [AttnSeq {
+        q_row: 0,
+        q_len: 3,
+        ctx_len: 70,
+        block_table: &table_a[..1],
+    }];
+    assert!(
+        ops::mla_absorbed(
+            &t(&[3, qw], q[..3 * qw].to_vec()),
+            &kv_b_t,
+            &pool,
+            &bad,
+            &s,
+            0.3
+        )
+        .is_err()
+    );
 }

@@ -108,7 +108,8 @@ fn tojson(v: Value, kwargs: Kwargs) -> Result<Value, MjError> {
     let indent: Option<usize> = kwargs.get("indent")?;
     let _: Option<bool> = kwargs.get("ensure_ascii")?;
     kwargs.assert_all_used()?;
-    let j = serde_json::to_value(&v).map_err(|e| MjError::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let j = serde_json::to_value(&v)
+        .map_err(|e| MjError::new(ErrorKind::InvalidOperation, e.to_string()))?;
     Ok(Value::from(python_json(&j, indent)))
 }
 
@@ -134,7 +135,9 @@ impl ChatTemplate {
                     .or(list.first());
                 match pick.and_then(|t| t.get("template")).and_then(Json::as_str) {
                     Some(s) => s.to_string(),
-                    None => return Err(Error::Template("chat_template list has no template".into())),
+                    None => {
+                        return Err(Error::Template("chat_template list has no template".into()));
+                    }
                 }
             }
             _ => return Ok(None),
@@ -162,20 +165,35 @@ impl ChatTemplate {
         env.add_function("strftime_now", |_fmt: String| -> Result<Value, MjError> {
             // Templates use this for "today's date" in system prompts; a server renders the
             // date the request arrives, but DeepSeek's templates do not call it.
-            Err(MjError::new(ErrorKind::InvalidOperation, "strftime_now is not supported"))
+            Err(MjError::new(
+                ErrorKind::InvalidOperation,
+                "strftime_now is not supported",
+            ))
         });
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source)
             .map_err(|e| Error::Template(format!("cannot parse chat template: {e}")))?;
-        Ok(Self { env, bos_token, eos_token })
+        Ok(Self {
+            env,
+            bos_token,
+            eos_token,
+        })
     }
 
     /// Renders a conversation. `messages` is a JSON array of `{role, content, ...}`.
-    pub fn render(&self, messages: &Json, tools: Option<&Json>, add_generation_prompt: bool) -> Result<String, Error> {
+    pub fn render(
+        &self,
+        messages: &Json,
+        tools: Option<&Json>,
+        add_generation_prompt: bool,
+    ) -> Result<String, Error> {
         if !messages.is_array() {
             return Err(Error::Template("messages must be an array".into()));
         }
-        let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(|e| Error::Template(e.to_string()))?;
+        let tmpl = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| Error::Template(e.to_string()))?;
         let ctx = minijinja::context! {
             messages => Value::from(minijinja::value::Serde(messages)),
             tools => tools.map(|t| Value::from(minijinja::value::Serde(t))),
@@ -205,12 +223,20 @@ mod tests {
             python_json(&v, None),
             r#"{"name": "get_weather", "parameters": {"type": "object", "required": ["city"], "n": 1.5, "ok": true, "x": null}, "s": "a\"b\n✓<>"}"#
         );
-        assert_eq!(python_json(&json!({"a": [1, 2]}), Some(2)), "{\n  \"a\": [\n    1,\n    2\n  ]\n}");
+        assert_eq!(
+            python_json(&json!({"a": [1, 2]}), Some(2)),
+            "{\n  \"a\": [\n    1,\n    2\n  ]\n}"
+        );
     }
 
     #[test]
     fn raise_exception_is_an_error() {
-        let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}".into(), String::new(), String::new()).unwrap();
+        let t = ChatTemplate::new(
+            "{{ raise_exception('roles must alternate') }}".into(),
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
         let e = t.render(&json!([]), None, false).unwrap_err().to_string();
         assert!(e.contains("roles must alternate"), "{e}");
     }

@@ -152,7 +152,7 @@ impl ModelConfig {
                 return Err(format!("{name} must be positive"));
             }
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err("qk_rope_head_dim must be even".into());
         }
         if self.moe_layer_freq == 0 {
@@ -168,18 +168,28 @@ impl ModelConfig {
             }
             let g = self.n_group.unwrap_or(1).max(1);
             if e % g != 0 || self.topk_group.unwrap_or(1) > g {
-                return Err(format!("n_group {g} / topk_group {:?} do not divide {e} experts", self.topk_group));
+                return Err(format!(
+                    "n_group {g} / topk_group {:?} do not divide {e} experts",
+                    self.topk_group
+                ));
             }
             self.router(e)?;
         }
         self.rope()?;
         if let Some(q) = &self.quantization_config {
             if q.quant_method != "fp8" {
-                return Err(format!("quantization method {:?} is not supported (fp8 is)", q.quant_method));
+                return Err(format!(
+                    "quantization method {:?} is not supported (fp8 is)",
+                    q.quant_method
+                ));
             }
             match q.weight_block_size.as_deref() {
                 Some([a, b]) if *a > 0 && *b > 0 => {}
-                other => return Err(format!("fp8 weight_block_size {other:?} must be two positive sizes")),
+                other => {
+                    return Err(format!(
+                        "fp8 weight_block_size {other:?} must be two positive sizes"
+                    ));
+                }
             }
         }
         Ok(())
@@ -203,14 +213,18 @@ impl ModelConfig {
     pub fn is_moe_layer(&self, i: usize) -> bool {
         self.n_routed_experts.is_some_and(|e| e > 0)
             && i >= self.first_k_dense_replace
-            && i % self.moe_layer_freq == 0
+            && i.is_multiple_of(self.moe_layer_freq)
     }
 
     /// The first EOS id (configs give one id or a list).
     pub fn eos_ids(&self) -> Vec<u32> {
         match &self.eos_token_id {
             Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -246,7 +260,11 @@ impl ModelConfig {
         let scaling = params.or(self.rope_scaling.as_ref().filter(|v| v.is_object()));
         let theta = self
             .rope_theta
-            .or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+            .or_else(|| {
+                params
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(Value::as_f64)
+            })
             .unwrap_or(10_000.0);
         let Some(s) = scaling else {
             return Ok(RopeSettings { theta, yarn: None });
@@ -267,7 +285,9 @@ impl ModelConfig {
                     .map(|v| v as usize)
                     .unwrap_or(self.max_position_embeddings);
                 if factor <= 0.0 || orig == 0 {
-                    return Err("yarn factor and original_max_position_embeddings must be positive".into());
+                    return Err(
+                        "yarn factor and original_max_position_embeddings must be positive".into(),
+                    );
                 }
                 Ok(RopeSettings {
                     theta,
@@ -281,7 +301,9 @@ impl ModelConfig {
                     }),
                 })
             }
-            other => Err(format!("rope scaling type {other:?} is not supported (yarn is)")),
+            other => Err(format!(
+                "rope scaling type {other:?} is not supported (yarn is)"
+            )),
         }
     }
 }

@@ -24,7 +24,11 @@ struct Running {
 
 /// Generates for every request; returns the generated ids of each. Pages are returned to
 /// `cache` when this returns, success or not.
-pub fn generate(model: &Model, cache: &mut KvCache, reqs: &[GenerateRequest]) -> Result<Vec<Vec<u32>>> {
+pub fn generate(
+    model: &Model,
+    cache: &mut KvCache,
+    reqs: &[GenerateRequest],
+) -> Result<Vec<Vec<u32>>> {
     let mut seqs: Vec<Running> = reqs
         .iter()
         .map(|r| Running {
@@ -40,12 +44,23 @@ pub fn generate(model: &Model, cache: &mut KvCache, reqs: &[GenerateRequest]) ->
         cache.release(&mut s.block_table);
     }
     result?;
-    Ok(seqs.into_iter().map(|s| s.tokens[s.prompt_len..].to_vec()).collect())
+    Ok(seqs
+        .into_iter()
+        .map(|s| s.tokens[s.prompt_len..].to_vec())
+        .collect())
 }
 
-fn run(model: &Model, cache: &mut KvCache, reqs: &[GenerateRequest], seqs: &mut [Running]) -> Result<()> {
+fn run(
+    model: &Model,
+    cache: &mut KvCache,
+    reqs: &[GenerateRequest],
+    seqs: &mut [Running],
+) -> Result<()> {
     if let Some(r) = reqs.iter().find(|r| r.prompt.is_empty()) {
-        return Err(crate::Error::Invalid(format!("empty prompt (max_tokens {})", r.max_tokens)));
+        return Err(crate::Error::Invalid(format!(
+            "empty prompt (max_tokens {})",
+            r.max_tokens
+        )));
     }
     // Prefill: every prompt in one forward.
     let mut active: Vec<usize> = (0..seqs.len()).filter(|&i| !seqs[i].done).collect();
@@ -87,4 +102,3 @@ fn run(model: &Model, cache: &mut KvCache, reqs: &[GenerateRequest], seqs: &mut 
     }
     Ok(())
 }
-

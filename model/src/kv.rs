@@ -49,7 +49,9 @@ impl KvCache {
     /// Grows `block_table` so it covers `tokens` tokens. All or nothing: on `KvFull` nothing
     /// was taken.
     pub fn ensure(&mut self, block_table: &mut Vec<u32>, tokens: usize) -> Result<()> {
-        let needed = tokens.div_ceil(PAGE_TOKENS).saturating_sub(block_table.len());
+        let needed = tokens
+            .div_ceil(PAGE_TOKENS)
+            .saturating_sub(block_table.len());
         if needed > self.free.len() {
             return Err(Error::KvFull {
                 needed,
@@ -64,7 +66,11 @@ impl KvCache {
 
     /// Returns a sequence's pages to the free list.
     pub fn release(&mut self, block_table: &mut Vec<u32>) {
-        debug_assert!(block_table.iter().all(|p| (*p as usize) < self.pages && !self.free.contains(p)));
+        debug_assert!(
+            block_table
+                .iter()
+                .all(|p| (*p as usize) < self.pages && !self.free.contains(p))
+        );
         self.free.append(block_table);
     }
 }

@@ -31,14 +31,18 @@ impl Mapped {
                 path: index.clone(),
                 source: e,
             })?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Safetensors {
-                path: index.clone(),
-                detail: e.to_string(),
-            })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Safetensors {
-                path: index.clone(),
-                detail: "no weight_map object".into(),
-            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::Safetensors {
+                    path: index.clone(),
+                    detail: e.to_string(),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Safetensors {
+                    path: index.clone(),
+                    detail: "no weight_map object".into(),
+                })?;
             let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
             names.sort_unstable();
             names.dedup();
@@ -70,7 +74,9 @@ impl Mapped {
             }
         }
         if paths.is_empty() {
-            return Err(Error::NoWeights { dir: dir.to_path_buf() });
+            return Err(Error::NoWeights {
+                dir: dir.to_path_buf(),
+            });
         }
         let mut files = Vec::new();
         for p in paths {
@@ -174,15 +180,25 @@ impl<'a> TensorSource<'a> {
             });
         }
         let data = view.data();
-        self.bytes_done.set(self.bytes_done.get() + data.len() as u64);
+        self.bytes_done
+            .set(self.bytes_done.get() + data.len() as u64);
         (self.progress)(LoadProgress {
             bytes_done: self.bytes_done.get(),
             bytes_total: self.bytes_total,
         });
         let values: Vec<f32> = match view.dtype() {
-            StDtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            StDtype::BF16 => data.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
-            StDtype::F16 => data.chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
+            StDtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            StDtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+                .collect(),
+            StDtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+                .collect(),
             StDtype::F64 => data
                 .chunks_exact(8)
                 .map(|b| f64::from_le_bytes(b.try_into().expect("chunks_exact(8)")) as f32)
@@ -199,12 +215,19 @@ impl<'a> TensorSource<'a> {
         Ok(values)
     }
 
-    fn dequantise_fp8(&self, name: &str, shape: &[usize], data: &[u8], path: &Path) -> Result<Vec<f32>> {
+    fn dequantise_fp8(
+        &self,
+        name: &str,
+        shape: &[usize],
+        data: &[u8],
+        path: &Path,
+    ) -> Result<Vec<f32>> {
         let ([rows, cols], Some((br, bc))) = (shape, self.fp8_block) else {
             return Err(Error::TensorDType {
                 file: path.to_path_buf(),
                 name: name.into(),
-                dtype: "F8_E4M3 without an fp8 quantization_config.weight_block_size (or not 2-D)".into(),
+                dtype: "F8_E4M3 without an fp8 quantization_config.weight_block_size (or not 2-D)"
+                    .into(),
             });
         };
         let (rows, cols) = (*rows, *cols);

@@ -156,9 +156,18 @@ impl Model {
             };
             let attn = Attention {
                 q,
-                kv_a: src.weight(&format!("{p}.self_attn.kv_a_proj_with_mqa.weight"), &[s.kv_lora + s.rope, h])?,
-                kv_a_norm: src.f32(&format!("{p}.self_attn.kv_a_layernorm.weight"), &[s.kv_lora])?,
-                kv_b: src.weight(&format!("{p}.self_attn.kv_b_proj.weight"), &[s.heads * (s.nope + s.v), s.kv_lora])?,
+                kv_a: src.weight(
+                    &format!("{p}.self_attn.kv_a_proj_with_mqa.weight"),
+                    &[s.kv_lora + s.rope, h],
+                )?,
+                kv_a_norm: src.f32(
+                    &format!("{p}.self_attn.kv_a_layernorm.weight"),
+                    &[s.kv_lora],
+                )?,
+                kv_b: src.weight(
+                    &format!("{p}.self_attn.kv_b_proj.weight"),
+                    &[s.heads * (s.nope + s.v), s.kv_lora],
+                )?,
                 o: src.weight(&format!("{p}.self_attn.o_proj.weight"), &[h, s.heads * s.v])?,
             };
             let mlp = if c.is_moe_layer(i) {
@@ -174,10 +183,22 @@ impl Model {
                     None
                 };
                 let experts = (0..n)
-                    .map(|e| load_ffn(src, &format!("{p}.mlp.experts.{e}"), h, c.moe_intermediate_size))
+                    .map(|e| {
+                        load_ffn(
+                            src,
+                            &format!("{p}.mlp.experts.{e}"),
+                            h,
+                            c.moe_intermediate_size,
+                        )
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 let shared = match c.n_shared_experts {
-                    Some(k) if k > 0 => Some(load_ffn(src, &format!("{p}.mlp.shared_experts"), h, k * c.moe_intermediate_size)?),
+                    Some(k) if k > 0 => Some(load_ffn(
+                        src,
+                        &format!("{p}.mlp.shared_experts"),
+                        h,
+                        k * c.moe_intermediate_size,
+                    )?),
                     _ => None,
                 };
                 Mlp::Moe {
@@ -214,7 +235,9 @@ impl Model {
             c.max_position_embeddings,
             src.device,
         )?;
-        let softmax_scale = ((c.qk_head_dim() as f64).powf(-0.5) * rope::softmax_scale_factor(rope_cfg.yarn.as_ref())) as f32;
+        let softmax_scale = ((c.qk_head_dim() as f64).powf(-0.5)
+            * rope::softmax_scale_factor(rope_cfg.yarn.as_ref()))
+            as f32;
         Ok(Self {
             eps: c.rms_norm_eps as f32,
             dtype: src.dtype,
@@ -242,7 +265,10 @@ impl Model {
         for l in &self.layers {
             n += l.input_norm.size_bytes() + l.post_norm.size_bytes();
             let a = &l.attn;
-            n += a.kv_a.size_bytes() + a.kv_a_norm.size_bytes() + a.kv_b.size_bytes() + a.o.size_bytes();
+            n += a.kv_a.size_bytes()
+                + a.kv_a_norm.size_bytes()
+                + a.kv_b.size_bytes()
+                + a.o.size_bytes();
             n += match &a.q {
                 QProj::Lora { a, norm, b } => a.size_bytes() + norm.size_bytes() + b.size_bytes(),
                 QProj::Plain(q) => q.size_bytes(),
@@ -250,8 +276,15 @@ impl Model {
             let ffn = |f: &Ffn| f.gate_up.size_bytes() + f.down.size_bytes();
             n += match &l.mlp {
                 Mlp::Dense(f) => ffn(f),
-                Mlp::Moe { gate, experts, shared, .. } => {
-                    gate.size_bytes() + experts.iter().map(ffn).sum::<usize>() + shared.as_ref().map_or(0, ffn)
+                Mlp::Moe {
+                    gate,
+                    experts,
+                    shared,
+                    ..
+                } => {
+                    gate.size_bytes()
+                        + experts.iter().map(ffn).sum::<usize>()
+                        + shared.as_ref().map_or(0, ffn)
                 }
             };
         }
@@ -260,7 +293,12 @@ impl Model {
 
     /// Runs the batch through the model, writing the new tokens' latent KV into `cache`, and
     /// returns logits `[rows, vocab]` (rows per `mode`).
-    pub fn forward(&self, cache: &mut KvCache, batch: &[SeqInput<'_>], mode: LogitsMode) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        batch: &[SeqInput<'_>],
+        mode: LogitsMode,
+    ) -> Result<Tensor> {
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut slots = Vec::new();
@@ -268,14 +306,22 @@ impl Model {
         let max_pos = self.config.max_position_embeddings;
         for b in batch {
             if b.tokens.is_empty() {
-                return Err(Error::Invalid("a sequence in the batch has no tokens".into()));
+                return Err(Error::Invalid(
+                    "a sequence in the batch has no tokens".into(),
+                ));
             }
             let end = b.start_pos + b.tokens.len();
             if end > max_pos {
-                return Err(Error::TooLong { len: end, max: max_pos });
+                return Err(Error::TooLong {
+                    len: end,
+                    max: max_pos,
+                });
             }
             if b.block_table.len() * PAGE_TOKENS < end {
-                return Err(Error::Invalid(format!("block table of {} pages cannot hold {end} tokens", b.block_table.len())));
+                return Err(Error::Invalid(format!(
+                    "block table of {} pages cannot hold {end} tokens",
+                    b.block_table.len()
+                )));
             }
             seqs.push(AttnSeq {
                 q_row: ids.len(),
@@ -287,18 +333,31 @@ impl Model {
                 let pos = b.start_pos + i;
                 ids.push(t);
                 positions.push(pos as u32);
-                slots.push(b.block_table[pos / PAGE_TOKENS] * PAGE_TOKENS as u32 + (pos % PAGE_TOKENS) as u32);
+                slots.push(
+                    b.block_table[pos / PAGE_TOKENS] * PAGE_TOKENS as u32
+                        + (pos % PAGE_TOKENS) as u32,
+                );
             }
         }
         let form = match self.attention_form {
-            AttentionForm::Auto if batch.iter().all(|b| b.tokens.len() == 1) => AttentionForm::Absorbed,
+            AttentionForm::Auto if batch.iter().all(|b| b.tokens.len() == 1) => {
+                AttentionForm::Absorbed
+            }
             AttentionForm::Auto => AttentionForm::Prefill,
             f => f,
         };
         let mut x = ops::embedding(&self.embed, &ids)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = ops::rms_norm(&x, &layer.input_norm, self.eps)?;
-            let a = self.attention(&layer.attn, &h, &positions, &slots, &seqs, &mut cache.pools[l], form)?;
+            let a = self.attention(
+                &layer.attn,
+                &h,
+                &positions,
+                &slots,
+                &seqs,
+                &mut cache.pools[l],
+                form,
+            )?;
             ops::add_inplace(&mut x, &a)?;
             let h = ops::rms_norm(&x, &layer.post_norm, self.eps)?;
             let m = self.mlp(&layer.mlp, &h)?;
@@ -307,7 +366,10 @@ impl Model {
         let x = match mode {
             LogitsMode::All => x,
             LogitsMode::Last => {
-                let last: Vec<u32> = seqs.iter().map(|s| (s.q_row + s.q_len - 1) as u32).collect();
+                let last: Vec<u32> = seqs
+                    .iter()
+                    .map(|s| (s.q_row + s.q_len - 1) as u32)
+                    .collect();
                 ops::gather_rows(&x, &last)?
             }
         };
@@ -341,15 +403,33 @@ impl Model {
                 (r.pop().expect("two results"), kva)
             }
         };
-        ops::rope_inplace(&mut q, s.heads, qk, s.nope, positions, &self.rope_cos, &self.rope_sin)?;
+        ops::rope_inplace(
+            &mut q,
+            s.heads,
+            qk,
+            s.nope,
+            positions,
+            &self.rope_cos,
+            &self.rope_sin,
+        )?;
         let parts = ops::split_cols(&kva, &[s.kv_lora, s.rope])?;
         let c_kv = ops::rms_norm(&parts[0], &a.kv_a_norm, LORA_NORM_EPS)?;
         let mut k_pe = parts[1].clone();
-        ops::rope_inplace(&mut k_pe, 1, s.rope, 0, positions, &self.rope_cos, &self.rope_sin)?;
+        ops::rope_inplace(
+            &mut k_pe,
+            1,
+            s.rope,
+            0,
+            positions,
+            &self.rope_cos,
+            &self.rope_sin,
+        )?;
         let latent = ops::concat_cols(&[&c_kv, &k_pe])?;
         ops::kv_cache_write(pool, &latent, slots)?;
         let out = match form {
-            AttentionForm::Absorbed => ops::mla_absorbed(&q, &a.kv_b, pool, seqs, &s, self.softmax_scale)?,
+            AttentionForm::Absorbed => {
+                ops::mla_absorbed(&q, &a.kv_b, pool, seqs, &s, self.softmax_scale)?
+            }
             _ => ops::mla_prefill(&q, &a.kv_b, pool, seqs, &s, self.softmax_scale)?,
         };
         Ok(ops::matmul(&out, &a.o)?)
@@ -377,18 +457,31 @@ impl Model {
                 }
                 // All experts with tokens, and the shared experts, as one grouped matmul per
                 // projection.
-                let active: Vec<usize> = (0..experts.len()).filter(|&e| !rows[e].is_empty()).collect();
-                let inputs: Vec<Tensor> = active.iter().map(|&e| ops::gather_rows(h, &rows[e])).collect::<std::result::Result<_, _>>()?;
+                let active: Vec<usize> = (0..experts.len())
+                    .filter(|&e| !rows[e].is_empty())
+                    .collect();
+                let inputs: Vec<Tensor> = active
+                    .iter()
+                    .map(|&e| ops::gather_rows(h, &rows[e]))
+                    .collect::<std::result::Result<_, _>>()?;
                 let mut ffns: Vec<&Ffn> = active.iter().map(|&e| &experts[e]).collect();
                 let mut xs: Vec<&Tensor> = inputs.iter().collect();
                 if let Some(sh) = shared {
                     ffns.push(sh);
                     xs.push(h);
                 }
-                let pairs: Vec<(&Tensor, &Tensor)> = xs.iter().zip(&ffns).map(|(x, f)| (*x, &f.gate_up)).collect();
+                let pairs: Vec<(&Tensor, &Tensor)> = xs
+                    .iter()
+                    .zip(&ffns)
+                    .map(|(x, f)| (*x, &f.gate_up))
+                    .collect();
                 let gate_up = ops::matmul_grouped(&pairs)?;
-                let acts: Vec<Tensor> = gate_up.iter().map(ops::silu_mul).collect::<std::result::Result<_, _>>()?;
-                let pairs: Vec<(&Tensor, &Tensor)> = acts.iter().zip(&ffns).map(|(x, f)| (x, &f.down)).collect();
+                let acts: Vec<Tensor> = gate_up
+                    .iter()
+                    .map(ops::silu_mul)
+                    .collect::<std::result::Result<_, _>>()?;
+                let pairs: Vec<(&Tensor, &Tensor)> =
+                    acts.iter().zip(&ffns).map(|(x, f)| (x, &f.down)).collect();
                 let mut ys = ops::matmul_grouped(&pairs)?;
                 if shared.is_some() {
                     let y = ys.pop().expect("shared expert output");

@@ -64,7 +64,7 @@ pub fn write(path: &Path, tensors: &[TensorBytes], metadata: &[(&str, &str)]) ->
         offset += t.data.len();
     }
     let mut h = serde_json::to_vec(&Value::Object(header)).expect("a JSON map always serialises");
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let io = |e| Error::Io {

@@ -39,7 +39,10 @@ impl SamplingParams {
     /// Rejects values no sampler can honour, with the parameter's name.
     pub fn validate(&self) -> Result<(), String> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(format!("temperature must be a finite number ≥ 0, got {}", self.temperature));
+            return Err(format!(
+                "temperature must be a finite number ≥ 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -140,23 +143,48 @@ mod tests {
     #[test]
     fn same_seed_same_tokens() {
         let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let p = SamplingParams { temperature: 1.0, seed: Some(7), ..Default::default() };
-        let a: Vec<u32> = { let mut s = Sampler::new(p); (0..50).map(|_| s.sample(&logits)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(p); (0..50).map(|_| s.sample(&logits)).collect() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: Some(7),
+            ..Default::default()
+        };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(p);
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(p);
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
         assert_eq!(a, b);
-        assert!(a.iter().any(|&t| t != a[0]), "temperature 1 over a flat-ish distribution varies");
+        assert!(
+            a.iter().any(|&t| t != a[0]),
+            "temperature 1 over a flat-ish distribution varies"
+        );
     }
 
     #[test]
     fn top_k_one_is_greedy_and_filters_hold() {
         let logits = [1.0, 5.0, 4.9, -3.0];
-        let mut s = Sampler::new(SamplingParams { top_k: 1, seed: Some(1), ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 1,
+            seed: Some(1),
+            ..Default::default()
+        });
         assert!((0..20).all(|_| s.sample(&logits) == 1));
         // top_p small keeps only the best token.
-        let mut s = Sampler::new(SamplingParams { top_p: 0.01, seed: Some(2), ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            top_p: 0.01,
+            seed: Some(2),
+            ..Default::default()
+        });
         assert!((0..20).all(|_| s.sample(&logits) == 1));
         // min_p 0.5 keeps tokens with p ≥ half the best: 1 and 2, never 0 or 3.
-        let mut s = Sampler::new(SamplingParams { min_p: 0.5, seed: Some(3), ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            min_p: 0.5,
+            seed: Some(3),
+            ..Default::default()
+        });
         let seen: Vec<u32> = (0..200).map(|_| s.sample(&logits)).collect();
         assert!(seen.iter().all(|&t| t == 1 || t == 2));
         assert!(seen.contains(&1) && seen.contains(&2));

@@ -110,33 +110,108 @@ struct Spec {
 fn specs(c: &ModelConfig) -> Vec<Spec> {
     let mut v = Vec::new();
     let mut add = |name: String, shape: &[usize], init: Init, f32: bool| {
-        v.push(Spec { name, shape: shape.to_vec(), init, f32 })
+        v.push(Spec {
+            name,
+            shape: shape.to_vec(),
+            init,
+            f32,
+        })
     };
     let lin = |fan_in: usize| Init::Normal(1.0 / (fan_in as f64).sqrt());
     let h = c.hidden_size;
     let s = c.mla_shape();
-    add("model.embed_tokens.weight".into(), &[c.vocab_size, h], Init::Normal(1.0), false);
+    add(
+        "model.embed_tokens.weight".into(),
+        &[c.vocab_size, h],
+        Init::Normal(1.0),
+        false,
+    );
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        add(format!("{p}.input_layernorm.weight"), &[h], Init::Norm, false);
-        add(format!("{p}.post_attention_layernorm.weight"), &[h], Init::Norm, false);
+        add(
+            format!("{p}.input_layernorm.weight"),
+            &[h],
+            Init::Norm,
+            false,
+        );
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            &[h],
+            Init::Norm,
+            false,
+        );
         let qw = s.heads * (s.nope + s.rope);
         match c.q_lora_rank {
             Some(r) if r > 0 => {
-                add(format!("{p}.self_attn.q_a_proj.weight"), &[r, h], lin(h), false);
-                add(format!("{p}.self_attn.q_a_layernorm.weight"), &[r], Init::Norm, false);
-                add(format!("{p}.self_attn.q_b_proj.weight"), &[qw, r], lin(r), false);
+                add(
+                    format!("{p}.self_attn.q_a_proj.weight"),
+                    &[r, h],
+                    lin(h),
+                    false,
+                );
+                add(
+                    format!("{p}.self_attn.q_a_layernorm.weight"),
+                    &[r],
+                    Init::Norm,
+                    false,
+                );
+                add(
+                    format!("{p}.self_attn.q_b_proj.weight"),
+                    &[qw, r],
+                    lin(r),
+                    false,
+                );
             }
-            _ => add(format!("{p}.self_attn.q_proj.weight"), &[qw, h], lin(h), false),
+            _ => add(
+                format!("{p}.self_attn.q_proj.weight"),
+                &[qw, h],
+                lin(h),
+                false,
+            ),
         }
-        add(format!("{p}.self_attn.kv_a_proj_with_mqa.weight"), &[s.kv_lora + s.rope, h], lin(h), false);
-        add(format!("{p}.self_attn.kv_a_layernorm.weight"), &[s.kv_lora], Init::Norm, false);
-        add(format!("{p}.self_attn.kv_b_proj.weight"), &[s.heads * (s.nope + s.v), s.kv_lora], lin(s.kv_lora), false);
-        add(format!("{p}.self_attn.o_proj.weight"), &[h, s.heads * s.v], lin(s.heads * s.v), false);
+        add(
+            format!("{p}.self_attn.kv_a_proj_with_mqa.weight"),
+            &[s.kv_lora + s.rope, h],
+            lin(h),
+            false,
+        );
+        add(
+            format!("{p}.self_attn.kv_a_layernorm.weight"),
+            &[s.kv_lora],
+            Init::Norm,
+            false,
+        );
+        add(
+            format!("{p}.self_attn.kv_b_proj.weight"),
+            &[s.heads * (s.nope + s.v), s.kv_lora],
+            lin(s.kv_lora),
+            false,
+        );
+        add(
+            format!("{p}.self_attn.o_proj.weight"),
+            &[h, s.heads * s.v],
+            lin(s.heads * s.v),
+            false,
+        );
         let mut ffn = |prefix: String, inter: usize| {
-            add(format!("{prefix}.gate_proj.weight"), &[inter, h], lin(h), false);
-            add(format!("{prefix}.up_proj.weight"), &[inter, h], lin(h), false);
-            add(format!("{prefix}.down_proj.weight"), &[h, inter], lin(inter), false);
+            add(
+                format!("{prefix}.gate_proj.weight"),
+                &[inter, h],
+                lin(h),
+                false,
+            );
+            add(
+                format!("{prefix}.up_proj.weight"),
+                &[inter, h],
+                lin(h),
+                false,
+            );
+            add(
+                format!("{prefix}.down_proj.weight"),
+                &[h, inter],
+                lin(inter),
+                false,
+            );
         };
         if c.is_moe_layer(i) {
             let n = c.n_routed_experts.unwrap_or(0);
@@ -144,18 +219,31 @@ fn specs(c: &ModelConfig) -> Vec<Spec> {
                 ffn(format!("{p}.mlp.experts.{e}"), c.moe_intermediate_size);
             }
             if let Some(k) = c.n_shared_experts.filter(|&k| k > 0) {
-                ffn(format!("{p}.mlp.shared_experts"), k * c.moe_intermediate_size);
+                ffn(
+                    format!("{p}.mlp.shared_experts"),
+                    k * c.moe_intermediate_size,
+                );
             }
             add(format!("{p}.mlp.gate.weight"), &[n, h], lin(h), false);
             if c.topk_method == "noaux_tc" {
-                add(format!("{p}.mlp.gate.e_score_correction_bias"), &[n], Init::Normal(0.1), true);
+                add(
+                    format!("{p}.mlp.gate.e_score_correction_bias"),
+                    &[n],
+                    Init::Normal(0.1),
+                    true,
+                );
             }
         } else {
             ffn(format!("{p}.mlp"), c.intermediate_size);
         }
     }
     add("model.norm.weight".into(), &[h], Init::Norm, false);
-    add("lm_head.weight".into(), &[c.vocab_size, h], Init::Normal(2.0 / (h as f64).sqrt()), false);
+    add(
+        "lm_head.weight".into(),
+        &[c.vocab_size, h],
+        Init::Normal(2.0 / (h as f64).sqrt()),
+        false,
+    );
     v
 }
 
@@ -164,7 +252,10 @@ pub fn r1_tokenizer_files() -> Result<(Vec<u8>, &'static str), Error> {
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(R1_TOKENIZER_GZ)
         .read_to_end(&mut out)
-        .map_err(|e| Error::Io { path: "model/assets/deepseek-r1-tokenizer.json.gz".into(), source: e })?;
+        .map_err(|e| Error::Io {
+            path: "model/assets/deepseek-r1-tokenizer.json.gz".into(),
+            source: e,
+        })?;
     Ok((out, R1_TOKENIZER_CONFIG))
 }
 
@@ -172,11 +263,17 @@ pub fn r1_tokenizer_files() -> Result<(Vec<u8>, &'static str), Error> {
 pub fn write_tiny_model(dir: &Path, arch: TinyArch, seed: u64) -> Result<(), Error> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
-        move |e| Error::Io { path: path.clone(), source: e }
+        move |e| Error::Io {
+            path: path.clone(),
+            source: e,
+        }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let cfg_json = config_json(arch);
-    let cfg: ModelConfig = serde_json::from_value(cfg_json.clone()).map_err(|e| Error::Config { path: dir.join("config.json"), detail: e.to_string() })?;
+    let cfg: ModelConfig = serde_json::from_value(cfg_json.clone()).map_err(|e| Error::Config {
+        path: dir.join("config.json"),
+        detail: e.to_string(),
+    })?;
     let tensors: Vec<TensorBytes> = specs(&cfg)
         .into_par_iter()
         .enumerate()
@@ -189,10 +286,18 @@ pub fn write_tiny_model(dir: &Path, arch: TinyArch, seed: u64) -> Result<(), Err
                     Init::Norm => (1.0 + 0.1 * rng.normal()) as f32,
                 })
                 .collect();
-            if s.f32 { TensorBytes::f32(s.name, &s.shape, &vals) } else { TensorBytes::bf16(s.name, &s.shape, &vals) }
+            if s.f32 {
+                TensorBytes::f32(s.name, &s.shape, &vals)
+            } else {
+                TensorBytes::bf16(s.name, &s.shape, &vals)
+            }
         })
         .collect();
-    safetensors_io::write(&dir.join("model.safetensors"), &tensors, &[("format", "pt")])?;
+    safetensors_io::write(
+        &dir.join("model.safetensors"),
+        &tensors,
+        &[("format", "pt")],
+    )?;
     let cfg_path = dir.join("config.json");
     let pretty = serde_json::to_string_pretty(&cfg_json).expect("JSON value serialises");
     std::fs::write(&cfg_path, pretty).map_err(io(&cfg_path))?;

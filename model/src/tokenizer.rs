@@ -5,8 +5,8 @@ use std::path::Path;
 
 use serde_json::Value as Json;
 
-use crate::chat::{ChatTemplate, special_token};
 use crate::Error;
+use crate::chat::{ChatTemplate, special_token};
 
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
@@ -17,7 +17,9 @@ pub struct TextTokenizer {
 
 impl std::fmt::Debug for TextTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TextTokenizer").field("bos_token", &self.bos_token).finish()
+        f.debug_struct("TextTokenizer")
+            .field("bos_token", &self.bos_token)
+            .finish()
     }
 }
 
@@ -25,11 +27,20 @@ impl TextTokenizer {
     /// Loads `dir/tokenizer.json` and, when present, `dir/tokenizer_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, Error> {
         let tj = dir.join("tokenizer.json");
-        let bytes = std::fs::read(&tj).map_err(|e| Error::Io { path: tj.clone(), source: e })?;
+        let bytes = std::fs::read(&tj).map_err(|e| Error::Io {
+            path: tj.clone(),
+            source: e,
+        })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Json = if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io { path: cfg_path.clone(), source: e })?;
-            serde_json::from_str(&text).map_err(|e| Error::Tokenizer { path: cfg_path.clone(), detail: e.to_string() })?
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::Io {
+                path: cfg_path.clone(),
+                source: e,
+            })?;
+            serde_json::from_str(&text).map_err(|e| Error::Tokenizer {
+                path: cfg_path.clone(),
+                detail: e.to_string(),
+            })?
         } else {
             Json::Null
         };
@@ -37,8 +48,11 @@ impl TextTokenizer {
     }
 
     pub fn from_bytes(tokenizer_json: &[u8], cfg: &Json, origin: &Path) -> Result<Self, Error> {
-        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json)
-            .map_err(|e| Error::Tokenizer { path: origin.to_path_buf(), detail: e.to_string() })?;
+        let inner =
+            tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| Error::Tokenizer {
+                path: origin.to_path_buf(),
+                detail: e.to_string(),
+            })?;
         Ok(Self {
             inner,
             bos_token: special_token(cfg, "bos_token"),
@@ -51,14 +65,20 @@ impl TextTokenizer {
         let enc = self
             .inner
             .encode(text, add_special_tokens)
-            .map_err(|e| Error::Tokenizer { path: "tokenizer.json".into(), detail: e.to_string() })?;
+            .map_err(|e| Error::Tokenizer {
+                path: "tokenizer.json".into(),
+                detail: e.to_string(),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, Error> {
         self.inner
             .decode(ids, skip_special_tokens)
-            .map_err(|e| Error::Tokenizer { path: "tokenizer.json".into(), detail: e.to_string() })
+            .map_err(|e| Error::Tokenizer {
+                path: "tokenizer.json".into(),
+                detail: e.to_string(),
+            })
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -71,8 +91,16 @@ impl TextTokenizer {
 
     /// Renders `messages` with the chat template and tokenizes the result without adding special
     /// tokens again (the template writes BOS itself), as `apply_chat_template(tokenize=True)`.
-    pub fn apply_chat_template(&self, messages: &Json, tools: Option<&Json>, add_generation_prompt: bool) -> Result<(String, Vec<u32>), Error> {
-        let chat = self.chat.as_ref().ok_or_else(|| Error::Template("tokenizer_config.json has no chat_template".into()))?;
+    pub fn apply_chat_template(
+        &self,
+        messages: &Json,
+        tools: Option<&Json>,
+        add_generation_prompt: bool,
+    ) -> Result<(String, Vec<u32>), Error> {
+        let chat = self
+            .chat
+            .as_ref()
+            .ok_or_else(|| Error::Template("tokenizer_config.json has no chat_template".into()))?;
         let text = chat.render(messages, tools, add_generation_prompt)?;
         let ids = self.encode(&text, false)?;
         Ok((text, ids))

@@ -56,14 +56,7 @@ pub fn mla_prefill<W: Elem, E: Elem>(
             dst.copy_from_slice(&src[..s.kv_lora]);
         }
         let mut kv = vec![0.0f32; seq.ctx_len * s.heads * kvw];
-        super::matmul::matmul(
-            &c_kv,
-            seq.ctx_len,
-            s.kv_lora,
-            kv_b,
-            s.heads * kvw,
-            &mut kv,
-        );
+        super::matmul::matmul(&c_kv, seq.ctx_len, s.kv_lora, kv_b, s.heads * kvw, &mut kv);
         let first_pos = seq.ctx_len - seq.q_len;
         let per_head: Vec<Vec<f32>> = (0..s.heads)
             .into_par_iter()
@@ -143,7 +136,11 @@ pub fn mla_absorbed<W: Elem, E: Elem>(
                     o_lat.fill(0.0);
                     for j in 0..n_keys {
                         let sl = slot(seq.block_table, j);
-                        axpy_elem(&mut o_lat, scores[j], &pool[sl * width..sl * width + s.kv_lora]);
+                        axpy_elem(
+                            &mut o_lat,
+                            scores[j],
+                            &pool[sl * width..sl * width + s.kv_lora],
+                        );
                     }
                     let orow = &mut o[r * s.v..(r + 1) * s.v];
                     for (d, ov) in orow.iter_mut().enumerate() {

@@ -67,37 +67,39 @@ pub fn matmul<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, out: &m
         });
     } else {
         let blocks = n.div_ceil(GEMM_ROW_BLOCK);
-        (0..blocks).into_par_iter().for_each_init(Vec::new, |scratch, b| {
-            let j0 = b * GEMM_ROW_BLOCK;
-            let nb = GEMM_ROW_BLOCK.min(n - j0);
-            let wb = W::as_f32_block(&w[j0 * k..(j0 + nb) * k], scratch);
-            // SAFETY: dst covers columns j0..j0+nb of the row-major [m, n] `out` (row stride n),
-            // disjoint from every other block; lhs is [m, k] row-major; rhs is the block read as
-            // its transpose [k, nb] (row stride 1, column stride k). All in bounds.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    nb,
-                    k,
-                    ptr.get().add(j0),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    wb.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        });
+        (0..blocks)
+            .into_par_iter()
+            .for_each_init(Vec::new, |scratch, b| {
+                let j0 = b * GEMM_ROW_BLOCK;
+                let nb = GEMM_ROW_BLOCK.min(n - j0);
+                let wb = W::as_f32_block(&w[j0 * k..(j0 + nb) * k], scratch);
+                // SAFETY: dst covers columns j0..j0+nb of the row-major [m, n] `out` (row stride n),
+                // disjoint from every other block; lhs is [m, k] row-major; rhs is the block read as
+                // its transpose [k, nb] (row stride 1, column stride k). All in bounds.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        nb,
+                        k,
+                        ptr.get().add(j0),
+                        1,
+                        n as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        wb.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
     }
 }
 
@@ -117,7 +119,11 @@ pub struct Problem<'a, W> {
 /// a whole expert, so one wake-up per layer instead of one per expert matters.
 pub fn matmul_grouped<W: Elem>(problems: &mut [Problem<'_, W>]) {
     let threads = rayon::current_num_threads().max(1);
-    let total_rows: usize = problems.iter().filter(|p| p.m <= STREAM_M_MAX).map(|p| p.n).sum();
+    let total_rows: usize = problems
+        .iter()
+        .filter(|p| p.m <= STREAM_M_MAX)
+        .map(|p| p.n)
+        .sum();
     let rows_per_task = total_rows.div_ceil(threads * 4).max(ROWS_PER_TASK_MIN);
     let mut tasks = Vec::new();
     for (pi, p) in problems.iter_mut().enumerate() {
@@ -140,7 +146,18 @@ pub fn matmul_grouped<W: Elem>(problems: &mut [Problem<'_, W>]) {
         let p = &problems[pi];
         // SAFETY: rows j0..j1 of problem pi belong to this task alone; its `out` has m*n elements
         // and outlives the parallel loop.
-        unsafe { stream_rows(p.x, p.m, p.k, &p.w[j0 * p.k..j1 * p.k], j0, j1 - j0, p.n, ptr.get()) };
+        unsafe {
+            stream_rows(
+                p.x,
+                p.m,
+                p.k,
+                &p.w[j0 * p.k..j1 * p.k],
+                j0,
+                j1 - j0,
+                p.n,
+                ptr.get(),
+            )
+        };
     });
 }
 
@@ -319,11 +336,23 @@ mod avx2 {
                         let xt = xp.add(t * k);
                         let ot = out.add(t * n + j0 + $j);
                         match m - t {
-                            1 => { block::<W, $r, 1>(xt, k, wj, ot, n); t += 1; }
+                            1 => {
+                                block::<W, $r, 1>(xt, k, wj, ot, n);
+                                t += 1;
+                            }
                             _ if $r > 4 => unreachable!("8-row blocks are only used for m = 1"),
-                            2 => { block::<W, $r, 2>(xt, k, wj, ot, n); t += 2; }
-                            3 => { block::<W, $r, 3>(xt, k, wj, ot, n); t += 3; }
-                            _ => { block::<W, $r, 4>(xt, k, wj, ot, n); t += 4; }
+                            2 => {
+                                block::<W, $r, 2>(xt, k, wj, ot, n);
+                                t += 2;
+                            }
+                            3 => {
+                                block::<W, $r, 3>(xt, k, wj, ot, n);
+                                t += 3;
+                            }
+                            _ => {
+                                block::<W, $r, 4>(xt, k, wj, ot, n);
+                                t += 4;
+                            }
                         }
                     }
                 }};
