@@ -76,6 +76,8 @@ def main():
     torch.set_num_threads(a.threads)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
 
+    rss_scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+    rss_before_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_scale
     t0 = time.perf_counter()
     model = DeepseekV3ForCausalLM.from_pretrained(
         a.model,
@@ -92,11 +94,13 @@ def main():
     if experts_impl != a.experts_impl or attn_impl != a.attn_impl:
         print(f"note: running attention={attn_impl} experts={experts_impl}", file=sys.stderr)
 
+    # Token ids drawn uniformly from [1000, 101000) like duet's (clipped to the vocabulary).
     gen = torch.Generator().manual_seed(a.seed)
     lo = min(1000, cfg.vocab_size // 2)
+    hi = min(lo + 100_000, cfg.vocab_size)
 
     def rand_ids(*shape):
-        return torch.randint(lo, cfg.vocab_size, shape, generator=gen, dtype=torch.long)
+        return torch.randint(lo, hi, shape, generator=gen, dtype=torch.long)
 
     with torch.inference_mode():
         # Prefill.
@@ -145,8 +149,9 @@ def main():
         "decode_steps": a.decode_steps,
         "repeats": a.repeats,
         "weights_resident_bytes": weight_bytes,
-        # ru_maxrss is in KiB on Linux (bytes on macOS).
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_scale,
+        # The interpreter with torch and transformers imported, before any weight is read.
+        "peak_rss_before_load_bytes": rss_before_load,
         "attn_implementation": attn_impl,
         "experts_implementation": experts_impl,
         "versions": {

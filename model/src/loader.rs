@@ -110,7 +110,7 @@ pub struct LoadProgress {
 
 pub(crate) struct TensorSource<'a> {
     dir: PathBuf,
-    files: Vec<(&'a Path, SafeTensors<'a>)>,
+    files: Vec<(&'a Path, SafeTensors<'a>, &'a Mmap)>,
     index: HashMap<String, usize>,
     fp8_block: Option<(usize, usize)>,
     pub dtype: DType,
@@ -139,7 +139,7 @@ impl<'a> TensorSource<'a> {
             for name in st.names() {
                 index.insert(name.to_string(), i);
             }
-            files.push((p.as_path(), st));
+            files.push((p.as_path(), st, m));
         }
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -166,7 +166,7 @@ impl<'a> TensorSource<'a> {
                 name: name.into(),
             });
         };
-        let (path, st) = &self.files[fi];
+        let (path, st, map) = &self.files[fi];
         let view = st.tensor(name).map_err(|e| Error::Safetensors {
             path: path.to_path_buf(),
             detail: e.to_string(),
@@ -203,7 +203,11 @@ impl<'a> TensorSource<'a> {
                 .chunks_exact(8)
                 .map(|b| f64::from_le_bytes(b.try_into().expect("chunks_exact(8)")) as f32)
                 .collect(),
-            StDtype::F8_E4M3 => return self.dequantise_fp8(name, shape, data, path),
+            StDtype::F8_E4M3 => {
+                let v = self.dequantise_fp8(name, shape, data, path)?;
+                release_pages(map, data);
+                return Ok(v);
+            }
             other => {
                 return Err(Error::TensorDType {
                     file: path.to_path_buf(),
@@ -212,6 +216,7 @@ impl<'a> TensorSource<'a> {
                 });
             }
         };
+        release_pages(map, data);
         Ok(values)
     }
 
@@ -256,6 +261,20 @@ impl<'a> TensorSource<'a> {
         let v = self.f32_values(name, shape)?;
         Ok(Tensor::from_f32(shape, v, self.device)?)
     }
+}
+
+/// Drops the mapped file pages behind a tensor that has been converted. Mapped pages count as
+/// resident while the map lives, so without this a load would peak at the checkpoint's size on
+/// top of the converted weights.
+fn release_pages(map: &Mmap, data: &[u8]) {
+    const PAGE: usize = 4096;
+    let start = data.as_ptr() as usize - map.as_ptr() as usize;
+    let begin = start / PAGE * PAGE;
+    let end = (start + data.len()).min(map.len());
+    // SAFETY: the map is a read-only private file mapping; MADV_DONTNEED only discards clean
+    // pages, which the kernel re-reads from the file if anything touches them again, so no
+    // live reference can observe a change.
+    let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, begin, end - begin) };
 }
 
 /// Decodes one FP8 E4M3 (the "fn" variant: no infinities, S.1111.111 is NaN) byte.
