@@ -82,8 +82,11 @@ pub fn run(a: Args) -> Result<()> {
     // Ordinary (non-special) ids; small test vocabularies get their upper half.
     let lo = 1000.min(c.vocab_size / 2) as u64;
     let hi = (lo + 100_000).min(c.vocab_size as u64);
-    let mut rand_ids =
-        |n: usize| -> Vec<u32> { (0..n).map(|_| (lo + rng.next_u64() % (hi - lo)) as u32).collect() };
+    let mut rand_ids = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| (lo + rng.next_u64() % (hi - lo)) as u32)
+            .collect()
+    };
     let max_b = a.batches.iter().copied().max().unwrap_or(1);
     let per_seq = a.prompt_len.max(a.decode_context + a.decode_steps + 2);
     let pages = max_b * per_seq.div_ceil(64) + 4;

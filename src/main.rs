@@ -306,7 +306,8 @@ pub fn default_model_dir() -> Result<PathBuf> {
             let _ = std::fs::remove_dir_all(&tmp);
         }
         Err(e) => {
-            return Err(e).with_context(|| format!("moving the default model to {}", dir.display()));
+            return Err(e)
+                .with_context(|| format!("moving the default model to {}", dir.display()));
         }
     }
     Ok(dir)

@@ -13,6 +13,10 @@ use serde_json::Value;
 
 use crate::Error;
 
+/// Longest context a config may declare. The rope tables are sized by it (V3: 163,840 positions,
+/// 42 MB); this keeps a corrupt config from asking for terabytes.
+pub const MAX_POSITIONS: usize = 1 << 20;
+
 /// The fields of `config.json` duet reads. Unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -151,6 +155,12 @@ impl ModelConfig {
             if v == 0 {
                 return Err(format!("{name} must be positive"));
             }
+        }
+        if self.max_position_embeddings > MAX_POSITIONS {
+            return Err(format!(
+                "max_position_embeddings {} exceeds the supported {MAX_POSITIONS}",
+                self.max_position_embeddings
+            ));
         }
         if !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err("qk_rope_head_dim must be even".into());
@@ -305,5 +315,52 @@ impl ModelConfig {
                 "rope scaling type {other:?} is not supported (yarn is)"
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn released() -> Value {
+        crate::tiny::config_json(crate::tiny::TinyArch::V3)
+    }
+
+    #[test]
+    fn transformers5_rope_parameters_equal_released_layout() {
+        let a: ModelConfig = serde_json::from_value(released()).unwrap();
+        let mut v5 = released();
+        let obj = v5.as_object_mut().unwrap();
+        let mut params = obj.remove("rope_scaling").unwrap();
+        params["rope_type"] = params["type"].take();
+        params["rope_theta"] = obj.remove("rope_theta").unwrap();
+        obj.insert("rope_parameters".into(), params);
+        let b: ModelConfig = serde_json::from_value(v5).unwrap();
+        assert_eq!(a.rope().unwrap(), b.rope().unwrap());
+        let yarn = a.rope().unwrap().yarn.unwrap();
+        assert_eq!(
+            (yarn.factor, yarn.original_max_position_embeddings),
+            (40.0, 4096)
+        );
+    }
+
+    #[test]
+    fn invalid_configs_say_why() {
+        let mut v = released();
+        v["num_experts_per_tok"] = 99.into();
+        let c: ModelConfig = serde_json::from_value(v).unwrap();
+        assert!(c.validate().unwrap_err().contains("num_experts_per_tok"));
+        let mut v = released();
+        v["rope_scaling"]["type"] = "dynamic".into();
+        let c: ModelConfig = serde_json::from_value(v).unwrap();
+        assert!(c.validate().unwrap_err().contains("dynamic"));
+    }
+
+    #[test]
+    fn dense_and_moe_layers() {
+        let mut c: ModelConfig = serde_json::from_value(released()).unwrap();
+        assert!(!c.is_moe_layer(0) && c.is_moe_layer(1) && c.is_moe_layer(3));
+        c.moe_layer_freq = 2;
+        assert!(!c.is_moe_layer(1) && c.is_moe_layer(2));
     }
 }

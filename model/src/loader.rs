@@ -274,7 +274,9 @@ fn release_pages(map: &Mmap, data: &[u8]) {
     // SAFETY: the map is a read-only private file mapping; MADV_DONTNEED only discards clean
     // pages, which the kernel re-reads from the file if anything touches them again, so no
     // live reference can observe a change.
-    let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, begin, end - begin) };
+    let _ = unsafe {
+        map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, begin, end - begin)
+    };
 }
 
 /// Decodes one FP8 E4M3 (the "fn" variant: no infinities, S.1111.111 is NaN) byte.

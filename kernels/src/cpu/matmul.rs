@@ -44,6 +44,19 @@ impl OutPtr {
 }
 
 pub fn matmul<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(wb) = W::as_bf16(w).filter(|_| avx512bf16::available()) {
+        let mut p = [Problem {
+            x,
+            m,
+            k,
+            w: wb,
+            n,
+            out,
+        }];
+        avx512bf16::matmul_grouped(&mut p);
+        return;
+    }
     assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), n * k);
     assert_eq!(out.len(), m * n);
@@ -103,6 +116,20 @@ pub fn matmul<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, out: &m
     }
 }
 
+/// Whether BF16-weight matmuls on this machine round activations to BF16 (the AVX512-BF16
+/// kernel) rather than multiplying them in f32 (the AVX2 kernel). Set `DUET_NO_AVX512=1` to force
+/// the latter.
+pub fn bf16_weights_round_activations() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx512bf16::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// One problem of a grouped matmul: `out[m, n] = x[m, k] · w[n, k]ᵀ`.
 pub struct Problem<'a, W> {
     pub x: &'a [f32],
@@ -118,6 +145,22 @@ pub struct Problem<'a, W> {
 /// the pool at once: waking the pool costs tens of µs, which at batch 1 is the price of reading
 /// a whole expert, so one wake-up per layer instead of one per expert matters.
 pub fn matmul_grouped<W: Elem>(problems: &mut [Problem<'_, W>]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512bf16::available() && problems.iter().all(|p| W::as_bf16(p.w).is_some()) {
+        let mut ps: Vec<Problem<'_, bf16>> = problems
+            .iter_mut()
+            .map(|p| Problem {
+                x: p.x,
+                m: p.m,
+                k: p.k,
+                w: W::as_bf16(p.w).expect("checked"),
+                n: p.n,
+                out: &mut *p.out,
+            })
+            .collect();
+        avx512bf16::matmul_grouped(&mut ps);
+        return;
+    }
     let threads = rayon::current_num_threads().max(1);
     let total_rows: usize = problems
         .iter()
@@ -211,6 +254,9 @@ impl Elem for f32 {
     fn as_f32_block<'a>(src: &'a [Self], _scratch: &'a mut Vec<f32>) -> &'a [f32] {
         src
     }
+    fn as_bf16(_: &[Self]) -> Option<&[bf16]> {
+        None
+    }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
@@ -228,6 +274,9 @@ impl Elem for bf16 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
         bf16::from_f32(v)
+    }
+    fn as_bf16(s: &[Self]) -> Option<&[bf16]> {
+        Some(s)
     }
     fn as_f32_block<'a>(src: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32] {
         scratch.clear();
@@ -377,6 +426,208 @@ mod avx2 {
             while j < nw {
                 row_block!(1, j);
                 j += 1;
+            }
+        }
+    }
+}
+
+/// BF16 weights on CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids and later): activations are
+/// rounded to BF16 once per call and `vdpbf16ps` does 32 multiply-adds per instruction with f32
+/// accumulation — four times the AVX2 path's, the same arithmetic as HF transformers' BF16 path
+/// on these CPUs. One kernel serves every m: weight rows are streamed once and each block of
+/// rows is reused from L1 for all activation rows, so prefill is compute bound at BF16 rate and
+/// decode stays bound by reading W.
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16 {
+    use std::arch::x86_64::*;
+
+    use half::bf16;
+    use rayon::prelude::*;
+
+    use super::{OutPtr, Problem, ROWS_PER_TASK_MIN};
+
+    pub fn available() -> bool {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(|| {
+            std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512bf16")
+                && std::env::var_os("DUET_NO_AVX512").is_none()
+        })
+    }
+
+    pub fn matmul_grouped(problems: &mut [Problem<'_, bf16>]) {
+        let threads = rayon::current_num_threads().max(1);
+        // Activations as BF16 bits, k padded to a multiple of 32 with zeros so the kernel needs
+        // no tail (the padded weights are read through a zero-extended copy only at the tail).
+        let xs: Vec<Vec<u16>> = problems
+            .iter()
+            .map(|p| p.x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect())
+            .collect();
+        let total_rows: usize = problems.iter().map(|p| p.n).sum();
+        let rows_per_task = total_rows.div_ceil(threads * 4).max(ROWS_PER_TASK_MIN);
+        let mut tasks = Vec::new();
+        for (pi, p) in problems.iter_mut().enumerate() {
+            assert_eq!(p.x.len(), p.m * p.k);
+            assert_eq!(p.w.len(), p.n * p.k);
+            assert_eq!(p.out.len(), p.m * p.n);
+            if p.m == 0 {
+                continue;
+            }
+            if p.k == 0 {
+                p.out.fill(0.0);
+                continue;
+            }
+            let mut j0 = 0;
+            while j0 < p.n {
+                let j1 = (j0 + rows_per_task).min(p.n);
+                tasks.push((pi, j0, j1, OutPtr(p.out.as_mut_ptr())));
+                j0 = j1;
+            }
+        }
+        let problems = &*problems;
+        tasks.into_par_iter().for_each(|(pi, j0, j1, ptr)| {
+            let p = &problems[pi];
+            let w = &p.w[j0 * p.k..j1 * p.k];
+            // SAFETY: AVX512-BF16 is available (checked by the caller through `available`);
+            // rows j0..j1 of problem pi are this task's alone and its `out` has m*n elements.
+            unsafe { rows(&xs[pi], p.m, p.k, w, j0, j1 - j0, p.n, ptr.get()) };
+        });
+    }
+
+    #[inline(always)]
+    unsafe fn load32(p: *const u16) -> __m512bh {
+        // SAFETY: the caller guarantees 32 readable u16 at p.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const _)) }
+    }
+
+    /// Loads the last `len < 32` elements, zero-filled.
+    #[inline(always)]
+    unsafe fn load_tail(p: *const u16, len: usize) -> __m512bh {
+        // SAFETY: the caller guarantees `len` readable u16 at p; the mask reads only those.
+        unsafe {
+            let mask: __mmask32 = if len >= 32 { !0 } else { (1u32 << len) - 1 };
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(
+                mask,
+                p as *const i16,
+            ))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn block<const R: usize, const T: usize>(
+        x: *const u16,
+        k: usize,
+        w: *const u16,
+        out: *mut f32,
+        n: usize,
+    ) {
+        // SAFETY: R weight rows and T activation rows of k elements are readable; R×T outputs
+        // (row stride n) are this task's.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); T]; R];
+            let k32 = k & !31;
+            let mut i = 0;
+            while i < k32 {
+                let mut wv = [std::mem::zeroed::<__m512bh>(); R];
+                for r in 0..R {
+                    wv[r] = load32(w.add(r * k + i));
+                }
+                for t in 0..T {
+                    let xv = load32(x.add(t * k + i));
+                    for r in 0..R {
+                        acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
+                    }
+                }
+                i += 32;
+            }
+            if k32 < k {
+                let len = k - k32;
+                for t in 0..T {
+                    let xv = load_tail(x.add(t * k + k32), len);
+                    for r in 0..R {
+                        acc[r][t] =
+                            _mm512_dpbf16_ps(acc[r][t], load_tail(w.add(r * k + k32), len), xv);
+                    }
+                }
+            }
+            for r in 0..R {
+                for t in 0..T {
+                    *out.add(t * n + r) = _mm512_reduce_add_ps(acc[r][t]);
+                }
+            }
+        }
+    }
+
+    /// Activation rows per cache block: 48 rows of a 7168-wide BF16 input are 688 KiB, which stays
+    /// in L2 while the task's weight rows stream past it; without blocking, prefill re-reads all
+    /// activations from L3 for every 4 weight rows.
+    const TOKENS_PER_BLOCK: usize = 48;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn rows(
+        x: &[u16],
+        m: usize,
+        k: usize,
+        w: &[bf16],
+        j0: usize,
+        nw: usize,
+        n: usize,
+        out: *mut f32,
+    ) {
+        // SAFETY (whole body): offsets stay inside x ([m, k]), w ([nw, k]) and columns
+        // j0..j0+nw of out ([m, n]).
+        unsafe {
+            let xp = x.as_ptr();
+            let wp = w.as_ptr() as *const u16;
+            let mut t0 = 0;
+            while t0 < m {
+                let t1 = (t0 + TOKENS_PER_BLOCK).min(m);
+                macro_rules! row_block {
+                    ($r:literal, $j:expr) => {{
+                        let wj = wp.add($j * k);
+                        let mut t = t0;
+                        while t < t1 {
+                            let xt = xp.add(t * k);
+                            let ot = out.add(t * n + j0 + $j);
+                            match t1 - t {
+                                1 => {
+                                    block::<$r, 1>(xt, k, wj, ot, n);
+                                    t += 1;
+                                }
+                                2 => {
+                                    block::<$r, 2>(xt, k, wj, ot, n);
+                                    t += 2;
+                                }
+                                3 => {
+                                    block::<$r, 3>(xt, k, wj, ot, n);
+                                    t += 3;
+                                }
+                                _ => {
+                                    block::<$r, 4>(xt, k, wj, ot, n);
+                                    t += 4;
+                                }
+                            }
+                        }
+                    }};
+                }
+                let mut j = 0;
+                if t1 - t0 <= 2 {
+                    while j + 8 <= nw {
+                        row_block!(8, j);
+                        j += 8;
+                    }
+                } else {
+                    while j + 4 <= nw {
+                        row_block!(4, j);
+                        j += 4;
+                    }
+                }
+                while j < nw {
+                    row_block!(1, j);
+                    j += 1;
+                }
+                t0 = t1;
             }
         }
     }

@@ -11,6 +11,8 @@ pub trait Elem: Copy + Send + Sync + 'static {
     const HAS_AVX2_LOAD: bool;
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
+    /// The slice as BF16 when it is BF16 (for the AVX512-BF16 kernels).
+    fn as_bf16(s: &[Self]) -> Option<&[half::bf16]>;
     /// `src` as f32: borrowed when it already is, converted into `scratch` otherwise.
     fn as_f32_block<'a>(src: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32];
     /// Loads 8 consecutive elements as f32 lanes.

@@ -1,0 +1,52 @@
+//! Model files are outside input: whatever bytes a config or checkpoint holds, loading returns an
+//! error or a model, never a panic. (Property tests standing in for a fuzzer on stable Rust.)
+
+use std::path::{Path, PathBuf};
+
+use duet_model::{DType, Model, ModelConfig};
+use proptest::prelude::*;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/fixtures/v3-tiny")
+}
+
+fn load_catching(dir: &Path) -> std::thread::Result<bool> {
+    let dir = dir.to_path_buf();
+    std::panic::catch_unwind(move || Model::load(&dir, DType::F32, &|_| {}).is_ok())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Corrupt bytes anywhere in the safetensors header (and just after it).
+    #[test]
+    fn corrupted_checkpoints_never_panic(edits in proptest::collection::vec((0usize..4096, any::<u8>()), 1..8)) {
+        let src = fixture();
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+        let mut bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+        for (at, b) in edits {
+            let i = at % bytes.len();
+            bytes[i] = b;
+        }
+        std::fs::write(tmp.path().join("model.safetensors"), &bytes).unwrap();
+        prop_assert!(load_catching(tmp.path()).is_ok(), "loading panicked");
+    }
+
+    /// Arbitrary numbers in the config's shape fields are rejected or loaded, never a panic
+    /// (a zero head count, odd rope dims, more experts per token than experts, ...).
+    #[test]
+    fn odd_configs_never_panic(field in 0usize..9, value in prop_oneof![Just(0u64), Just(1), Just(3), Just(7), Just(1 << 40), 0u64..64]) {
+        let src = fixture();
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+        let name = ["hidden_size", "num_attention_heads", "qk_rope_head_dim", "kv_lora_rank", "n_routed_experts",
+            "num_experts_per_tok", "n_group", "moe_layer_freq", "max_position_embeddings"][field];
+        cfg[name] = serde_json::json!(value);
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+        std::fs::copy(src.join("model.safetensors"), tmp.path().join("model.safetensors")).unwrap();
+        let parsed = ModelConfig::from_file(&tmp.path().join("config.json"));
+        prop_assert!(std::panic::catch_unwind(|| parsed.is_ok()).is_ok());
+        prop_assert!(load_catching(tmp.path()).is_ok(), "loading panicked with {} = {}", name, value);
+    }
+}
