@@ -45,8 +45,8 @@ proptest! {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
         std::fs::copy(src.join("model.safetensors"), tmp.path().join("model.safetensors")).unwrap();
-        let parsed = ModelConfig::from_file(&tmp.path().join("config.json"));
-        prop_assert!(std::panic::catch_unwind(|| parsed.is_ok()).is_ok());
+        let path = tmp.path().join("config.json");
+        prop_assert!(std::panic::catch_unwind(move || ModelConfig::from_file(&path).is_ok()).is_ok());
         prop_assert!(load_catching(tmp.path()).is_ok(), "loading panicked with {} = {}", name, value);
     }
 }
