@@ -30,28 +30,14 @@ const ROWS_PER_TASK_ELEMENTWISE: usize = 8;
 /// more than the op (a decode step's activations are a few thousand values).
 const SEQUENTIAL_ELEMS_MAX: usize = 1 << 16;
 
-/// Dot product with eight independent partial sums, so the compiler can vectorise it without
-/// reassociating floats on its own.
+/// Dot product of two f32 slices (see [`dot_elem`]).
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f32; 8];
-    let chunks = n / 8;
-    for c in 0..chunks {
-        let (ac, bc) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
-        for l in 0..8 {
-            acc[l] += ac[l] * bc[l];
-        }
-    }
-    let mut s = 0.0;
-    for i in chunks * 8..n {
-        s += a[i] * b[i];
-    }
-    s + acc.iter().sum::<f32>()
+    dot_elem(a, b)
 }
 
-/// Like [`dot`], with `b` stored as `E`.
+/// Dot product with `b` stored as `E`, in eight independent partial sums so the compiler can
+/// vectorise it without reassociating floats on its own.
 #[inline]
 pub fn dot_elem<E: Elem>(a: &[f32], b: &[E]) -> f32 {
     let n = a.len().min(b.len());
