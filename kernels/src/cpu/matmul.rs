@@ -130,6 +130,13 @@ pub fn bf16_weights_round_activations() -> bool {
     }
 }
 
+/// Weight rows per task so that each task carries about `work` multiply-adds: a grouped call
+/// mixes a shared expert over every token with routed experts over a few, and splitting by rows
+/// alone would leave one thread finishing the big one while the other idles.
+fn rows_for(work: usize, m: usize, k: usize) -> usize {
+    (work / (m * k).max(1)).max(ROWS_PER_TASK_MIN)
+}
+
 /// One problem of a grouped matmul: `out[m, n] = x[m, k] · w[n, k]ᵀ`.
 pub struct Problem<'a, W> {
     pub x: &'a [f32],
@@ -162,12 +169,12 @@ pub fn matmul_grouped<W: Elem>(problems: &mut [Problem<'_, W>]) {
         return;
     }
     let threads = rayon::current_num_threads().max(1);
-    let total_rows: usize = problems
+    let total_work: usize = problems
         .iter()
         .filter(|p| p.m <= STREAM_M_MAX)
-        .map(|p| p.n)
+        .map(|p| p.n * p.m * p.k)
         .sum();
-    let rows_per_task = total_rows.div_ceil(threads * 4).max(ROWS_PER_TASK_MIN);
+    let work_per_task = total_work.div_ceil(threads * 4);
     let mut tasks = Vec::new();
     for (pi, p) in problems.iter_mut().enumerate() {
         assert_eq!(p.x.len(), p.m * p.k);
@@ -177,6 +184,7 @@ pub fn matmul_grouped<W: Elem>(problems: &mut [Problem<'_, W>]) {
             matmul(p.x, p.m, p.k, p.w, p.n, p.out);
             continue;
         }
+        let rows_per_task = rows_for(work_per_task, p.m, p.k);
         let mut j0 = 0;
         while j0 < p.n {
             let j1 = (j0 + rows_per_task).min(p.n);
@@ -444,7 +452,7 @@ mod avx512bf16 {
     use half::bf16;
     use rayon::prelude::*;
 
-    use super::{OutPtr, Problem, ROWS_PER_TASK_MIN};
+    use super::{OutPtr, Problem, rows_for};
 
     pub fn available() -> bool {
         static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -464,8 +472,8 @@ mod avx512bf16 {
             .iter()
             .map(|p| p.x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect())
             .collect();
-        let total_rows: usize = problems.iter().map(|p| p.n).sum();
-        let rows_per_task = total_rows.div_ceil(threads * 4).max(ROWS_PER_TASK_MIN);
+        let total_work: usize = problems.iter().map(|p| p.n * p.m * p.k).sum();
+        let work_per_task = total_work.div_ceil(threads * 4);
         let mut tasks = Vec::new();
         for (pi, p) in problems.iter_mut().enumerate() {
             assert_eq!(p.x.len(), p.m * p.k);
@@ -478,6 +486,7 @@ mod avx512bf16 {
                 p.out.fill(0.0);
                 continue;
             }
+            let rows_per_task = rows_for(work_per_task, p.m, p.k);
             let mut j0 = 0;
             while j0 < p.n {
                 let j1 = (j0 + rows_per_task).min(p.n);
