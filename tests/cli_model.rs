@@ -226,3 +226,32 @@ fn out_of_vocabulary_ids_are_an_error() {
         "{err}"
     );
 }
+
+#[test]
+fn generation_stops_at_the_context_window() {
+    // v3-tiny has max_position_embeddings 64: asking for 100 tokens after 3 gives 61, not an error.
+    let v = ok_json(duet(&[
+        "generate",
+        "--model",
+        fixture("v3-tiny").to_str().unwrap(),
+        "--ids",
+        "5,6,7",
+        "--max-tokens",
+        "100",
+        "--json",
+    ]));
+    assert_eq!(v["ids"].as_array().unwrap().len(), 61);
+    // A prompt longer than the window is an error that says so.
+    let ids: Vec<String> = (0..70).map(|i| (i % 500 + 2).to_string()).collect();
+    let out = duet(&[
+        "generate",
+        "--model",
+        fixture("v3-tiny").to_str().unwrap(),
+        "--ids",
+        &ids.join(","),
+        "--max-tokens",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_position_embeddings"));
+}

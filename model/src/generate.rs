@@ -90,7 +90,10 @@ fn run(
             let t = s.sampler.sample(&logits[row * vocab..(row + 1) * vocab]);
             s.tokens.push(t);
             let generated = s.tokens.len() - s.prompt_len;
-            if generated >= reqs[i].max_tokens || reqs[i].stop_ids.contains(&t) {
+            // A sequence that fills the context window ends there, as a server's "length"
+            // finish, instead of failing the whole batch on the next step.
+            let full = s.tokens.len() >= model.config.max_position_embeddings;
+            if generated >= reqs[i].max_tokens || reqs[i].stop_ids.contains(&t) || full {
                 s.done = true;
             }
         }
