@@ -238,6 +238,8 @@ fn generation_stops_at_the_context_window() {
         "5,6,7",
         "--max-tokens",
         "100",
+        "--dtype",
+        "f32",
         "--json",
     ]));
     assert_eq!(v["ids"].as_array().unwrap().len(), 61);
