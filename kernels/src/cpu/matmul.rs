@@ -15,8 +15,9 @@ use rayon::prelude::*;
 use super::Elem;
 
 /// Rows of `x` up to which the streaming kernel is used; above it, the blocked gemm path.
-/// Picked with `examples/matmul_bench.rs`: the streaming kernel holds ~155 GFLOP/s at any m while
-/// the convert-then-gemm path needs m in the hundreds to amortise converting W (BENCHMARKS.md).
+/// From `examples/matmul_bench.rs` on BF16 weights: streaming held ~155 GFLOP/s at m = 16–24 while
+/// convert-then-gemm gave 83–106 at m = 32–64 and 185 at m = 512; 96 is a judgment between those
+/// points, not itself measured (BENCHMARKS.md).
 pub const STREAM_M_MAX: usize = 96;
 
 /// Weight rows per parallel task: large enough to amortise rayon's scheduling (~µs), small
@@ -130,11 +131,41 @@ pub fn bf16_weights_round_activations() -> bool {
     }
 }
 
-/// Weight rows per task so that each task carries about `work` multiply-adds: a grouped call
-/// mixes a shared expert over every token with routed experts over a few, and splitting by rows
-/// alone would leave one thread finishing the big one while the other idles.
-fn rows_for(work: usize, m: usize, k: usize) -> usize {
-    (work / (m * k).max(1)).max(ROWS_PER_TASK_MIN)
+/// `(problem, first row, end row, output)` of one parallel task.
+type RowTask = (usize, usize, usize, OutPtr);
+
+/// Cuts the `eligible` problems into row ranges carrying about equal work (multiply-adds), about
+/// four per thread: a grouped call mixes a shared expert over every token with routed experts
+/// over a few, and splitting by rows alone would leave one thread finishing the big one while
+/// the other idles.
+fn row_tasks<W>(
+    problems: &mut [Problem<'_, W>],
+    eligible: impl Fn(&Problem<'_, W>) -> bool,
+) -> Vec<RowTask> {
+    let threads = rayon::current_num_threads().max(1);
+    let total_work: usize = problems
+        .iter()
+        .filter(|p| eligible(p))
+        .map(|p| p.n * p.m * p.k)
+        .sum();
+    let work_per_task = total_work.div_ceil(threads * 4);
+    let mut tasks = Vec::new();
+    for (pi, p) in problems.iter_mut().enumerate() {
+        assert_eq!(p.x.len(), p.m * p.k);
+        assert_eq!(p.w.len(), p.n * p.k);
+        assert_eq!(p.out.len(), p.m * p.n);
+        if !eligible(p) {
+            continue;
+        }
+        let rows_per_task = (work_per_task / (p.m * p.k).max(1)).max(ROWS_PER_TASK_MIN);
+        let mut j0 = 0;
+        while j0 < p.n {
+            let j1 = (j0 + rows_per_task).min(p.n);
+            tasks.push((pi, j0, j1, OutPtr(p.out.as_mut_ptr())));
+            j0 = j1;
+        }
+    }
+    tasks
 }
 
 /// One problem of a grouped matmul: `out[m, n] = x[m, k] · w[n, k]ᵀ`.
@@ -168,30 +199,11 @@ pub fn matmul_grouped<W: Elem>(problems: &mut [Problem<'_, W>]) {
         avx512bf16::matmul_grouped(&mut ps);
         return;
     }
-    let threads = rayon::current_num_threads().max(1);
-    let total_work: usize = problems
-        .iter()
-        .filter(|p| p.m <= STREAM_M_MAX)
-        .map(|p| p.n * p.m * p.k)
-        .sum();
-    let work_per_task = total_work.div_ceil(threads * 4);
-    let mut tasks = Vec::new();
-    for (pi, p) in problems.iter_mut().enumerate() {
-        assert_eq!(p.x.len(), p.m * p.k);
-        assert_eq!(p.w.len(), p.n * p.k);
-        assert_eq!(p.out.len(), p.m * p.n);
-        if p.m > STREAM_M_MAX || p.k == 0 {
-            matmul(p.x, p.m, p.k, p.w, p.n, p.out);
-            continue;
-        }
-        let rows_per_task = rows_for(work_per_task, p.m, p.k);
-        let mut j0 = 0;
-        while j0 < p.n {
-            let j1 = (j0 + rows_per_task).min(p.n);
-            tasks.push((pi, j0, j1, OutPtr(p.out.as_mut_ptr())));
-            j0 = j1;
-        }
+    let streamed = |p: &Problem<'_, W>| p.m <= STREAM_M_MAX && p.k > 0;
+    for p in problems.iter_mut().filter(|p| !streamed(p)) {
+        matmul(p.x, p.m, p.k, p.w, p.n, p.out);
     }
+    let tasks = row_tasks(problems, streamed);
     let problems = &*problems;
     tasks.into_par_iter().for_each(|(pi, j0, j1, ptr)| {
         let p = &problems[pi];
@@ -452,7 +464,7 @@ mod avx512bf16 {
     use half::bf16;
     use rayon::prelude::*;
 
-    use super::{OutPtr, Problem, rows_for};
+    use super::{Problem, row_tasks};
 
     pub fn available() -> bool {
         static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -465,35 +477,15 @@ mod avx512bf16 {
     }
 
     pub fn matmul_grouped(problems: &mut [Problem<'_, bf16>]) {
-        let threads = rayon::current_num_threads().max(1);
-        // Activations as BF16 bits, k padded to a multiple of 32 with zeros so the kernel needs
-        // no tail (the padded weights are read through a zero-extended copy only at the tail).
+        // Activations as BF16 bits, converted once per problem rather than once per weight row.
         let xs: Vec<Vec<u16>> = problems
             .iter()
             .map(|p| p.x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect())
             .collect();
-        let total_work: usize = problems.iter().map(|p| p.n * p.m * p.k).sum();
-        let work_per_task = total_work.div_ceil(threads * 4);
-        let mut tasks = Vec::new();
-        for (pi, p) in problems.iter_mut().enumerate() {
-            assert_eq!(p.x.len(), p.m * p.k);
-            assert_eq!(p.w.len(), p.n * p.k);
-            assert_eq!(p.out.len(), p.m * p.n);
-            if p.m == 0 {
-                continue;
-            }
-            if p.k == 0 {
-                p.out.fill(0.0);
-                continue;
-            }
-            let rows_per_task = rows_for(work_per_task, p.m, p.k);
-            let mut j0 = 0;
-            while j0 < p.n {
-                let j1 = (j0 + rows_per_task).min(p.n);
-                tasks.push((pi, j0, j1, OutPtr(p.out.as_mut_ptr())));
-                j0 = j1;
-            }
+        for p in problems.iter_mut().filter(|p| p.k == 0) {
+            p.out.fill(0.0);
         }
+        let tasks = row_tasks(problems, |p| p.m > 0 && p.k > 0);
         let problems = &*problems;
         tasks.into_par_iter().for_each(|(pi, j0, j1, ptr)| {
             let p = &problems[pi];
