@@ -1,0 +1,1 @@
+//! The actor system and the OpenAI-compatible gateway.

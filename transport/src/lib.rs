@@ -1,0 +1,1 @@
+//! KV page transfer between prefill and decode workers.
