@@ -14,6 +14,7 @@ use duet_model::tokenizer::TextTokenizer;
 use duet_model::{DType, LogitsMode, Model, SeqInput};
 use serde_json::json;
 
+mod bench;
 mod engine_bench;
 
 #[derive(Parser)]
@@ -102,6 +103,8 @@ enum Cmd {
     },
     /// Measure the engine: prefill and decode tokens/s (see BENCHMARKS.md).
     EngineBench(engine_bench::Args),
+    /// Load generator for a running server, in the manner of SGLang's bench_serving.
+    Bench(bench::Args),
 }
 
 fn main() -> Result<()> {
@@ -148,6 +151,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::EngineBench(args) => engine_bench::run(args),
+        Cmd::Bench(args) => bench::run(args),
     }
 }
 

@@ -1,1 +1,2 @@
 //! The actor system and the OpenAI-compatible gateway.
+pub mod openai;
