@@ -16,6 +16,7 @@ use serde_json::json;
 
 mod bench;
 mod engine_bench;
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -29,7 +30,7 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum DTypeArg {
+pub enum DTypeArg {
     F32,
     Bf16,
 }
@@ -103,6 +104,8 @@ enum Cmd {
     },
     /// Measure the engine: prefill and decode tokens/s (see BENCHMARKS.md).
     EngineBench(engine_bench::Args),
+    /// Serve the OpenAI-compatible API: gateway, prefill and decode actors in one process.
+    Serve(serve::Args),
     /// Load generator for a running server, in the manner of SGLang's bench_serving.
     Bench(bench::Args),
 }
@@ -152,6 +155,7 @@ fn main() -> Result<()> {
         }
         Cmd::EngineBench(args) => engine_bench::run(args),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::Serve(args) => serve::run(args),
     }
 }
 

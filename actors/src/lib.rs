@@ -1,2 +1,16 @@
-//! The actor system and the OpenAI-compatible gateway.
+//! The actor system and the OpenAI-compatible gateway: `Gateway` (HTTP, routing), `PrefillWorker`s,
+//! `DecodeWorker`s (one per DP-attention group), a `Registry` of live workers and their load, and
+//! the supervisor that restarts failed workers. `serve` assembles them into the one-process
+//! cluster of `duet serve`.
+
+pub mod cluster;
+pub mod decode;
+pub mod engine;
+pub mod gateway;
+pub mod metrics;
 pub mod openai;
+pub mod prefill;
+pub mod registry;
+pub mod seq;
+pub mod serve;
+pub mod worker;

@@ -1,2 +1,22 @@
 //! Sans-IO serving policies (../DESIGN.md "Sans-IO core"): no tokio, no sockets, no clocks.
 //! Time comes in as an argument (`now_us`), decisions come out as data.
+//!
+//! - [`types`]: identifiers shared by every policy.
+//! - [`config`]: the cluster config schema (TOML).
+//! - [`kv`]: one worker's KV page allocator and radix prefix cache.
+//! - [`sched`]: one worker's continuous-batching scheduler.
+//! - [`route`]: gateway-side prefill routing and decode DP-group balancing.
+
+pub mod config;
+pub mod kv;
+pub mod route;
+pub mod sched;
+pub mod types;
+
+/// Tokens per KV page: FlashMLA's page size, which the dense V3/R1 decode kernel requires.
+pub const PAGE_TOKENS: usize = 64;
+
+/// Pages needed to hold `tokens` tokens.
+pub const fn pages_for(tokens: usize) -> usize {
+    tokens.div_ceil(PAGE_TOKENS)
+}

@@ -361,6 +361,91 @@ pub fn kv_cache_write(pool: &mut Tensor, latent: &Tensor, slots: &[u32]) -> Resu
     Ok(())
 }
 
+/// Bytes of one page of a pool (`PAGE_TOKENS × width` elements), the unit KV transfer moves.
+pub fn kv_page_bytes(pool: &Tensor) -> usize {
+    pool.size_bytes() / pool.shape().first().copied().unwrap_or(1).max(1)
+}
+
+fn check_pages(op: &'static str, pool: &Tensor, pages: &[u32], bytes: usize) -> Result<usize> {
+    let page_bytes = kv_page_bytes(pool);
+    let total = pool.shape().first().copied().unwrap_or(0);
+    if pool.shape().len() != 3 || pages.iter().any(|&p| p as usize >= total) {
+        return shape_err(op, format!("pages {pages:?} of a pool {:?}", pool.shape()));
+    }
+    if bytes != pages.len() * page_bytes {
+        return shape_err(
+            op,
+            format!("{bytes} bytes for {} pages of {page_bytes}", pages.len()),
+        );
+    }
+    Ok(page_bytes)
+}
+
+/// Copies whole pages of a pool out as raw bytes in the pool's dtype (native byte order), page by
+/// page in the order given: the wire form of a KV transfer, so no conversion happens on either
+/// side.
+pub fn kv_pages_read(pool: &Tensor, pages: &[u32], out: &mut Vec<u8>) -> Result<()> {
+    let page_bytes = check_pages(
+        "kv_pages_read",
+        pool,
+        pages,
+        pages.len() * kv_page_bytes(pool),
+    )?;
+    let raw = pool_bytes(&pool.storage);
+    out.reserve(pages.len() * page_bytes);
+    for &p in pages {
+        let at = p as usize * page_bytes;
+        out.extend_from_slice(&raw[at..at + page_bytes]);
+    }
+    Ok(())
+}
+
+/// Writes raw page bytes (as produced by [`kv_pages_read`] on a pool of the same shape and dtype)
+/// into the given pages.
+pub fn kv_pages_write(pool: &mut Tensor, pages: &[u32], bytes: &[u8]) -> Result<()> {
+    let page_bytes = check_pages("kv_pages_write", pool, pages, bytes.len())?;
+    let raw = pool_bytes_mut(&mut pool.storage);
+    for (i, &p) in pages.iter().enumerate() {
+        let at = p as usize * page_bytes;
+        raw[at..at + page_bytes].copy_from_slice(&bytes[i * page_bytes..(i + 1) * page_bytes]);
+    }
+    Ok(())
+}
+
+fn pool_bytes(s: &Storage) -> &[u8] {
+    match s {
+        // SAFETY: f32 and bf16 are plain data with no padding and no invalid bit patterns; the
+        // byte view covers exactly the vector's initialised elements and borrows it immutably.
+        Storage::F32(v) => unsafe {
+            std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(&v[..]))
+        },
+        // SAFETY: as above.
+        Storage::BF16(v) => unsafe {
+            std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(&v[..]))
+        },
+    }
+}
+
+fn pool_bytes_mut(s: &mut Storage) -> &mut [u8] {
+    match s {
+        // SAFETY: any byte pattern is a valid f32 / bf16, so writing arbitrary bytes through the
+        // view cannot create an invalid value; the view borrows the vector exclusively.
+        Storage::F32(v) => unsafe {
+            std::slice::from_raw_parts_mut(
+                v.as_mut_ptr().cast::<u8>(),
+                std::mem::size_of_val(&v[..]),
+            )
+        },
+        // SAFETY: as above.
+        Storage::BF16(v) => unsafe {
+            std::slice::from_raw_parts_mut(
+                v.as_mut_ptr().cast::<u8>(),
+                std::mem::size_of_val(&v[..]),
+            )
+        },
+    }
+}
+
 fn check_attention(
     op: &'static str,
     q: &Tensor,

@@ -64,6 +64,38 @@ impl KvCache {
         Ok(())
     }
 
+    pub fn layers(&self) -> usize {
+        self.pools.len()
+    }
+
+    /// Bytes of one page in one layer's pool (64 × 576 × 2 = 73,728 for V3 in BF16).
+    pub fn page_bytes(&self) -> usize {
+        self.pools
+            .first()
+            .map_or(0, duet_kernels::ops::kv_page_bytes)
+    }
+
+    /// Appends layer `layer`'s bytes of `pages` to `out` (the KV transfer wire form).
+    pub fn read_pages(&self, layer: usize, pages: &[u32], out: &mut Vec<u8>) -> Result<()> {
+        let pool = self.pools.get(layer).ok_or_else(|| {
+            Error::Invalid(format!(
+                "layer {layer} of a {}-layer cache",
+                self.pools.len()
+            ))
+        })?;
+        Ok(duet_kernels::ops::kv_pages_read(pool, pages, out)?)
+    }
+
+    /// Writes bytes read by [`KvCache::read_pages`] from a cache of the same model and dtype.
+    pub fn write_pages(&mut self, layer: usize, pages: &[u32], bytes: &[u8]) -> Result<()> {
+        let n = self.pools.len();
+        let pool = self
+            .pools
+            .get_mut(layer)
+            .ok_or_else(|| Error::Invalid(format!("layer {layer} of a {n}-layer cache")))?;
+        Ok(duet_kernels::ops::kv_pages_write(pool, pages, bytes)?)
+    }
+
     /// Returns a sequence's pages to the free list.
     pub fn release(&mut self, block_table: &mut Vec<u32>) {
         debug_assert!(

@@ -299,6 +299,19 @@ impl Model {
         batch: &[SeqInput<'_>],
         mode: LogitsMode,
     ) -> Result<Tensor> {
+        self.forward_observed(cache, batch, mode, &mut |_, _| Ok(()))
+    }
+
+    /// [`Model::forward`], calling `after_layer(l, cache)` as soon as layer `l`'s latent KV for
+    /// the batch is in the cache: a prefill worker streams that layer's pages to decode while the
+    /// later layers compute (DESIGN.md, step 3). An error from the callback stops the forward.
+    pub fn forward_observed(
+        &self,
+        cache: &mut KvCache,
+        batch: &[SeqInput<'_>],
+        mode: LogitsMode,
+        after_layer: &mut dyn FnMut(usize, &KvCache) -> Result<()>,
+    ) -> Result<Tensor> {
         let mut ids = Vec::new();
         let mut positions = Vec::new();
         let mut slots = Vec::new();
@@ -359,6 +372,7 @@ impl Model {
                 form,
             )?;
             ops::add_inplace(&mut x, &a)?;
+            after_layer(l, cache)?;
             let h = ops::rms_norm(&x, &layer.post_norm, self.eps)?;
             let m = self.mlp(&layer.mlp, &h)?;
             ops::add_inplace(&mut x, &m)?;

@@ -1,0 +1,113 @@
+//! What a worker computes with: the DeepSeek model on duet's kernels, or the echo engine.
+//!
+//! The echo engine returns tokens without computing anything. It exists to measure the serving
+//! path around the model (gateway, actors, streaming) — `duet serve --engine echo` — and is a test
+//! tool, never a way to serve a model: it emits the prompt's own tokens back in a cycle.
+
+use std::sync::Arc;
+
+use duet_model::kv::KvCache;
+use duet_model::{LogitsMode, Model, SeqInput};
+
+#[derive(Clone)]
+pub enum Engine {
+    Model(Arc<Model>),
+    Echo { vocab_size: usize },
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Engine::Model(_) => f.write_str("Engine::Model"),
+            Engine::Echo { .. } => f.write_str("Engine::Echo"),
+        }
+    }
+}
+
+/// A worker's KV storage: the model's paged latent pools, or nothing for echo.
+pub enum WorkerKv {
+    Model(KvCache),
+    Echo,
+}
+
+/// One batch row: what the model runs for one sequence in one step.
+pub struct Row<'a> {
+    pub tokens: &'a [u32],
+    pub start_pos: usize,
+    pub block_table: &'a [u32],
+}
+
+/// Last-position logits of every row, `rows × vocab`, or nothing for echo.
+pub enum StepLogits {
+    Model { data: Vec<f32>, vocab: usize },
+    Echo,
+}
+
+impl StepLogits {
+    pub fn row(&self, i: usize) -> Option<&[f32]> {
+        match self {
+            StepLogits::Model { data, vocab } => data.get(i * vocab..(i + 1) * vocab),
+            StepLogits::Echo => None,
+        }
+    }
+}
+
+impl Engine {
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Engine::Model(m) => m.config.vocab_size,
+            Engine::Echo { vocab_size } => *vocab_size,
+        }
+    }
+
+    pub fn max_positions(&self) -> usize {
+        match self {
+            Engine::Model(m) => m.config.max_position_embeddings,
+            Engine::Echo { .. } => usize::MAX / 2,
+        }
+    }
+
+    pub fn new_kv(&self, pages: usize) -> WorkerKv {
+        match self {
+            Engine::Model(m) => WorkerKv::Model(m.new_cache(pages)),
+            Engine::Echo { .. } => WorkerKv::Echo,
+        }
+    }
+
+    /// Runs one step, calling `after_layer` as each layer's KV lands in the cache.
+    pub fn step(
+        &self,
+        kv: &mut WorkerKv,
+        rows: &[Row<'_>],
+        after_layer: &mut dyn FnMut(usize, &KvCache) -> duet_model::Result<()>,
+    ) -> duet_model::Result<StepLogits> {
+        match (self, kv) {
+            (Engine::Model(m), WorkerKv::Model(cache)) => {
+                let batch: Vec<SeqInput<'_>> = rows
+                    .iter()
+                    .map(|r| SeqInput {
+                        tokens: r.tokens,
+                        start_pos: r.start_pos,
+                        block_table: r.block_table,
+                    })
+                    .collect();
+                let logits = m.forward_observed(cache, &batch, LogitsMode::Last, after_layer)?;
+                Ok(StepLogits::Model {
+                    data: logits.to_vec_f32(),
+                    vocab: m.config.vocab_size,
+                })
+            }
+            _ => Ok(StepLogits::Echo),
+        }
+    }
+}
+
+/// The echo engine's next token for a sequence: its prompt replayed in a cycle.
+pub fn echo_token(tokens: &[u32], prompt_len: usize) -> u32 {
+    let prompt = &tokens[..prompt_len.clamp(1, tokens.len().max(1))];
+    let generated = tokens.len().saturating_sub(prompt_len);
+    prompt
+        .get(generated % prompt.len().max(1))
+        .copied()
+        .unwrap_or(0)
+}

@@ -1,0 +1,263 @@
+//! `duet serve`: the whole cluster in one process — gateway, prefill workers and decode groups as
+//! actors, the KV handoff through the in-process transport — behind the HTTP API.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use duet_core::config::ClusterConfig;
+use duet_core::route::{BalancePolicy, PrefillRouterConfig};
+use duet_core::sched::SchedConfig;
+use duet_core::types::WorkerId;
+use duet_model::tokenizer::TextTokenizer;
+use duet_model::{Model, ModelConfig};
+use duet_transport::InProcTransport;
+use ractor::Actor;
+
+use crate::cluster::{Cluster, Role, new_board};
+use crate::engine::Engine;
+use crate::gateway::http::{self, AppState, HttpLimits, ThinkIds};
+use crate::gateway::{Gateway, GatewayArgs};
+use crate::metrics::Metrics;
+use crate::worker::{Fault, WorkerArgs};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("starting actors: {0}")]
+    Actors(String),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
+}
+
+pub struct ServeOptions {
+    pub config: ClusterConfig,
+    pub engine: Engine,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub served_model_name: String,
+    pub max_model_len: usize,
+    pub eos_ids: Vec<u32>,
+    pub fault: Option<Fault>,
+}
+
+/// A running server: its address, and the state tests and the CLI look at.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub state: http::Shared,
+    pub cluster: Cluster,
+}
+
+impl ServeOptions {
+    /// The model engine with the checkpoint's own EOS.
+    pub fn for_model(
+        config: ClusterConfig,
+        model: Arc<Model>,
+        tokenizer: Arc<TextTokenizer>,
+        served_model_name: String,
+    ) -> Self {
+        let mut o = Self::for_model_config(config, &model.config, tokenizer, served_model_name);
+        o.engine = Engine::Model(model);
+        o
+    }
+
+    /// Options for a model config, with the echo engine until the caller sets another.
+    pub fn for_model_config(
+        config: ClusterConfig,
+        model: &ModelConfig,
+        tokenizer: Arc<TextTokenizer>,
+        served_model_name: String,
+    ) -> Self {
+        let mut eos_ids: Vec<u32> = match &model.eos_token_id {
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| v as u32).into_iter().collect()
+            }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
+            _ => Vec::new(),
+        };
+        if let Some(id) = tokenizer
+            .eos_token
+            .as_deref()
+            .and_then(|t| tokenizer.token_to_id(t))
+            && !eos_ids.contains(&id)
+        {
+            eos_ids.push(id);
+        }
+        Self {
+            max_model_len: model.max_position_embeddings,
+            engine: Engine::Echo {
+                vocab_size: model.vocab_size,
+            },
+            config,
+            tokenizer,
+            served_model_name,
+            eos_ids,
+            fault: None,
+        }
+    }
+}
+
+fn think_ids(tok: &TextTokenizer) -> Option<ThinkIds> {
+    let newline = tok.encode("\n", false).ok()?;
+    Some(ThinkIds {
+        start: tok.token_to_id("<think>")?,
+        end: tok.token_to_id("</think>")?,
+        newline: *newline.first().filter(|_| newline.len() == 1)?,
+    })
+}
+
+/// Starts the cluster and the HTTP server; the server runs until `shutdown` resolves, then drains
+/// (stops accepting, lets running requests finish within `drain_timeout_s`).
+pub async fn start(
+    opts: ServeOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(Running, tokio::task::JoinHandle<Result<(), ServeError>>), ServeError> {
+    let cfg = &opts.config;
+    cfg.validate()
+        .map_err(|e| ServeError::Config(e.to_string()))?;
+    let board = new_board();
+    let registry = Cluster::spawn_registry(board.clone())
+        .await
+        .map_err(|e| ServeError::Actors(e.to_string()))?;
+    let transport = Arc::new(InProcTransport::new());
+    let epoch = Instant::now();
+    let mut workers = Vec::new();
+    for i in 0..cfg.prefill.workers {
+        workers.push((
+            Role::Prefill,
+            WorkerArgs {
+                id: WorkerId(i as u32),
+                engine: opts.engine.clone(),
+                kv_pages: cfg.prefill.kv_pages,
+                prefix_cache: cfg.prefill.prefix_cache,
+                sched: SchedConfig {
+                    max_running: cfg.limits.queue_max.max(1),
+                    token_budget: cfg.prefill.token_budget,
+                    chunk_tokens: cfg.prefill.chunk_tokens,
+                    waiting_max: cfg.limits.queue_max.max(1),
+                },
+                registry: registry.clone(),
+                transport: transport.clone(),
+                epoch,
+                fault: None,
+            },
+        ));
+    }
+    let first_decode = cfg.prefill.workers as u32;
+    for g in 0..cfg.decode.groups {
+        workers.push((
+            Role::Decode,
+            WorkerArgs {
+                id: WorkerId(first_decode + g as u32),
+                engine: opts.engine.clone(),
+                kv_pages: cfg.decode.kv_pages,
+                prefix_cache: false,
+                sched: SchedConfig {
+                    max_running: cfg.decode.max_running,
+                    token_budget: cfg.decode.token_budget,
+                    chunk_tokens: cfg.prefill.chunk_tokens,
+                    waiting_max: cfg.limits.queue_max.max(1),
+                },
+                registry: registry.clone(),
+                transport: transport.clone(),
+                epoch,
+                fault: if g == 0 { opts.fault } else { None },
+            },
+        ));
+    }
+    let balance = match cfg.decode.balance.as_str() {
+        "exact-min" => BalancePolicy::ExactMin,
+        "power-of-two" => BalancePolicy::PowerOfTwo { seed: 0x5eed },
+        _ => BalancePolicy::default(),
+    };
+    let (gateway, _) = Actor::spawn(
+        None,
+        Gateway,
+        GatewayArgs {
+            board: board.clone(),
+            router: PrefillRouterConfig::default(),
+            balance,
+        },
+    )
+    .await
+    .map_err(|e| ServeError::Actors(e.to_string()))?;
+    let cluster = Cluster::start(workers, board.clone(), registry)
+        .await
+        .map_err(|e| ServeError::Actors(e.to_string()))?;
+    let state = Arc::new(AppState {
+        gateway,
+        think: think_ids(&opts.tokenizer),
+        tokenizer: opts.tokenizer,
+        metrics: Arc::new(Metrics::new()),
+        board,
+        limits: HttpLimits {
+            inflight_max: cfg.limits.queue_max,
+            body_bytes_max: cfg.limits.body_bytes_max,
+            n_max: cfg.limits.n_max,
+            max_tokens_default: cfg.limits.max_tokens_default,
+            request_timeout: Duration::from_secs(cfg.limits.request_timeout_s),
+        },
+        served_model_name: opts.served_model_name,
+        max_model_len: opts.max_model_len,
+        vocab_size: opts.engine.vocab_size(),
+        eos_ids: opts.eos_ids,
+        seq_ids: Arc::new(AtomicU64::new(1)),
+        request_ids: AtomicU64::new(1),
+        inflight: AtomicUsize::new(0),
+        draining: AtomicBool::new(false),
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    });
+    let addr = listener.local_addr().map_err(ServeError::Http)?;
+    let app = http::router(state.clone());
+    let drain = Duration::from_secs(cfg.limits.drain_timeout_s);
+    let st = state.clone();
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let graceful = axum::serve(listener, app).with_graceful_shutdown(async move {
+            shutdown.await;
+            st.draining.store(true, Ordering::Release);
+            let _ = drain_tx.send(());
+        });
+        let mut serving = tokio::spawn(async move { graceful.await });
+        // Once draining starts, running requests get `drain` to finish; then the server stops.
+        tokio::select! {
+            r = &mut serving => {
+                return match r {
+                    Ok(r) => r.map_err(ServeError::Http),
+                    Err(e) => Err(ServeError::Http(std::io::Error::other(e))),
+                };
+            }
+            _ = drain_rx => {}
+        }
+        match tokio::time::timeout(drain, serving).await {
+            Ok(Ok(r)) => r.map_err(ServeError::Http),
+            Ok(Err(e)) => Err(ServeError::Http(std::io::Error::other(e))),
+            Err(_) => {
+                tracing::warn!("drain deadline of {drain:?} passed; exiting with requests running");
+                Ok(())
+            }
+        }
+    });
+    Ok((
+        Running {
+            addr,
+            state,
+            cluster,
+        },
+        server,
+    ))
+}

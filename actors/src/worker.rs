@@ -1,0 +1,73 @@
+//! What prefill and decode workers share: their start-up arguments, the clock, load reports.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use duet_core::kv::{KvConfig, KvManager};
+use duet_core::sched::{SchedConfig, Scheduler};
+use duet_core::types::WorkerId;
+use duet_transport::InProcTransport;
+use ractor::ActorRef;
+
+use crate::engine::Engine;
+use crate::registry::{RegistryMsg, WorkerLoad};
+
+/// Fault injection for tests of recovery: the worker panics inside its step handler after this
+/// many steps (`duet serve --fault-decode-panic-after-steps N`). Only the first incarnation of a
+/// worker gets it; its restarted successor runs clean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    pub panic_after_steps: u64,
+}
+
+#[derive(Clone)]
+pub struct WorkerArgs {
+    pub id: WorkerId,
+    pub engine: Engine,
+    pub kv_pages: u32,
+    pub prefix_cache: bool,
+    pub sched: SchedConfig,
+    pub registry: ActorRef<RegistryMsg>,
+    pub transport: Arc<InProcTransport>,
+    /// The process's clock origin: workers report `now_us` relative to it, so core sees one time
+    /// line.
+    pub epoch: Instant,
+    pub fault: Option<Fault>,
+}
+
+impl WorkerArgs {
+    pub fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    pub fn kv_manager(&self) -> KvManager {
+        KvManager::new(KvConfig {
+            pages_total: self.kv_pages,
+            prefix_cache: self.prefix_cache,
+        })
+    }
+
+    pub fn scheduler(&self) -> Scheduler {
+        Scheduler::new(self.sched.clone())
+    }
+}
+
+pub fn load_of(
+    sched: &Scheduler,
+    kv: &KvManager,
+    outstanding_tokens: u64,
+    max_running: usize,
+) -> WorkerLoad {
+    let stats = kv.prefix_stats();
+    WorkerLoad {
+        running: sched.running(),
+        waiting: sched.waiting(),
+        outstanding_tokens,
+        pages_free: kv.pages_available(),
+        pages_used: kv.pages_used(),
+        pages_total: kv.pages_total(),
+        max_running,
+        prefix_queried_tokens: stats.queried_tokens,
+        prefix_hit_tokens: stats.hit_tokens,
+    }
+}

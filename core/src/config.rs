@@ -1,0 +1,447 @@
+//! The cluster config schema (TOML), read by `duet serve` and later by `deploy/` and `duet plan`.
+//!
+//! Every section and every field is optional: a missing one takes the default written next to it, so
+//! an empty file is a valid one-process cluster for the tiny model on a small CPU machine. Unknown
+//! fields are errors (a misspelt limit silently ignored is worse than a refusal). [`ClusterConfig::validate`]
+//! names the offending field as `section.field`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::kv::KvConfig;
+use crate::route::BalancePolicy;
+use crate::sched::SchedConfig;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// Not TOML, a wrong type, or an unknown field (the message names it).
+    #[error("cluster config: {0}")]
+    Parse(String),
+    #[error("cluster config: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    pub model: ModelSection,
+    pub gateway: GatewaySection,
+    pub prefill: PrefillSection,
+    pub decode: DecodeSection,
+    pub limits: LimitsSection,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Model directory (config.json, safetensors, tokenizer). None: the embedded tiny model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The name clients use in `model`. None: the directory's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub served_model_name: Option<String>,
+    /// Compute dtype: "bf16" (what FlashMLA and DeepSeek serve) or "f32" (CPU reference).
+    pub dtype: String,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            path: None,
+            served_model_name: None,
+            // BF16 halves weight and KV memory; the CPU kernels accumulate in f32 either way.
+            dtype: "bf16".into(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySection {
+    pub host: String,
+    /// The OpenAI-compatible HTTP API.
+    pub port: u16,
+    /// Where workers join the cluster (control messages over QUIC).
+    pub cluster_port: u16,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        GatewaySection {
+            // All interfaces: a serving process is meant to be reached.
+            host: "0.0.0.0".into(),
+            // Unassigned by IANA and unlikely to clash with other local servers.
+            port: 9965,
+            cluster_port: 9966,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrefillSection {
+    pub workers: usize,
+    /// KV pages per worker (64 tokens each).
+    pub kv_pages: u32,
+    /// Most prompt tokens per sequence per step.
+    pub chunk_tokens: usize,
+    /// Most tokens per step.
+    pub token_budget: usize,
+    /// Most sequences prefilling at once.
+    pub max_running: usize,
+    pub prefix_cache: bool,
+}
+
+impl Default for PrefillSection {
+    fn default() -> Self {
+        PrefillSection {
+            // One process, one prefill worker: the smallest disaggregated cluster.
+            workers: 1,
+            // 512 pages = 32 Ki tokens: a few long prompts plus a warm prefix cache for the tiny model.
+            kv_pages: 512,
+            // Keeps one step short on a CPU so a long prompt does not stall the others for seconds.
+            chunk_tokens: 512,
+            // Four full chunks per step: batching amortises weight reads without long steps.
+            token_budget: 2048,
+            // Bounded by token_budget / small prompts; more only queues inside the worker.
+            max_running: 32,
+            // Chat traffic repeats system prompts and history; caching them is nearly free.
+            prefix_cache: true,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecodeSection {
+    /// DP-attention groups, each a decode worker with its own KV pool.
+    pub groups: usize,
+    /// KV pages per group (64 tokens each).
+    pub kv_pages: u32,
+    /// Decode batch cap per group.
+    pub max_running: usize,
+    /// Most tokens per step: one per running sequence, plus recompute after preemption.
+    pub token_budget: usize,
+    /// DP-group balancing: "exact-min" or "power-of-two" (see `route::BalancePolicy`).
+    pub balance: String,
+}
+
+impl Default for DecodeSection {
+    fn default() -> Self {
+        DecodeSection {
+            // Two groups: the smallest setup that exercises DP balancing.
+            groups: 2,
+            // 512 pages = 32 Ki tokens per group, enough for max_running sequences of ~1 Ki tokens.
+            kv_pages: 512,
+            // A CPU decode step grows roughly linearly past a few dozen sequences.
+            max_running: 32,
+            // A full batch plus room to recompute a preempted sequence in chunks.
+            token_budget: 512,
+            // Measured in core/examples/balance.rs; see BalancePolicy's doc.
+            balance: BalancePolicy::default().name().into(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Requests waiting at the gateway before it answers 429.
+    pub queue_max: usize,
+    /// Largest HTTP request body.
+    pub body_bytes_max: usize,
+    /// Largest `n` (choices per request).
+    pub n_max: usize,
+    /// `max_tokens` when a request gives none.
+    pub max_tokens_default: usize,
+    /// A request running longer is aborted.
+    pub request_timeout_s: u64,
+    /// On shutdown, in-flight requests get this long to finish.
+    pub drain_timeout_s: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            // A few batches' worth: beyond that a client is better told to back off than kept waiting.
+            queue_max: 256,
+            // A 160 Ki-token context is ~1 MB of text as JSON; 8 MiB leaves room for long histories.
+            body_bytes_max: 8 << 20,
+            // Each choice is a sequence with its own pages; more than 8 is rarely useful.
+            n_max: 8,
+            // Enough for a short answer from a non-reasoning request.
+            max_tokens_default: 1024,
+            // Ten minutes: long reasoning answers on slow hardware.
+            request_timeout_s: 600,
+            // Long enough for typical answers to finish, short enough for a rolling restart.
+            drain_timeout_s: 30,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Parses and validates a config file's text.
+    pub fn from_toml(s: &str) -> Result<Self, ConfigError> {
+        let cfg: ClusterConfig =
+            toml::from_str(s).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The config as TOML; `from_toml(to_toml())` gives it back.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("every field serialises to TOML")
+    }
+
+    /// Checks every value; the error names the first bad field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.model;
+        if !["bf16", "f32"].contains(&m.dtype.as_str()) {
+            return invalid(
+                "model.dtype",
+                format!("{:?} is not \"bf16\" or \"f32\"", m.dtype),
+            );
+        }
+        non_empty("model.path", m.path.as_deref())?;
+        non_empty("model.served_model_name", m.served_model_name.as_deref())?;
+
+        let g = &self.gateway;
+        non_empty("gateway.host", Some(&g.host))?;
+        at_least_1("gateway.port", g.port as u64)?;
+        at_least_1("gateway.cluster_port", g.cluster_port as u64)?;
+        if g.port == g.cluster_port {
+            return invalid(
+                "gateway.cluster_port",
+                format!("equals gateway.port ({})", g.port),
+            );
+        }
+
+        let p = &self.prefill;
+        at_least_1("prefill.workers", p.workers as u64)?;
+        at_least_1("prefill.kv_pages", p.kv_pages as u64)?;
+        at_least_1("prefill.chunk_tokens", p.chunk_tokens as u64)?;
+        at_least_1("prefill.token_budget", p.token_budget as u64)?;
+        at_least_1("prefill.max_running", p.max_running as u64)?;
+        if p.chunk_tokens > p.token_budget {
+            return invalid(
+                "prefill.chunk_tokens",
+                format!(
+                    "{} exceeds prefill.token_budget ({})",
+                    p.chunk_tokens, p.token_budget
+                ),
+            );
+        }
+
+        let d = &self.decode;
+        at_least_1("decode.groups", d.groups as u64)?;
+        at_least_1("decode.kv_pages", d.kv_pages as u64)?;
+        at_least_1("decode.max_running", d.max_running as u64)?;
+        if d.token_budget < d.max_running {
+            return invalid(
+                "decode.token_budget",
+                format!(
+                    "{} is below decode.max_running ({}): a full batch must decode in one step",
+                    d.token_budget, d.max_running
+                ),
+            );
+        }
+        if BalancePolicy::from_name(&d.balance, 0).is_none() {
+            return invalid(
+                "decode.balance",
+                format!("{:?} is not one of {:?}", d.balance, BalancePolicy::NAMES),
+            );
+        }
+
+        let l = &self.limits;
+        at_least_1("limits.queue_max", l.queue_max as u64)?;
+        at_least_1("limits.body_bytes_max", l.body_bytes_max as u64)?;
+        at_least_1("limits.n_max", l.n_max as u64)?;
+        at_least_1("limits.max_tokens_default", l.max_tokens_default as u64)?;
+        at_least_1("limits.request_timeout_s", l.request_timeout_s)?;
+        Ok(())
+    }
+
+    pub fn prefill_kv(&self) -> KvConfig {
+        KvConfig {
+            pages_total: self.prefill.kv_pages,
+            prefix_cache: self.prefill.prefix_cache,
+        }
+    }
+
+    pub fn prefill_sched(&self) -> SchedConfig {
+        SchedConfig {
+            max_running: self.prefill.max_running,
+            token_budget: self.prefill.token_budget,
+            chunk_tokens: self.prefill.chunk_tokens,
+            // The gateway holds the admission queue; a worker queues what it was routed.
+            waiting_max: self.limits.queue_max,
+        }
+    }
+
+    pub fn decode_kv(&self) -> KvConfig {
+        KvConfig {
+            pages_total: self.decode.kv_pages,
+            // Decode pages arrive from prefill workers; there is no prompt to match them against.
+            prefix_cache: false,
+        }
+    }
+
+    pub fn decode_sched(&self) -> SchedConfig {
+        SchedConfig {
+            max_running: self.decode.max_running,
+            token_budget: self.decode.token_budget,
+            // Chunks only matter for recompute after preemption; keep them as short as prefill's.
+            chunk_tokens: self.prefill.chunk_tokens.min(self.decode.token_budget),
+            waiting_max: self.limits.queue_max,
+        }
+    }
+
+    /// The decode balancing policy; `seed` seeds power-of-two's sampling.
+    pub fn balance_policy(&self, seed: u64) -> Result<BalancePolicy, ConfigError> {
+        BalancePolicy::from_name(&self.decode.balance, seed).ok_or_else(|| ConfigError::Invalid {
+            field: "decode.balance",
+            reason: format!(
+                "{:?} is not one of {:?}",
+                self.decode.balance,
+                BalancePolicy::NAMES
+            ),
+        })
+    }
+}
+
+fn invalid(field: &'static str, reason: String) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid { field, reason })
+}
+
+fn at_least_1(field: &'static str, v: u64) -> Result<(), ConfigError> {
+    if v == 0 {
+        return invalid(field, "must be at least 1".into());
+    }
+    Ok(())
+}
+
+fn non_empty(field: &'static str, v: Option<&str>) -> Result<(), ConfigError> {
+    if v.is_some_and(|s| s.trim().is_empty()) {
+        return invalid(field, "must not be empty".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn empty_file_is_the_default_and_default_is_valid() {
+        assert_eq!(ClusterConfig::from_toml(""), Ok(ClusterConfig::default()));
+        ClusterConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut c = ClusterConfig::default();
+        c.model.path = Some("/models/DeepSeek-V3".into());
+        c.model.served_model_name = Some("deepseek-v3".into());
+        c.decode.balance = "power-of-two".into();
+        c.prefill.prefix_cache = false;
+        c.limits.drain_timeout_s = 0;
+        let text = c.to_toml();
+        assert_eq!(ClusterConfig::from_toml(&text), Ok(c.clone()), "{text}");
+        assert!(
+            ClusterConfig::default()
+                .to_toml()
+                .parse::<toml::Table>()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn each_section_and_field_is_optional() {
+        let c = ClusterConfig::from_toml("[prefill]\nworkers = 3\n[decode]\n[limits]\nn_max = 2")
+            .unwrap();
+        let mut want = ClusterConfig::default();
+        want.prefill.workers = 3;
+        want.limits.n_max = 2;
+        assert_eq!(c, want);
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        for (text, name) in [
+            ("[prefill]\nworker = 2", "worker"),
+            ("[gateway]\nhost = \"::\"\nprot = 1", "prot"),
+            ("[cache]\n", "cache"),
+        ] {
+            let err = ClusterConfig::from_toml(text).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Parse(m) if m.contains(name)),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        let cases = [
+            ("[prefill]\nworkers = 0", "prefill.workers"),
+            ("[prefill]\nkv_pages = 0", "prefill.kv_pages"),
+            ("[prefill]\nchunk_tokens = 4096", "prefill.chunk_tokens"),
+            ("[decode]\nkv_pages = 0", "decode.kv_pages"),
+            ("[decode]\ngroups = 0", "decode.groups"),
+            ("[decode]\nmax_running = 600", "decode.token_budget"),
+            ("[decode]\nbalance = \"random\"", "decode.balance"),
+            ("[gateway]\nport = 0", "gateway.port"),
+            ("[gateway]\ncluster_port = 9965", "gateway.cluster_port"),
+            ("[gateway]\nhost = \"\"", "gateway.host"),
+            ("[model]\ndtype = \"fp8\"", "model.dtype"),
+            ("[model]\npath = \" \"", "model.path"),
+            ("[limits]\nqueue_max = 0", "limits.queue_max"),
+            (
+                "[limits]\nrequest_timeout_s = 0",
+                "limits.request_timeout_s",
+            ),
+        ];
+        for (text, field) in cases {
+            match ClusterConfig::from_toml(text) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        // Out of range for the type is a parse error that names the field.
+        let err = ClusterConfig::from_toml("[gateway]\nport = 70000").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Parse(m) if m.contains("port")),
+            "{err}"
+        );
+        let err = ClusterConfig::from_toml("[prefill]\nworkers = -1").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Parse(m) if m.contains("workers")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn derived_configs_follow_the_sections() {
+        let c = ClusterConfig::default();
+        assert_eq!(c.prefill_kv().pages_total, c.prefill.kv_pages);
+        assert!(!c.decode_kv().prefix_cache);
+        assert_eq!(c.decode_sched().max_running, c.decode.max_running);
+        assert_eq!(c.balance_policy(1), Ok(BalancePolicy::default()));
+    }
+
+    proptest! {
+        #[test]
+        fn from_toml_never_panics(s in ".{0,200}") {
+            let _ = ClusterConfig::from_toml(&s);
+        }
+
+        #[test]
+        fn from_toml_never_panics_on_near_configs(
+            section in prop::sample::select(vec!["model", "gateway", "prefill", "decode", "limits", "x"]),
+            field in "[a-z_]{1,20}",
+            value in prop::sample::select(vec!["0", "-1", "1e99", "\"\"", "true", "[]", "{}", "99999999999999999999", "\"bf16\""]),
+        ) {
+            let _ = ClusterConfig::from_toml(&format!("[{section}]\n{field} = {value}\n"));
+        }
+    }
+}
