@@ -431,7 +431,7 @@ async fn send_one(
         .await;
     let resp = match resp {
         Ok(r) => r,
-        Err(e) => return RequestRecord::failed(format!("request: {e}"), prompt_tokens),
+        Err(e) => return RequestRecord::failed(format!("request: {}", chain(&e)), prompt_tokens),
     };
     let status = resp.status();
     if status.as_u16() >= 400 {
@@ -445,7 +445,7 @@ async fn send_one(
     'read: while let Some(chunk) = stream.next().await {
         let chunk = match chunk {
             Ok(c) => c,
-            Err(e) => return track.fail(format!("stream broke: {e}")),
+            Err(e) => return track.fail(format!("stream broke: {}", chain(&e))),
         };
         // Events of one network chunk arrived together: one clock read serves them all.
         let t_s = start.elapsed().as_secs_f64();
@@ -462,6 +462,17 @@ async fn send_one(
         }
     }
     track.finish(start.elapsed().as_secs_f64())
+}
+
+/// An error with its causes: reqwest's own message ("error sending request") names none.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let _ = write!(s, ": {c}");
+        cause = c.source();
+    }
+    s
 }
 
 /// The first [`ERROR_BODY_BYTES_MAX`] bytes of an error response, read without buffering more.
@@ -751,7 +762,8 @@ pub fn summarize(records: &[RequestRecord], duration_s: f64) -> Summary {
             .collect(),
     );
     let itl = stats_ms(ok.iter().flat_map(|r| r.itl_s.iter().copied()).collect());
-    let e2e_total_s: f64 = ok.iter().map(|r| r.e2e_s).sum();
+    // `fold` from +0.0: `sum` of no floats is -0.0, which would print as "-0.00".
+    let e2e_total_s = ok.iter().map(|r| r.e2e_s).fold(0.0, |a, b| a + b);
     Summary {
         endpoint: Endpoint::Completions,
         request_rate: None,
@@ -1393,5 +1405,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((s.completed, s.failed), (0, 2));
+        assert!(s.first_error.unwrap().to_lowercase().contains("refused"));
+        assert_eq!(s.concurrency.to_string(), "0", "not -0");
     }
 }

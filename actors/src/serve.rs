@@ -8,8 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use duet_core::config::ClusterConfig;
-use duet_core::route::{BalancePolicy, PrefillRouterConfig};
-use duet_core::sched::SchedConfig;
+use duet_core::route::PrefillRouterConfig;
 use duet_core::types::WorkerId;
 use duet_model::tokenizer::TextTokenizer;
 use duet_model::{Model, ModelConfig};
@@ -21,6 +20,7 @@ use crate::engine::Engine;
 use crate::gateway::http::{self, AppState, HttpLimits, ThinkIds};
 use crate::gateway::{Gateway, GatewayArgs};
 use crate::metrics::Metrics;
+use crate::registry::RegistryMsg;
 use crate::worker::{Fault, WorkerArgs};
 
 #[derive(Debug, thiserror::Error)]
@@ -142,12 +142,7 @@ pub async fn start(
                 engine: opts.engine.clone(),
                 kv_pages: cfg.prefill.kv_pages,
                 prefix_cache: cfg.prefill.prefix_cache,
-                sched: SchedConfig {
-                    max_running: cfg.limits.queue_max.max(1),
-                    token_budget: cfg.prefill.token_budget,
-                    chunk_tokens: cfg.prefill.chunk_tokens,
-                    waiting_max: cfg.limits.queue_max.max(1),
-                },
+                sched: cfg.prefill_sched(),
                 registry: registry.clone(),
                 transport: transport.clone(),
                 epoch,
@@ -164,12 +159,7 @@ pub async fn start(
                 engine: opts.engine.clone(),
                 kv_pages: cfg.decode.kv_pages,
                 prefix_cache: false,
-                sched: SchedConfig {
-                    max_running: cfg.decode.max_running,
-                    token_budget: cfg.decode.token_budget,
-                    chunk_tokens: cfg.prefill.chunk_tokens,
-                    waiting_max: cfg.limits.queue_max.max(1),
-                },
+                sched: cfg.decode_sched(),
                 registry: registry.clone(),
                 transport: transport.clone(),
                 epoch,
@@ -177,11 +167,10 @@ pub async fn start(
             },
         ));
     }
-    let balance = match cfg.decode.balance.as_str() {
-        "exact-min" => BalancePolicy::ExactMin,
-        "power-of-two" => BalancePolicy::PowerOfTwo { seed: 0x5eed },
-        _ => BalancePolicy::default(),
-    };
+    // A fixed seed: the gateway's choices replay exactly for the same request order.
+    let balance = cfg
+        .balance_policy(0x5eed)
+        .map_err(|e| ServeError::Config(e.to_string()))?;
     let (gateway, _) = Actor::spawn(
         None,
         Gateway,
@@ -195,6 +184,10 @@ pub async fn start(
     .map_err(|e| ServeError::Actors(e.to_string()))?;
     let cluster = Cluster::start(workers, board.clone(), registry)
         .await
+        .map_err(|e| ServeError::Actors(e.to_string()))?;
+    // Workers registered in their pre_start, before the supervisor finished starting; once the
+    // registry answers this, the board lists all of them.
+    ractor::call!(cluster.registry, RegistryMsg::Sync)
         .map_err(|e| ServeError::Actors(e.to_string()))?;
     let state = Arc::new(AppState {
         gateway,

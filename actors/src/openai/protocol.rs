@@ -1967,11 +1967,11 @@ mod tests {
         #[test]
         fn arbitrary_json_never_panics(v in json_value()) {
             let body = serde_json::to_vec(&v).unwrap();
-            if let Ok(r) = parse_json::<ChatCompletionRequest>(&body) {
-                if let Ok(c) = validate_chat(r, &LIMITS) {
-                    prop_assert!(c.params.n >= 1 && c.params.n <= LIMITS.n_max);
-                    prop_assert!(c.messages.as_array().is_some_and(|m| !m.is_empty()));
-                }
+            if let Ok(r) = parse_json::<ChatCompletionRequest>(&body)
+                && let Ok(c) = validate_chat(r, &LIMITS)
+            {
+                prop_assert!(c.params.n >= 1 && c.params.n <= LIMITS.n_max);
+                prop_assert!(c.messages.as_array().is_some_and(|m| !m.is_empty()));
             }
             if let Ok(r) = parse_json::<CompletionRequest>(&body) {
                 let _ = validate_completion(r, &LIMITS);

@@ -90,6 +90,9 @@ pub enum RegistryMsg {
     Gone {
         id: WorkerId,
     },
+    /// Replies once every message sent before it was applied (start-up waits on it, so the
+    /// server reports ready only when the board lists every worker).
+    Sync(ractor::RpcReplyPort<()>),
 }
 
 pub struct Registry;
@@ -132,6 +135,9 @@ impl Actor for Registry {
             RegistryMsg::Gone { id } => {
                 b.prefill.remove(&id);
                 b.decode.remove(&id);
+            }
+            RegistryMsg::Sync(reply) => {
+                let _ = reply.send(());
             }
         }
         Ok(())

@@ -1,0 +1,189 @@
+//! Spawning `duet serve` as a user does and talking HTTP to it.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use duet_actors::openai::sse::{SseParser, is_done};
+use serde_json::Value;
+
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub stderr: PathBuf,
+}
+
+/// The tests' model cache: the embedded default model is written here once, not into $HOME.
+pub fn cache_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("duet-cache")
+}
+
+impl Server {
+    /// Starts `duet serve` on a free port and returns once it printed its URL, which it does only
+    /// after every worker registered.
+    pub fn start(args: &[&str]) -> Server {
+        let stderr = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "serve-{}-{}.log",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_duet"))
+            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .env("DUET_CACHE_DIR", cache_dir())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawning duet serve");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut base = None;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(url) = line
+                .split(" at ")
+                .nth(1)
+                .filter(|_| line.starts_with("duet serving"))
+            {
+                base = Some(url.trim().to_string());
+                break;
+            }
+        }
+        let Some(base) = base else {
+            let _ = child.kill();
+            panic!(
+                "duet serve exited without printing its URL: {}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            base,
+            stderr,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit, up to `deadline`.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+pub async fn post(url: &str, body: &Value) -> (u16, Value) {
+    let r = client().post(url).json(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+pub async fn post_raw(
+    url: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let r = client()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        headers,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+pub async fn get(url: &str) -> (u16, String) {
+    let r = client().get(url).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// Posts a streaming request and collects every JSON event; asserts the stream ends with [DONE].
+pub async fn stream(url: &str, body: &Value) -> Vec<Value> {
+    use futures::StreamExt;
+    let r = client().post(url).json(body).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+    let mut parser = SseParser::new();
+    let mut out = Vec::new();
+    let mut done = false;
+    let mut bytes = r.bytes_stream();
+    while let Some(chunk) = bytes.next().await {
+        for ev in parser.push(&chunk.unwrap()).unwrap() {
+            assert!(!done, "event after [DONE]");
+            if is_done(&ev) {
+                done = true;
+            } else {
+                out.push(serde_json::from_str(&ev.data).unwrap());
+            }
+        }
+    }
+    assert!(done, "stream ended without [DONE]");
+    out
+}
+
+/// Value of a Prometheus sample line `name{labels} value` (first match).
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Polls `check` until it holds or `deadline` passes (waiting on the server's own endpoints,
+/// not sleeping for a guessed time).
+pub async fn eventually<F, Fut>(deadline: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
