@@ -1,0 +1,219 @@
+"""The official `openai` Python client against `duet serve`, as users call it.
+
+Run by scripts/test.sh in a venv with `openai` installed; DUET_BIN names the binary. Two servers:
+the embedded default model, and the echo engine (`--engine echo`, a test tool that replays the
+rendered prompt's tokens), which makes tool calls and reasoning deterministic.
+"""
+
+import json
+import os
+import subprocess
+import unittest
+
+import openai
+
+DUET = os.environ.get("DUET_BIN", "target/debug/duet")
+
+CALL = (
+    "Let me check.</think>I will look it up.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function"
+    "<｜tool▁sep｜>get_weather\n```json\n{\"city\": \"Paris\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+)
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+
+
+class Server:
+    def __init__(self, *args):
+        self.proc = subprocess.Popen(
+            [DUET, "serve", "--host", "127.0.0.1", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.url = None
+        # The server prints its URL once every worker has registered: no polling needed.
+        for line in self.proc.stdout:
+            if line.startswith("duet serving"):
+                self.url = line.split(" at ")[1].strip()
+                break
+        if self.url is None:
+            raise RuntimeError("duet serve exited without printing its URL")
+
+    def client(self):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class ModelServerTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server()
+        cls.client = cls.server.client()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def test_chat(self):
+        r = self.client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "Why is the sky blue?"}],
+            max_tokens=8,
+            temperature=0,
+        )
+        self.assertEqual(r.object, "chat.completion")
+        self.assertEqual(r.choices[0].message.role, "assistant")
+        self.assertIn(r.choices[0].finish_reason, ("stop", "length"))
+        self.assertLessEqual(r.usage.completion_tokens, 8)
+        self.assertGreater(r.usage.prompt_tokens, 0)
+
+    def test_streamed_chat_with_usage(self):
+        chunks = list(
+            self.client.chat.completions.create(
+                model="default",
+                messages=[{"role": "user", "content": "Count to three."}],
+                max_tokens=10,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+        )
+        self.assertEqual(chunks[0].choices[0].delta.role, "assistant")
+        self.assertEqual(chunks[-1].choices, [])
+        self.assertEqual(chunks[-1].usage.completion_tokens, 10)
+        self.assertIsNotNone(chunks[-1].usage.prompt_tokens_details)
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        self.assertEqual(finishes, ["length"])
+
+    def test_completions(self):
+        r = self.client.completions.create(
+            model="default", prompt="The capital of France is", max_tokens=5, temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        self.assertEqual(r.object, "text_completion")
+        self.assertIsInstance(r.choices[0].text, str)
+        self.assertEqual(r.usage.completion_tokens, 5)
+        again = self.client.completions.create(
+            model="default", prompt="The capital of France is", max_tokens=5, temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        self.assertEqual(again.choices[0].text, r.choices[0].text)
+
+    def test_models(self):
+        ids = [m.id for m in self.client.models.list()]
+        self.assertEqual(len(ids), 1)
+
+    def test_errors_are_4xx(self):
+        with self.assertRaises(openai.BadRequestError) as e:
+            self.client.chat.completions.create(
+                model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=0
+            )
+        self.assertIn("max_tokens", str(e.exception))
+        with self.assertRaises(openai.NotFoundError):
+            self.client.chat.completions.create(
+                model="no-such-model", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+        with self.assertRaises(openai.BadRequestError):
+            self.client.chat.completions.create(
+                model="default", messages=[{"role": "user", "content": "hi"}], temperature=5
+            )
+        with self.assertRaises(openai.BadRequestError):
+            self.client.completions.create(model="default", prompt=[5] * 200_000, max_tokens=1)
+
+
+class EchoServerTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server("--engine", "echo")
+        cls.client = cls.server.client()
+        tok = cls.client.post(
+            "/../tokenize",
+            body={"prompt": "<｜Assistant｜>", "add_special_tokens": False},
+            cast_to=object,
+        )
+        cls.stop_id = tok["tokens"][0]
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def test_tool_call_round_trip(self):
+        r = self.client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": CALL}],
+            tools=TOOLS,
+            max_tokens=200,
+            extra_body={"stop_token_ids": [self.stop_id]},
+        )
+        choice = r.choices[0]
+        self.assertEqual(choice.finish_reason, "tool_calls")
+        call = choice.message.tool_calls[0]
+        self.assertEqual(call.function.name, "get_weather")
+        self.assertEqual(json.loads(call.function.arguments), {"city": "Paris"})
+        # The call and the tool's result go back for the next turn.
+        r2 = self.client.chat.completions.create(
+            model="default",
+            messages=[
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                {"role": "tool", "tool_call_id": call.id, "content": "{\"temp\": 21}"},
+            ],
+            tools=TOOLS,
+            max_tokens=4,
+        )
+        self.assertEqual(r2.choices[0].message.role, "assistant")
+
+    def test_streamed_tool_call_arguments(self):
+        stream = self.client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": CALL}],
+            tools=TOOLS,
+            max_tokens=200,
+            stream=True,
+            extra_body={"stop_token_ids": [self.stop_id]},
+        )
+        name, args, finish = None, "", None
+        for chunk in stream:
+            for d in chunk.choices[0].delta.tool_calls or []:
+                if d.function.name:
+                    name = d.function.name
+                args += d.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+        self.assertEqual(name, "get_weather")
+        self.assertEqual(json.loads(args), {"city": "Paris"})
+        self.assertEqual(finish, "tool_calls")
+
+    def test_reasoning_content_in_a_stream(self):
+        stream = self.client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "Think first.</think>The answer is 4."}],
+            max_tokens=200,
+            stream=True,
+            extra_body={"stop_token_ids": [self.stop_id]},
+        )
+        reasoning, content = "", ""
+        for chunk in stream:
+            delta = chunk.choices[0].delta
+            reasoning += getattr(delta, "reasoning_content", None) or ""
+            content += delta.content or ""
+        self.assertTrue(reasoning.endswith("Think first."), reasoning)
+        self.assertEqual(content, "The answer is 4.")
+
+
+if __name__ == "__main__":
+    unittest.main()
