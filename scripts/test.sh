@@ -4,14 +4,29 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Nothing outside cargo is needed yet: the model engine, tokenizer and chat template are pure
-# Rust. (UCX and the openai-client venv arrive with the serving and transport issues, and are
-# installed here when they do.)
 if ! command -v cargo >/dev/null; then
     echo "cargo not found: install Rust (stable, edition 2024) first" >&2
     exit 1
 fi
 
+# The openai-client tests need Python 3 with venv, and the official `openai` package from PyPI,
+# installed into a venv under target/ (never into the system Python).
+VENV=target/venv-openai
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
+    if ! command -v python3 >/dev/null || ! python3 -m venv --help >/dev/null 2>&1; then
+        echo "installing python3-venv" >&2
+        if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+        $SUDO apt-get update -qq && $SUDO apt-get install -y -qq python3 python3-venv
+    fi
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40"
+fi
+
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+
+# The official openai client against the real binary (built by the cargo test run above).
+DUET_BIN="$(pwd)/target/debug/duet" "$VENV/bin/python" -m unittest -v tests/openai_client/test_openai_client.py 2>&1 | tee target/openai-client.log
+tail -n 3 target/openai-client.log | grep -q '^OK' || { echo "openai client tests failed" >&2; exit 1; }
