@@ -1151,7 +1151,7 @@ mod tests {
             (c["max_tokens"].as_u64(), c["ignore_eos"].as_bool()),
             (Some(9), Some(true))
         );
-        assert_eq!(c["stream_options"]["include_usage"], true);
+        assert_eq!(c["stream_options"]["include_usage"], json!(true));
         assert_eq!(body(&["--prompt-ids"])["prompt"], json!([5, 6]));
         let chat = body(&["--endpoint", "chat", "--model", "m"]);
         assert_eq!(chat["messages"][0]["content"], "hello");
@@ -1159,7 +1159,7 @@ mod tests {
         let g = body(&["--endpoint", "generate", "--disable-ignore-eos"]);
         assert_eq!(g["input_ids"], json!([5, 6]));
         assert_eq!(g["sampling_params"]["max_new_tokens"], 9);
-        assert_eq!(g["sampling_params"]["ignore_eos"], false);
+        assert_eq!(g["sampling_params"]["ignore_eos"], json!(false));
     }
 
     #[test]

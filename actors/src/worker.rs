@@ -48,7 +48,7 @@ impl WorkerArgs {
     }
 
     pub fn scheduler(&self) -> Scheduler {
-        Scheduler::new(self.sched.clone())
+        Scheduler::new(self.sched)
     }
 }
 
