@@ -13,6 +13,7 @@ use duet_core::types::WorkerId;
 use duet_model::tokenizer::TextTokenizer;
 use duet_model::{Model, ModelConfig};
 use duet_transport::InProcTransport;
+use axum::serve::ListenerExt;
 use ractor::Actor;
 
 use crate::cluster::{Cluster, Role, new_board};
@@ -216,6 +217,13 @@ pub async fn start(
     });
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     let app = http::router(state.clone());
+    // Every SSE event is a small write; without TCP_NODELAY Nagle's algorithm holds each one for
+    // up to 40 ms waiting for the client's ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!("TCP_NODELAY: {e}");
+        }
+    });
     let drain = Duration::from_secs(cfg.limits.drain_timeout_s);
     let st = state.clone();
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
