@@ -82,6 +82,8 @@ fn config(a: &Args) -> Result<ClusterConfig> {
     }
     if let Some(n) = a.max_running {
         c.decode.max_running = n;
+        // A step must be able to hold one decode token per running sequence.
+        c.decode.token_budget = c.decode.token_budget.max(n);
     }
     if let Some(n) = a.kv_pages {
         c.prefill.kv_pages = n;
