@@ -146,3 +146,27 @@ async fn a_panicking_decode_worker_loses_no_request_and_no_token() {
     let h: Value = serde_json::from_str(&h).unwrap();
     assert_eq!(h["decode_groups"], 2, "the failed group was restarted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preempted_sequences_finish_later_with_the_same_tokens() {
+    // One decode group of 6 pages (384 tokens): four sequences growing to 64 + 120 tokens need
+    // 12 pages, so the group must preempt (free and later recompute) some of them.
+    let small = Server::start(&["--decode-groups", "1", "--kv-pages", "6", "--max-running", "4"]);
+    let roomy = Server::start(&["--decode-groups", "1"]);
+    let body = |i: u32| {
+        let ids: Vec<u32> = (0..64).map(|t| 2000 + i * 100 + t).collect();
+        json!({"input_ids": ids, "sampling_params": {"max_new_tokens": 120, "temperature": 0, "ignore_eos": true}})
+    };
+    let url = small.url("/generate");
+    let runs = (0..4).map(|i| {
+        let url = url.clone();
+        async move { post(&url, &body(i)).await }
+    });
+    let results = futures::future::join_all(runs).await;
+    for (i, (status, v)) in results.into_iter().enumerate() {
+        assert_eq!(status, 200, "{v}");
+        let (_, want) = post(&roomy.url("/generate"), &body(i as u32)).await;
+        assert_eq!(v["output_ids"], want["output_ids"], "sequence {i}");
+        assert_eq!(v["meta_info"]["completion_tokens"], 120);
+    }
+}
