@@ -16,7 +16,11 @@ fn tools() -> Value {
 }
 
 async fn assistant_token(srv: &Server) -> u64 {
-    let (_, t) = post(&srv.url("/tokenize"), &json!({"prompt": "<｜Assistant｜>", "add_special_tokens": false})).await;
+    let (_, t) = post(
+        &srv.url("/tokenize"),
+        &json!({"prompt": "<｜Assistant｜>", "add_special_tokens": false}),
+    )
+    .await;
     assert_eq!(t["count"], 1, "{t}");
     t["tokens"][0].as_u64().unwrap()
 }
@@ -34,11 +38,17 @@ async fn tool_calls_round_trip_whole_and_streamed() {
     assert_eq!(choice["finish_reason"], "tool_calls");
     let msg = &choice["message"];
     assert_eq!(msg["content"], "I will look it up.");
-    assert!(msg["reasoning_content"].as_str().unwrap().ends_with("Let me check."));
+    assert!(
+        msg["reasoning_content"]
+            .as_str()
+            .unwrap()
+            .ends_with("Let me check.")
+    );
     let call = &msg["tool_calls"][0];
     assert_eq!(call["type"], "function");
     assert_eq!(call["function"]["name"], "get_weather");
-    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
     assert_eq!(args, json!({"city": "Paris", "unit": "°C"}));
 
     // Streamed: the name arrives first with empty arguments, then argument fragments whose
@@ -96,5 +106,10 @@ async fn tool_text_without_tools_in_the_request_stays_content() {
     let msg = &v["choices"][0]["message"];
     assert!(msg.get("tool_calls").is_none());
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
-    assert!(msg["content"].as_str().unwrap().contains("<｜tool▁calls▁begin｜>"));
+    assert!(
+        msg["content"]
+            .as_str()
+            .unwrap()
+            .contains("<｜tool▁calls▁begin｜>")
+    );
 }

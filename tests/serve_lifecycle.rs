@@ -156,7 +156,16 @@ async fn preempted_sequences_finish_later_with_the_same_tokens() {
     // Exact f32: a recomputed sequence's KV comes from the prefill form of MLA instead of the
     // absorbed decode form; in BF16 the two round differently and a near-tie can flip a greedy
     // token (seen here), in f32 they agree to ~1e-6.
-    let small = Server::start(&["--decode-groups", "1", "--kv-pages", "6", "--max-running", "4", "--dtype", "f32"]);
+    let small = Server::start(&[
+        "--decode-groups",
+        "1",
+        "--kv-pages",
+        "6",
+        "--max-running",
+        "4",
+        "--dtype",
+        "f32",
+    ]);
     let roomy = Server::start(&["--decode-groups", "1", "--dtype", "f32"]);
     let body = |i: u32| {
         let ids: Vec<u32> = (0..64).map(|t| 2000 + i * 100 + t).collect();

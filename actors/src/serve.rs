@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use axum::serve::ListenerExt;
 use duet_core::config::ClusterConfig;
 use duet_core::route::PrefillRouterConfig;
 use duet_core::types::WorkerId;
 use duet_model::tokenizer::TextTokenizer;
 use duet_model::{Model, ModelConfig};
 use duet_transport::InProcTransport;
-use axum::serve::ListenerExt;
 use ractor::Actor;
 
 use crate::cluster::{Cluster, Role, new_board};
