@@ -17,6 +17,7 @@ use serde_json::json;
 mod bench;
 mod engine_bench;
 mod serve;
+mod sim_cli;
 
 #[derive(Parser)]
 #[command(
@@ -108,6 +109,10 @@ enum Cmd {
     Serve(serve::Args),
     /// Load generator for a running server, in the manner of SGLang's bench_serving.
     Bench(bench::Args),
+    /// Simulate a PD cluster in virtual time with core's policies and a calibrated cost model.
+    Sim(sim_cli::SimArgs),
+    /// Search P:D node counts, EP sizes and batch caps for the smallest cluster meeting an SLO.
+    Plan(sim_cli::PlanArgs),
 }
 
 fn main() -> Result<()> {
@@ -156,6 +161,8 @@ fn main() -> Result<()> {
         Cmd::EngineBench(args) => engine_bench::run(args),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Serve(args) => serve::run(args),
+        Cmd::Sim(args) => sim_cli::run_sim(args),
+        Cmd::Plan(args) => sim_cli::run_plan(args),
     }
 }
 

@@ -187,6 +187,24 @@ impl ChatTemplate {
         tools: Option<&Json>,
         add_generation_prompt: bool,
     ) -> Result<String, Error> {
+        self.render_with(
+            messages,
+            tools,
+            add_generation_prompt,
+            &serde_json::Map::new(),
+        )
+    }
+
+    /// [`ChatTemplate::render`] with extra template variables (the API's `chat_template_kwargs`,
+    /// e.g. `{"thinking": true}` for templates that switch reasoning on). They cannot override
+    /// the standard variables.
+    pub fn render_with(
+        &self,
+        messages: &Json,
+        tools: Option<&Json>,
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, Json>,
+    ) -> Result<String, Error> {
         if !messages.is_array() {
             return Err(Error::Template("messages must be an array".into()));
         }
@@ -200,6 +218,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
+            ..Value::from(minijinja::value::Serde(kwargs))
         };
         tmpl.render(ctx).map_err(|e| {
             let mut msg = e.to_string();
@@ -227,6 +246,23 @@ mod tests {
             python_json(&json!({"a": [1, 2]}), Some(2)),
             "{\n  \"a\": [\n    1,\n    2\n  ]\n}"
         );
+    }
+
+    #[test]
+    fn kwargs_reach_the_template_but_not_over_standard_variables() {
+        let t = ChatTemplate::new(
+            "{% if thinking %}<think>{% endif %}{{ bos_token }}".into(),
+            "<s>".into(),
+            String::new(),
+        )
+        .unwrap();
+        let kw = json!({"thinking": true, "bos_token": "X"});
+        let kw = kw.as_object().unwrap();
+        assert_eq!(
+            t.render_with(&json!([]), None, false, kw).unwrap(),
+            "<think><s>"
+        );
+        assert_eq!(t.render(&json!([]), None, false).unwrap(), "<s>");
     }
 
     #[test]

@@ -97,11 +97,22 @@ impl TextTokenizer {
         tools: Option<&Json>,
         add_generation_prompt: bool,
     ) -> Result<(String, Vec<u32>), Error> {
+        self.apply_chat_template_with(messages, tools, add_generation_prompt, &Default::default())
+    }
+
+    /// [`TextTokenizer::apply_chat_template`] with extra template variables.
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &Json,
+        tools: Option<&Json>,
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, Json>,
+    ) -> Result<(String, Vec<u32>), Error> {
         let chat = self
             .chat
             .as_ref()
             .ok_or_else(|| Error::Template("tokenizer_config.json has no chat_template".into()))?;
-        let text = chat.render(messages, tools, add_generation_prompt)?;
+        let text = chat.render_with(messages, tools, add_generation_prompt, kwargs)?;
         let ids = self.encode(&text, false)?;
         Ok((text, ids))
     }

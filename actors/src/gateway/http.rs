@@ -454,7 +454,12 @@ async fn chat_inner(s: Shared, body: Body) -> Result<Response, ApiError> {
         .map(|t| serde_json::to_value(t).unwrap_or(Value::Null));
     let (text, ids) = s
         .tokenizer
-        .apply_chat_template(&v.messages, tools_json.as_ref(), true)
+        .apply_chat_template_with(
+            &v.messages,
+            tools_json.as_ref(),
+            true,
+            &v.chat_template_kwargs,
+        )
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     s.fit(ids.len(), &mut v.params)?;
     let admission = admit(&s)?;

@@ -1,0 +1,352 @@
+//! The cost model: how long one synchronised step of an expert-parallel group takes, from the GPU's
+//! peaks (hardware.rs), the model's sizes (model.rs) and the calibration (calibration.toml).
+//!
+//! # Model
+//!
+//! A prefill or decode *group* is `ep` GPUs that run MLA and the replicated weights data-parallel
+//! (one scheduler per GPU, a "rank") and the routed experts expert-parallel. Every MoE layer's
+//! dispatch and combine synchronise the ranks, so a step lasts as long as its slowest rank:
+//!
+//! - **attention** per rank (anchors §10d): prefill in MHA form, `layers·2·heads·(192+128)` FLOP per
+//!   query token per earlier token (causal: a chunk `[s, s+n)` costs `n·(s + (n+1)/2)` pairs), plus
+//!   decompressing a cached prefix through `kv_b`; decode in the absorbed form,
+//!   `layers·2·heads·(576+512)` FLOP per query token per context token, or reading the latent KV from
+//!   HBM if that takes longer (roofline: FlashMLA is compute-bound at h_q = 128, §3);
+//! - **replicated linear layers** per rank (MLA projections, dense FFN, shared expert, router):
+//!   `2 × params` FLOP per token at the GEMM efficiency, or one read of their FP8 weights per
+//!   micro-batch if that takes longer; lm_head only for tokens that sample;
+//! - **routed experts**: after dispatch each GPU holds `tokens_in_group × top_k / ep` token–expert
+//!   pairs on average, times the EPLB imbalance factor (max/mean; EPLB itself is not in core yet), each
+//!   `2 × 3·hidden·moe_inter` FLOP per MoE layer, or one read of the GPU's expert weights;
+//! - **EP all-to-all** per MoE layer for the rank sending most: FP8 dispatch (hidden + scales) and BF16
+//!   combine per expert copy (§10d: 7,392 + 14,336 B for V3). Within one NVLink domain everything goes
+//!   over NVLink. Across nodes, prefill uses DeepEP's normal kernels, which send a token once per remote
+//!   node and fan out over NVLink (§4a); decode uses the low-latency kernels, which send every remote
+//!   copy over RDMA (§4b, §10d "before dedup"). Plus a fixed latency per dispatch and combine;
+//! - **two-micro-batch overlap**: `step = compute + comm − overlap · min(compute, comm) + overhead`, with
+//!   the overlap fraction per phase from the calibration; the weights are read once per micro-batch;
+//! - **MTP**: each decode sequence verifies `1 + drafts` query tokens per step, and the draft module
+//!   costs `draft_layer_cost / layers` of the step per draft.
+//!
+//! PD handoff: `tokens × kv_bytes_per_token` (70,272 B for V3) over the prefill GPU's NIC at the RDMA
+//! efficiency; layer-wise streaming leaves only the last layer's share after the final chunk.
+
+use serde::Serialize;
+
+use crate::SimError;
+use crate::calibration::Calibration;
+use crate::hardware::Gpu;
+use crate::model::ModelConfig;
+
+/// Prefill or decode: which attention form, all-to-all kernels and overlap apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Phase {
+    Prefill,
+    Decode,
+}
+
+/// Micro-batches per step: DeepSeek and SGLang both run two (anchors §1, §2).
+const MICRO_BATCHES: f64 = 2.0;
+/// Above this many query tokens a decode-side item (recompute after preemption) runs in the prefill
+/// (MHA) form, as engines switch forms for extends.
+const ABSORBED_QUERY_TOKENS_MAX: usize = 16;
+/// V3's node-limited routing sends a token to at most 4 nodes (anchors §1b); other configs use their
+/// `topk_group` implicitly through the same cap, the only published value.
+const ROUTED_NODES_MAX: f64 = 4.0;
+
+/// One rank's work in one step, accumulated item by item.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RankWork {
+    /// Query tokens (MTP draft tokens included).
+    pub tokens: f64,
+    /// Tokens whose logits are needed (lm_head).
+    pub sampled: f64,
+    pub attn_flops: f64,
+    pub kv_read_bytes: f64,
+}
+
+/// A group's parallel layout.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct GroupShape {
+    /// GPUs in the EP group (= DP-attention ranks).
+    pub ep: usize,
+    pub gpus_per_node: usize,
+    /// MTP draft tokens verified per decode step (0: no MTP).
+    pub mtp_drafts: usize,
+    /// Routed load perfectly balanced (DeepSeek's profile setup) instead of the EPLB factor.
+    pub balanced_moe: bool,
+}
+
+/// The time of one step and its parts, µs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct StepCost {
+    pub attn_dense_us: f64,
+    pub moe_us: f64,
+    pub comm_us: f64,
+    pub total_us: f64,
+}
+
+/// Costs for one group shape on one GPU type. See the module doc.
+#[derive(Debug, Clone)]
+pub struct CostModel {
+    pub model: ModelConfig,
+    pub gpu: Gpu,
+    pub cal: Calibration,
+    pub shape: GroupShape,
+    /// Routed-expert replicas each GPU holds per MoE layer.
+    pub expert_slots: f64,
+    imbalance: f64,
+    replicated_params: f64,
+    replicated_bytes: f64,
+    lm_head_params: f64,
+    expert_bytes_per_gpu: f64,
+    kv_bytes_per_token: f64,
+}
+
+impl CostModel {
+    pub fn new(
+        model: &ModelConfig,
+        gpu: Gpu,
+        cal: &Calibration,
+        shape: GroupShape,
+    ) -> Result<Self, SimError> {
+        if shape.ep == 0 || shape.gpus_per_node == 0 {
+            return Err(SimError::Invalid(
+                "EP size and GPUs per node must be at least 1".into(),
+            ));
+        }
+        let redundant = if shape.ep > 1 {
+            cal.moe.redundant_experts as f64
+        } else {
+            0.0
+        };
+        let expert_slots = ((model.n_routed_experts as f64 + redundant) / shape.ep as f64).ceil();
+        let imbalance = if shape.balanced_moe || shape.ep == 1 {
+            1.0
+        } else {
+            cal.moe.eplb_imbalance
+        };
+        Ok(CostModel {
+            model: model.clone(),
+            gpu,
+            cal: cal.clone(),
+            shape,
+            expert_slots,
+            imbalance,
+            replicated_params: model.replicated_linear_params(),
+            replicated_bytes: model.replicated_linear_params(),
+            lm_head_params: model.lm_head_params(),
+            expert_bytes_per_gpu: model.moe_layers() * expert_slots * model.expert_params(),
+            kv_bytes_per_token: model.kv_bytes_per_token() as f64,
+        })
+    }
+
+    /// Weight bytes per GPU.
+    pub fn weight_bytes_per_gpu(&self) -> f64 {
+        self.model.weight_bytes_per_gpu(self.expert_slots)
+    }
+
+    /// KV pages (64 tokens) that fit on one GPU beside the weights and the activation reserve; the
+    /// memory bound on the batch. Errors when the weights alone do not fit.
+    pub fn kv_pages_per_gpu(&self) -> Result<u32, SimError> {
+        let usable = self.gpu.hbm_bytes * self.cal.memory.hbm_usable_fraction
+            - self.weight_bytes_per_gpu()
+            - self.cal.memory.activation_reserve_bytes;
+        let page_bytes = self.kv_bytes_per_token * duet_core::PAGE_TOKENS as f64;
+        if usable < page_bytes * 16.0 {
+            return Err(SimError::DoesNotFit(format!(
+                "{} GB of weights per GPU at EP{} leave no room for KV on a {} GB {}",
+                (self.weight_bytes_per_gpu() / 1e9).round(),
+                self.shape.ep,
+                (self.gpu.hbm_bytes / 1e9).round(),
+                self.gpu.name
+            )));
+        }
+        // u32 page ids bound the pool; no GPU comes near 4 G pages of 4.5 MB.
+        Ok((usable / page_bytes).min(u32::MAX as f64 / 2.0) as u32)
+    }
+
+    /// Adds a prefill chunk `[start, start + len)` to a rank's work.
+    pub fn add_prefill_item(&self, w: &mut RankWork, start: usize, len: usize, samples: bool) {
+        let (s, n) = (start as f64, len as f64);
+        w.tokens += n;
+        w.sampled += f64::from(u8::from(samples));
+        w.attn_flops += self.model.prefill_attn_flops_per_ctx() * n * (s + (n + 1.0) / 2.0)
+            + self.model.prefix_decompress_flops_per_token() * s;
+        w.kv_read_bytes += (s + n) * self.kv_bytes_per_token;
+    }
+
+    /// Adds a decode item (`len` new tokens at `start`, verifying `mtp_drafts` drafts when it samples).
+    pub fn add_decode_item(&self, w: &mut RankWork, start: usize, len: usize, samples: bool) {
+        if len > ABSORBED_QUERY_TOKENS_MAX {
+            return self.add_prefill_item(w, start, len, samples);
+        }
+        // An MTP step verifies the last accepted token plus the drafts: 1 + drafts query tokens,
+        // however many tokens the previous step accepted (those arrive here as a longer item).
+        let q = if samples {
+            len.max(1 + self.shape.mtp_drafts) as f64
+        } else {
+            len as f64
+        };
+        let ctx = (start + len) as f64;
+        w.tokens += q;
+        w.sampled += if samples { q } else { 0.0 };
+        w.attn_flops += self.model.decode_attn_flops_per_ctx() * q * ctx;
+        w.kv_read_bytes += ctx * self.kv_bytes_per_token;
+    }
+
+    /// The duration of one step of the group whose ranks did `ranks`.
+    pub fn step(&self, phase: Phase, ranks: &[RankWork]) -> StepCost {
+        let g = &self.gpu;
+        let c = &self.cal.compute;
+        let gemm = g.fp8_flops * c.gemm_efficiency;
+        let hbm = g.hbm_bytes_per_s * c.hbm_efficiency;
+        let attn_peak = g.bf16_flops
+            * match phase {
+                Phase::Prefill => c.attn_prefill_efficiency,
+                Phase::Decode => c.attn_decode_efficiency,
+            };
+        let mut rank_max_s: f64 = 0.0;
+        let mut tokens_total = 0.0;
+        let mut tokens_max: f64 = 0.0;
+        for r in ranks.iter().filter(|r| r.tokens > 0.0) {
+            let attn = (r.attn_flops / attn_peak).max(r.kv_read_bytes / hbm);
+            let dense = (2.0 * self.replicated_params * r.tokens / gemm)
+                .max(MICRO_BATCHES * self.replicated_bytes / hbm);
+            let head = if r.sampled > 0.0 {
+                (2.0 * self.lm_head_params * r.sampled / (g.bf16_flops * c.gemm_efficiency))
+                    .max(2.0 * self.lm_head_params / hbm)
+            } else {
+                0.0
+            };
+            rank_max_s = rank_max_s.max(attn + dense + head);
+            tokens_total += r.tokens;
+            tokens_max = tokens_max.max(r.tokens);
+        }
+        if tokens_total == 0.0 {
+            return StepCost::default();
+        }
+        let m = &self.model;
+        let pairs_per_gpu =
+            tokens_total * m.num_experts_per_tok as f64 / self.shape.ep as f64 * self.imbalance;
+        let moe_s = (m.moe_layers() * 2.0 * m.expert_params() * pairs_per_gpu / gemm)
+            .max(MICRO_BATCHES * self.expert_bytes_per_gpu / hbm);
+        let mut compute_s = rank_max_s + moe_s;
+        if phase == Phase::Decode && self.shape.mtp_drafts > 0 {
+            compute_s *=
+                1.0 + self.shape.mtp_drafts as f64 * self.cal.mtp.draft_layer_cost / m.layers();
+        }
+        let comm_s = self.all_to_all_s(phase, tokens_max);
+        let overlap = match phase {
+            Phase::Prefill => self.cal.overlap.prefill_overlap,
+            Phase::Decode => self.cal.overlap.decode_overlap,
+        };
+        let overhead_us = match phase {
+            Phase::Prefill => self.cal.overlap.prefill_step_overhead_us,
+            Phase::Decode => self.cal.overlap.decode_step_overhead_us,
+        };
+        let total_s = compute_s + comm_s - overlap * compute_s.min(comm_s);
+        StepCost {
+            attn_dense_us: rank_max_s * 1e6,
+            moe_us: moe_s * 1e6,
+            comm_us: comm_s * 1e6,
+            total_us: total_s * 1e6 + overhead_us,
+        }
+    }
+
+    /// EP dispatch + combine over all MoE layers for a rank sending `tokens`, seconds.
+    fn all_to_all_s(&self, phase: Phase, tokens: f64) -> f64 {
+        let ep = self.shape.ep as f64;
+        if self.shape.ep <= 1 || tokens == 0.0 {
+            return 0.0;
+        }
+        let m = &self.model;
+        let k = m.num_experts_per_tok as f64;
+        let (dispatch, combine) = m.ep_bytes_per_copy();
+        let per_copy = dispatch + combine;
+        let net = &self.cal.network;
+        let nvlink = self.gpu.nvlink_bytes_per_s * net.nvlink_efficiency;
+        let rdma = self.gpu.nic_bytes_per_s * net.rdma_efficiency;
+        let domain = self.gpu.nvlink_domain_gpus.min(self.shape.ep) as f64;
+        let (remote_copies, local_copies) = if self.shape.ep <= self.gpu.nvlink_domain_gpus {
+            (0.0, k * (ep - 1.0) / ep)
+        } else {
+            match phase {
+                Phase::Prefill => {
+                    // Normal kernels: one RDMA copy per distinct remote node the token's experts
+                    // live on (uniform placement, capped by node-limited routing), fanned out over
+                    // NVLink on arrival.
+                    let nodes = (ep / domain).max(1.0);
+                    let distinct = (nodes * (1.0 - (1.0 - 1.0 / nodes).powf(k)))
+                        .min(ROUTED_NODES_MAX)
+                        .min(nodes);
+                    (distinct * (nodes - 1.0) / nodes, k)
+                }
+                Phase::Decode => (k * (1.0 - domain / ep), k * domain / ep),
+            }
+        };
+        let per_layer = (tokens * remote_copies * per_copy / rdma)
+            .max(tokens * local_copies * per_copy / nvlink)
+            + 2.0 * MICRO_BATCHES * net.all_to_all_latency_us * 1e-6;
+        m.moe_layers() * per_layer
+    }
+
+    /// Wall time to move `tokens` of latent KV from a prefill GPU to a decode GPU, µs (whole prompt,
+    /// no overlap; the engine applies layer-wise streaming).
+    pub fn kv_transfer_us(&self, tokens: usize) -> f64 {
+        let rdma = self.gpu.nic_bytes_per_s * self.cal.network.rdma_efficiency;
+        tokens as f64 * self.kv_bytes_per_token / rdma * 1e6
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hardware::gpu;
+
+    fn cost(ep: usize, balanced: bool) -> CostModel {
+        let shape = GroupShape {
+            ep,
+            gpus_per_node: 8,
+            mtp_drafts: 0,
+            balanced_moe: balanced,
+        };
+        CostModel::new(
+            &ModelConfig::deepseek_v3(),
+            gpu("h800").unwrap(),
+            &Calibration::default(),
+            shape,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn decode_attention_roofline_matches_anchors_cross_check() {
+        // anchors §11: batch 128 at 4K on H800: KV read 12.3 ms at 3.0 TB/s, FLOPs 13.5 ms at
+        // 660 TFLOPS; the absorbed kernel is compute-bound by a hair.
+        let c = cost(128, true);
+        let mut w = RankWork::default();
+        for _ in 0..128 {
+            c.add_decode_item(&mut w, 4095, 1, true);
+        }
+        let flops_ms = w.attn_flops / (989e12 * 0.67) * 1e3;
+        let read_ms = w.kv_read_bytes / (3.35e12 * 0.9) * 1e3;
+        assert!((flops_ms - 13.5).abs() < 0.3, "{flops_ms}");
+        assert!((read_ms - 12.3).abs() < 0.3, "{read_ms}");
+    }
+
+    #[test]
+    fn step_grows_with_batch_and_context() {
+        let c = cost(32, false);
+        let step = |n: usize, start: usize| {
+            let mut w = RankWork::default();
+            c.add_prefill_item(&mut w, start, n, true);
+            c.step(Phase::Prefill, &[w]).total_us
+        };
+        assert!(step(4096, 0) > step(2048, 0));
+        assert!(step(2048, 4096) > step(2048, 0));
+        assert!(c.kv_pages_per_gpu().unwrap() > 1000);
+        // 4K-token prompt: 288 MB at 40 GB/s ≈ 7.2 ms (anchors §11 "≈ 6–7 ms").
+        assert!((c.kv_transfer_us(4096) / 1e3 - 7.2).abs() < 0.2);
+    }
+}

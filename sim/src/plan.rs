@@ -1,0 +1,454 @@
+//! `duet plan`: the smallest (or cheapest) cluster that serves a workload within an SLO.
+//!
+//! # Search
+//!
+//! Prefill and decode are sized separately, then verified together:
+//!
+//! 1. **Decode**: for every EP size (whole nodes) and batch cap, one decode group runs the workload's
+//!    mean context with the batch full. Options whose TPOT p99 stays within the SLO (with a margin for
+//!    the variance of real lengths) give output tokens/s per node, hence the decode nodes the target
+//!    rate needs, rounded up to whole EP groups.
+//! 2. **Prefill**: for every EP size and per-GPU token budget, one group prefills the mean prompt at
+//!    saturation; the nodes needed follow at a target utilisation that leaves queueing headroom for
+//!    the TTFT SLO.
+//! 3. **Verify**: the best few prefill and decode options are combined and the whole PD cluster is
+//!    simulated at the target rate with Poisson arrivals and the workload's length distributions.
+//!    A combination missing TTFT gets another prefill group, one missing TPOT another decode group,
+//!    a bounded number of times. Passing clusters are ranked by GPUs or by cost per hour.
+//!
+//! The winner is written as core's cluster TOML (`duet_core::config::ClusterConfig`, with the
+//! parallelism the schema has no field for in a comment header) and as an ansible inventory (YAML)
+//! for deploy/.
+
+use duet_core::config::ClusterConfig;
+use duet_core::pages_for;
+use serde::Serialize;
+
+use crate::SimError;
+use crate::calibration::Calibration;
+use crate::cost::{CostModel, GroupShape};
+use crate::engine::{SimConfig, Simulation};
+use crate::hardware::Gpu;
+use crate::model::ModelConfig;
+use crate::report::Report;
+use crate::rng::Rng;
+use crate::workload::{Arrivals, LenDist, Synthetic};
+
+/// What to minimise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Objective {
+    Gpus,
+    Cost,
+}
+
+/// A planning question.
+#[derive(Debug, Clone)]
+pub struct PlanRequest {
+    pub model: ModelConfig,
+    pub gpu: Gpu,
+    pub calibration: Calibration,
+    pub gpus_per_node: usize,
+    pub input: LenDist,
+    pub output: LenDist,
+    pub prefix_ratio: f64,
+    /// Target requests per second.
+    pub rate: f64,
+    pub slo_ttft_ms: f64,
+    pub slo_tpot_ms: f64,
+    pub mtp_accept: Option<f64>,
+    pub objective: Objective,
+    pub seed: u64,
+    /// Requests simulated when verifying a candidate cluster.
+    pub verify_requests: usize,
+    pub decode_eps: Vec<usize>,
+    pub decode_batches: Vec<usize>,
+    pub prefill_eps: Vec<usize>,
+    pub prefill_tokens: Vec<usize>,
+}
+
+/// EP sizes tried for decode: one node up to DeepSeek's 144 (anchors §1), SGLang's 72 (§2) between.
+pub const DECODE_EPS: [usize; 7] = [8, 16, 32, 64, 72, 128, 144];
+/// Decode batch caps per GPU tried: LMSYS runs 256, DeepSeek's profile 128 (§1b, §2).
+pub const DECODE_BATCHES: [usize; 6] = [16, 32, 64, 96, 128, 256];
+/// Prefill EP sizes tried: DeepSeek and LMSYS both use 32 (4 nodes).
+pub const PREFILL_EPS: [usize; 3] = [8, 16, 32];
+/// Prefill tokens per GPU per step tried: the profile's 16 K, and smaller for TTFT.
+pub const PREFILL_TOKENS: [usize; 3] = [4096, 8192, 16384];
+
+/// Options of each side carried into verification.
+const OPTIONS_KEPT: usize = 3;
+/// Groups added to a failing combination before giving up on it.
+const REPAIRS_MAX: usize = 4;
+/// Decode must meet the TPOT SLO with this margin at full batch, since real lengths vary.
+const TPOT_MARGIN: f64 = 0.9;
+/// Decode is sized to run at most this fraction of its full-batch throughput.
+const DECODE_UTILISATION: f64 = 0.9;
+/// Prefill is sized at this fraction of its saturated throughput, leaving queueing headroom for TTFT.
+const PREFILL_UTILISATION: f64 = 0.7;
+/// Output tokens per request in the decode option runs: long enough for steady steps, short for speed.
+const OPTION_OUTPUT_TOKENS: u64 = 32;
+
+/// One side's sized option.
+#[derive(Debug, Clone, Serialize)]
+pub struct SideOption {
+    pub ep: usize,
+    /// Batch cap (decode) or tokens per GPU per step (prefill).
+    pub knob: usize,
+    pub nodes: usize,
+    pub tokens_per_s_per_node: f64,
+}
+
+/// A verified cluster.
+#[derive(Debug, Clone, Serialize)]
+pub struct Candidate {
+    pub prefill_nodes: usize,
+    pub decode_nodes: usize,
+    pub prefill_ep: usize,
+    pub decode_ep: usize,
+    pub decode_batch_per_gpu: usize,
+    pub prefill_tokens_per_gpu: usize,
+    pub gpus: usize,
+    pub usd_per_hour: f64,
+    pub meets_slo: bool,
+    pub report: Report,
+}
+
+impl PlanRequest {
+    fn sim_config(&self) -> SimConfig {
+        SimConfig {
+            model: self.model.clone(),
+            gpu: self.gpu,
+            calibration: self.calibration.clone(),
+            prefill_nodes: 0,
+            decode_nodes: 0,
+            gpus_per_node: self.gpus_per_node,
+            prefill_ep: self.gpus_per_node,
+            decode_ep: self.gpus_per_node,
+            decode_batch_per_gpu: 128,
+            prefill_tokens_per_gpu: 16384,
+            mtp_accept: self.mtp_accept,
+            balanced_moe: false,
+            prefix_cache: true,
+            seed: self.seed,
+            slo_ttft_ms: self.slo_ttft_ms,
+            slo_tpot_ms: self.slo_tpot_ms,
+            invariant_check_every: 0,
+        }
+    }
+
+    fn run(&self, cfg: SimConfig, w: Synthetic) -> Result<Report, SimError> {
+        let reqs = w.generate(&mut Rng::new(self.seed))?;
+        Ok(Simulation::new(cfg, reqs)?.run())
+    }
+
+    fn decode_options(&self) -> Result<Vec<SideOption>, SimError> {
+        let (isl, osl) = (self.input.mean(), self.output.mean());
+        let ctx = (isl + osl / 2.0).max(OPTION_OUTPUT_TOKENS as f64);
+        let mut out = Vec::new();
+        for &ep in self
+            .decode_eps
+            .iter()
+            .filter(|&&e| e % self.gpus_per_node == 0)
+        {
+            let shape = GroupShape {
+                ep,
+                gpus_per_node: self.gpus_per_node,
+                mtp_drafts: usize::from(self.mtp_accept.is_some()),
+                balanced_moe: false,
+            };
+            let Ok(pages) =
+                CostModel::new(&self.model, self.gpu, &self.calibration, shape)?.kv_pages_per_gpu()
+            else {
+                continue; // The weights do not fit at this EP size.
+            };
+            let fit = pages as usize / pages_for((isl + osl) as usize).max(1);
+            for &b in &self.decode_batches {
+                if b > fit.max(1) {
+                    continue;
+                }
+                let mut cfg = self.sim_config();
+                cfg.decode_nodes = ep / self.gpus_per_node;
+                cfg.decode_ep = ep;
+                cfg.decode_batch_per_gpu = b;
+                let w = Synthetic {
+                    requests: ep * b,
+                    arrivals: Arrivals::Saturate,
+                    input: LenDist::Fixed(
+                        (ctx as u64).saturating_sub(OPTION_OUTPUT_TOKENS / 2).max(1),
+                    ),
+                    output: LenDist::Fixed(OPTION_OUTPUT_TOKENS),
+                    prefix_ratio: 0.0,
+                    prefix_groups: 1,
+                };
+                let r = self.run(cfg, w)?;
+                if r.tpot_ms_p99 > self.slo_tpot_ms * TPOT_MARGIN {
+                    continue;
+                }
+                let per_node = r.decode_output_tokens_per_s_per_node;
+                let unit = ep / self.gpus_per_node;
+                let needed = self.rate * osl / (per_node * DECODE_UTILISATION).max(1e-9);
+                out.push(SideOption {
+                    ep,
+                    knob: b,
+                    nodes: round_up(needed.ceil() as usize, unit),
+                    tokens_per_s_per_node: per_node,
+                });
+            }
+        }
+        Ok(self.best(out))
+    }
+
+    fn prefill_options(&self) -> Result<Vec<SideOption>, SimError> {
+        let isl = self.input.mean();
+        let mut out = Vec::new();
+        for &ep in self
+            .prefill_eps
+            .iter()
+            .filter(|&&e| e % self.gpus_per_node == 0)
+        {
+            for &tokens in &self.prefill_tokens {
+                let mut cfg = self.sim_config();
+                cfg.prefill_nodes = ep / self.gpus_per_node;
+                cfg.prefill_ep = ep;
+                cfg.prefill_tokens_per_gpu = tokens;
+                let computed = (isl * (1.0 - self.prefix_ratio)).max(1.0);
+                // About eight full steps of the group.
+                let requests = ((8 * ep * tokens) as f64 / computed).ceil() as usize;
+                let w = Synthetic {
+                    requests: requests.max(ep),
+                    arrivals: Arrivals::Saturate,
+                    input: LenDist::Fixed(isl as u64),
+                    output: LenDist::Fixed(1),
+                    prefix_ratio: self.prefix_ratio,
+                    prefix_groups: 4,
+                };
+                let r = match self.run(cfg, w) {
+                    Ok(r) => r,
+                    Err(SimError::DoesNotFit(_)) => continue,
+                    Err(e) => return Err(e),
+                };
+                // One step alone must fit in the TTFT SLO, or no utilisation will meet it.
+                if r.prefill_step_ms_mean > self.slo_ttft_ms / 2.0 {
+                    continue;
+                }
+                let per_node = r.prefill_input_tokens_per_s_per_node;
+                let unit = ep / self.gpus_per_node;
+                let needed = self.rate * isl / (per_node * PREFILL_UTILISATION).max(1e-9);
+                out.push(SideOption {
+                    ep,
+                    knob: tokens,
+                    nodes: round_up(needed.ceil() as usize, unit),
+                    tokens_per_s_per_node: per_node,
+                });
+            }
+        }
+        Ok(self.best(out))
+    }
+
+    fn best(&self, mut v: Vec<SideOption>) -> Vec<SideOption> {
+        v.sort_by(|a, b| {
+            a.nodes
+                .cmp(&b.nodes)
+                .then(b.tokens_per_s_per_node.total_cmp(&a.tokens_per_s_per_node))
+                .then(a.ep.cmp(&b.ep))
+                .then(a.knob.cmp(&b.knob))
+        });
+        v.truncate(OPTIONS_KEPT);
+        v
+    }
+
+    fn verify(&self, p: &SideOption, d: &SideOption) -> Result<Candidate, SimError> {
+        let (mut p_nodes, mut d_nodes) = (p.nodes, d.nodes);
+        let mut last = None;
+        for _ in 0..=REPAIRS_MAX {
+            let mut cfg = self.sim_config();
+            cfg.prefill_nodes = p_nodes;
+            cfg.decode_nodes = d_nodes;
+            cfg.prefill_ep = p.ep;
+            cfg.decode_ep = d.ep;
+            cfg.prefill_tokens_per_gpu = p.knob;
+            cfg.decode_batch_per_gpu = d.knob;
+            let w = Synthetic {
+                requests: self.verify_requests,
+                arrivals: Arrivals::Poisson { rate: self.rate },
+                input: self.input,
+                output: self.output,
+                prefix_ratio: self.prefix_ratio,
+                prefix_groups: 16,
+            };
+            let r = self.run(cfg, w)?;
+            let ttft_ok = r.ttft_ms_p99 <= self.slo_ttft_ms;
+            let tpot_ok = r.tpot_ms_p99 <= self.slo_tpot_ms;
+            let gpus = (p_nodes + d_nodes) * self.gpus_per_node;
+            let c = Candidate {
+                prefill_nodes: p_nodes,
+                decode_nodes: d_nodes,
+                prefill_ep: p.ep,
+                decode_ep: d.ep,
+                decode_batch_per_gpu: d.knob,
+                prefill_tokens_per_gpu: p.knob,
+                gpus,
+                usd_per_hour: gpus as f64 * self.gpu.usd_per_gpu_hour,
+                meets_slo: ttft_ok && tpot_ok,
+                report: r,
+            };
+            if c.meets_slo {
+                return Ok(c);
+            }
+            if !ttft_ok {
+                p_nodes += p.ep / self.gpus_per_node;
+            }
+            if !tpot_ok {
+                d_nodes += d.ep / self.gpus_per_node;
+            }
+            last = Some(c);
+        }
+        Ok(last.expect("the loop runs at least once"))
+    }
+}
+
+fn round_up(n: usize, unit: usize) -> usize {
+    n.max(1).div_ceil(unit) * unit
+}
+
+/// Runs the search; returns verified candidates, those meeting the SLO first, best first.
+pub fn search(req: &PlanRequest) -> Result<Vec<Candidate>, SimError> {
+    if !(req.rate.is_finite() && req.rate > 0.0) {
+        return Err(SimError::Invalid("--rate must be > 0".into()));
+    }
+    let decode = req.decode_options()?;
+    let prefill = req.prefill_options()?;
+    if decode.is_empty() {
+        return Err(SimError::DoesNotFit(format!(
+            "no decode EP size and batch meets TPOT p99 ≤ {} ms on {} (or the weights do not fit)",
+            req.slo_tpot_ms, req.gpu.name
+        )));
+    }
+    if prefill.is_empty() {
+        return Err(SimError::DoesNotFit(format!(
+            "no prefill EP size fits on {} with a step under half the TTFT SLO",
+            req.gpu.name
+        )));
+    }
+    let mut out = Vec::new();
+    for p in &prefill {
+        for d in &decode {
+            out.push(req.verify(p, d)?);
+        }
+    }
+    let key = |c: &Candidate| match req.objective {
+        Objective::Gpus => c.gpus as f64,
+        Objective::Cost => c.usd_per_hour,
+    };
+    out.sort_by(|a, b| {
+        b.meets_slo
+            .cmp(&a.meets_slo)
+            .then(key(a).total_cmp(&key(b)))
+            .then(a.report.ttft_ms_p99.total_cmp(&b.report.ttft_ms_p99))
+    });
+    Ok(out)
+}
+
+/// The candidate as core's cluster config (TOML), with the parallelism in a comment header.
+pub fn cluster_toml(c: &Candidate, req: &PlanRequest, model_dir: &str) -> Result<String, SimError> {
+    let mut cfg = ClusterConfig::default();
+    cfg.model.path = Some(model_dir.to_string());
+    cfg.model.dtype = "bf16".into();
+    let g = req.gpus_per_node;
+    cfg.prefill.workers = c.prefill_nodes * g;
+    cfg.prefill.kv_pages = c.report.kv_pages_per_prefill_gpu;
+    cfg.prefill.token_budget = c.prefill_tokens_per_gpu;
+    cfg.prefill.chunk_tokens = c.prefill_tokens_per_gpu;
+    cfg.decode.groups = c.decode_nodes * g;
+    cfg.decode.kv_pages = c.report.kv_pages_per_decode_gpu;
+    cfg.decode.max_running = c.decode_batch_per_gpu;
+    cfg.decode.token_budget =
+        c.decode_batch_per_gpu * (1 + usize::from(req.mtp_accept.is_some())) + 512;
+    cfg.validate()
+        .map_err(|e| SimError::Invalid(format!("planned config: {e}")))?;
+    let header = format!(
+        "# Written by `duet plan` for {gpu} × {gpus} ({pn} prefill + {dn} decode nodes of {g}).\n\
+         # Parallelism (not in the schema yet): prefill EP{pep} / DP{pep} attention per instance,\n\
+         # decode EP{dep} / DP{dep}; one prefill worker and one decode group per GPU.\n\
+         # Predicted at {rate} req/s: TTFT p99 {ttft:.0} ms, TPOT p99 {tpot:.1} ms, \
+         {out:.0} output tok/s per decode node.\n\n",
+        gpu = req.gpu.name,
+        gpus = c.gpus,
+        pn = c.prefill_nodes,
+        dn = c.decode_nodes,
+        pep = c.prefill_ep,
+        dep = c.decode_ep,
+        rate = req.rate,
+        ttft = c.report.ttft_ms_p99,
+        tpot = c.report.tpot_ms_p99,
+        out = c.report.decode_output_tokens_per_s_per_node,
+    );
+    Ok(header + &cfg.to_toml())
+}
+
+/// The candidate as an ansible inventory (YAML): groups `duet_gateway`, `duet_prefill`,
+/// `duet_decode`; each host carries its EP instance and role; set `ansible_host` per host.
+pub fn ansible_inventory(c: &Candidate, req: &PlanRequest) -> String {
+    let mut s = String::new();
+    s.push_str("# Written by `duet plan`. Replace each ansible_host with the machine's address.\n");
+    s.push_str("all:\n  vars:\n");
+    s.push_str(&format!("    duet_gpu: {}\n", req.gpu.name));
+    s.push_str(&format!("    duet_gpus_per_node: {}\n", req.gpus_per_node));
+    s.push_str("    duet_config: duet.toml\n");
+    s.push_str(&format!("    duet_prefill_ep: {}\n", c.prefill_ep));
+    s.push_str(&format!("    duet_decode_ep: {}\n", c.decode_ep));
+    s.push_str("  children:\n    duet_gateway:\n      hosts:\n        gateway-0:\n");
+    s.push_str("          ansible_host: gateway-0.invalid\n");
+    for (role, nodes, ep) in [
+        ("prefill", c.prefill_nodes, c.prefill_ep),
+        ("decode", c.decode_nodes, c.decode_ep),
+    ] {
+        s.push_str(&format!("    duet_{role}:\n      hosts:\n"));
+        let per_instance = (ep / req.gpus_per_node).max(1);
+        for n in 0..nodes {
+            s.push_str(&format!("        {role}-{n}:\n"));
+            s.push_str(&format!("          ansible_host: {role}-{n}.invalid\n"));
+            s.push_str(&format!("          duet_instance: {}\n", n / per_instance));
+            s.push_str(&format!("          duet_node_rank: {}\n", n % per_instance));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hardware::gpu;
+
+    #[test]
+    fn plans_a_small_cluster_and_writes_valid_config() {
+        let req = PlanRequest {
+            model: ModelConfig::deepseek_v3(),
+            gpu: gpu("h200").unwrap(),
+            calibration: Calibration::default(),
+            gpus_per_node: 8,
+            input: LenDist::Fixed(1000),
+            output: LenDist::Fixed(50),
+            prefix_ratio: 0.0,
+            rate: 4.0,
+            slo_ttft_ms: 3000.0,
+            slo_tpot_ms: 100.0,
+            mtp_accept: None,
+            objective: Objective::Gpus,
+            seed: 1,
+            verify_requests: 60,
+            decode_eps: vec![8],
+            decode_batches: vec![16, 32],
+            prefill_eps: vec![8],
+            prefill_tokens: vec![4096],
+        };
+        let cands = search(&req).unwrap();
+        let best = &cands[0];
+        assert!(best.meets_slo, "{:?}", best.report);
+        let toml = cluster_toml(best, &req, "/srv/models/deepseek-v3").unwrap();
+        let parsed = ClusterConfig::from_toml(&toml).unwrap();
+        assert_eq!(parsed.decode.max_running, best.decode_batch_per_gpu);
+        let inv = ansible_inventory(best, &req);
+        assert!(inv.contains("duet_prefill:") && inv.contains("decode-0:"));
+    }
+}
