@@ -9,14 +9,28 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 
+if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+APT_UPDATED=
+apt_install() {
+    if [ -z "$APT_UPDATED" ]; then $SUDO apt-get update -qq; APT_UPDATED=1; fi
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@"
+}
+
+# The UCX transport's tests need the system UCX (found by pkg-config) and libclang for bindgen.
+# Only these tests do: a plain `cargo build` needs neither (UCX is behind duet-transport's `ucx`
+# feature).
+if ! pkg-config --exists ucx 2>/dev/null || ! ldconfig -p | grep libclang >/dev/null; then
+    echo "installing UCX and libclang for the UCX transport tests" >&2
+    apt_install libucx-dev ucx-utils libclang-dev pkg-config
+fi
+
 # The openai-client tests need Python 3 with venv, and the official `openai` package from PyPI,
 # installed into a venv under target/ (never into the system Python).
 VENV=target/venv-openai
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
     if ! command -v python3 >/dev/null || ! python3 -m venv --help >/dev/null 2>&1; then
         echo "installing python3-venv" >&2
-        if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
-        $SUDO apt-get update -qq && $SUDO apt-get install -y -qq python3 python3-venv
+        apt_install python3 python3-venv
     fi
     rm -rf "$VENV"
     python3 -m venv "$VENV"
@@ -25,7 +39,10 @@ fi
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p duet-transport --all-targets --features ucx --locked -- -D warnings
 cargo test --workspace --locked
+# The transport suite again with UCX (shared memory and tcp) in it.
+cargo test -p duet-transport --features ucx --locked
 
 # The official openai client against the real binary (built by the cargo test run above).
 DUET_BIN="$(pwd)/target/debug/duet" "$VENV/bin/python" -m unittest -v tests/openai_client/test_openai_client.py 2>&1 | tee target/openai-client.log
