@@ -30,11 +30,32 @@ pub enum WorkerKv {
     Echo,
 }
 
-/// One batch row: what the model runs for one sequence in one step.
-pub struct Row<'a> {
-    pub tokens: &'a [u32],
+/// One batch row: what the model runs for one sequence in one step. Owned, because a step runs
+/// on a blocking thread while the worker's scheduler keeps serving its mailbox.
+pub struct Row {
+    pub tokens: Vec<u32>,
     pub start_pos: usize,
-    pub block_table: &'a [u32],
+    pub block_table: Vec<u32>,
+}
+
+/// The rows of a planned step: each item's chunk of tokens and its sequence's block table.
+pub fn plan_rows(
+    plan: &duet_core::sched::StepPlan,
+    sched: &duet_core::sched::Scheduler,
+    pages: &duet_core::kv::KvManager,
+) -> Vec<Row> {
+    plan.items
+        .iter()
+        .map(|it| {
+            let toks = sched.tokens(it.seq).unwrap_or(&[]);
+            let end = (it.start + it.len).min(toks.len());
+            Row {
+                tokens: toks[it.start.min(end)..end].to_vec(),
+                start_pos: it.start,
+                block_table: pages.block_table(it.seq).unwrap_or(&[]).to_vec(),
+            }
+        })
+        .collect()
 }
 
 /// Last-position logits of every row, `rows × vocab`, or nothing for echo.
@@ -78,7 +99,7 @@ impl Engine {
     pub fn step(
         &self,
         kv: &mut WorkerKv,
-        rows: &[Row<'_>],
+        rows: &[Row],
         after_layer: &mut dyn FnMut(usize, &KvCache) -> duet_model::Result<()>,
     ) -> duet_model::Result<StepLogits> {
         match (self, kv) {
@@ -86,9 +107,9 @@ impl Engine {
                 let batch: Vec<SeqInput<'_>> = rows
                     .iter()
                     .map(|r| SeqInput {
-                        tokens: r.tokens,
+                        tokens: &r.tokens,
                         start_pos: r.start_pos,
-                        block_table: r.block_table,
+                        block_table: &r.block_table,
                     })
                     .collect();
                 let logits = m.forward_observed(cache, &batch, LogitsMode::Last, after_layer)?;

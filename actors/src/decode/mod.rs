@@ -15,7 +15,7 @@ use duet_core::types::SeqId;
 use duet_transport::KvFrame;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::engine::{Row, StepLogits, WorkerKv, echo_token};
+use crate::engine::{StepLogits, WorkerKv, echo_token, plan_rows};
 use crate::prefill::{KvDest, PrefillJob, PrefillMsg};
 use crate::registry::{RegistryMsg, WorkerRef};
 use crate::seq::{Finish, SeqEvent, SeqJob, SeqSampler};
@@ -406,16 +406,7 @@ impl DecodeState {
         if plan.items.is_empty() {
             return;
         }
-        let rows: Vec<(Vec<u32>, usize, Vec<u32>)> = plan
-            .items
-            .iter()
-            .map(|it| {
-                let toks = self.sched.tokens(it.seq).unwrap_or(&[]);
-                let end = (it.start + it.len).min(toks.len());
-                let table = self.pages.block_table(it.seq).unwrap_or(&[]).to_vec();
-                (toks[it.start.min(end)..end].to_vec(), it.start, table)
-            })
-            .collect();
+        let rows = plan_rows(&plan, &self.sched, &self.pages);
         let mut kv = self.kv.take().expect("not stepping, so the pool is here");
         self.stepping = true;
         let engine = self.args.engine.clone();
@@ -429,16 +420,8 @@ impl DecodeState {
             return;
         }
         tokio::task::spawn_blocking(move || {
-            let batch: Vec<Row<'_>> = rows
-                .iter()
-                .map(|(t, s, b)| Row {
-                    tokens: t,
-                    start_pos: *s,
-                    block_table: b,
-                })
-                .collect();
             let result = engine
-                .step(&mut kv, &batch, &mut |_, _| Ok(()))
+                .step(&mut kv, &rows, &mut |_, _| Ok(()))
                 .map_err(|e| e.to_string());
             let _ = me.cast(DecodeMsg::StepDone(Box::new(StepDone { plan, kv, result })));
         });

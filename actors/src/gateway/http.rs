@@ -432,6 +432,33 @@ where
     }
 }
 
+/// Once every choice's task ended: the usage event (if asked for), `[DONE]`, and the admission
+/// slot back. `usage` gets the completion tokens of all choices and the prompt's cached tokens.
+fn close_stream(
+    tasks: Vec<tokio::task::JoinHandle<(usize, Option<usize>)>>,
+    admission: Admission,
+    tx: mpsc::Sender<axum::response::sse::Event>,
+    usage: impl FnOnce(usize, usize) -> Option<axum::response::sse::Event> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let _admission = admission;
+        let mut completion = 0;
+        let mut cached = None;
+        for t in tasks {
+            if let Ok((c, k)) = t.await {
+                completion += c;
+                cached = cached.or(k);
+            }
+        }
+        if let Some(e) = usage(completion, cached.unwrap_or(0)) {
+            let _ = tx.send(e).await;
+        }
+        let _ = tx
+            .send(axum::response::sse::Event::default().data("[DONE]"))
+            .await;
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // /v1/chat/completions
 // ---------------------------------------------------------------------------------------------
@@ -525,29 +552,16 @@ async fn chat_inner(s: Shared, body: Body) -> Result<Response, ApiError> {
             (run.generated().len(), run.cached_tokens)
         }));
     }
-    let (id, model2) = (request_id, model);
-    tokio::spawn(async move {
-        let _admission = admission;
-        let mut completion = 0;
-        let mut cached = None;
-        for t in tasks {
-            if let Ok((c, k)) = t.await {
-                completion += c;
-                cached = cached.or(k);
-            }
-        }
-        if include_usage {
-            let mut c = p::ChatCompletionChunk::new(id, created, model2, vec![]);
+    close_stream(tasks, admission, tx, move |completion, cached| {
+        include_usage.then(|| {
+            let mut c = p::ChatCompletionChunk::new(request_id, created, model, vec![]);
             c.usage = Some(Some(p::Usage::new(
                 prompt_len * n,
                 completion,
-                Some(cached.unwrap_or(0)),
+                Some(cached),
             )));
-            let _ = tx.send(sse_event(&c)).await;
-        }
-        let _ = tx
-            .send(axum::response::sse::Event::default().data("[DONE]"))
-            .await;
+            sse_event(&c)
+        })
     });
     Ok(sse_response(rx))
 }
@@ -775,28 +789,12 @@ async fn completions_inner(s: Shared, body: Body) -> Result<Response, ApiError> 
             (run.generated().len(), run.cached_tokens)
         }));
     }
-    tokio::spawn(async move {
-        let _admission = admission;
-        let mut completion = 0;
-        let mut cached = None;
-        for t in tasks {
-            if let Ok((c, k)) = t.await {
-                completion += c;
-                cached = cached.or(k);
-            }
-        }
-        if include_usage {
+    close_stream(tasks, admission, tx, move |completion, cached| {
+        include_usage.then(|| {
             let mut c = p::Completion::new(id, created, model, vec![]);
-            c.usage = Some(Some(p::Usage::new(
-                prompt_tokens,
-                completion,
-                Some(cached.unwrap_or(0)),
-            )));
-            let _ = tx.send(sse_event(&c)).await;
-        }
-        let _ = tx
-            .send(axum::response::sse::Event::default().data("[DONE]"))
-            .await;
+            c.usage = Some(Some(p::Usage::new(prompt_tokens, completion, Some(cached))));
+            sse_event(&c)
+        })
     });
     Ok(sse_response(rx))
 }

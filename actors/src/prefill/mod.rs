@@ -12,7 +12,7 @@ use duet_transport::{InProcTransport, KvFrame, KvTransport};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::decode::{DecodeMsg, Handoff};
-use crate::engine::{Row, StepLogits, WorkerKv, echo_token};
+use crate::engine::{StepLogits, WorkerKv, echo_token, plan_rows};
 use crate::registry::{RegistryMsg, WorkerRef};
 use crate::seq::{Finish, SeqEvent, SeqJob, SeqSampler};
 use crate::worker::{WorkerArgs, load_of};
@@ -201,24 +201,20 @@ impl PrefillState {
         if plan.items.is_empty() {
             return;
         }
-        let mut rows = Vec::with_capacity(plan.items.len());
+        let rows = plan_rows(&plan, &self.sched, &self.pages);
         let mut targets = Vec::new();
-        for it in &plan.items {
-            let toks = self.sched.tokens(it.seq).unwrap_or(&[]);
-            let end = (it.start + it.len).min(toks.len());
-            let table = self.pages.block_table(it.seq).unwrap_or(&[]).to_vec();
+        for (it, row) in plan.items.iter().zip(&rows) {
             if let Some(j) = self.jobs.get_mut(&it.seq) {
                 j.cached.get_or_insert(it.start);
                 if it.samples {
                     targets.push(LayerTarget {
                         seq: it.seq,
-                        src: table.clone(),
+                        src: row.block_table.clone(),
                         dest: j.dest.pages.clone(),
                         endpoint: j.dest.group.0,
                     });
                 }
             }
-            rows.push((toks[it.start.min(end)..end].to_vec(), it.start, table));
         }
         let mut kv = self.kv.take().expect("not stepping, so the pool is here");
         self.stepping = true;
@@ -236,17 +232,9 @@ impl PrefillState {
         let transport = self.args.transport.clone();
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let batch: Vec<Row<'_>> = rows
-                .iter()
-                .map(|(t, s, b)| Row {
-                    tokens: t,
-                    start_pos: *s,
-                    block_table: b,
-                })
-                .collect();
             let mut send_errors = BTreeMap::new();
             let result = engine
-                .step(&mut kv, &batch, &mut |layer, cache| {
+                .step(&mut kv, &rows, &mut |layer, cache| {
                     stream_layer(
                         &handle,
                         &transport,
