@@ -86,45 +86,72 @@ impl Actor for Gateway {
 }
 
 impl GatewayState {
-    fn submit(&mut self, job: Box<SeqJob>) {
-        let board = self.board.read().unwrap_or_else(|e| e.into_inner()).clone();
+    fn submit(&mut self, mut job: Box<SeqJob>) {
+        let mut board = self.board.read().unwrap_or_else(|e| e.into_inner()).clone();
         let now = self.epoch.elapsed().as_micros() as u64;
         let pages = job.tokens.len().div_ceil(PAGE_TOKENS);
+        // A worker can die between its last report and this cast; route around it at once
+        // instead of spending one of the sequence's re-runs. Bounded by the number of workers.
+        loop {
+            let Some((pid, p, gid, d)) = self.pick(&board, &job.tokens, pages, now) else {
+                let _ = job.events.send(SeqEvent::Failed(
+                    "no live prefill worker and decode group to serve the request".into(),
+                ));
+                return;
+            };
+            if p.get_status() != ractor::ActorStatus::Running {
+                board.prefill.remove(&pid);
+                continue;
+            }
+            let id = job.id;
+            self.routes.insert(id, (p.clone(), d.clone()));
+            match d.cast(DecodeMsg::Reserve { job, prefill: p }) {
+                Ok(()) => return,
+                Err(ractor::MessagingErr::SendErr(DecodeMsg::Reserve { job: back, .. })) => {
+                    self.routes.remove(&id);
+                    board.decode.remove(&gid);
+                    job = back;
+                }
+                Err(_) => {
+                    // The message did not come back; its channel closes and the client's run
+                    // re-submits it.
+                    self.routes.remove(&id);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A prefill worker (prefix affinity, then load) and a decode group (balancer; else the least
+    /// loaded live group, whose reservation queue holds the sequence until pages free up).
+    fn pick(
+        &mut self,
+        board: &crate::registry::Board,
+        tokens: &[u32],
+        pages: usize,
+        now: u64,
+    ) -> Option<(
+        WorkerId,
+        ActorRef<PrefillMsg>,
+        WorkerId,
+        ActorRef<DecodeMsg>,
+    )> {
         let groups = board.group_loads();
-        // A group with room now; else the least loaded live group, whose reservation queue holds
-        // the sequence until pages free up.
-        let group = self.balancer.route(&groups, pages).or_else(|| {
+        let gid = self.balancer.route(&groups, pages).or_else(|| {
             groups
                 .iter()
                 .min_by_key(|g| (g.outstanding_tokens, g.group))
                 .map(|g| g.group)
-        });
-        let prefill = self
-            .router
-            .route(&job.tokens, &board.prefill_loads(), now)
-            .map(|(w, _)| w);
-        let pick = |map: &BTreeMap<WorkerId, crate::registry::WorkerEntry>, id| {
-            map.get(&id).map(|e| e.worker.clone())
-        };
-        let (Some(WorkerRef::Prefill(p)), Some(WorkerRef::Decode(d))) = (
-            prefill.and_then(|id| pick(&board.prefill, id)),
-            group.and_then(|id| pick(&board.decode, id)),
-        ) else {
-            let _ = job.events.send(SeqEvent::Failed(
-                "no live prefill worker and decode group to serve the request".into(),
-            ));
-            return;
-        };
-        let id = job.id;
-        self.routes.insert(id, (p.clone(), d.clone()));
-        if let Err(e) = d.cast(DecodeMsg::Reserve { job, prefill: p }) {
-            // The group died since its last report: hand the sequence back for a re-run.
-            if let ractor::MessagingErr::SendErr(DecodeMsg::Reserve { job, .. }) = e {
-                let _ = job
-                    .events
-                    .send(SeqEvent::Retry("decode group went away".into()));
+        })?;
+        let (pid, _) = self.router.route(tokens, &board.prefill_loads(), now)?;
+        match (
+            board.prefill.get(&pid).map(|e| &e.worker),
+            board.decode.get(&gid).map(|e| &e.worker),
+        ) {
+            (Some(WorkerRef::Prefill(p)), Some(WorkerRef::Decode(d))) => {
+                Some((pid, p.clone(), gid, d.clone()))
             }
-            self.routes.remove(&id);
+            _ => None,
         }
     }
 }
