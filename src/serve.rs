@@ -57,6 +57,9 @@ pub struct Args {
     /// Test tool: the first decode group panics after this many steps (recovery tests).
     #[arg(long, hide = true)]
     fault_decode_panic_after_steps: Option<u64>,
+    /// Test tool: the first prefill worker panics after this many steps (recovery tests).
+    #[arg(long, hide = true)]
+    fault_prefill_panic_after_steps: Option<u64>,
 }
 
 fn config(a: &Args) -> Result<ClusterConfig> {
@@ -133,6 +136,9 @@ pub fn run(a: Args) -> Result<()> {
         }
     };
     let opts = ServeOptions {
+        prefill_fault: a.fault_prefill_panic_after_steps.map(|n| Fault {
+            panic_after_steps: n,
+        }),
         fault: a.fault_decode_panic_after_steps.map(|n| Fault {
             panic_after_steps: n,
         }),

@@ -184,3 +184,37 @@ async fn preempted_sequences_finish_later_with_the_same_tokens() {
         assert_eq!(v["meta_info"]["completion_tokens"], 120);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_prefill_worker_loses_no_request() {
+    // The only prefill worker panics after its 2nd step with prompts queued and in flight; its
+    // sequences wait for the restarted worker and run there.
+    let srv = Server::start(&["--fault-prefill-panic-after-steps", "2", "--dtype", "f32"]);
+    let url = srv.url("/v1/completions");
+    let prompts: Vec<String> = (0..6)
+        .map(|i| format!("Prefill victim {i} writes"))
+        .collect();
+    let runs = prompts.iter().map(|p| {
+        let url = url.clone();
+        let body = json!({"prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": true});
+        async move { post(&url, &body).await }
+    });
+    let results = futures::future::join_all(runs).await;
+    assert!(
+        srv.log().contains("fault injected"),
+        "the fault fired: {}",
+        srv.log()
+    );
+    for (p, (status, v)) in prompts.iter().zip(results) {
+        assert_eq!(status, 200, "{p}: {v}");
+        let (_, again) = post(
+            &url,
+            &json!({"prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": true}),
+        )
+        .await;
+        assert_eq!(v["choices"][0]["text"], again["choices"][0]["text"], "{p}");
+        assert_eq!(v["usage"]["completion_tokens"], 8);
+    }
+    let (status, h) = get(&srv.url("/health")).await;
+    assert_eq!(status, 200, "{h}");
+}

@@ -46,7 +46,10 @@ pub struct ServeOptions {
     pub served_model_name: String,
     pub max_model_len: usize,
     pub eos_ids: Vec<u32>,
+    /// Fault injection (tests): the first decode group panics after this many steps.
     pub fault: Option<Fault>,
+    /// Fault injection (tests): the first prefill worker panics after this many steps.
+    pub prefill_fault: Option<Fault>,
 }
 
 /// A running server: its address, and the state tests and the CLI look at.
@@ -105,6 +108,7 @@ impl ServeOptions {
             served_model_name,
             eos_ids,
             fault: None,
+            prefill_fault: None,
         }
     }
 }
@@ -147,7 +151,7 @@ pub async fn start(
                 registry: registry.clone(),
                 transport: transport.clone(),
                 epoch,
-                fault: None,
+                fault: if i == 0 { opts.prefill_fault } else { None },
             },
         ));
     }

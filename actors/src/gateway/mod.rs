@@ -25,7 +25,15 @@ pub enum GatewayMsg {
     Abort(SeqId),
     /// The sequence finished; forget its route.
     Done(SeqId),
+    /// Periodic: retry sequences parked while no worker of a role was alive.
+    Tick,
 }
+
+/// How often parked sequences are retried: a restarted worker registers within milliseconds.
+const PARKED_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+/// How long a sequence may wait for a live worker before it fails: longer than any restart, short
+/// enough that a cluster with no workers answers instead of hanging.
+const PARKED_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub struct GatewayArgs {
     pub board: SharedBoard,
@@ -39,6 +47,9 @@ pub struct GatewayState {
     balancer: DecodeBalancer,
     /// Where each live sequence was sent.
     routes: BTreeMap<SeqId, (ActorRef<PrefillMsg>, ActorRef<DecodeMsg>)>,
+    /// Sequences that found no live prefill worker or decode group (a worker restarting), with
+    /// when they were parked. Bounded by the gateway's admission limit.
+    parked: std::collections::VecDeque<(std::time::Instant, Box<SeqJob>)>,
     epoch: std::time::Instant,
 }
 
@@ -51,10 +62,12 @@ impl Actor for Gateway {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: GatewayArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        myself.send_interval(PARKED_RETRY_INTERVAL, || GatewayMsg::Tick);
         Ok(GatewayState {
+            parked: std::collections::VecDeque::new(),
             board: args.board,
             router: PrefillRouter::new(args.router),
             balancer: DecodeBalancer::new(args.balance),
@@ -80,13 +93,31 @@ impl Actor for Gateway {
             GatewayMsg::Done(id) => {
                 st.routes.remove(&id);
             }
+            GatewayMsg::Tick => {
+                for (since, job) in std::mem::take(&mut st.parked) {
+                    if job.events.is_closed() {
+                        continue; // the client went away while it waited
+                    }
+                    if since.elapsed() > PARKED_WAIT_MAX {
+                        let _ = job.events.send(SeqEvent::Failed(
+                            "no live prefill worker and decode group to serve the request".into(),
+                        ));
+                        continue;
+                    }
+                    st.submit_at(job, since);
+                }
+            }
         }
         Ok(())
     }
 }
 
 impl GatewayState {
-    fn submit(&mut self, mut job: Box<SeqJob>) {
+    fn submit(&mut self, job: Box<SeqJob>) {
+        self.submit_at(job, std::time::Instant::now());
+    }
+
+    fn submit_at(&mut self, mut job: Box<SeqJob>, since: std::time::Instant) {
         let mut board = self.board.read().unwrap_or_else(|e| e.into_inner()).clone();
         let now = self.epoch.elapsed().as_micros() as u64;
         let pages = job.tokens.len().div_ceil(PAGE_TOKENS);
@@ -94,9 +125,8 @@ impl GatewayState {
         // instead of spending one of the sequence's re-runs. Bounded by the number of workers.
         loop {
             let Some((pid, p, gid, d)) = self.pick(&board, &job.tokens, pages, now) else {
-                let _ = job.events.send(SeqEvent::Failed(
-                    "no live prefill worker and decode group to serve the request".into(),
-                ));
+                // No live worker of a role right now (one restarting): wait for it.
+                self.parked.push_back((since, job));
                 return;
             };
             if p.get_status() != ractor::ActorStatus::Running {

@@ -61,6 +61,7 @@ pub struct PrefillState {
     jobs: BTreeMap<SeqId, Job>,
     pending_aborts: Vec<SeqId>,
     stepping: bool,
+    steps: u64,
 }
 
 pub struct PrefillWorker;
@@ -82,6 +83,7 @@ impl Actor for PrefillWorker {
             jobs: BTreeMap::new(),
             pending_aborts: Vec::new(),
             stepping: false,
+            steps: 0,
             args,
         };
         st.args.registry.cast(RegistryMsg::Register {
@@ -264,6 +266,15 @@ impl PrefillState {
         } = done;
         self.kv = Some(kv);
         self.stepping = false;
+        self.steps += 1;
+        if let Some(f) = self.args.fault
+            && self.steps >= f.panic_after_steps
+        {
+            panic!(
+                "fault injected: prefill worker {} panics after {} steps",
+                self.args.id.0, self.steps
+            );
+        }
         let now = self.now();
         let logits = match result {
             Ok(l) => l,
