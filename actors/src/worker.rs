@@ -13,9 +13,8 @@ use crate::engine::Engine;
 use crate::registry::{RegistryMsg, WorkerLoad};
 
 /// Fault injection for tests of recovery: the worker panics inside its step handler after this
-/// many steps (`duet serve --fault-decode-panic-after-steps N`, `--fault-prefill-panic-after-steps N`).
-/// Only the first incarnation of a
-/// worker gets it; its restarted successor runs clean.
+/// many steps (`duet serve --fault-decode-panic-after-steps N` / `--fault-prefill-panic-after-steps
+/// N`). Only the first incarnation of a worker gets it; its restarted successor runs clean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fault {
     pub panic_after_steps: u64,
