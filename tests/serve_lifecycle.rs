@@ -183,6 +183,10 @@ async fn preempted_sequences_finish_later_with_the_same_tokens() {
         assert_eq!(v["output_ids"], want["output_ids"], "sequence {i}");
         assert_eq!(v["meta_info"]["completion_tokens"], 120);
     }
+    // The small pool really did preempt (and the roomy one never had to).
+    let preempted = |text: String| metric(&text, "duet_preemptions_total").unwrap_or(0.0);
+    assert!(preempted(get(&small.url("/metrics")).await.1) > 0.0);
+    assert_eq!(preempted(get(&roomy.url("/metrics")).await.1), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

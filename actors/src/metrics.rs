@@ -334,6 +334,8 @@ pub struct Metrics {
     /// Label `finish_reason`, one of [`FINISH_REASONS`].
     pub requests_total: CounterVec,
     pub requests_rejected_total: Counter,
+    /// Sequences preempted (pages freed, recomputed later) by decode groups.
+    pub preemptions_total: Counter,
 }
 
 impl Default for Metrics {
@@ -401,6 +403,10 @@ impl Metrics {
                 "duet_requests_rejected_total",
                 "Requests refused before admission (overload or invalid).",
             ),
+            preemptions_total: Counter::new(
+                "duet_preemptions_total",
+                "Sequences preempted for KV pages and recomputed later.",
+            ),
         }
     }
 
@@ -440,6 +446,7 @@ impl Metrics {
         self.prompt_tokens_total.render(&mut out);
         self.requests_total.render(&mut out);
         self.requests_rejected_total.render(&mut out);
+        self.preemptions_total.render(&mut out);
         out
     }
 }

@@ -69,5 +69,6 @@ pub fn load_of(
         max_running,
         prefix_queried_tokens: stats.queried_tokens,
         prefix_hit_tokens: stats.hit_tokens,
+        preemptions: 0,
     }
 }

@@ -87,6 +87,7 @@ pub struct DecodeState {
     pending_aborts: Vec<SeqId>,
     stepping: bool,
     steps: u64,
+    preemptions: u64,
 }
 
 pub struct DecodeWorker;
@@ -130,6 +131,7 @@ impl Actor for DecodeWorker {
             pending_aborts: Vec::new(),
             stepping: false,
             steps: 0,
+            preemptions: 0,
             args,
         };
         let load = state.load();
@@ -208,6 +210,7 @@ impl DecodeState {
             self.args.sched.max_running,
         );
         load.waiting += self.queued.len() + self.reserved.len();
+        load.preemptions = self.preemptions;
         load
     }
 
@@ -392,6 +395,7 @@ impl DecodeState {
         }
         let now = self.now();
         let plan = self.sched.schedule(&mut self.pages, now);
+        self.preemptions += plan.preempted.len() as u64;
         for id in self.sched.take_unservable() {
             if let Some(r) = self.running.remove(&id) {
                 let _ = r.job.events.send(SeqEvent::Failed(format!(

@@ -1012,7 +1012,7 @@ async fn metrics(State(s): State<Shared>) -> Response {
     let m = &s.metrics;
     {
         let b = s.board.read().unwrap_or_else(|e| e.into_inner());
-        let (mut running, mut waiting, mut queried, mut hit) = (0, 0, 0, 0);
+        let (mut running, mut waiting, mut queried, mut hit, mut preempted) = (0, 0, 0, 0, 0);
         for (role, map) in [("prefill", &b.prefill), ("decode", &b.decode)] {
             for (id, e) in map {
                 let label = format!("{role}-{}", id.0);
@@ -1023,6 +1023,7 @@ async fn metrics(State(s): State<Shared>) -> Response {
                     .with_label(&label)
                     .set(e.load.pages_free as i64);
                 queried += e.load.prefix_queried_tokens;
+                preempted += e.load.preemptions;
                 hit += e.load.prefix_hit_tokens;
                 if role == "decode" {
                     running += e.load.running;
@@ -1036,6 +1037,10 @@ async fn metrics(State(s): State<Shared>) -> Response {
         let q = m.prefix_cache_queried_tokens_total.get();
         if queried > q {
             m.prefix_cache_queried_tokens_total.add(queried - q);
+        }
+        let p = m.preemptions_total.get();
+        if preempted > p {
+            m.preemptions_total.add(preempted - p);
         }
         let h = m.prefix_cache_hit_tokens_total.get();
         if hit > h {

@@ -31,6 +31,8 @@ pub struct WorkerLoad {
     pub max_running: usize,
     pub prefix_queried_tokens: u64,
     pub prefix_hit_tokens: u64,
+    /// Sequences this incarnation preempted so far.
+    pub preemptions: u64,
 }
 
 #[derive(Clone)]
