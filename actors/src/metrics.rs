@@ -605,8 +605,9 @@ mod tests {
         let text = m.render();
         let (types, samples) = parse(&text);
         check_histograms(&types, &samples);
-        assert_eq!(types.len(), 14);
+        assert_eq!(types.len(), 15);
         assert_eq!(types["duet_requests_total"], "counter");
+        assert_eq!(types["duet_preemptions_total"], "counter");
         assert_eq!(types["duet_queue_depth"], "gauge");
         let ttft = "duet_time_to_first_token_seconds";
         assert_eq!(value(&samples, &format!("{ttft}_count"), &[]), 6.0);
