@@ -147,6 +147,8 @@ async fn a_panicking_decode_worker_loses_no_request_and_no_token() {
     assert_eq!(status, 200, "{h}");
     let h: Value = serde_json::from_str(&h).unwrap();
     assert_eq!(h["decode_groups"], 2, "the failed group was restarted");
+    let (_, text) = get(&srv.url("/metrics")).await;
+    assert_eq!(metric(&text, "duet_worker_restarts_total"), Some(1.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@ use duet_core::types::WorkerId;
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use crate::decode::DecodeWorker;
+use crate::metrics::Metrics;
 use crate::prefill::PrefillWorker;
 use crate::registry::{Registry, RegistryMsg, SharedBoard};
 use crate::worker::WorkerArgs;
@@ -23,8 +24,9 @@ pub enum Role {
 }
 
 pub struct SupervisorArgs {
-    pub board: SharedBoard,
     pub workers: Vec<(Role, WorkerArgs)>,
+    /// `duet_worker_restarts_total` is counted here.
+    pub metrics: Arc<Metrics>,
 }
 
 pub struct Supervised {
@@ -36,13 +38,11 @@ pub struct Supervised {
 pub struct SupervisorState {
     registry: ActorRef<RegistryMsg>,
     workers: BTreeMap<ActorId, Supervised>,
-    pub restarts_total: u64,
+    metrics: Arc<Metrics>,
 }
 
-pub enum SupervisorMsg {
-    /// Replies with the number of worker restarts so far (tests and /metrics).
-    Restarts(ractor::RpcReplyPort<u64>),
-}
+/// The supervisor takes no messages of its own: it acts on supervision events.
+pub enum SupervisorMsg {}
 
 pub struct Supervisor;
 
@@ -75,10 +75,8 @@ impl Actor for Supervisor {
         myself: ActorRef<Self::Msg>,
         (args, registry): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let _ = args.board;
         let mut workers = BTreeMap::new();
-        for (role, mut w) in args.workers {
-            w.registry = registry.clone();
+        for (role, w) in args.workers {
             let cell = spawn_worker(role, w.clone(), myself.get_cell()).await?;
             workers.insert(
                 cell.get_id(),
@@ -92,7 +90,7 @@ impl Actor for Supervisor {
         Ok(SupervisorState {
             registry,
             workers,
-            restarts_total: 0,
+            metrics: args.metrics,
         })
     }
 
@@ -100,14 +98,9 @@ impl Actor for Supervisor {
         &self,
         _myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
-        st: &mut Self::State,
+        _st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            SupervisorMsg::Restarts(reply) => {
-                let _ = reply.send(st.restarts_total);
-            }
-        }
-        Ok(())
+        match msg {}
     }
 
     async fn handle_supervisor_evt(
@@ -141,7 +134,7 @@ impl Actor for Supervisor {
         // incarnation starts empty and registers itself.
         w.args.fault = None;
         w.restarts += 1;
-        st.restarts_total += 1;
+        st.metrics.worker_restarts_total.inc();
         let new = spawn_worker(w.role, w.args.clone(), myself.get_cell()).await?;
         st.workers.insert(new.get_id(), w);
         Ok(())
@@ -152,31 +145,23 @@ impl Actor for Supervisor {
 pub struct Cluster {
     pub registry: ActorRef<RegistryMsg>,
     pub supervisor: ActorRef<SupervisorMsg>,
-    pub board: SharedBoard,
 }
 
 impl Cluster {
     pub async fn start(
         workers: Vec<(Role, WorkerArgs)>,
-        board: SharedBoard,
         registry: ActorRef<RegistryMsg>,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, ActorProcessingErr> {
         let (supervisor, _) = Actor::spawn(
             None,
             Supervisor,
-            (
-                SupervisorArgs {
-                    board: board.clone(),
-                    workers,
-                },
-                registry.clone(),
-            ),
+            (SupervisorArgs { workers, metrics }, registry.clone()),
         )
         .await?;
         Ok(Self {
             registry,
             supervisor,
-            board,
         })
     }
 

@@ -336,6 +336,8 @@ pub struct Metrics {
     pub requests_rejected_total: Counter,
     /// Sequences preempted (pages freed, recomputed later) by decode groups.
     pub preemptions_total: Counter,
+    /// Workers the supervisor restarted after a failure.
+    pub worker_restarts_total: Counter,
 }
 
 impl Default for Metrics {
@@ -407,6 +409,10 @@ impl Metrics {
                 "duet_preemptions_total",
                 "Sequences preempted for KV pages and recomputed later.",
             ),
+            worker_restarts_total: Counter::new(
+                "duet_worker_restarts_total",
+                "Workers restarted by the supervisor after a failure.",
+            ),
         }
     }
 
@@ -447,6 +453,7 @@ impl Metrics {
         self.requests_total.render(&mut out);
         self.requests_rejected_total.render(&mut out);
         self.preemptions_total.render(&mut out);
+        self.worker_restarts_total.render(&mut out);
         out
     }
 }
@@ -605,7 +612,7 @@ mod tests {
         let text = m.render();
         let (types, samples) = parse(&text);
         check_histograms(&types, &samples);
-        assert_eq!(types.len(), 15);
+        assert_eq!(types.len(), 16);
         assert_eq!(types["duet_requests_total"], "counter");
         assert_eq!(types["duet_preemptions_total"], "counter");
         assert_eq!(types["duet_queue_depth"], "gauge");

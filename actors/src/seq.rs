@@ -277,6 +277,29 @@ mod tests {
     }
 
     #[test]
+    fn thinking_budget_waits_for_think_and_stops_after_think_end() {
+        let spec = ThinkingBudgetSpec {
+            budget: 3,
+            think_start_id: 7,
+            think_end_id: 9,
+            newline_id: 8,
+        };
+        let s = SeqSampler::new(SeqParams {
+            thinking: Some(spec),
+            ..params()
+        });
+        // No `<think>` anywhere: nothing is forced, however long.
+        assert_eq!(s.forced(&[5, 1, 1, 1, 1, 1]), None);
+        // The model opened it: counted from `<think>` itself.
+        assert_eq!(s.forced(&[5, 1, 7, 1]), None);
+        assert_eq!(s.forced(&[5, 1, 7, 1, 1]), Some(8));
+        // The last token already is `\n`: close at once.
+        assert_eq!(s.forced(&[5, 7, 1, 8]), Some(9));
+        // After `</think>` the budget is spent.
+        assert_eq!(s.forced(&[5, 7, 9, 1, 1, 1, 1]), None);
+    }
+
+    #[test]
     fn logprobs_are_normalised_and_sorted() {
         let logits = [1.0f32, 3.0, 2.0];
         let mut s = SeqSampler::new(SeqParams {

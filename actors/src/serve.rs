@@ -187,7 +187,8 @@ pub async fn start(
     )
     .await
     .map_err(|e| ServeError::Actors(e.to_string()))?;
-    let cluster = Cluster::start(workers, board.clone(), registry)
+    let metrics = Arc::new(Metrics::new());
+    let cluster = Cluster::start(workers, registry, metrics.clone())
         .await
         .map_err(|e| ServeError::Actors(e.to_string()))?;
     // Workers registered in their pre_start, before the supervisor finished starting; once the
@@ -198,7 +199,7 @@ pub async fn start(
         gateway,
         think: think_ids(&opts.tokenizer),
         tokenizer: opts.tokenizer,
-        metrics: Arc::new(Metrics::new()),
+        metrics,
         board,
         limits: HttpLimits {
             inflight_max: cfg.limits.queue_max,
@@ -212,6 +213,7 @@ pub async fn start(
         vocab_size: opts.engine.vocab_size(),
         eos_ids: opts.eos_ids,
         seq_ids: Arc::new(AtomicU64::new(1)),
+        worker_counters: Default::default(),
         request_ids: AtomicU64::new(1),
         inflight: AtomicUsize::new(0),
         draining: AtomicBool::new(false),

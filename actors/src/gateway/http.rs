@@ -58,6 +58,9 @@ pub struct AppState {
     pub eos_ids: Vec<u32>,
     pub think: Option<ThinkIds>,
     pub seq_ids: Arc<AtomicU64>,
+    /// Each worker's cumulative counters at the last `/metrics` scrape (prefix queried, prefix
+    /// hit, preemptions), keyed by its metrics label.
+    pub worker_counters: std::sync::Mutex<std::collections::BTreeMap<String, [u64; 3]>>,
     pub request_ids: AtomicU64,
     pub inflight: AtomicUsize,
     pub draining: AtomicBool,
@@ -858,7 +861,9 @@ async fn generate_inner(s: Shared, body: Body) -> Result<Response, ApiError> {
     if !v.stream {
         let mut runs = [run];
         let mut results = run_all(&s, &mut runs).await;
-        let (deltas, finish) = results.pop().unwrap_or_default_finish();
+        let (deltas, finish) = results
+            .pop()
+            .unwrap_or_else(|| (Vec::new(), ChoiceFinish::Error("no result".into())));
         if let ChoiceFinish::Error(e) = &finish {
             return Err(ApiError::unavailable(e.clone()));
         }
@@ -916,16 +921,6 @@ async fn generate_inner(s: Shared, body: Body) -> Result<Response, ApiError> {
             .await;
     });
     Ok(sse_response(rx))
-}
-
-trait PopFinish {
-    fn unwrap_or_default_finish(self) -> (Vec<ChoiceDelta>, ChoiceFinish);
-}
-
-impl PopFinish for Option<(Vec<ChoiceDelta>, ChoiceFinish)> {
-    fn unwrap_or_default_finish(self) -> (Vec<ChoiceDelta>, ChoiceFinish) {
-        self.unwrap_or_else(|| (Vec::new(), ChoiceFinish::Error("no result".into())))
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1012,7 +1007,8 @@ async fn metrics(State(s): State<Shared>) -> Response {
     let m = &s.metrics;
     {
         let b = s.board.read().unwrap_or_else(|e| e.into_inner());
-        let (mut running, mut waiting, mut queried, mut hit, mut preempted) = (0, 0, 0, 0, 0);
+        let (mut running, mut waiting) = (0, 0);
+        let mut seen = s.worker_counters.lock().unwrap_or_else(|e| e.into_inner());
         for (role, map) in [("prefill", &b.prefill), ("decode", &b.decode)] {
             for (id, e) in map {
                 let label = format!("{role}-{}", id.0);
@@ -1022,30 +1018,27 @@ async fn metrics(State(s): State<Shared>) -> Response {
                 m.kv_pages_free
                     .with_label(&label)
                     .set(e.load.pages_free as i64);
-                queried += e.load.prefix_queried_tokens;
-                preempted += e.load.preemptions;
-                hit += e.load.prefix_hit_tokens;
                 if role == "decode" {
                     running += e.load.running;
                 }
                 waiting += e.load.waiting;
+                // Workers report totals since their own start; a restarted worker starts again
+                // from 0. Add what grew since the last scrape, and all of it after a reset, so the
+                // counters only move forward and lose nothing (Prometheus counter semantics).
+                let now = [
+                    e.load.prefix_queried_tokens,
+                    e.load.prefix_hit_tokens,
+                    e.load.preemptions,
+                ];
+                let last = seen.insert(label, now).unwrap_or_default();
+                let grew = |i: usize| now[i].checked_sub(last[i]).unwrap_or(now[i]);
+                m.prefix_cache_queried_tokens_total.add(grew(0));
+                m.prefix_cache_hit_tokens_total.add(grew(1));
+                m.preemptions_total.add(grew(2));
             }
         }
         m.running_requests.set(running as i64);
         m.queue_depth.set(waiting as i64);
-        // Worker totals are cumulative per incarnation; the counters only move forward.
-        let q = m.prefix_cache_queried_tokens_total.get();
-        if queried > q {
-            m.prefix_cache_queried_tokens_total.add(queried - q);
-        }
-        let p = m.preemptions_total.get();
-        if preempted > p {
-            m.preemptions_total.add(preempted - p);
-        }
-        let h = m.prefix_cache_hit_tokens_total.get();
-        if hit > h {
-            m.prefix_cache_hit_tokens_total.add(hit - h);
-        }
     }
     (
         [(

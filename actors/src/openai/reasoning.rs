@@ -1,4 +1,4 @@
-//! DeepSeek-R1 reasoning: separates `<think>` … `</think>` from the answer, and the thinking budget.
+//! DeepSeek-R1 reasoning: separates `<think>` … `</think>` from the answer.
 //!
 //! ## Separation (`separate_reasoning`, SGLang's `--reasoning-parser deepseek-r1`)
 //!
@@ -21,9 +21,8 @@
 //!   as SGLang's detector does ("reasoning was truncated before `</think>`").
 //! - After `</think>` everything is content; a second block is not parsed.
 //!
-//! ## Thinking budget (the SGLang DeepSeek guide's `ThinkingBudgetLogitProcessor`)
-//!
-//! See [`ThinkingBudget`].
+//! The thinking budget is a logit-level rule on token ids, so it lives with the sampler
+//! (`seq::SeqSampler`), not here.
 
 use super::stop::partial_suffix_len;
 
@@ -190,112 +189,6 @@ fn trim_ws_end(s: &str) -> &str {
     s.trim_end_matches(|c: char| c.is_ascii_whitespace())
 }
 
-/// Caps the number of reasoning tokens, mirroring the SGLang DeepSeek guide's
-/// `ThinkingBudgetLogitProcessor`:
-///
-/// - It counts `len(cur_ids) - cur_ids.index(<think>)` where `cur_ids` is prompt + output: the
-///   `<think>` token itself and every token after it, *including prompt tokens* (R1's prompt ends
-///   with `<think>` `\n`, which is 2 tokens before the first generated one).
-/// - Once that count reaches the budget, it forces `\n` unless the last token already is `\n`,
-///   then forces `</think>`.
-/// - It does nothing when no `<think>` was seen or once a `</think>` was.
-///
-/// Differences, both at edges the Python does not handle: with no output yet the Python would
-/// index `output_ids[-1]` of an empty list; here `last_token` is the prompt's last token then.
-/// And the Python scans all ids every step; here the caller reports each step's last token, so a
-/// step that appends several tokens (speculative decoding) must report them all via
-/// [`ThinkingBudget::observe`].
-#[derive(Debug, Clone)]
-pub struct ThinkingBudget {
-    budget: usize,
-    think_end_id: u32,
-    newline_id: u32,
-    /// `<think>`'s id, when the model may open reasoning itself.
-    think_start_id: Option<u32>,
-    /// Position of `<think>` relative to the first generated token (negative: in the prompt).
-    start: Option<i64>,
-    ended: bool,
-    /// Number of generated tokens already looked at, so repeated calls do not re-count.
-    seen: usize,
-}
-
-impl ThinkingBudget {
-    /// For a prompt that ends inside reasoning with `<think>` as its last token. Use
-    /// [`Self::prompt_tokens_in_thinking`] when more prompt tokens follow `<think>` (R1: `<think>\n`).
-    pub fn new(budget: usize, think_end_id: u32, newline_id: u32) -> Self {
-        Self {
-            budget,
-            think_end_id,
-            newline_id,
-            think_start_id: None,
-            start: Some(-1),
-            ended: false,
-            seen: 0,
-        }
-    }
-
-    /// `n` = the prompt's tokens from `<think>` (inclusive) to its end: 2 for R1's `<think>\n`.
-    pub fn prompt_tokens_in_thinking(mut self, n: usize) -> Self {
-        self.start = Some(-(n as i64));
-        self
-    }
-
-    /// For a prompt without `<think>`: the budget starts counting when the model writes `<think>`.
-    pub fn opened_by_model(
-        budget: usize,
-        think_start_id: u32,
-        think_end_id: u32,
-        newline_id: u32,
-    ) -> Self {
-        Self {
-            budget,
-            think_end_id,
-            newline_id,
-            think_start_id: Some(think_start_id),
-            start: None,
-            ended: false,
-            seen: 0,
-        }
-    }
-
-    /// Records generated token number `position` (0-based). Calls for positions already seen are
-    /// ignored.
-    pub fn observe(&mut self, position: usize, token: u32) {
-        if position < self.seen {
-            return;
-        }
-        self.seen = position + 1;
-        // The seed stops for any `</think>` in the ids, even one before `<think>`.
-        if token == self.think_end_id {
-            self.ended = true;
-        } else if self.start.is_none() && Some(token) == self.think_start_id {
-            self.start = Some(position as i64);
-        }
-    }
-
-    /// The token the sampler must produce next, if the budget forces one. `generated_so_far` is the
-    /// number of tokens generated; `last_token` the last of them (the prompt's last token when none).
-    pub fn forced_next(&mut self, generated_so_far: usize, last_token: u32) -> Option<u32> {
-        if generated_so_far > 0 {
-            self.observe(generated_so_far - 1, last_token);
-        }
-        if self.ended {
-            return None;
-        }
-        let start = self.start?;
-        // len(cur_ids) - start_index, with cur_ids indexed from the first generated token.
-        let in_thinking = generated_so_far as i64 - start;
-        if in_thinking < self.budget as i64 {
-            return None;
-        }
-        if last_token != self.newline_id {
-            Some(self.newline_id)
-        } else {
-            Some(self.think_end_id)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,62 +324,5 @@ mod tests {
             let chunks: Vec<&str> = chunks.iter().map(String::as_str).collect();
             let _ = run(starts, &chunks);
         }
-    }
-
-    const THINK: u32 = 128798;
-    const END: u32 = 128799;
-    const NL: u32 = 201;
-
-    /// Drives a budget with a "model" that would never stop thinking (always says token 7).
-    fn drive(mut b: ThinkingBudget, prompt_last: u32, steps: usize) -> Vec<u32> {
-        let mut out: Vec<u32> = Vec::new();
-        for _ in 0..steps {
-            let last = out.last().copied().unwrap_or(prompt_last);
-            let next = b.forced_next(out.len(), last).unwrap_or(7);
-            out.push(next);
-        }
-        out
-    }
-
-    #[test]
-    fn budget_counts_prompt_think_tokens_like_the_seed() {
-        // Prompt "...<think>\n": count = 2 + generated. Budget 5: 3 free tokens, then force.
-        let b = ThinkingBudget::new(5, END, NL).prompt_tokens_in_thinking(2);
-        assert_eq!(drive(b, NL, 7), vec![7, 7, 7, NL, END, 7, 7]);
-    }
-
-    #[test]
-    fn budget_skips_newline_when_last_token_is_newline() {
-        let mut b = ThinkingBudget::new(2, END, NL).prompt_tokens_in_thinking(2);
-        // Budget already met at the first step and the prompt ends with "\n": close at once.
-        assert_eq!(b.forced_next(0, NL), Some(END));
-        assert_eq!(b.forced_next(1, END), None);
-        assert_eq!(b.forced_next(2, 7), None);
-    }
-
-    #[test]
-    fn budget_is_idle_after_natural_end() {
-        let mut b = ThinkingBudget::new(4, END, NL).prompt_tokens_in_thinking(2);
-        assert_eq!(b.forced_next(0, NL), None);
-        assert_eq!(b.forced_next(1, END), None);
-        assert_eq!(b.forced_next(2, 7), None);
-        assert_eq!(b.forced_next(3, 7), None);
-    }
-
-    #[test]
-    fn budget_waits_for_model_to_open_thinking() {
-        let mut b = ThinkingBudget::opened_by_model(3, THINK, END, NL);
-        assert_eq!(b.forced_next(1, 7), None);
-        assert_eq!(b.forced_next(2, THINK), None); // <think> at position 1: count 1
-        assert_eq!(b.forced_next(3, 7), None); // count 2
-        assert_eq!(b.forced_next(4, 7), Some(NL)); // count 3 = budget
-        assert_eq!(b.forced_next(5, NL), Some(END));
-        assert_eq!(b.forced_next(6, END), None);
-    }
-
-    #[test]
-    fn budget_zero_closes_immediately() {
-        let b = ThinkingBudget::new(0, END, NL);
-        assert_eq!(drive(b, THINK, 3), vec![NL, END, 7]);
     }
 }
