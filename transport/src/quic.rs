@@ -118,7 +118,7 @@ impl ClusterSecret {
     }
 }
 
-fn random_nonce() -> Result<[u8; NONCE_LEN], TransportError> {
+pub(crate) fn random_nonce() -> Result<[u8; NONCE_LEN], TransportError> {
     let mut n = [0u8; NONCE_LEN];
     SystemRandom::new()
         .fill(&mut n)
@@ -145,6 +145,17 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
 }
 
 fn server_config() -> Result<quinn::ServerConfig, TransportError> {
+    server_config_for(ALPN, transport_config())
+}
+
+fn client_config() -> Result<quinn::ClientConfig, TransportError> {
+    client_config_for(ALPN, transport_config())
+}
+
+pub(crate) fn server_config_for(
+    alpn: &[u8],
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ServerConfig, TransportError> {
     let setup = |e: &dyn std::fmt::Display| TransportError::Setup(format!("QUIC server: {e}"));
     let cert =
         rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()]).map_err(|e| setup(&e))?;
@@ -157,14 +168,17 @@ fn server_config() -> Result<quinn::ServerConfig, TransportError> {
         .with_no_client_auth()
         .with_single_cert(vec![cert.cert.der().clone()], key)
         .map_err(|e| setup(&e))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| setup(&e))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(transport_config());
+    cfg.transport_config(transport);
     Ok(cfg)
 }
 
-fn client_config() -> Result<quinn::ClientConfig, TransportError> {
+pub(crate) fn client_config_for(
+    alpn: &[u8],
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ClientConfig, TransportError> {
     let setup = |e: &dyn std::fmt::Display| TransportError::Setup(format!("QUIC client: {e}"));
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -172,10 +186,10 @@ fn client_config() -> Result<quinn::ClientConfig, TransportError> {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider())))
         .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| setup(&e))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport_config());
+    cfg.transport_config(transport);
     Ok(cfg)
 }
 
@@ -306,7 +320,9 @@ async fn accept_loop(endpoint: Endpoint, secret: ClusterSecret, inboxes: InboxMa
             let Ok(Ok(conn)) = tokio::time::timeout(AUTH_TIMEOUT, incoming).await else {
                 return;
             };
-            match tokio::time::timeout(AUTH_TIMEOUT, server_handshake(&conn, &secret)).await {
+            match tokio::time::timeout(AUTH_TIMEOUT, server_handshake(&conn, &secret, KV_DOMAIN))
+                .await
+            {
                 Ok(Ok(())) => {}
                 _ => {
                     conn.close(CODE_AUTH, b"authentication failed");
@@ -321,7 +337,17 @@ async fn accept_loop(endpoint: Endpoint, secret: ClusterSecret, inboxes: InboxMa
     }
 }
 
-async fn server_handshake(conn: &Connection, secret: &ClusterSecret) -> Result<(), TransportError> {
+/// The handshake's domain on the KV data path: tags are over "duet-kv server" / "duet-kv client".
+const KV_DOMAIN: &str = "duet-kv";
+
+/// Runs the cluster-secret handshake as the server; `domain` separates the data path's proofs
+/// from the control plane's, so a tag from one can never be replayed on the other.
+pub(crate) async fn server_handshake(
+    conn: &Connection,
+    secret: &ClusterSecret,
+    domain: &str,
+) -> Result<(), TransportError> {
+    let (server_role, client_role) = (format!("{domain} server"), format!("{domain} client"));
     let auth = |e: &dyn std::fmt::Display| TransportError::Auth(e.to_string());
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| auth(&e))?;
     let mut hello = [0u8; 8 + NONCE_LEN];
@@ -332,7 +358,7 @@ async fn server_handshake(conn: &Connection, secret: &ClusterSecret) -> Result<(
     let cn = &hello[8..];
     let sn = random_nonce()?;
     let ekm = exporter(conn)?;
-    let server_tag = secret.tag(b"duet-kv server", &ekm, cn, &sn);
+    let server_tag = secret.tag(server_role.as_bytes(), &ekm, cn, &sn);
     let mut reply = sn.to_vec();
     reply.extend_from_slice(server_tag.as_ref());
     send.write_all(&reply).await.map_err(|e| auth(&e))?;
@@ -340,7 +366,7 @@ async fn server_handshake(conn: &Connection, secret: &ClusterSecret) -> Result<(
     recv.read_exact(&mut client_tag)
         .await
         .map_err(|e| auth(&e))?;
-    if !secret.verify(b"duet-kv client", &ekm, cn, &sn, &client_tag) {
+    if !secret.verify(client_role.as_bytes(), &ekm, cn, &sn, &client_tag) {
         return Err(TransportError::Auth(
             "peer did not prove the cluster secret".into(),
         ));
@@ -349,7 +375,12 @@ async fn server_handshake(conn: &Connection, secret: &ClusterSecret) -> Result<(
     Ok(())
 }
 
-async fn client_handshake(conn: &Connection, secret: &ClusterSecret) -> Result<(), TransportError> {
+pub(crate) async fn client_handshake(
+    conn: &Connection,
+    secret: &ClusterSecret,
+    domain: &str,
+) -> Result<(), TransportError> {
+    let (server_role, client_role) = (format!("{domain} server"), format!("{domain} client"));
     let lost = |e: &dyn std::fmt::Display| TransportError::Auth(format!("handshake: {e}"));
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
     let cn = random_nonce()?;
@@ -362,13 +393,13 @@ async fn client_handshake(conn: &Connection, secret: &ClusterSecret) -> Result<(
     recv.read_exact(&mut reply).await.map_err(|e| lost(&e))?;
     let (sn, server_tag) = reply.split_at(NONCE_LEN);
     let ekm = exporter(conn)?;
-    if !secret.verify(b"duet-kv server", &ekm, &cn, sn, server_tag) {
+    if !secret.verify(server_role.as_bytes(), &ekm, &cn, sn, server_tag) {
         conn.close(CODE_AUTH, b"server did not prove the cluster secret");
         return Err(TransportError::Auth(
             "server did not prove the cluster secret".into(),
         ));
     }
-    let client_tag = secret.tag(b"duet-kv client", &ekm, &cn, sn);
+    let client_tag = secret.tag(client_role.as_bytes(), &ekm, &cn, sn);
     send.write_all(client_tag.as_ref())
         .await
         .map_err(|e| lost(&e))?;
@@ -553,7 +584,7 @@ impl QuicTransport {
                     dest,
                     detail: e.to_string(),
                 })?;
-            match client_handshake(&conn, &self.secret).await {
+            match client_handshake(&conn, &self.secret, KV_DOMAIN).await {
                 Ok(()) => Ok(conn),
                 Err(e) => Err(auth_failure(&conn, e)),
             }
@@ -637,7 +668,7 @@ impl Drop for QuicTransport {
     }
 }
 
-fn auth_failure(conn: &Connection, e: TransportError) -> TransportError {
+pub(crate) fn auth_failure(conn: &Connection, e: TransportError) -> TransportError {
     match conn.close_reason() {
         Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == CODE_AUTH => {
             TransportError::Auth("server closed the connection: authentication failed".into())
