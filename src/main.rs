@@ -15,6 +15,7 @@ use duet_model::{DType, LogitsMode, Model, SeqInput};
 use serde_json::json;
 
 mod bench;
+mod cluster_cli;
 mod engine_bench;
 mod serve;
 mod sim_cli;
@@ -107,6 +108,12 @@ enum Cmd {
     EngineBench(engine_bench::Args),
     /// Serve the OpenAI-compatible API: gateway, prefill and decode actors in one process.
     Serve(serve::Args),
+    /// The cluster's front as its own process: HTTP API, routing, and the port workers join.
+    Gateway(cluster_cli::GatewayArgs),
+    /// A prefill worker process that joins a gateway (`--join HOST:PORT`).
+    Prefill(cluster_cli::WorkerArgs),
+    /// A decode worker process (one or more DP groups) that joins a gateway.
+    Decode(cluster_cli::WorkerArgs),
     /// Load generator for a running server, in the manner of SGLang's bench_serving.
     Bench(bench::Args),
     /// Simulate a PD cluster in virtual time with core's policies and a calibrated cost model.
@@ -161,6 +168,9 @@ fn main() -> Result<()> {
         Cmd::EngineBench(args) => engine_bench::run(args),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Serve(args) => serve::run(args),
+        Cmd::Gateway(args) => cluster_cli::run_gateway(args),
+        Cmd::Prefill(args) => cluster_cli::run_worker(duet_actors::cluster::Role::Prefill, args),
+        Cmd::Decode(args) => cluster_cli::run_worker(duet_actors::cluster::Role::Decode, args),
         Cmd::Sim(args) => sim_cli::run_sim(args),
         Cmd::Plan(args) => sim_cli::run_plan(args),
     }

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod openai;
 pub mod prefill;
 pub mod registry;
+pub mod remote;
 pub mod seq;
 pub mod serve;
 pub mod worker;

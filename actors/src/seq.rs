@@ -105,6 +105,18 @@ impl SeqSampler {
         &self.params
     }
 
+    /// The random stream's state, so another process can continue it ([`Self::resume`]).
+    pub fn rng_state(&self) -> [u64; 4] {
+        self.sampler.rng_state()
+    }
+
+    pub fn resume(params: SeqParams, rng_state: [u64; 4]) -> Self {
+        Self {
+            sampler: Sampler::resume(params.sampling, rng_state),
+            params,
+        }
+    }
+
     /// Picks the next token for a sequence whose tokens so far are `tokens` (prompt_len of them
     /// the prompt), given the last position's logits.
     pub fn next(

@@ -22,7 +22,7 @@ use crate::gateway::http::{self, AppState, HttpLimits, ThinkIds};
 use crate::gateway::{Gateway, GatewayArgs};
 use crate::metrics::Metrics;
 use crate::registry::RegistryMsg;
-use crate::worker::{Fault, WorkerArgs};
+use crate::worker::{Fault, KvLink, WorkerArgs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -56,7 +56,8 @@ pub struct ServeOptions {
 pub struct Running {
     pub addr: SocketAddr,
     pub state: http::Shared,
-    pub cluster: Cluster,
+    /// The local workers' supervisor; `None` for `duet gateway`, whose workers are processes.
+    pub cluster: Option<Cluster>,
 }
 
 impl ServeOptions {
@@ -149,7 +150,7 @@ pub async fn start(
                 prefix_cache: cfg.prefill.prefix_cache,
                 sched: cfg.prefill_sched(),
                 registry: registry.clone(),
-                transport: transport.clone(),
+                kv: KvLink::InProc(transport.clone()),
                 epoch,
                 fault: if i == 0 { opts.prefill_fault } else { None },
             },
@@ -166,12 +167,35 @@ pub async fn start(
                 prefix_cache: false,
                 sched: cfg.decode_sched(),
                 registry: registry.clone(),
-                transport: transport.clone(),
+                kv: KvLink::InProc(transport.clone()),
                 epoch,
                 fault: if g == 0 { opts.fault } else { None },
             },
         ));
     }
+    let metrics = Arc::new(Metrics::new());
+    let cluster = Cluster::start(workers, registry, metrics.clone())
+        .await
+        .map_err(|e| ServeError::Actors(e.to_string()))?;
+    // Workers registered in their pre_start, before the supervisor finished starting; once the
+    // registry answers this, the board lists all of them.
+    ractor::call!(cluster.registry, RegistryMsg::Sync)
+        .map_err(|e| ServeError::Actors(e.to_string()))?;
+    let (mut running, server) = start_front(opts, listener, shutdown, board, metrics).await?;
+    running.cluster = Some(cluster);
+    Ok((running, server))
+}
+
+/// Starts the gateway actor and the HTTP server over `board` (filled by local workers, or by
+/// remote ones through the cluster port). Runs until `shutdown` resolves, then drains.
+pub async fn start_front(
+    opts: ServeOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    board: crate::registry::SharedBoard,
+    metrics: Arc<Metrics>,
+) -> Result<(Running, tokio::task::JoinHandle<Result<(), ServeError>>), ServeError> {
+    let cfg = &opts.config;
     // A fixed seed: the gateway's choices replay exactly for the same request order.
     let balance = cfg
         .balance_policy(0x5eed)
@@ -187,14 +211,6 @@ pub async fn start(
     )
     .await
     .map_err(|e| ServeError::Actors(e.to_string()))?;
-    let metrics = Arc::new(Metrics::new());
-    let cluster = Cluster::start(workers, registry, metrics.clone())
-        .await
-        .map_err(|e| ServeError::Actors(e.to_string()))?;
-    // Workers registered in their pre_start, before the supervisor finished starting; once the
-    // registry answers this, the board lists all of them.
-    ractor::call!(cluster.registry, RegistryMsg::Sync)
-        .map_err(|e| ServeError::Actors(e.to_string()))?;
     let state = Arc::new(AppState {
         gateway,
         think: think_ids(&opts.tokenizer),
@@ -263,7 +279,7 @@ pub async fn start(
         Running {
             addr,
             state,
-            cluster,
+            cluster: None,
         },
         server,
     ))

@@ -6,8 +6,10 @@ use std::time::Instant;
 use duet_core::kv::{KvConfig, KvManager};
 use duet_core::sched::{SchedConfig, Scheduler};
 use duet_core::types::WorkerId;
-use duet_transport::InProcTransport;
+use duet_transport::quic::QuicKvServer;
+use duet_transport::{InProcTransport, KvFrame, KvInbox, KvReceiver, KvTransport, TransportError};
 use ractor::ActorRef;
+use tokio::sync::mpsc;
 
 use crate::engine::Engine;
 use crate::registry::{RegistryMsg, WorkerLoad};
@@ -28,11 +30,54 @@ pub struct WorkerArgs {
     pub prefix_cache: bool,
     pub sched: SchedConfig,
     pub registry: ActorRef<RegistryMsg>,
-    pub transport: Arc<InProcTransport>,
+    pub kv: KvLink,
     /// The process's clock origin: workers report `now_us` relative to it, so core sees one time
     /// line.
     pub epoch: Instant,
     pub fault: Option<Fault>,
+}
+
+/// How a worker moves KV: in-process channels (`duet serve`) or the network (role processes:
+/// QUIC, whose server a decode process runs to receive).
+#[derive(Clone)]
+pub enum KvLink {
+    InProc(Arc<InProcTransport>),
+    Net {
+        send: Arc<dyn KvTransport>,
+        recv: Option<Arc<QuicKvServer>>,
+    },
+}
+
+/// The receiving end of a decode group's KV endpoint.
+pub enum KvInboxAny {
+    InProc(mpsc::Receiver<KvFrame>),
+    Net(KvInbox),
+}
+
+impl KvInboxAny {
+    pub async fn recv(&mut self) -> Option<Result<KvFrame, TransportError>> {
+        match self {
+            KvInboxAny::InProc(rx) => KvReceiver::recv(rx).await,
+            KvInboxAny::Net(rx) => rx.recv().await,
+        }
+    }
+}
+
+impl KvLink {
+    pub fn sender(&self) -> Arc<dyn KvTransport> {
+        match self {
+            KvLink::InProc(t) => t.clone(),
+            KvLink::Net { send, .. } => send.clone(),
+        }
+    }
+
+    /// Binds (or rebinds, after a restart) decode endpoint `ep`.
+    pub fn bind(&self, ep: u32) -> Option<KvInboxAny> {
+        match self {
+            KvLink::InProc(t) => Some(KvInboxAny::InProc(t.bind(ep))),
+            KvLink::Net { recv, .. } => recv.as_ref().map(|s| KvInboxAny::Net(s.bind(ep))),
+        }
+    }
 }
 
 impl WorkerArgs {

@@ -21,6 +21,16 @@ impl Rng {
         }
     }
 
+    /// The generator's whole state, to move a sequence's random stream to another process.
+    pub fn state(&self) -> [u64; 4] {
+        self.s
+    }
+
+    /// Resumes a stream from [`Self::state`].
+    pub fn from_state(s: [u64; 4]) -> Self {
+        Self { s }
+    }
+
     /// A seed from the OS's per-process hash randomness, for requests that give none.
     pub fn from_entropy() -> Self {
         use std::hash::{BuildHasher, Hasher};

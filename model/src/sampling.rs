@@ -76,6 +76,22 @@ impl Sampler {
         Self { params, rng }
     }
 
+    /// A sampler that continues another's random stream (a sequence moving between processes).
+    pub fn resume(params: SamplingParams, rng_state: [u64; 4]) -> Self {
+        Self {
+            params,
+            rng: Rng::from_state(rng_state),
+        }
+    }
+
+    pub fn rng_state(&self) -> [u64; 4] {
+        self.rng.state()
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         if p.temperature <= 0.0 || logits.len() <= 1 {

@@ -33,6 +33,10 @@ pub enum DecodeMsg {
     },
     /// One layer of KV for a reserved sequence (from the transport).
     Frame(KvFrame),
+    /// A frame for this group arrived but failed verification (corrupt or truncated).
+    BadFrame(duet_transport::TransportError),
+    /// Periodic: enforce the transfer deadlines.
+    Tick,
     /// The prefill worker is done: first token, sampler state, and the job.
     Handoff(Box<Handoff>),
     /// The prefill worker could not compute the sequence; free its reservation.
@@ -56,7 +60,17 @@ pub struct StepDone {
     result: Result<StepLogits, String>,
 }
 
+/// Once the handoff arrived, every layer must be in within this time, or the sequence goes back to
+/// the gateway for a re-run (a frame lost with a cut link; the sender's own deadline is shorter).
+pub const KV_ARRIVAL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+/// A reservation that never got its handoff (its prefill worker died and the gateway's
+/// `Unreserve` was lost with it) frees its pages after this long.
+pub const RESERVATION_TTL: std::time::Duration = std::time::Duration::from_secs(120);
+const DEADLINE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
 struct Reservation {
+    since: std::time::Instant,
+    handoff_at: Option<std::time::Instant>,
     pages: Vec<u32>,
     layers_in: BTreeSet<u32>,
     handoff: Option<Box<Handoff>>,
@@ -109,15 +123,21 @@ impl Actor for DecodeWorker {
         };
         // Frames for this group arrive on the transport endpoint; forward them into the mailbox
         // so they are applied between steps, never while a step holds the pool.
-        let mut rx = args.transport.bind(args.id.0);
-        let me = myself.clone();
-        tokio::spawn(async move {
-            while let Some(frame) = rx.recv().await {
-                if me.cast(DecodeMsg::Frame(frame)).is_err() {
-                    break;
+        if let Some(mut rx) = args.kv.bind(args.id.0) {
+            let me = myself.clone();
+            tokio::spawn(async move {
+                while let Some(frame) = rx.recv().await {
+                    let msg = match frame {
+                        Ok(f) => DecodeMsg::Frame(f),
+                        Err(e) => DecodeMsg::BadFrame(e),
+                    };
+                    if me.cast(msg).is_err() {
+                        break;
+                    }
                 }
-            }
-        });
+            });
+        }
+        myself.send_interval(DEADLINE_CHECK_INTERVAL, || DecodeMsg::Tick);
         let state = DecodeState {
             pages: args.kv_manager(),
             sched: args.scheduler(),
@@ -164,7 +184,10 @@ impl Actor for DecodeWorker {
             DecodeMsg::Handoff(h) => {
                 let id = h.job.id;
                 match st.reserved.get_mut(&id) {
-                    Some(r) => r.handoff = Some(h),
+                    Some(r) => {
+                        r.handoff = Some(h);
+                        r.handoff_at = Some(std::time::Instant::now());
+                    }
                     // Aborted meanwhile: dropping the job closes its channel if nobody else
                     // holds it, which the gateway reads as "re-run".
                     None => drop(h),
@@ -172,6 +195,8 @@ impl Actor for DecodeWorker {
                 st.try_start(id);
             }
             DecodeMsg::Unreserve(id) => st.drop_reservation(id),
+            DecodeMsg::BadFrame(e) => st.bad_frame(e),
+            DecodeMsg::Tick => st.check_deadlines(),
             DecodeMsg::Abort(id) => {
                 if st.stepping {
                     st.pending_aborts.push(id);
@@ -234,6 +259,8 @@ impl DecodeState {
                     self.reserved.insert(
                         id,
                         Reservation {
+                            since: std::time::Instant::now(),
+                            handoff_at: None,
                             pages: pages.clone(),
                             layers_in: BTreeSet::new(),
                             handoff: None,
@@ -311,6 +338,52 @@ impl DecodeState {
         }
         let id = frame.seq;
         self.try_start(id);
+    }
+
+    /// A frame that failed verification poisons its sequence's reservation: it is re-run, never
+    /// decoded from bad KV.
+    fn bad_frame(&mut self, e: duet_transport::TransportError) {
+        use duet_transport::TransportError as E;
+        let seq = match &e {
+            E::Corrupt { seq, .. } | E::Truncated { seq, .. } => *seq,
+            _ => {
+                tracing::warn!(group = self.args.id.0, "unattributable bad KV frame: {e}");
+                return;
+            }
+        };
+        if let Some(r) = self.reserved.get_mut(&seq) {
+            r.bad = Some(e.to_string());
+        }
+        self.try_start(seq);
+    }
+
+    fn check_deadlines(&mut self) {
+        let now = std::time::Instant::now();
+        let late: Vec<SeqId> = self
+            .reserved
+            .iter()
+            .filter(|(_, r)| match r.handoff_at {
+                Some(at) => now.duration_since(at) > KV_ARRIVAL_DEADLINE,
+                None => now.duration_since(r.since) > RESERVATION_TTL,
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in late {
+            let Some(r) = self.reserved.get_mut(&id) else {
+                continue;
+            };
+            if r.handoff.is_some() {
+                r.bad = Some(format!(
+                    "KV layers {} of {} arrived within {KV_ARRIVAL_DEADLINE:?}",
+                    r.layers_in.len(),
+                    self.layers
+                ));
+                self.try_start(id);
+            } else {
+                tracing::warn!(seq = id, "reservation never handed off; freeing its pages");
+                self.drop_reservation(id);
+            }
+        }
     }
 
     /// Moves a reservation into the batch once its handoff and every layer are in. A bad

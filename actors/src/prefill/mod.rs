@@ -8,7 +8,7 @@ use std::sync::Arc;
 use duet_core::sched::{NewSeq, Scheduler, StepPlan, Submit};
 use duet_core::types::{SeqId, WorkerId};
 use duet_model::kv::KvCache;
-use duet_transport::{InProcTransport, KvFrame, KvTransport};
+use duet_transport::{KvFrame, KvTransport};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::decode::{DecodeMsg, Handoff};
@@ -17,6 +17,11 @@ use crate::registry::{RegistryMsg, WorkerRef};
 use crate::seq::{Finish, SeqEvent, SeqJob, SeqSampler};
 use crate::worker::{WorkerArgs, load_of};
 use duet_core::kv::KvManager;
+
+/// One layer frame must be accepted by the destination within this time or the sequence is
+/// re-run elsewhere (a cut link or a stalled decode process; a 61-layer, 4k-token prompt's layer is
+/// ~5 MB, far under a second even over QUIC).
+pub const KV_SEND_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Where a sequence's KV goes: the decode group, its actor, and the pages it reserved.
 #[derive(Clone)]
@@ -231,7 +236,7 @@ impl PrefillState {
             return;
         }
         let engine = self.args.engine.clone();
-        let transport = self.args.transport.clone();
+        let transport = self.args.kv.sender();
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let mut send_errors = BTreeMap::new();
@@ -367,7 +372,7 @@ struct LayerTarget {
 /// this runs inside the forward, right after the layer's attention wrote its KV).
 fn stream_layer(
     handle: &tokio::runtime::Handle,
-    transport: &Arc<InProcTransport>,
+    transport: &Arc<dyn KvTransport>,
     targets: &[LayerTarget],
     layer: usize,
     cache: &KvCache,
@@ -394,8 +399,23 @@ fn stream_layer(
             continue;
         }
         let frame = KvFrame::new(t.seq, layer as u32, t.dest.clone(), bytes);
-        if let Err(e) = handle.block_on(transport.send(t.endpoint, frame)) {
-            errors.insert(t.seq, e.to_string());
+        match handle.block_on(tokio::time::timeout(
+            KV_SEND_DEADLINE,
+            transport.send(t.endpoint, frame),
+        )) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                errors.insert(t.seq, e.to_string());
+            }
+            Err(_) => {
+                errors.insert(
+                    t.seq,
+                    format!(
+                        "layer {layer} not delivered to decode group {} within {KV_SEND_DEADLINE:?}",
+                        t.endpoint
+                    ),
+                );
+            }
         }
     }
 }

@@ -1,0 +1,553 @@
+//! The gateway's side of the cluster port: every worker process that joined, a proxy actor per
+//! remote worker (so the gateway actor routes to remote workers exactly as to local ones), and
+//! the table of sequences held by remote processes.
+//!
+//! All control goes through the gateway (a star): decode's "send this job to prefill P" and
+//! prefill's handoff to decode are relayed here, which is also how the gateway always knows which
+//! process holds a sequence. KV bytes do not come here: they go from prefill to decode directly.
+//!
+//! A sequence's entry holds the client's event channel. Dropping the entry closes the channel,
+//! which the client's `ChoiceRun` reads as "lost" and re-runs from the tokens already streamed,
+//! so every failure below ends in dropping the entry: the holder's process died or went silent
+//! (no message for [`HEARTBEAT_TIMEOUT`]), it reported the sequence lost, or a relay found its
+//! destination gone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use duet_core::types::{SeqId, WorkerId};
+use duet_transport::control::{ControlConn, ControlListener, ControlTx};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef};
+
+use super::wire::{self, Hello, ModelShape, ToGateway, ToWorker, WireJob, WireLoad, WireRole};
+use crate::decode::DecodeMsg;
+use crate::prefill::PrefillMsg;
+use crate::registry::{RegistryMsg, WorkerLoad, WorkerRef};
+use crate::seq::{EventTx, SeqEvent};
+
+/// A worker process that sends nothing for this long (not even its load heartbeat, sent every
+/// [`super::HEARTBEAT_INTERVAL`]) is dead: its connection is closed and its sequences re-run.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A joining process must say hello within this time.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Workers one process may host.
+pub const WORKERS_PER_PROCESS_MAX: usize = 64;
+
+type PeerId = u64;
+
+struct Peer {
+    tx: ControlTx,
+    role: WireRole,
+    kv_addr: Option<String>,
+    name: String,
+    /// Live workers of the process and their proxies.
+    workers: BTreeMap<u32, WorkerRef>,
+    /// Every id the process announced in its hello (reserved for it while it is connected).
+    ids: BTreeSet<u32>,
+    page_bytes: u64,
+}
+
+/// A sequence a remote process holds.
+struct Held {
+    events: EventTx,
+    holder: PeerId,
+    /// The decode group that reserved pages for it, until the handoff.
+    group: Option<u32>,
+}
+
+pub struct Hub {
+    registry: ActorRef<RegistryMsg>,
+    shape: ModelShape,
+    peers: Mutex<BTreeMap<PeerId, Peer>>,
+    owner: DashMap<u32, PeerId>,
+    proxies: DashMap<ActorId, u32>,
+    seqs: DashMap<SeqId, Held>,
+    next_peer: AtomicU64,
+    /// Called with one line per join and leave (the CLI prints them; tests wait on them).
+    announce: Box<dyn Fn(String) + Send + Sync>,
+}
+
+impl Hub {
+    /// `shape.page_bytes` is ignored: the first worker to join sets it, and every later one must
+    /// match it (prefill and decode must agree on the KV dtype).
+    pub fn new(
+        registry: ActorRef<RegistryMsg>,
+        shape: ModelShape,
+        announce: Box<dyn Fn(String) + Send + Sync>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            registry,
+            shape,
+            peers: Mutex::default(),
+            owner: DashMap::new(),
+            proxies: DashMap::new(),
+            seqs: DashMap::new(),
+            next_peer: AtomicU64::new(1),
+            announce,
+        })
+    }
+
+    /// Sequences held by remote processes right now (for tests and metrics).
+    pub fn held(&self) -> usize {
+        self.seqs.len()
+    }
+
+    fn tx_of_worker(&self, worker: u32) -> Option<(PeerId, ControlTx, Option<String>)> {
+        let peer = *self.owner.get(&worker)?;
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let p = peers.get(&peer)?;
+        p.workers
+            .contains_key(&worker)
+            .then(|| (peer, p.tx.clone(), p.kv_addr.clone()))
+    }
+
+    async fn send(tx: &ControlTx, msg: &ToWorker) -> bool {
+        match wire::encode(msg) {
+            Ok(b) => tx.send(b).await.is_ok(),
+            Err(e) => {
+                tracing::error!("{e}");
+                false
+            }
+        }
+    }
+
+    /// Accepts worker processes until the listener stops.
+    pub async fn serve(self: Arc<Self>, mut listener: ControlListener) {
+        while let Some(conn) = listener.accept().await {
+            tokio::spawn(self.clone().serve_peer(conn));
+        }
+    }
+
+    async fn serve_peer(self: Arc<Self>, mut conn: ControlConn) {
+        let addr = conn.peer;
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, conn.rx.recv()).await {
+            Ok(Ok(Some(b))) => match wire::decode::<ToGateway>(&b) {
+                Ok(ToGateway::Hello(h)) => h,
+                _ => {
+                    conn.close("expected hello");
+                    return;
+                }
+            },
+            _ => {
+                conn.close("no hello");
+                return;
+            }
+        };
+        let id = self.next_peer.fetch_add(1, Ordering::Relaxed);
+        if let Err(why) = self.admit(id, &hello, conn.tx.clone()) {
+            tracing::warn!("refused {} from {addr}: {why}", hello.name);
+            let _ = Self::send(&conn.tx, &ToWorker::Refused(why)).await;
+            // Let the refusal leave before the connection goes.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            conn.close("refused");
+            return;
+        }
+        if !Self::send(&conn.tx, &ToWorker::Welcome).await {
+            self.leave(id, "lost before welcome").await;
+            return;
+        }
+        (self.announce)(format!(
+            "joined {} {} workers {:?} from {addr}",
+            match hello.role {
+                WireRole::Prefill => "prefill",
+                WireRole::Decode => "decode",
+            },
+            hello.name,
+            hello.workers
+        ));
+        let why = loop {
+            let msg = match tokio::time::timeout(HEARTBEAT_TIMEOUT, conn.rx.recv()).await {
+                Err(_) => break format!("no heartbeat for {HEARTBEAT_TIMEOUT:?}"),
+                Ok(Ok(Some(b))) => b,
+                Ok(Ok(None)) => break "closed by the worker".to_string(),
+                Ok(Err(e)) => break e.to_string(),
+            };
+            match wire::decode::<ToGateway>(&msg) {
+                Ok(m) => self.dispatch(id, m).await,
+                Err(e) => break format!("bad control message: {e}"),
+            }
+        };
+        conn.close(&why);
+        self.leave(id, &why).await;
+        (self.announce)(format!("left {} from {addr}: {why}", hello.name));
+    }
+
+    fn admit(&self, id: PeerId, h: &Hello, tx: ControlTx) -> Result<(), String> {
+        if h.shape.layers != self.shape.layers || h.shape.vocab_size != self.shape.vocab_size {
+            return Err(format!(
+                "model differs: the gateway serves {} layers and {} tokens, this worker {} and {}",
+                self.shape.layers, self.shape.vocab_size, h.shape.layers, h.shape.vocab_size
+            ));
+        }
+        if h.workers.is_empty() || h.workers.len() > WORKERS_PER_PROCESS_MAX {
+            return Err(format!(
+                "a process hosts 1 to {WORKERS_PER_PROCESS_MAX} workers, not {}",
+                h.workers.len()
+            ));
+        }
+        let kv_addr = match (h.role, &h.kv_addr) {
+            (WireRole::Decode, Some(a)) => match a.parse::<SocketAddr>() {
+                Ok(_) => Some(a.clone()),
+                Err(e) => return Err(format!("KV address {a:?}: {e}")),
+            },
+            (WireRole::Decode, None) => return Err("a decode process needs a KV address".into()),
+            (WireRole::Prefill, _) => None,
+        };
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(other) = peers.values().find(|p| p.page_bytes != h.shape.page_bytes) {
+            return Err(format!(
+                "KV pages differ: {} bytes here, {} bytes on {} (same model and --dtype everywhere)",
+                h.shape.page_bytes, other.page_bytes, other.name
+            ));
+        }
+        if let Some(w) = h.workers.iter().find(|w| self.owner.contains_key(w)) {
+            return Err(format!("worker id {w} is already in the cluster"));
+        }
+        for &w in &h.workers {
+            self.owner.insert(w, id);
+        }
+        peers.insert(
+            id,
+            Peer {
+                tx,
+                role: h.role,
+                kv_addr,
+                name: h.name.clone(),
+                workers: BTreeMap::new(),
+                ids: h.workers.iter().copied().collect(),
+                page_bytes: h.shape.page_bytes,
+            },
+        );
+        Ok(())
+    }
+
+    async fn dispatch(self: &Arc<Self>, from: PeerId, msg: ToGateway) {
+        match msg {
+            ToGateway::Hello(_) => tracing::warn!("second hello from a worker process; ignored"),
+            ToGateway::Workers(list) => self.update_workers(from, list).await,
+            ToGateway::Event { seq, event } => {
+                let last = event.is_final();
+                if let Some(h) = self.seqs.get(&seq) {
+                    let _ = h.events.send(SeqEvent::from(event));
+                }
+                if last {
+                    self.seqs.remove(&seq);
+                }
+            }
+            ToGateway::Prefill {
+                prefill,
+                group,
+                pages,
+                job,
+            } => {
+                let seq = job.id;
+                let dest = self.tx_of_worker(prefill);
+                let kv_addr = self.tx_of_worker(group).and_then(|(_, _, a)| a);
+                let live = self.seqs.contains_key(&seq);
+                let forwarded = match (dest, kv_addr, live) {
+                    (Some((p, tx, _)), Some(kv_addr), true) => {
+                        if let Some(mut h) = self.seqs.get_mut(&seq) {
+                            h.holder = p;
+                            h.group = Some(group);
+                        }
+                        let msg = ToWorker::Prefill {
+                            prefill,
+                            group,
+                            kv_addr,
+                            pages,
+                            job,
+                        };
+                        Self::send(&tx, &msg).await
+                    }
+                    _ => false,
+                };
+                if !forwarded {
+                    // The prefill worker is gone (or the request was aborted): free the pages;
+                    // dropping the entry re-runs the sequence.
+                    self.unreserve(group, seq).await;
+                    self.seqs.remove(&seq);
+                }
+            }
+            ToGateway::Handoff(h) => {
+                let seq = h.job.id;
+                let forwarded = match self.tx_of_worker(h.group) {
+                    Some((d, tx, _)) if self.seqs.contains_key(&seq) => {
+                        if let Some(mut e) = self.seqs.get_mut(&seq) {
+                            e.holder = d;
+                            e.group = None;
+                        }
+                        Self::send(&tx, &ToWorker::Handoff(h)).await
+                    }
+                    _ => false,
+                };
+                if !forwarded {
+                    self.seqs.remove(&seq);
+                }
+            }
+            ToGateway::Unreserve { group, seq } => self.unreserve(group, seq).await,
+            ToGateway::Lost { seq } => {
+                self.seqs.remove_if(&seq, |_, h| h.holder == from);
+            }
+        }
+    }
+
+    async fn unreserve(&self, group: u32, seq: SeqId) {
+        if let Some((_, tx, _)) = self.tx_of_worker(group) {
+            Self::send(&tx, &ToWorker::Unreserve { group, seq }).await;
+        }
+    }
+
+    async fn update_workers(self: &Arc<Self>, from: PeerId, list: Vec<(u32, WireLoad)>) {
+        let (role, tx, ids, known) = {
+            let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(p) = peers.get(&from) else { return };
+            (
+                p.role,
+                p.tx.clone(),
+                p.ids.clone(),
+                p.workers.keys().copied().collect::<BTreeSet<u32>>(),
+            )
+        };
+        let listed: BTreeSet<u32> = list
+            .iter()
+            .map(|(w, _)| *w)
+            .filter(|w| ids.contains(w))
+            .collect();
+        for &w in known.difference(&listed) {
+            // Restarting inside its process: not routed to until it is listed again.
+            self.drop_worker(from, w);
+        }
+        for (w, load) in list {
+            if !ids.contains(&w) {
+                continue;
+            }
+            let load = WorkerLoad::from(&load);
+            if known.contains(&w) {
+                let _ = self.registry.cast(RegistryMsg::Load {
+                    id: WorkerId(w),
+                    load,
+                });
+                continue;
+            }
+            let worker = match self.spawn_proxy(role, w, tx.clone()).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("proxy for worker {w}: {e}");
+                    continue;
+                }
+            };
+            if let Some(p) = self
+                .peers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&from)
+            {
+                p.workers.insert(w, worker.clone());
+            }
+            let _ = self.registry.cast(RegistryMsg::Register {
+                id: WorkerId(w),
+                worker,
+                load,
+            });
+        }
+    }
+
+    async fn spawn_proxy(
+        self: &Arc<Self>,
+        role: WireRole,
+        worker: u32,
+        tx: ControlTx,
+    ) -> Result<WorkerRef, ActorProcessingErr> {
+        let args = ProxyArgs {
+            hub: self.clone(),
+            worker,
+            tx,
+        };
+        let r = match role {
+            WireRole::Prefill => {
+                let (a, _) = Actor::spawn(None, PrefillProxy, args).await?;
+                self.proxies.insert(a.get_id(), worker);
+                WorkerRef::Prefill(a)
+            }
+            WireRole::Decode => {
+                let (a, _) = Actor::spawn(None, DecodeProxy, args).await?;
+                self.proxies.insert(a.get_id(), worker);
+                WorkerRef::Decode(a)
+            }
+        };
+        Ok(r)
+    }
+
+    fn drop_worker(&self, peer: PeerId, w: u32) {
+        let _ = self.registry.cast(RegistryMsg::Gone { id: WorkerId(w) });
+        let removed = self
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&peer)
+            .and_then(|p| p.workers.remove(&w));
+        if let Some(r) = removed {
+            let cell = match r {
+                WorkerRef::Prefill(a) => a.get_cell(),
+                WorkerRef::Decode(a) => a.get_cell(),
+            };
+            self.proxies.remove(&cell.get_id());
+            cell.stop(None);
+        }
+    }
+
+    /// A process left (or died): unroute its workers, re-run what it held, free the decode
+    /// reservations made for its prefill work.
+    async fn leave(&self, peer: PeerId, why: &str) {
+        let Some(p) = self
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&peer)
+            .map(|p| p.ids.clone())
+        else {
+            return;
+        };
+        for w in &p {
+            self.drop_worker(peer, *w);
+            self.owner.remove_if(w, |_, o| *o == peer);
+        }
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&peer);
+        let lost: Vec<(SeqId, Option<u32>)> = self
+            .seqs
+            .iter()
+            .filter(|e| e.holder == peer)
+            .map(|e| (*e.key(), e.group))
+            .collect();
+        if !lost.is_empty() {
+            tracing::warn!(
+                "{} sequences lost with a worker process ({why}); re-running them",
+                lost.len()
+            );
+        }
+        for (seq, group) in lost {
+            self.seqs.remove(&seq);
+            if let Some(g) = group {
+                self.unreserve(g, seq).await;
+            }
+        }
+    }
+}
+
+pub struct ProxyArgs {
+    hub: Arc<Hub>,
+    worker: u32,
+    tx: ControlTx,
+}
+
+/// Stands for a remote decode group in the gateway process.
+pub struct DecodeProxy;
+
+impl Actor for DecodeProxy {
+    type Msg = DecodeMsg;
+    type State = ProxyArgs;
+    type Arguments = ProxyArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: ProxyArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            DecodeMsg::Reserve { job, prefill } => {
+                let Some(pid) = st.hub.proxies.get(&prefill.get_id()).map(|p| *p) else {
+                    // The prefill proxy stopped meanwhile: dropping the job re-runs it.
+                    return Ok(());
+                };
+                let Some(holder) = st.hub.owner.get(&st.worker).map(|p| *p) else {
+                    return Ok(());
+                };
+                let seq = job.id;
+                let wire_job = WireJob::of(&job);
+                st.hub.seqs.insert(
+                    seq,
+                    Held {
+                        events: job.events,
+                        holder,
+                        group: None,
+                    },
+                );
+                let msg = ToWorker::Reserve {
+                    group: st.worker,
+                    prefill: pid,
+                    job: wire_job,
+                };
+                if !Hub::send(&st.tx, &msg).await {
+                    st.hub.seqs.remove(&seq);
+                }
+            }
+            DecodeMsg::Abort(seq) => {
+                st.hub.seqs.remove(&seq);
+                Hub::send(
+                    &st.tx,
+                    &ToWorker::Abort {
+                        worker: st.worker,
+                        seq,
+                    },
+                )
+                .await;
+            }
+            // Only the gateway actor talks to a proxy, and it sends only the two above.
+            _ => tracing::debug!("decode proxy {}: unexpected message", st.worker),
+        }
+        Ok(())
+    }
+}
+
+/// Stands for a remote prefill worker in the gateway process.
+pub struct PrefillProxy;
+
+impl Actor for PrefillProxy {
+    type Msg = PrefillMsg;
+    type State = ProxyArgs;
+    type Arguments = ProxyArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: ProxyArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let PrefillMsg::Abort(seq) = msg {
+            st.hub.seqs.remove(&seq);
+            Hub::send(
+                &st.tx,
+                &ToWorker::Abort {
+                    worker: st.worker,
+                    seq,
+                },
+            )
+            .await;
+        }
+        Ok(())
+    }
+}

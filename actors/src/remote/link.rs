@@ -1,0 +1,542 @@
+//! A worker process's side of the cluster: its workers run under a local supervisor and registry
+//! exactly as in `duet serve`, and one link connects them to the gateway.
+//!
+//! The link (re)connects to the gateway (with back-off, forever: a restarted gateway is rejoined
+//! without restarting the workers), says hello, and then
+//! - reports the local workers and their loads whenever they change and at least every
+//!   [`super::HEARTBEAT_INTERVAL`] (the heartbeat);
+//! - turns the gateway's messages into local actor messages; every job gets a local event channel
+//!   whose events a forwarder sends back tagged with the sequence id;
+//! - stands in for the other role's actors with proxies: decode's "send the job to prefill P"
+//!   and prefill's handoff to decode go back through the gateway.
+//!
+//! A job's event channel closing without a final event and without a handover means the worker
+//! that held it failed (its state died with it): the forwarder reports `Lost` and the gateway
+//! re-runs it. On a handover the proxy first waits for the forwarder to flush, so the first token
+//! (sent by prefill) always reaches the gateway before the handoff that lets decode go on.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use duet_core::types::{SeqId, WorkerId};
+use duet_transport::TransportError;
+use duet_transport::control::{self, ControlTx};
+use duet_transport::quic::{ClusterSecret, QuicTransport};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::mpsc;
+
+use super::wire::{
+    self, Hello, PROTOCOL_VERSION, ToGateway, ToWorker, WireEvent, WireHandoff, WireJob, WireLoad,
+    WireRole,
+};
+use super::{HEARTBEAT_INTERVAL, LOAD_POLL_INTERVAL};
+use crate::decode::{DecodeMsg, Handoff};
+use crate::prefill::{KvDest, PrefillJob, PrefillMsg};
+use crate::registry::{SharedBoard, WorkerRef};
+use crate::seq::SeqEvent;
+
+/// Back-off between attempts to reach the gateway: from the first to the last, doubling.
+const RECONNECT_FIRST: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// How long the gateway has to answer the hello.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// A handover waits this long for the job's forwarder to flush its events.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("the gateway at {0} refused this process's cluster secret ({1}); check --secret-file")]
+    Credential(SocketAddr, String),
+    #[error("the gateway at {0} refused this process: {1}")]
+    Refused(SocketAddr, String),
+    #[error("cannot join the gateway at {0}: {1}")]
+    Fatal(SocketAddr, String),
+}
+
+pub struct LinkArgs {
+    pub join: SocketAddr,
+    pub secret: ClusterSecret,
+    pub hello: Hello,
+    pub board: SharedBoard,
+    /// A prefill process's KV sender, told where each decode group receives.
+    pub quic: Option<Arc<QuicTransport>>,
+    /// Called with one line when the process joins or loses the gateway.
+    pub announce: Box<dyn Fn(String) + Send + Sync>,
+}
+
+struct Shared {
+    tx: RwLock<Option<ControlTx>>,
+    /// Sequences handed to another process: their forwarder must not report them lost.
+    handed: DashMap<SeqId, ()>,
+    /// Each job's forwarder, with a generation so a finished one removes only itself.
+    forwarders: DashMap<SeqId, (u64, tokio::task::JoinHandle<()>)>,
+    generation: std::sync::atomic::AtomicU64,
+    /// Sequence → the local worker holding it, to abort them all if the gateway goes away.
+    local: DashMap<SeqId, u32>,
+}
+
+impl Shared {
+    async fn send(&self, msg: &ToGateway) -> bool {
+        let tx = self.tx.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(tx) = tx else { return false };
+        match wire::encode(msg) {
+            Ok(b) => tx.send(b).await.is_ok(),
+            Err(e) => {
+                tracing::error!("{e}");
+                false
+            }
+        }
+    }
+
+    /// A local event channel for `seq` whose events go to the gateway.
+    fn events_for(self: &Arc<Self>, seq: SeqId, worker: u32) -> crate::seq::EventTx {
+        let (tx, mut rx) = mpsc::unbounded_channel::<SeqEvent>();
+        let me = self.clone();
+        self.local.insert(seq, worker);
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let h = tokio::spawn(async move {
+            let mut done = false;
+            while let Some(ev) = rx.recv().await {
+                let event = WireEvent::from(&ev);
+                done |= event.is_final();
+                me.send(&ToGateway::Event { seq, event }).await;
+            }
+            let handed = me.handed.remove(&seq).is_some();
+            if !done && !handed {
+                me.send(&ToGateway::Lost { seq }).await;
+            }
+            if !handed {
+                me.local.remove(&seq);
+            }
+            me.forwarders.remove_if(&seq, |_, (g, _)| *g == generation);
+        });
+        if let Some((_, old)) = self.forwarders.insert(seq, (generation, h)) {
+            old.abort();
+        }
+        tx
+    }
+
+    /// Hands `job` to another process: marks it handed over (so its forwarder does not report
+    /// it lost), drops its event sender, and waits until the forwarder sent everything it had.
+    async fn hand_over(&self, job: crate::seq::SeqJob) {
+        let seq = job.id;
+        self.handed.insert(seq, ());
+        drop(job);
+        let h = self.forwarders.remove(&seq).map(|(_, (_, h))| h);
+        if let Some(h) = h {
+            let _ = tokio::time::timeout(FLUSH_TIMEOUT, h).await;
+        }
+        self.local.remove(&seq);
+    }
+}
+
+/// Runs the link until a fatal refusal (wrong credential, another model, a version mismatch).
+/// Losing the gateway is not fatal: the link reconnects.
+pub async fn run(args: LinkArgs) -> Result<(), LinkError> {
+    let shared = Arc::new(Shared {
+        tx: RwLock::new(None),
+        handed: DashMap::new(),
+        forwarders: DashMap::new(),
+        generation: std::sync::atomic::AtomicU64::new(0),
+        local: DashMap::new(),
+    });
+    let proxies = Proxies::default();
+    let mut backoff = RECONNECT_FIRST;
+    let mut reported_unreachable = false;
+    loop {
+        let mut conn = match control::connect(args.join, &args.secret, PROTOCOL_VERSION).await {
+            Ok(c) => c,
+            Err(TransportError::Auth(why)) => return Err(LinkError::Credential(args.join, why)),
+            Err(TransportError::Protocol(why)) => return Err(LinkError::Fatal(args.join, why)),
+            Err(e) => {
+                if !reported_unreachable {
+                    (args.announce)(format!(
+                        "gateway at {} not reachable ({e}); retrying",
+                        args.join
+                    ));
+                    reported_unreachable = true;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+                continue;
+            }
+        };
+        let hello = ToGateway::Hello(args.hello.clone());
+        let sent = match wire::encode(&hello) {
+            Ok(b) => conn.tx.send(b).await.is_ok(),
+            Err(e) => return Err(LinkError::Fatal(args.join, e.to_string())),
+        };
+        let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, conn.rx.recv()).await {
+            Ok(Ok(Some(b))) if sent => wire::decode::<ToWorker>(&b).ok(),
+            _ => None,
+        };
+        match welcome {
+            Some(ToWorker::Welcome) => {}
+            Some(ToWorker::Refused(why)) => return Err(LinkError::Refused(args.join, why)),
+            _ => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+                continue;
+            }
+        }
+        backoff = RECONNECT_FIRST;
+        reported_unreachable = false;
+        *shared.tx.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.tx.clone());
+        (args.announce)(format!(
+            "joined the gateway at {} as {:?} workers {:?}",
+            args.join, args.hello.role, args.hello.workers
+        ));
+        let why = session(&args, &shared, &proxies, &mut conn.rx).await;
+        *shared.tx.write().unwrap_or_else(|e| e.into_inner()) = None;
+        conn.close("link closed");
+        (args.announce)(format!(
+            "lost the gateway at {}: {why}; rejoining",
+            args.join
+        ));
+        // Sequences of the lost session: nobody is listening for them any more.
+        let orphans: Vec<(SeqId, u32)> = shared
+            .local
+            .iter()
+            .map(|e| (*e.key(), *e.value()))
+            .collect();
+        shared.local.clear();
+        for (seq, worker) in orphans {
+            abort_local(&args.board, worker, seq);
+        }
+    }
+}
+
+async fn session(
+    args: &LinkArgs,
+    shared: &Arc<Shared>,
+    proxies: &Proxies,
+    rx: &mut control::ControlRx,
+) -> String {
+    let mut poll = tokio::time::interval(LOAD_POLL_INTERVAL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<Vec<(u32, WireLoad)>> = None;
+    let mut last_sent = Instant::now();
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let msg = match msg {
+                    Ok(Some(b)) => b,
+                    Ok(None) => return "closed by the gateway".into(),
+                    Err(e) => return e.to_string(),
+                };
+                match wire::decode::<ToWorker>(&msg) {
+                    Ok(m) => handle(args, shared, proxies, m).await,
+                    Err(e) => return format!("bad control message: {e}"),
+                }
+            }
+            _ = poll.tick() => {
+                let now = workers_of(&args.board, args.hello.role);
+                if last.as_ref() != Some(&now) || last_sent.elapsed() >= HEARTBEAT_INTERVAL {
+                    if !shared.send(&ToGateway::Workers(now.clone())).await {
+                        return "control connection closed".into();
+                    }
+                    last = Some(now);
+                    last_sent = Instant::now();
+                }
+            }
+        }
+    }
+}
+
+fn workers_of(board: &SharedBoard, role: WireRole) -> Vec<(u32, WireLoad)> {
+    let b = board.read().unwrap_or_else(|e| e.into_inner());
+    let map = match role {
+        WireRole::Prefill => &b.prefill,
+        WireRole::Decode => &b.decode,
+    };
+    map.iter()
+        .map(|(id, e)| (id.0, WireLoad::from(&e.load)))
+        .collect()
+}
+
+fn local_decode(board: &SharedBoard, id: u32) -> Option<ActorRef<DecodeMsg>> {
+    match board
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .decode
+        .get(&WorkerId(id))
+        .map(|e| e.worker.clone())
+    {
+        Some(WorkerRef::Decode(a)) => Some(a),
+        _ => None,
+    }
+}
+
+fn local_prefill(board: &SharedBoard, id: u32) -> Option<ActorRef<PrefillMsg>> {
+    match board
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .prefill
+        .get(&WorkerId(id))
+        .map(|e| e.worker.clone())
+    {
+        Some(WorkerRef::Prefill(a)) => Some(a),
+        _ => None,
+    }
+}
+
+fn abort_local(board: &SharedBoard, worker: u32, seq: SeqId) {
+    if let Some(d) = local_decode(board, worker) {
+        let _ = d.cast(DecodeMsg::Abort(seq));
+    }
+    if let Some(p) = local_prefill(board, worker) {
+        let _ = p.cast(PrefillMsg::Abort(seq));
+    }
+}
+
+async fn handle(args: &LinkArgs, shared: &Arc<Shared>, proxies: &Proxies, msg: ToWorker) {
+    match msg {
+        ToWorker::Welcome | ToWorker::Refused(_) => {}
+        ToWorker::Reserve {
+            group,
+            prefill,
+            job,
+        } => {
+            let seq = job.id;
+            let job = job.into_job(shared.events_for(seq, group));
+            let p = proxies.prefill(shared, prefill).await;
+            match (local_decode(&args.board, group), p) {
+                (Some(d), Some(p)) => {
+                    // A failed cast drops the job: its forwarder reports it lost.
+                    let _ = d.cast(DecodeMsg::Reserve {
+                        job: Box::new(job),
+                        prefill: p,
+                    });
+                }
+                _ => drop(job),
+            }
+        }
+        ToWorker::Prefill {
+            prefill,
+            group,
+            kv_addr,
+            pages,
+            job,
+        } => {
+            let seq = job.id;
+            let addr = kv_addr.parse::<SocketAddr>();
+            if let (Some(q), Ok(a)) = (&args.quic, &addr) {
+                q.add_peer(group, *a);
+            }
+            let job = job.into_job(shared.events_for(seq, prefill));
+            let d = proxies.decode(shared, group).await;
+            match (local_prefill(&args.board, prefill), d, addr) {
+                (Some(p), Some(decode), Ok(_)) => {
+                    let dest = KvDest {
+                        group: WorkerId(group),
+                        decode,
+                        pages,
+                    };
+                    let _ = p.cast(PrefillMsg::Prefill(Box::new(PrefillJob { job, dest })));
+                }
+                _ => {
+                    shared.send(&ToGateway::Unreserve { group, seq }).await;
+                    drop(job);
+                }
+            }
+        }
+        ToWorker::Handoff(h) => {
+            let seq = h.job.id;
+            let sampler = h.sampler();
+            let WireHandoff {
+                group,
+                job,
+                first_token,
+                layers,
+                ..
+            } = h;
+            let job = job.into_job(shared.events_for(seq, group));
+            match local_decode(&args.board, group) {
+                Some(d) => {
+                    let _ = d.cast(DecodeMsg::Handoff(Box::new(Handoff {
+                        job,
+                        first_token,
+                        sampler,
+                        layers: layers as usize,
+                    })));
+                }
+                None => drop(job),
+            }
+        }
+        ToWorker::Unreserve { group, seq } => {
+            if let Some(d) = local_decode(&args.board, group) {
+                let _ = d.cast(DecodeMsg::Unreserve(seq));
+            }
+        }
+        ToWorker::Abort { worker, seq } => {
+            shared.local.remove(&seq);
+            abort_local(&args.board, worker, seq);
+        }
+    }
+}
+
+/// The other role's workers, as local actors that relay through the gateway.
+#[derive(Default)]
+struct Proxies {
+    prefill: Mutex<BTreeMap<u32, ActorRef<PrefillMsg>>>,
+    decode: Mutex<BTreeMap<u32, ActorRef<DecodeMsg>>>,
+}
+
+impl Proxies {
+    async fn prefill(&self, shared: &Arc<Shared>, id: u32) -> Option<ActorRef<PrefillMsg>> {
+        if let Some(a) = self
+            .prefill
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+        {
+            return Some(a.clone());
+        }
+        let (a, _) = Actor::spawn(
+            None,
+            RelayToPrefill,
+            Relay {
+                shared: shared.clone(),
+                worker: id,
+            },
+        )
+        .await
+        .ok()?;
+        self.prefill
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, a.clone());
+        Some(a)
+    }
+
+    async fn decode(&self, shared: &Arc<Shared>, id: u32) -> Option<ActorRef<DecodeMsg>> {
+        if let Some(a) = self
+            .decode
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+        {
+            return Some(a.clone());
+        }
+        let (a, _) = Actor::spawn(
+            None,
+            RelayToDecode,
+            Relay {
+                shared: shared.clone(),
+                worker: id,
+            },
+        )
+        .await
+        .ok()?;
+        self.decode
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, a.clone());
+        Some(a)
+    }
+}
+
+pub struct Relay {
+    shared: Arc<Shared>,
+    worker: u32,
+}
+
+/// A prefill worker of another process, as decode's reservation path sees it.
+pub struct RelayToPrefill;
+
+impl Actor for RelayToPrefill {
+    type Msg = PrefillMsg;
+    type State = Relay;
+    type Arguments = Relay;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        r: Relay,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(r)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let PrefillMsg::Prefill(pj) = msg {
+            let PrefillJob { job, dest } = *pj;
+            let wire_job = WireJob::of(&job);
+            st.shared.hand_over(job).await;
+            st.shared
+                .send(&ToGateway::Prefill {
+                    prefill: st.worker,
+                    group: dest.group.0,
+                    pages: dest.pages,
+                    job: wire_job,
+                })
+                .await;
+        }
+        Ok(())
+    }
+}
+
+/// A decode group of another process, as prefill's handoff path sees it.
+pub struct RelayToDecode;
+
+impl Actor for RelayToDecode {
+    type Msg = DecodeMsg;
+    type State = Relay;
+    type Arguments = Relay;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        r: Relay,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(r)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            DecodeMsg::Handoff(h) => {
+                let Handoff {
+                    job,
+                    first_token,
+                    sampler,
+                    layers,
+                } = *h;
+                let wire_job = WireJob::of(&job);
+                st.shared.hand_over(job).await;
+                st.shared
+                    .send(&ToGateway::Handoff(WireHandoff {
+                        group: st.worker,
+                        job: wire_job,
+                        first_token,
+                        rng: sampler.rng_state(),
+                        layers: layers as u32,
+                    }))
+                    .await;
+            }
+            DecodeMsg::Unreserve(seq) => {
+                st.shared
+                    .send(&ToGateway::Unreserve {
+                        group: st.worker,
+                        seq,
+                    })
+                    .await;
+            }
+            _ => tracing::debug!("relay to decode {}: unexpected message", st.worker),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,233 @@
+//! The cluster across processes and hosts: `duet gateway` (HTTP front, routing, the cluster port)
+//! and `duet prefill` / `duet decode` worker processes that join it.
+//!
+//! Control messages (`wire.rs`, rkyv) travel over authenticated QUIC connections
+//! (`duet_transport::control`); KV goes from prefill to decode directly over QUIC
+//! (`duet_transport::quic`). The gateway side is `hub.rs`, the worker side `link.rs`.
+
+pub mod hub;
+pub mod link;
+pub mod wire;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use duet_core::config::ClusterConfig;
+use duet_core::types::WorkerId;
+use duet_transport::InProcTransport;
+use duet_transport::control::ControlListener;
+use duet_transport::quic::{ClusterSecret, QuicKvServer, QuicTransport};
+
+use crate::cluster::{Cluster, Role, new_board};
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+use crate::registry::RegistryMsg;
+use crate::serve::{Running, ServeError, ServeOptions, start_front};
+use crate::worker::{KvLink, WorkerArgs};
+pub use hub::Hub;
+pub use link::LinkError;
+pub use wire::{ModelShape, PROTOCOL_VERSION};
+
+/// A worker process reports its workers at least this often, load changed or not: the heartbeat
+/// the gateway's [`hub::HEARTBEAT_TIMEOUT`] waits for.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a worker process looks for load changes to report (the gateway routes on them).
+pub const LOAD_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// A running `duet gateway`.
+pub struct GatewayProcess {
+    pub running: Running,
+    pub server: tokio::task::JoinHandle<Result<(), ServeError>>,
+    pub cluster_addr: SocketAddr,
+    pub hub: Arc<Hub>,
+}
+
+/// Starts the gateway: HTTP on `listener`, the cluster port on `cluster_addr`. Workers appear on
+/// the board as they join.
+pub async fn start_gateway(
+    opts: ServeOptions,
+    shape: ModelShape,
+    listener: tokio::net::TcpListener,
+    cluster_addr: SocketAddr,
+    secret: ClusterSecret,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    announce: Box<dyn Fn(String) + Send + Sync>,
+) -> Result<GatewayProcess, ServeError> {
+    opts.config
+        .validate()
+        .map_err(|e| ServeError::Config(e.to_string()))?;
+    let board = new_board();
+    let registry = Cluster::spawn_registry(board.clone())
+        .await
+        .map_err(|e| ServeError::Actors(e.to_string()))?;
+    let control = ControlListener::bind(cluster_addr, secret, PROTOCOL_VERSION).map_err(|e| {
+        ServeError::Bind {
+            addr: cluster_addr.to_string(),
+            source: std::io::Error::other(e.to_string()),
+        }
+    })?;
+    let cluster_addr = control
+        .local_addr()
+        .map_err(|e| ServeError::Actors(e.to_string()))?;
+    let hub = Hub::new(registry, shape, announce);
+    tokio::spawn(hub.clone().serve(control));
+    let metrics = Arc::new(Metrics::new());
+    let (running, server) = start_front(opts, listener, shutdown, board, metrics).await?;
+    Ok(GatewayProcess {
+        running,
+        server,
+        cluster_addr,
+        hub,
+    })
+}
+
+pub struct WorkerProcessOptions {
+    pub role: Role,
+    pub engine: Engine,
+    pub shape: ModelShape,
+    pub config: ClusterConfig,
+    /// Workers (prefill workers or decode DP groups) this process runs.
+    pub workers: usize,
+    pub join: SocketAddr,
+    pub secret: ClusterSecret,
+    /// Decode: where to receive KV (an unspecified IP listens everywhere and advertises the
+    /// address this host uses to reach the gateway).
+    pub kv_bind: SocketAddr,
+    pub name: String,
+    pub announce: Box<dyn Fn(String) + Send + Sync>,
+}
+
+/// Worker ids are drawn at random so processes need no coordinator; the gateway refuses a
+/// duplicate (2⁻³² per pair).
+fn random_id(i: usize) -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_usize(i);
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    // Above the ids `duet serve` uses, so logs never confuse the two.
+    (h.finish() as u32) | 0x1000_0000
+}
+
+/// The address this host uses to reach `peer` (no packet is sent: a UDP connect only routes).
+fn local_ip_towards(peer: SocketAddr) -> std::io::Result<IpAddr> {
+    let bind: SocketAddr = if peer.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let s = std::net::UdpSocket::bind(bind)?;
+    s.connect(peer)?;
+    Ok(s.local_addr()?.ip())
+}
+
+/// Starts a worker process's workers and its link to the gateway. The returned task ends only
+/// with a fatal refusal (wrong credential, another model).
+pub async fn start_worker(
+    o: WorkerProcessOptions,
+) -> Result<tokio::task::JoinHandle<Result<(), LinkError>>, ServeError> {
+    o.config
+        .validate()
+        .map_err(|e| ServeError::Config(e.to_string()))?;
+    let setup = |e: &dyn std::fmt::Display| ServeError::Actors(e.to_string());
+    let board = new_board();
+    let registry = Cluster::spawn_registry(board.clone())
+        .await
+        .map_err(|e| setup(&e))?;
+    let (kv, quic, kv_addr) = match o.role {
+        Role::Decode => {
+            let server = QuicKvServer::listen(o.kv_bind, o.secret.clone()).map_err(|e| {
+                ServeError::Bind {
+                    addr: o.kv_bind.to_string(),
+                    source: std::io::Error::other(e.to_string()),
+                }
+            })?;
+            let port = server.local_addr().map_err(|e| setup(&e))?.port();
+            let ip = if o.kv_bind.ip().is_unspecified() {
+                local_ip_towards(o.join).map_err(|e| setup(&e))?
+            } else {
+                o.kv_bind.ip()
+            };
+            let link = KvLink::Net {
+                // A decode process only receives.
+                send: Arc::new(InProcTransport::new()),
+                recv: Some(Arc::new(server)),
+            };
+            (link, None, Some(SocketAddr::new(ip, port).to_string()))
+        }
+        Role::Prefill => {
+            let local: SocketAddr = if o.join.is_ipv4() {
+                "0.0.0.0:0".parse().expect("literal")
+            } else {
+                "[::]:0".parse().expect("literal")
+            };
+            let q = Arc::new(QuicTransport::new(local, o.secret.clone()).map_err(|e| setup(&e))?);
+            let link = KvLink::Net {
+                send: q.clone(),
+                recv: None,
+            };
+            (link, Some(q), None)
+        }
+    };
+    let epoch = Instant::now();
+    let ids: Vec<u32> = (0..o.workers).map(random_id).collect();
+    let workers = ids
+        .iter()
+        .map(|&id| {
+            let (kv_pages, prefix_cache, sched) = match o.role {
+                Role::Prefill => (
+                    o.config.prefill.kv_pages,
+                    o.config.prefill.prefix_cache,
+                    o.config.prefill_sched(),
+                ),
+                Role::Decode => (o.config.decode.kv_pages, false, o.config.decode_sched()),
+            };
+            (
+                o.role,
+                WorkerArgs {
+                    id: WorkerId(id),
+                    engine: o.engine.clone(),
+                    kv_pages,
+                    prefix_cache,
+                    sched,
+                    registry: registry.clone(),
+                    kv: kv.clone(),
+                    epoch,
+                    fault: None,
+                },
+            )
+        })
+        .collect();
+    let cluster = Cluster::start(workers, registry, Arc::new(Metrics::new()))
+        .await
+        .map_err(|e| setup(&e))?;
+    ractor::call!(cluster.registry, RegistryMsg::Sync).map_err(|e| setup(&e))?;
+    let hello = wire::Hello {
+        role: match o.role {
+            Role::Prefill => wire::WireRole::Prefill,
+            Role::Decode => wire::WireRole::Decode,
+        },
+        workers: ids,
+        kv_addr,
+        shape: o.shape,
+        name: o.name,
+    };
+    let args = link::LinkArgs {
+        join: o.join,
+        secret: o.secret,
+        hello,
+        board,
+        quic,
+        announce: o.announce,
+    };
+    Ok(tokio::spawn(async move {
+        // The supervisor lives as long as the link.
+        let _cluster = cluster;
+        link::run(args).await
+    }))
+}

@@ -1,0 +1,290 @@
+//! `duet gateway`, `duet prefill`, `duet decode`: the cluster as separate processes.
+//!
+//! The minimal launch (a contract deploy/ and the tests rely on):
+//!   duet gateway --model DIR --port 9965 --cluster-port 9966 --secret-file S
+//!   duet prefill --model DIR --join 127.0.0.1:9966 --secret-file S
+//!   duet decode  --model DIR --join 127.0.0.1:9966 --secret-file S
+
+use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use duet_actors::cluster::Role;
+use duet_actors::engine::Engine;
+use duet_actors::remote::{self, ModelShape, WorkerProcessOptions};
+use duet_actors::serve::ServeOptions;
+use duet_core::config::ClusterConfig;
+use duet_model::ModelConfig;
+use duet_model::tokenizer::TextTokenizer;
+use duet_transport::quic::{ClusterSecret, SECRET_BYTES_MIN};
+
+use crate::DTypeArg;
+use crate::serve::EngineArg;
+
+#[derive(clap::Args)]
+pub struct Common {
+    /// Model directory; the embedded tiny default when omitted. Every process of a cluster must
+    /// load the same model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Cluster config (TOML, core's schema); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// File holding the cluster secret (at least 16 bytes; a trailing newline is ignored). Every
+    /// process of the cluster must read the same one.
+    #[arg(long)]
+    secret_file: PathBuf,
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: DTypeArg,
+    #[arg(long, value_enum, default_value = "model")]
+    engine: EngineArg,
+}
+
+#[derive(clap::Args)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long)]
+    host: Option<String>,
+    /// HTTP port (9965 by default).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Where workers join (QUIC; 9966 by default).
+    #[arg(long)]
+    cluster_port: Option<u16>,
+    /// Requests admitted at once; one more is answered 429.
+    #[arg(long)]
+    queue_max: Option<usize>,
+    #[arg(long)]
+    served_model_name: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The gateway's cluster address (host:port).
+    #[arg(long)]
+    join: String,
+    /// Workers this process runs (prefill workers, or decode DP groups).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// KV pages (64 tokens each) per worker.
+    #[arg(long)]
+    kv_pages: Option<u32>,
+    /// Sequences one decode group runs at once.
+    #[arg(long)]
+    max_running: Option<usize>,
+    /// Decode: where to receive KV over QUIC (0.0.0.0:0 listens everywhere on a free port and
+    /// advertises the address this host uses to reach the gateway).
+    #[arg(long, default_value = "0.0.0.0:0")]
+    kv_addr: SocketAddr,
+}
+
+fn read_config(path: &Option<PathBuf>) -> Result<ClusterConfig> {
+    match path {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            ClusterConfig::from_toml(&text).with_context(|| format!("in {}", p.display()))
+        }
+        None => Ok(ClusterConfig::default()),
+    }
+}
+
+fn read_secret(path: &Path) -> Result<ClusterSecret> {
+    let mut bytes = std::fs::read(path)
+        .with_context(|| format!("reading the cluster secret {}", path.display()))?;
+    while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        bytes.pop();
+    }
+    if bytes.len() < SECRET_BYTES_MIN {
+        bail!(
+            "the cluster secret in {} is {} bytes; at least {SECRET_BYTES_MIN} are needed \
+             (e.g. `head -c 32 /dev/urandom | base64 > {}`)",
+            path.display(),
+            bytes.len(),
+            path.display()
+        );
+    }
+    ClusterSecret::new(&bytes).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn model_dir(c: &Common, cfg: &ClusterConfig) -> Result<PathBuf> {
+    match c
+        .model
+        .clone()
+        .or_else(|| cfg.model.path.clone().map(PathBuf::from))
+    {
+        Some(d) => Ok(d),
+        None => crate::default_model_dir(),
+    }
+}
+
+fn shape(model: &ModelConfig, page_bytes: u64) -> ModelShape {
+    ModelShape {
+        layers: model.num_hidden_layers as u32,
+        page_bytes,
+        vocab_size: model.vocab_size as u64,
+    }
+}
+
+fn announce() -> Box<dyn Fn(String) + Send + Sync> {
+    Box::new(|line| {
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+pub fn run_gateway(a: GatewayArgs) -> Result<()> {
+    let mut cfg = read_config(&a.common.config)?;
+    if let Some(h) = &a.host {
+        cfg.gateway.host = h.clone();
+    }
+    if let Some(p) = a.port {
+        cfg.gateway.port = p;
+    }
+    if let Some(p) = a.cluster_port {
+        cfg.gateway.cluster_port = p;
+    }
+    if let Some(n) = a.queue_max {
+        cfg.limits.queue_max = n;
+    }
+    cfg.validate().context("invalid cluster configuration")?;
+    let secret = read_secret(&a.common.secret_file)?;
+    let dir = model_dir(&a.common, &cfg)?;
+    let model = ModelConfig::from_file(&dir.join("config.json"))
+        .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
+    let tokenizer = Arc::new(
+        TextTokenizer::from_dir(&dir)
+            .with_context(|| format!("loading the tokenizer from {}", dir.display()))?,
+    );
+    let served = a
+        .served_model_name
+        .clone()
+        .or_else(|| cfg.model.served_model_name.clone())
+        .unwrap_or_else(|| {
+            dir.file_name()
+                .map_or("default".into(), |n| n.to_string_lossy().into_owned())
+        });
+    // The gateway never runs the model: it renders, tokenizes, routes and streams.
+    let opts = ServeOptions::for_model_config(cfg.clone(), &model, tokenizer, served);
+    let shape = shape(&model, 0);
+    runtime()?.block_on(async move {
+        let addr = format!("{}:{}", cfg.gateway.host, cfg.gateway.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let cluster: SocketAddr = format!("{}:{}", cfg.gateway.host, cfg.gateway.cluster_port)
+            .to_socket_addrs()
+            .with_context(|| format!("cluster address {}", cfg.gateway.host))?
+            .next()
+            .context("cluster address resolves to nothing")?;
+        let g = remote::start_gateway(
+            opts,
+            shape,
+            listener,
+            cluster,
+            secret,
+            crate::serve::shutdown_signal(),
+            announce(),
+        )
+        .await?;
+        let host = match cfg.gateway.host.as_str() {
+            "0.0.0.0" | "::" => "127.0.0.1".to_string(),
+            h => h.to_string(),
+        };
+        println!(
+            "duet gateway serving {} at http://{host}:{} ; workers join at {}:{}",
+            g.running.state.served_model_name,
+            g.running.addr.port(),
+            host,
+            g.cluster_addr.port()
+        );
+        let _ = std::io::stdout().flush();
+        g.server.await.context("server task")??;
+        eprintln!("duet: drained, exiting");
+        Ok(())
+    })
+}
+
+pub fn run_worker(role: Role, a: WorkerArgs) -> Result<()> {
+    let mut cfg = read_config(&a.common.config)?;
+    if let Some(n) = a.kv_pages {
+        cfg.prefill.kv_pages = n;
+        cfg.decode.kv_pages = n;
+    }
+    if let Some(n) = a.max_running {
+        cfg.decode.max_running = n;
+        cfg.decode.token_budget = cfg.decode.token_budget.max(n);
+    }
+    cfg.validate().context("invalid cluster configuration")?;
+    if a.workers == 0 || a.workers > remote::hub::WORKERS_PER_PROCESS_MAX {
+        bail!(
+            "--workers must be 1 to {}",
+            remote::hub::WORKERS_PER_PROCESS_MAX
+        );
+    }
+    let secret = read_secret(&a.common.secret_file)?;
+    let join = a
+        .join
+        .to_socket_addrs()
+        .with_context(|| format!("--join {}", a.join))?
+        .next()
+        .with_context(|| format!("--join {} resolves to nothing", a.join))?;
+    let dir = model_dir(&a.common, &cfg)?;
+    let model_cfg = ModelConfig::from_file(&dir.join("config.json"))
+        .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
+    let engine = match a.common.engine {
+        EngineArg::Model => {
+            Engine::Model(Arc::new(crate::load_model(&dir, a.common.dtype.into())?))
+        }
+        EngineArg::Echo => Engine::Echo {
+            vocab_size: model_cfg.vocab_size,
+        },
+    };
+    let page_bytes = match engine.new_kv(1) {
+        duet_actors::engine::WorkerKv::Model(c) => c.page_bytes() as u64,
+        duet_actors::engine::WorkerKv::Echo => 0,
+    };
+    let name = format!(
+        "{}-{}",
+        match role {
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+        },
+        std::process::id()
+    );
+    let opts = WorkerProcessOptions {
+        role,
+        engine,
+        shape: shape(&model_cfg, page_bytes),
+        config: cfg,
+        workers: a.workers,
+        join,
+        secret,
+        kv_bind: a.kv_addr,
+        name,
+        announce: announce(),
+    };
+    runtime()?.block_on(async move {
+        let link = remote::start_worker(opts).await?;
+        tokio::select! {
+            r = link => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(anyhow::anyhow!("{e}")),
+                Err(e) => Err(anyhow::anyhow!("worker link task: {e}")),
+            },
+            () = crate::serve::shutdown_signal() => Ok(()),
+        }
+    })
+}
