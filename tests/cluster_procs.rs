@@ -1,0 +1,571 @@
+//! The cluster as separate processes: `duet gateway`, `duet prefill`, `duet decode` joined over
+//! the QUIC control plane, KV over QUIC, and what happens when a process is SIGKILLed.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{Server, cache_dir, get, post, stream};
+use serde_json::{Value, json};
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+fn tmp(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// One `duet` process; its stdout lines arrive on a channel (the tests wait on what it prints,
+/// never on a guessed time).
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: PathBuf,
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Proc {
+        let stderr = tmp("proc.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_duet"))
+            .args(args)
+            .env("DUET_CACHE_DIR", cache_dir())
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawning duet");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    /// The next line satisfying `pred`, within `deadline`.
+    fn wait_line(&self, deadline: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let end = Instant::now() + deadline;
+        loop {
+            let left = end.checked_duration_since(Instant::now())?;
+            match self.lines.recv_timeout(left) {
+                Ok(l) if pred(&l) => return Some(l),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        // std's kill is SIGKILL on Unix: no chance to say goodbye.
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn secret_file() -> PathBuf {
+    let p = tmp("secret");
+    std::fs::write(&p, "a cluster secret for the tests, 48 bytes long..\n").unwrap();
+    p
+}
+
+struct Cluster {
+    gateway: Proc,
+    http: String,
+    join: String,
+    secret: PathBuf,
+    prefill: Vec<Proc>,
+    decode: Vec<Proc>,
+}
+
+const JOIN_DEADLINE: Duration = Duration::from_secs(60);
+
+impl Cluster {
+    fn gateway(secret: &PathBuf, cluster_port: u16) -> (Proc, String, String) {
+        let port = cluster_port.to_string();
+        let gw = Proc::spawn(&[
+            "gateway",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--cluster-port",
+            &port,
+            "--secret-file",
+            secret.to_str().unwrap(),
+        ]);
+        let line = gw
+            .wait_line(JOIN_DEADLINE, |l| l.starts_with("duet gateway serving"))
+            .unwrap_or_else(|| panic!("gateway did not start: {}", gw.log()));
+        // "duet gateway serving NAME at http://H:P ; workers join at H:P"
+        let http = line
+            .split(" at ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        let join = line.rsplit(' ').next().unwrap();
+        (gw, http.to_string(), join.to_string())
+    }
+
+    fn worker(&self, role: &str, extra: &[&str]) -> Proc {
+        let mut args = vec![
+            role,
+            "--join",
+            &self.join,
+            "--secret-file",
+            self.secret.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        Proc::spawn(&args)
+    }
+
+    /// Waits until the gateway printed `n` more joins.
+    fn await_joins(&self, n: usize) {
+        for i in 0..n {
+            assert!(
+                self.gateway
+                    .wait_line(JOIN_DEADLINE, |l| l.starts_with("joined "))
+                    .is_some(),
+                "only {i} of {n} workers joined: {}",
+                self.gateway.log()
+            );
+        }
+    }
+
+    fn start(prefill: usize, decode: usize, extra: &[&str]) -> Cluster {
+        let secret = secret_file();
+        let (gateway, http, join) = Self::gateway(&secret, 0);
+        let mut c = Cluster {
+            gateway,
+            http,
+            join,
+            secret,
+            prefill: Vec::new(),
+            decode: Vec::new(),
+        };
+        for _ in 0..prefill {
+            let p = c.worker("prefill", extra);
+            c.prefill.push(p);
+        }
+        for _ in 0..decode {
+            let d = c.worker("decode", extra);
+            c.decode.push(d);
+        }
+        c.await_joins(prefill + decode);
+        c
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.http)
+    }
+}
+
+fn text_of(events: &[Value]) -> String {
+    events
+        .iter()
+        .filter_map(|e| e["choices"].get(0)?["text"].as_str().map(String::from))
+        .collect()
+}
+
+fn long_prompt(i: usize, words: usize) -> String {
+    (0..words)
+        .map(|w| format!("w{}", (w * 7 + i * 13) % 97))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_give_the_one_process_cluster_s_greedy_tokens() {
+    // KV crosses from the prefill process to the decode process over QUIC, layer by layer, and
+    // the sequence's sampler over the control plane: any lost page or misplaced layer would
+    // change the greedy continuation.
+    let c = Cluster::start(1, 1, &["--dtype", "f32"]);
+    let one = Server::start(&["--dtype", "f32"]);
+    let prompt = long_prompt(0, 150);
+    let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": true});
+    let (s1, remote) = post(&c.url("/v1/completions"), &body).await;
+    let (s2, local) = post(&one.url("/v1/completions"), &body).await;
+    assert_eq!((s1, s2), (200, 200), "{remote} {local}");
+    assert_eq!(remote["choices"][0]["text"], local["choices"][0]["text"]);
+    assert_eq!(remote["usage"]["completion_tokens"], 24);
+    // Streamed gives the same text; the second run hits the prefill process's prefix cache.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    sbody["stream_options"] = json!({"include_usage": true});
+    let events = stream(&c.url("/v1/completions"), &sbody).await;
+    assert_eq!(
+        json!(text_of(&events)),
+        local["choices"][0]["text"],
+        "streamed across processes"
+    );
+    let usage = events.last().unwrap()["usage"].clone();
+    assert!(
+        usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            >= 128,
+        "{usage}"
+    );
+    // Seeded sampling continues the same random stream after the handoff.
+    let seeded = json!({"prompt": "Tell me", "max_tokens": 16, "temperature": 0.9, "seed": 5, "ignore_eos": true});
+    let (_, a) = post(&c.url("/v1/completions"), &seeded).await;
+    let (_, b) = post(&one.url("/v1/completions"), &seeded).await;
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+    let (status, h) = get(&c.url("/health")).await;
+    assert_eq!(status, 200);
+    let h: Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(
+        (h["prefill_workers"].clone(), h["decode_groups"].clone()),
+        (json!(1), json!(1))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_credential_is_refused_and_the_worker_exits_non_zero() {
+    let c = Cluster::start(1, 1, &["--engine", "echo"]);
+    let bad = tmp("bad-secret");
+    std::fs::write(&bad, "not the cluster's secret, but long enough").unwrap();
+    for role in ["prefill", "decode"] {
+        let mut w = Proc::spawn(&[
+            role,
+            "--engine",
+            "echo",
+            "--join",
+            &c.join,
+            "--secret-file",
+            bad.to_str().unwrap(),
+        ]);
+        let status = w
+            .wait_exit(Duration::from_secs(30))
+            .expect("the worker exits");
+        assert!(!status.success());
+        assert!(
+            w.log().contains("refused this process's cluster secret"),
+            "{}",
+            w.log()
+        );
+    }
+    // A secret too short to be one is refused before anything starts.
+    let short = tmp("short-secret");
+    std::fs::write(&short, "abc\n").unwrap();
+    let mut w = Proc::spawn(&[
+        "decode",
+        "--join",
+        &c.join,
+        "--secret-file",
+        short.to_str().unwrap(),
+    ]);
+    assert!(!w.wait_exit(Duration::from_secs(30)).unwrap().success());
+    assert!(w.log().contains("at least 16 are needed"), "{}", w.log());
+    // Nobody joined: the board still lists the two real workers, and they serve.
+    let (_, h) = get(&c.url("/health")).await;
+    let h: Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(
+        (h["prefill_workers"].clone(), h["decode_groups"].clone()),
+        (json!(1), json!(1))
+    );
+    let (s, v) = post(
+        &c.url("/v1/completions"),
+        &json!({"prompt": "still here", "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_cannot_fit_gets_a_clean_error_across_processes() {
+    // A decode process with 4 pages (256 tokens) cannot hold a 400-token prompt: the refusal
+    // crosses the control plane as an error, not a hang.
+    let secret = secret_file();
+    let (gateway, http, join) = Cluster::gateway(&secret, 0);
+    let c = Cluster {
+        gateway,
+        http,
+        join,
+        secret,
+        prefill: Vec::new(),
+        decode: Vec::new(),
+    };
+    let _p = c.worker("prefill", &["--engine", "echo"]);
+    let _d = c.worker("decode", &["--engine", "echo", "--kv-pages", "4"]);
+    c.await_joins(2);
+    let (s, v) = post(
+        &c.url("/v1/completions"),
+        &json!({"prompt": long_prompt(1, 400), "max_tokens": 4}),
+    )
+    .await;
+    assert!(s >= 400, "{s} {v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not fit"),
+        "{v}"
+    );
+    let (s, _) = post(
+        &c.url("/v1/completions"),
+        &json!({"prompt": "short", "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(s, 200);
+}
+
+/// Streams `n` requests at once and calls `mid` once every stream has received `after` events.
+async fn streams_with_a_kill(
+    c: &Cluster,
+    prompts: &[String],
+    max_tokens: usize,
+    after: usize,
+    mid: impl FnOnce(),
+) -> Vec<Vec<Value>> {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let total = prompts.len() * after;
+    let tasks: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let url = c.url("/v1/completions");
+            let body = json!({"prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": true});
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                use futures::StreamExt;
+                let r = common::client().post(&url).json(&body).send().await.unwrap();
+                assert_eq!(r.status().as_u16(), 200);
+                let mut parser = duet_actors::openai::sse::SseParser::new();
+                let mut out = Vec::new();
+                let mut bytes = r.bytes_stream();
+                let mut done = false;
+                while let Some(chunk) = bytes.next().await {
+                    for ev in parser.push(&chunk.unwrap()).unwrap() {
+                        if duet_actors::openai::sse::is_done(&ev) {
+                            done = true;
+                        } else {
+                            out.push(serde_json::from_str::<Value>(&ev.data).unwrap());
+                            if out.len() <= after {
+                                seen.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+                assert!(done, "stream ended without [DONE]");
+                out
+            })
+        })
+        .collect();
+    let end = Instant::now() + Duration::from_secs(120);
+    while seen.load(Ordering::Relaxed) < total {
+        assert!(Instant::now() < end, "streams never got going");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    mid();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_process_killed_mid_stream_loses_no_token() {
+    // Two decode processes share 6 streams; one is SIGKILLed while every stream is under way.
+    // The gateway notices within its heartbeat timeout, re-runs the lost sequences from the
+    // tokens already streamed on another prefill/decode pair, and each SSE stream continues:
+    // the final text equals an undisturbed run (f32: see serve_lifecycle.rs).
+    let mut c = Cluster::start(1, 2, &["--dtype", "f32"]);
+    let prompts: Vec<String> = (0..6)
+        .map(|i| format!("Stream {i} goes on and on"))
+        .collect();
+    let max_tokens = 160;
+    let mut victim = c.decode.remove(0);
+    let results = streams_with_a_kill(&c, &prompts, max_tokens, 4, || victim.kill9()).await;
+    let left = c
+        .gateway
+        .wait_line(Duration::from_secs(10), |l| l.starts_with("left "))
+        .expect("the gateway noticed the dead decode process");
+    assert!(left.contains("decode-"), "{left}");
+    for (p, events) in prompts.iter().zip(&results) {
+        let finish: Vec<&Value> = events
+            .iter()
+            .filter_map(|e| e["choices"].get(0)?.get("finish_reason"))
+            .filter(|f| !f.is_null())
+            .collect();
+        assert_eq!(finish, vec![&json!("length")], "{p}");
+        let (_, again) = post(
+            &c.url("/v1/completions"),
+            &json!({"prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true}),
+        )
+        .await;
+        assert_eq!(json!(text_of(events)), again["choices"][0]["text"], "{p}");
+    }
+    let (_, h) = get(&c.url("/health")).await;
+    let h: Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(h["decode_groups"], 1, "the dead process is unrouted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_process_killed_under_load_has_its_requests_retried() {
+    let mut c = Cluster::start(2, 1, &["--dtype", "f32"]);
+    // Long prompts keep both prefill processes busy; one dies after the first answer.
+    let prompts: Vec<String> = (0..16).map(|i| long_prompt(i, 900)).collect();
+    let url = c.url("/v1/completions");
+    let done = Arc::new(tokio::sync::Notify::new());
+    let tasks: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let url = url.clone();
+            let done = done.clone();
+            let body = json!({"prompt": p, "max_tokens": 6, "temperature": 0, "ignore_eos": true});
+            tokio::spawn(async move {
+                let r = post(&url, &body).await;
+                done.notify_one();
+                r
+            })
+        })
+        .collect();
+    done.notified().await;
+    let mut victim = c.prefill.remove(0);
+    victim.kill9();
+    let mut answers = Vec::new();
+    for t in tasks {
+        let (s, v) = t.await.unwrap();
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 6);
+        answers.push(v);
+    }
+    assert!(
+        c.gateway
+            .wait_line(Duration::from_secs(10), |l| l.starts_with("left ")
+                && l.contains("prefill-"))
+            .is_some(),
+        "the gateway noticed the dead prefill process"
+    );
+    for (p, v) in prompts.iter().zip(answers) {
+        let (_, again) = post(
+            &url,
+            &json!({"prompt": p, "max_tokens": 6, "temperature": 0, "ignore_eos": true}),
+        )
+        .await;
+        assert_eq!(v["choices"][0]["text"], again["choices"][0]["text"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_rejoin_a_restarted_gateway_without_restarting() {
+    let mut c = Cluster::start(1, 1, &["--engine", "echo"]);
+    let port: u16 = c.join.rsplit(':').next().unwrap().parse().unwrap();
+    let pids: Vec<u32> = c
+        .prefill
+        .iter()
+        .chain(&c.decode)
+        .map(|p| p.child.id())
+        .collect();
+    c.gateway.kill9();
+    let (gw, http, _) = Cluster::gateway(&c.secret, port);
+    c.gateway = gw;
+    c.http = http;
+    c.await_joins(2);
+    for w in c.prefill.iter().chain(&c.decode) {
+        assert!(
+            w.wait_line(Duration::from_secs(10), |l| l
+                .starts_with("joined the gateway"))
+                .is_some()
+        );
+    }
+    let now: Vec<u32> = c
+        .prefill
+        .iter_mut()
+        .chain(c.decode.iter_mut())
+        .map(|p| {
+            assert!(p.child.try_wait().unwrap().is_none(), "a worker exited");
+            p.child.id()
+        })
+        .collect();
+    assert_eq!(pids, now);
+    let (s, v) = post(
+        &c.url("/v1/completions"),
+        &json!({"prompt": "after the restart", "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_requests_survive_killed_workers() {
+    // 200 requests at once on 2 prefill and 2 decode processes; one of each is SIGKILLed while
+    // they run. Every request completes with all its tokens: zero lost.
+    let mut c = Cluster::start(2, 2, &[]);
+    let prompts: Vec<String> = (0..200)
+        .map(|i| format!("Concurrent request {i}: {}", long_prompt(i, 40)))
+        .collect();
+    let url = c.url("/v1/completions");
+    let finished = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let url = url.clone();
+            let finished = finished.clone();
+            let body = json!({"prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": true});
+            tokio::spawn(async move {
+                let r = post(&url, &body).await;
+                finished.fetch_add(1, Ordering::Relaxed);
+                r
+            })
+        })
+        .collect();
+    // Kill once a quarter is done, with most still in flight.
+    let end = Instant::now() + Duration::from_secs(300);
+    while finished.load(Ordering::Relaxed) < 50 {
+        assert!(Instant::now() < end, "requests never finished");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    c.decode.remove(0).kill9();
+    c.prefill.remove(0).kill9();
+    let mut ok = 0;
+    for t in tasks {
+        let (s, v) = t.await.unwrap();
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 24, "{v}");
+        ok += 1;
+    }
+    assert_eq!(ok, 200);
+}
