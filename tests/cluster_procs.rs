@@ -16,6 +16,10 @@ use serde_json::{Value, json};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
+/// One cluster at a time: each test runs 3–5 processes with compute threads of their own, and on
+/// a 2-core machine several clusters at once starve each other's heartbeats into false deaths.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn tmp(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
         "{name}-{}-{}",
@@ -217,6 +221,7 @@ fn long_prompt(i: usize, words: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_give_the_one_process_cluster_s_greedy_tokens() {
+    let _serial = SERIAL.lock().await;
     // KV crosses from the prefill process to the decode process over QUIC, layer by layer, and
     // the sequence's sampler over the control plane: any lost page or misplaced layer would
     // change the greedy continuation.
@@ -263,6 +268,7 @@ async fn processes_give_the_one_process_cluster_s_greedy_tokens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_credential_is_refused_and_the_worker_exits_non_zero() {
+    let _serial = SERIAL.lock().await;
     let c = Cluster::start(1, 1, &["--engine", "echo"]);
     let bad = tmp("bad-secret");
     std::fs::write(&bad, "not the cluster's secret, but long enough").unwrap();
@@ -315,6 +321,7 @@ async fn a_wrong_credential_is_refused_and_the_worker_exits_non_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_cannot_fit_gets_a_clean_error_across_processes() {
+    let _serial = SERIAL.lock().await;
     // A decode process with 4 pages (256 tokens) cannot hold a 400-token prompt: the refusal
     // crosses the control plane as an error, not a hang.
     let secret = secret_file();
@@ -407,6 +414,7 @@ async fn streams_with_a_kill(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decode_process_killed_mid_stream_loses_no_token() {
+    let _serial = SERIAL.lock().await;
     // Two decode processes share 6 streams; one is SIGKILLed while every stream is under way.
     // The gateway notices within its heartbeat timeout, re-runs the lost sequences from the
     // tokens already streamed on another prefill/decode pair, and each SSE stream continues:
@@ -444,6 +452,7 @@ async fn a_decode_process_killed_mid_stream_loses_no_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefill_process_killed_under_load_has_its_requests_retried() {
+    let _serial = SERIAL.lock().await;
     let mut c = Cluster::start(2, 1, &["--dtype", "f32"]);
     // Long prompts keep both prefill processes busy; one dies after the first answer.
     let prompts: Vec<String> = (0..16).map(|i| long_prompt(i, 900)).collect();
@@ -491,6 +500,7 @@ async fn a_prefill_process_killed_under_load_has_its_requests_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_rejoin_a_restarted_gateway_without_restarting() {
+    let _serial = SERIAL.lock().await;
     let mut c = Cluster::start(1, 1, &["--engine", "echo"]);
     let port: u16 = c.join.rsplit(':').next().unwrap().parse().unwrap();
     let pids: Vec<u32> = c
@@ -531,6 +541,7 @@ async fn workers_rejoin_a_restarted_gateway_without_restarting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_requests_survive_killed_workers() {
+    let _serial = SERIAL.lock().await;
     // 200 requests at once on 2 prefill and 2 decode processes; one of each is SIGKILLed while
     // they run. Every request completes with all its tokens: zero lost.
     let mut c = Cluster::start(2, 2, &[]);
