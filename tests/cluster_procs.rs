@@ -3,108 +3,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{Server, cache_dir, get, post, stream};
+use common::{Proc, Server, get, post, stream, tmp};
 use serde_json::{Value, json};
-
-static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 /// One cluster at a time: each test runs 3–5 processes with compute threads of their own, and on
 /// a 2-core machine several clusters at once starve each other's heartbeats into false deaths.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn tmp(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "{name}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ))
-}
-
-/// One `duet` process; its stdout lines arrive on a channel (the tests wait on what it prints,
-/// never on a guessed time).
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    stderr: PathBuf,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let stderr = tmp("proc.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_duet"))
-            .args(args)
-            .env("DUET_CACHE_DIR", cache_dir())
-            .env("RUST_BACKTRACE", "0")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("spawning duet");
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc {
-            child,
-            lines,
-            stderr,
-        }
-    }
-
-    /// The next line satisfying `pred`, within `deadline`.
-    fn wait_line(&self, deadline: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-        let end = Instant::now() + deadline;
-        loop {
-            let left = end.checked_duration_since(Instant::now())?;
-            match self.lines.recv_timeout(left) {
-                Ok(l) if pred(&l) => return Some(l),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    fn kill9(&mut self) {
-        // std's kill is SIGKILL on Unix: no chance to say goodbye.
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
-        let end = Instant::now() + deadline;
-        while Instant::now() < end {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn secret_file() -> PathBuf {
     let p = tmp("secret");

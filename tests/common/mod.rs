@@ -100,6 +100,101 @@ impl Drop for Server {
     }
 }
 
+static NEXT_TMP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+pub fn tmp(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        NEXT_TMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ))
+}
+
+/// One `duet` process; its stdout lines arrive on a channel (the tests wait on what it prints,
+/// never on a guessed time).
+pub struct Proc {
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: PathBuf,
+}
+
+impl Proc {
+    /// `duet ARGS`.
+    pub fn spawn(args: &[&str]) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_duet"));
+        cmd.args(args);
+        Self::spawn_cmd(cmd)
+    }
+
+    /// Any command that runs `duet` (e.g. through `ip netns exec`).
+    pub fn spawn_cmd(mut cmd: Command) -> Proc {
+        let stderr = tmp("proc.log");
+        let mut child = cmd
+            .env("DUET_CACHE_DIR", cache_dir())
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawning duet");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    /// The next line satisfying `pred`, within `deadline`.
+    pub fn wait_line(&self, deadline: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let end = Instant::now() + deadline;
+        loop {
+            let left = end.checked_duration_since(Instant::now())?;
+            match self.lines.recv_timeout(left) {
+                Ok(l) if pred(&l) => return Some(l),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        // std's kill is SIGKILL on Unix: no chance to say goodbye.
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
