@@ -33,7 +33,7 @@ struct Cluster {
 const JOIN_DEADLINE: Duration = Duration::from_secs(60);
 
 impl Cluster {
-    fn gateway(secret: &PathBuf, cluster_port: u16) -> (Proc, String, String) {
+    fn gateway(secret: &std::path::Path, cluster_port: u16) -> (Proc, String, String) {
         let port = cluster_port.to_string();
         let gw = Proc::spawn(&[
             "gateway",
