@@ -39,10 +39,12 @@ fi
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo clippy -p duet-transport --all-targets --features ucx --locked -- -D warnings
+cargo clippy --workspace --all-targets --features ucx --locked -- -D warnings
 cargo test --workspace --locked
 # The transport suite again with UCX (shared memory and tcp) in it.
 cargo test -p duet-transport --features ucx --locked
+# Role processes with KV over UCX (shared memory and tcp) instead of QUIC.
+cargo test --features ucx --locked --test cluster_procs ucx
 
 # The official openai client against the real binary (built by the cargo test run above).
 DUET_BIN="$(pwd)/target/debug/duet" "$VENV/bin/python" -m unittest -v tests/openai_client/test_openai_client.py 2>&1 | tee target/openai-client.log

@@ -81,6 +81,20 @@ pub struct WorkerArgs {
     /// advertises the address this host uses to reach the gateway).
     #[arg(long, default_value = "0.0.0.0:0")]
     kv_addr: SocketAddr,
+    /// How KV moves from prefill to decode: QUIC, or UCX (RDMA on InfiniBand/RoCE, shared
+    /// memory or tcp elsewhere; needs a duet built with `--features ucx`). Every process of a
+    /// cluster must use the same.
+    #[arg(long, value_enum, default_value = "quic")]
+    kv_transport: KvTransportArg,
+    /// UCX transports to use (as UCX_TLS, e.g. "rc,sm,self" or "tcp"); UCX's own choice if unset.
+    #[arg(long)]
+    ucx_tls: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum KvTransportArg {
+    Quic,
+    Ucx,
 }
 
 fn read_config(path: &Option<PathBuf>) -> Result<ClusterConfig> {
@@ -273,6 +287,12 @@ pub fn run_worker(role: Role, a: WorkerArgs) -> Result<()> {
         join,
         secret,
         kv_bind: a.kv_addr,
+        kv_transport: match a.kv_transport {
+            KvTransportArg::Quic => remote::data::DataKind::Quic,
+            KvTransportArg::Ucx => remote::data::DataKind::Ucx {
+                tls: a.ucx_tls.clone(),
+            },
+        },
         name,
         announce: announce(),
     };

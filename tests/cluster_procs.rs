@@ -131,10 +131,46 @@ fn long_prompt(i: usize, words: usize) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_give_the_one_process_cluster_s_greedy_tokens() {
     let _serial = SERIAL.lock().await;
-    // KV crosses from the prefill process to the decode process over QUIC, layer by layer, and
-    // the sequence's sampler over the control plane: any lost page or misplaced layer would
-    // change the greedy continuation.
-    let c = Cluster::start(1, 1, &["--dtype", "f32"]);
+    same_tokens_as_one_process(&["--dtype", "f32"]).await;
+}
+
+/// The same over UCX (shared memory here; RDMA on a fabric): decode grants each prefill worker a
+/// registered staging region over the control plane, prefill writes with RMA puts.
+#[cfg(feature = "ucx")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ucx_processes_give_the_one_process_cluster_s_greedy_tokens() {
+    let _serial = SERIAL.lock().await;
+    same_tokens_as_one_process(&[
+        "--dtype",
+        "f32",
+        "--kv-transport",
+        "ucx",
+        "--ucx-tls",
+        "sysv,posix,cma,self",
+    ])
+    .await;
+}
+
+#[cfg(feature = "ucx")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ucx_a_decode_process_killed_mid_stream_loses_no_token() {
+    let _serial = SERIAL.lock().await;
+    decode_killed_mid_stream(&[
+        "--dtype",
+        "f32",
+        "--kv-transport",
+        "ucx",
+        "--ucx-tls",
+        "tcp",
+    ])
+    .await;
+}
+
+async fn same_tokens_as_one_process(worker_args: &[&str]) {
+    // KV crosses from the prefill process to the decode process, layer by layer, and the
+    // sequence's sampler over the control plane: any lost page or misplaced layer would change
+    // the greedy continuation.
+    let c = Cluster::start(1, 1, worker_args);
     let one = Server::start(&["--dtype", "f32"]);
     let prompt = long_prompt(0, 150);
     let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": true});
@@ -324,11 +360,15 @@ async fn streams_with_a_kill(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decode_process_killed_mid_stream_loses_no_token() {
     let _serial = SERIAL.lock().await;
+    decode_killed_mid_stream(&["--dtype", "f32"]).await;
+}
+
+async fn decode_killed_mid_stream(worker_args: &[&str]) {
     // Two decode processes share 6 streams; one is SIGKILLed while every stream is under way.
     // The gateway notices within its heartbeat timeout, re-runs the lost sequences from the
     // tokens already streamed on another prefill/decode pair, and each SSE stream continues:
     // the final text equals an undisturbed run (f32: see serve_lifecycle.rs).
-    let mut c = Cluster::start(1, 2, &["--dtype", "f32"]);
+    let mut c = Cluster::start(1, 2, worker_args);
     let prompts: Vec<String> = (0..6)
         .map(|i| format!("Stream {i} goes on and on"))
         .collect();

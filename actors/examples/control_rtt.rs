@@ -49,12 +49,17 @@ async fn main() {
     let secret = ClusterSecret::new(b"benchmark cluster secret, 32 b.").unwrap();
 
     // QUIC control plane with the real messages.
-    let mut listener =
-        ControlListener::bind("127.0.0.1:0".parse().unwrap(), secret.clone(), PROTOCOL_VERSION)
-            .unwrap();
+    let mut listener = ControlListener::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        secret.clone(),
+        PROTOCOL_VERSION,
+    )
+    .unwrap();
     let addr = listener.local_addr().unwrap();
     let worker = tokio::spawn(async move {
-        let mut c = control::connect(addr, &secret, PROTOCOL_VERSION).await.unwrap();
+        let mut c = control::connect(addr, &secret, PROTOCOL_VERSION)
+            .await
+            .unwrap();
         while let Ok(Some(b)) = c.rx.recv().await {
             let ToWorker::Reserve { job, .. } = wire::decode::<ToWorker>(&b).unwrap() else {
                 panic!("unexpected message");
@@ -132,6 +137,12 @@ async fn main() {
     println!("{:<28} {:>10} {:>10}", "path", "p50 µs", "p99 µs");
     let (q50, q99) = (pct(&mut quic, 0.5), pct(&mut quic, 0.99));
     let (t50, t99) = (pct(&mut tcp, 0.5), pct(&mut tcp, 0.99));
-    println!("{:<28} {q50:>10.1} {q99:>10.1}", "duet control (QUIC + rkyv)");
-    println!("{:<28} {t50:>10.1} {t99:>10.1}", "plain TCP ping-pong (floor)");
+    println!(
+        "{:<28} {q50:>10.1} {q99:>10.1}",
+        "duet control (QUIC + rkyv)"
+    );
+    println!(
+        "{:<28} {t50:>10.1} {t99:>10.1}",
+        "plain TCP ping-pong (floor)"
+    );
 }

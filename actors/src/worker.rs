@@ -6,7 +6,6 @@ use std::time::Instant;
 use duet_core::kv::{KvConfig, KvManager};
 use duet_core::sched::{SchedConfig, Scheduler};
 use duet_core::types::WorkerId;
-use duet_transport::quic::QuicKvServer;
 use duet_transport::{InProcTransport, KvFrame, KvInbox, KvReceiver, KvTransport, TransportError};
 use ractor::ActorRef;
 use tokio::sync::mpsc;
@@ -44,7 +43,7 @@ pub enum KvLink {
     InProc(Arc<InProcTransport>),
     Net {
         send: Arc<dyn KvTransport>,
-        recv: Option<Arc<QuicKvServer>>,
+        recv: Option<Arc<crate::remote::data::DataPlane>>,
     },
 }
 
@@ -75,7 +74,7 @@ impl KvLink {
     pub fn bind(&self, ep: u32) -> Option<KvInboxAny> {
         match self {
             KvLink::InProc(t) => Some(KvInboxAny::InProc(t.bind(ep))),
-            KvLink::Net { recv, .. } => recv.as_ref().map(|s| KvInboxAny::Net(s.bind(ep))),
+            KvLink::Net { recv, .. } => recv.as_ref()?.bind(ep).map(KvInboxAny::Net),
         }
     }
 }

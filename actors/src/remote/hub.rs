@@ -43,6 +43,7 @@ struct Peer {
     tx: ControlTx,
     role: WireRole,
     kv_addr: Option<String>,
+    kv_transport: String,
     name: String,
     /// Live workers of the process and their proxies.
     workers: BTreeMap<u32, WorkerRef>,
@@ -189,19 +190,31 @@ impl Hub {
                 h.workers.len()
             ));
         }
+        let quic = h.kv_transport == "quic";
+        if !quic && h.kv_transport != "ucx" {
+            return Err(format!("unknown KV transport {:?}", h.kv_transport));
+        }
         let kv_addr = match (h.role, &h.kv_addr) {
-            (WireRole::Decode, Some(a)) => match a.parse::<SocketAddr>() {
+            (WireRole::Decode, Some(a)) if quic => match a.parse::<SocketAddr>() {
                 Ok(_) => Some(a.clone()),
                 Err(e) => return Err(format!("KV address {a:?}: {e}")),
             },
-            (WireRole::Decode, None) => return Err("a decode process needs a KV address".into()),
-            (WireRole::Prefill, _) => None,
+            (WireRole::Decode, None) if quic => {
+                return Err("a decode process needs a KV address".into());
+            }
+            _ => None,
         };
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(other) = peers.values().find(|p| p.page_bytes != h.shape.page_bytes) {
             return Err(format!(
                 "KV pages differ: {} bytes here, {} bytes on {} (same model and --dtype everywhere)",
                 h.shape.page_bytes, other.page_bytes, other.name
+            ));
+        }
+        if let Some(other) = peers.values().find(|p| p.kv_transport != h.kv_transport) {
+            return Err(format!(
+                "KV transport differs: {} here, {} on {} (same --kv-transport everywhere)",
+                h.kv_transport, other.kv_transport, other.name
             ));
         }
         if let Some(w) = h.workers.iter().find(|w| self.owner.contains_key(w)) {
@@ -216,6 +229,7 @@ impl Hub {
                 tx,
                 role: h.role,
                 kv_addr,
+                kv_transport: h.kv_transport.clone(),
                 name: h.name.clone(),
                 workers: BTreeMap::new(),
                 ids: h.workers.iter().copied().collect(),
@@ -243,10 +257,13 @@ impl Hub {
                 group,
                 pages,
                 job,
+                grant,
             } => {
                 let seq = job.id;
                 let dest = self.tx_of_worker(prefill);
-                let kv_addr = self.tx_of_worker(group).and_then(|(_, _, a)| a);
+                let kv_addr = self
+                    .tx_of_worker(group)
+                    .map(|(_, _, a)| a.unwrap_or_default());
                 let live = self.seqs.contains_key(&seq);
                 let forwarded = match (dest, kv_addr, live) {
                     (Some((p, tx, _)), Some(kv_addr), true) => {
@@ -260,6 +277,7 @@ impl Hub {
                             kv_addr,
                             pages,
                             job,
+                            grant,
                         };
                         Self::send(&tx, &msg).await
                     }

@@ -24,7 +24,7 @@ use dashmap::DashMap;
 use duet_core::types::{SeqId, WorkerId};
 use duet_transport::TransportError;
 use duet_transport::control::{self, ControlTx};
-use duet_transport::quic::{ClusterSecret, QuicTransport};
+use duet_transport::quic::ClusterSecret;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 
@@ -61,14 +61,15 @@ pub struct LinkArgs {
     pub secret: ClusterSecret,
     pub hello: Hello,
     pub board: SharedBoard,
-    /// A prefill process's KV sender, told where each decode group receives.
-    pub quic: Option<Arc<QuicTransport>>,
+    /// The process's KV data plane (grants on decode, routes on prefill).
+    pub data: Arc<super::data::DataPlane>,
     /// Called with one line when the process joins or loses the gateway.
     pub announce: Box<dyn Fn(String) + Send + Sync>,
 }
 
 struct Shared {
     tx: RwLock<Option<ControlTx>>,
+    data: Arc<super::data::DataPlane>,
     /// Sequences handed to another process: their forwarder must not report them lost.
     handed: DashMap<SeqId, ()>,
     /// Each job's forwarder, with a generation so a finished one removes only itself.
@@ -140,6 +141,7 @@ impl Shared {
 pub async fn run(args: LinkArgs) -> Result<(), LinkError> {
     let shared = Arc::new(Shared {
         tx: RwLock::new(None),
+        data: args.data.clone(),
         handed: DashMap::new(),
         forwarders: DashMap::new(),
         generation: std::sync::atomic::AtomicU64::new(0),
@@ -322,16 +324,18 @@ async fn handle(args: &LinkArgs, shared: &Arc<Shared>, proxies: &Proxies, msg: T
             kv_addr,
             pages,
             job,
+            grant,
         } => {
             let seq = job.id;
-            let addr = kv_addr.parse::<SocketAddr>();
-            if let (Some(q), Ok(a)) = (&args.quic, &addr) {
-                q.add_peer(group, *a);
-            }
+            let routed = shared
+                .data
+                .route(group, &kv_addr, grant.as_deref())
+                .await
+                .map_err(|e| tracing::warn!(seq, group, "cannot reach decode group: {e}"));
             let job = job.into_job(shared.events_for(seq, prefill));
             let d = proxies.decode(shared, group).await;
-            match (local_prefill(&args.board, prefill), d, addr) {
-                (Some(p), Some(decode), Ok(_)) => {
+            match (local_prefill(&args.board, prefill), d, routed) {
+                (Some(p), Some(decode), Ok(())) => {
                     let dest = KvDest {
                         group: WorkerId(group),
                         decode,
@@ -471,6 +475,16 @@ impl Actor for RelayToPrefill {
         if let PrefillMsg::Prefill(pj) = msg {
             let PrefillJob { job, dest } = *pj;
             let wire_job = WireJob::of(&job);
+            let grant = match st.shared.data.grant_for(dest.group.0, st.worker).await {
+                Ok(g) => g,
+                Err(e) => {
+                    // Without a grant the prefill worker cannot write here: free the pages and
+                    // let the job's channel close (re-run elsewhere).
+                    tracing::warn!(group = dest.group.0, "UCX grant: {e}");
+                    let _ = dest.decode.cast(DecodeMsg::Unreserve(job.id));
+                    return Ok(());
+                }
+            };
             st.shared.hand_over(job).await;
             st.shared
                 .send(&ToGateway::Prefill {
@@ -478,6 +492,7 @@ impl Actor for RelayToPrefill {
                     group: dest.group.0,
                     pages: dest.pages,
                     job: wire_job,
+                    grant,
                 })
                 .await;
         }

@@ -5,6 +5,7 @@
 //! (`duet_transport::control`); KV goes from prefill to decode directly over QUIC
 //! (`duet_transport::quic`). The gateway side is `hub.rs`, the worker side `link.rs`.
 
+pub mod data;
 pub mod hub;
 pub mod link;
 pub mod wire;
@@ -15,9 +16,8 @@ use std::time::{Duration, Instant};
 
 use duet_core::config::ClusterConfig;
 use duet_core::types::WorkerId;
-use duet_transport::InProcTransport;
 use duet_transport::control::ControlListener;
-use duet_transport::quic::{ClusterSecret, QuicKvServer, QuicTransport};
+use duet_transport::quic::ClusterSecret;
 
 use crate::cluster::{Cluster, Role, new_board};
 use crate::engine::Engine;
@@ -94,6 +94,7 @@ pub struct WorkerProcessOptions {
     /// Decode: where to receive KV (an unspecified IP listens everywhere and advertises the
     /// address this host uses to reach the gateway).
     pub kv_bind: SocketAddr,
+    pub kv_transport: data::DataKind,
     pub name: String,
     pub announce: Box<dyn Fn(String) + Send + Sync>,
 }
@@ -139,26 +140,30 @@ pub async fn start_worker(
     let registry = Cluster::spawn_registry(board.clone())
         .await
         .map_err(|e| setup(&e))?;
-    let (kv, quic, kv_addr) = match o.role {
+    let (kv, data, kv_addr) = match o.role {
         Role::Decode => {
-            let server = QuicKvServer::listen(o.kv_bind, o.secret.clone()).map_err(|e| {
-                ServeError::Bind {
+            let plane = data::DataPlane::receiver(&o.kv_transport, o.kv_bind, o.secret.clone())
+                .map_err(|e| ServeError::Bind {
                     addr: o.kv_bind.to_string(),
                     source: std::io::Error::other(e.to_string()),
+                })?;
+            let kv_addr = match plane.quic_port() {
+                Some(port) => {
+                    let ip = if o.kv_bind.ip().is_unspecified() {
+                        local_ip_towards(o.join).map_err(|e| setup(&e))?
+                    } else {
+                        o.kv_bind.ip()
+                    };
+                    Some(SocketAddr::new(ip, port).to_string())
                 }
-            })?;
-            let port = server.local_addr().map_err(|e| setup(&e))?.port();
-            let ip = if o.kv_bind.ip().is_unspecified() {
-                local_ip_towards(o.join).map_err(|e| setup(&e))?
-            } else {
-                o.kv_bind.ip()
+                None => None,
             };
+            let plane = Arc::new(plane);
             let link = KvLink::Net {
-                // A decode process only receives.
-                send: Arc::new(InProcTransport::new()),
-                recv: Some(Arc::new(server)),
+                send: plane.transport(),
+                recv: Some(plane.clone()),
             };
-            (link, None, Some(SocketAddr::new(ip, port).to_string()))
+            (link, plane, kv_addr)
         }
         Role::Prefill => {
             let local: SocketAddr = if o.join.is_ipv4() {
@@ -166,12 +171,15 @@ pub async fn start_worker(
             } else {
                 "[::]:0".parse().expect("literal")
             };
-            let q = Arc::new(QuicTransport::new(local, o.secret.clone()).map_err(|e| setup(&e))?);
+            let plane = Arc::new(
+                data::DataPlane::sender(&o.kv_transport, local, o.secret.clone())
+                    .map_err(|e| setup(&e))?,
+            );
             let link = KvLink::Net {
-                send: q.clone(),
+                send: plane.transport(),
                 recv: None,
             };
-            (link, Some(q), None)
+            (link, plane, None)
         }
     };
     let epoch = Instant::now();
@@ -214,6 +222,7 @@ pub async fn start_worker(
         },
         workers: ids,
         kv_addr,
+        kv_transport: o.kv_transport.name().to_string(),
         shape: o.shape,
         name: o.name,
     };
@@ -222,7 +231,7 @@ pub async fn start_worker(
         secret: o.secret,
         hello,
         board,
-        quic,
+        data,
         announce: o.announce,
     };
     Ok(tokio::spawn(async move {

@@ -39,6 +39,8 @@ pub struct Hello {
     pub workers: Vec<u32>,
     /// Where a decode process receives KV over QUIC ("ip:port", reachable from prefill hosts).
     pub kv_addr: Option<String>,
+    /// "quic" or "ucx": every process of a cluster must use the same.
+    pub kv_transport: String,
     pub shape: ModelShape,
     /// For logs: the process's host name and pid.
     pub name: String,
@@ -128,6 +130,8 @@ pub enum ToGateway {
         group: u32,
         pages: Vec<u32>,
         job: WireJob,
+        /// UCX: the staging grant for this prefill worker, the first time the pair meets.
+        grant: Option<Vec<u8>>,
     },
     Handoff(WireHandoff),
     /// Prefill gave the job up: free the reservation.
@@ -154,10 +158,11 @@ pub enum ToWorker {
     Prefill {
         prefill: u32,
         group: u32,
-        /// The decode process's KV address.
+        /// The decode process's KV address (QUIC; empty for UCX).
         kv_addr: String,
         pages: Vec<u32>,
         job: WireJob,
+        grant: Option<Vec<u8>>,
     },
     Handoff(WireHandoff),
     Unreserve {
