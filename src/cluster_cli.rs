@@ -89,6 +89,9 @@ pub struct WorkerArgs {
     /// UCX transports to use (as UCX_TLS, e.g. "rc,sm,self" or "tcp"); UCX's own choice if unset.
     #[arg(long)]
     ucx_tls: Option<String>,
+    /// Test tool: flip a byte in the next N KV frames sent, after checksumming (recovery tests).
+    #[arg(long, hide = true, default_value_t = 0)]
+    fault_corrupt_kv_frames: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
@@ -293,6 +296,7 @@ pub fn run_worker(role: Role, a: WorkerArgs) -> Result<()> {
                 tls: a.ucx_tls.clone(),
             },
         },
+        kv_corrupt_frames: a.fault_corrupt_kv_frames,
         name,
         announce: announce(),
     };

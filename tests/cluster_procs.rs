@@ -303,6 +303,40 @@ async fn a_request_that_cannot_fit_gets_a_clean_error_across_processes() {
     assert_eq!(s, 200);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_kv_transfer_is_detected_and_re_run() {
+    let _serial = SERIAL.lock().await;
+    // The prefill process flips a byte in its first KV frame after checksumming it (a bad link).
+    // The decode process's per-page CRC-32 catches it, the sequence is never decoded from that
+    // KV, and the re-run gives exactly the undisturbed answer.
+    let secret = secret_file();
+    let (gateway, http, join) = Cluster::gateway(&secret, 0);
+    let c = Cluster {
+        gateway,
+        http,
+        join,
+        secret,
+        prefill: Vec::new(),
+        decode: Vec::new(),
+    };
+    let _p = c.worker(
+        "prefill",
+        &["--dtype", "f32", "--fault-corrupt-kv-frames", "1"],
+    );
+    let _d = c.worker("decode", &["--dtype", "f32"]);
+    c.await_joins(2);
+    let body = json!({"prompt": long_prompt(3, 100), "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+    let (s1, first) = post(&c.url("/v1/completions"), &body).await;
+    let (s2, again) = post(&c.url("/v1/completions"), &body).await;
+    assert_eq!((s1, s2), (200, 200), "{first} {again}");
+    assert_eq!(first["choices"][0]["text"], again["choices"][0]["text"]);
+    let log = c.gateway.log();
+    assert!(
+        log.contains("re-running") && log.contains("checksum mismatch"),
+        "{log}"
+    );
+}
+
 /// Streams `n` requests at once and calls `mid` once every stream has received `after` events.
 async fn streams_with_a_kill(
     c: &Cluster,

@@ -153,6 +153,7 @@ pub async fn start(
                 kv: KvLink::InProc(transport.clone()),
                 epoch,
                 fault: if i == 0 { opts.prefill_fault } else { None },
+                kv_corrupt: None,
             },
         ));
     }
@@ -170,6 +171,7 @@ pub async fn start(
                 kv: KvLink::InProc(transport.clone()),
                 epoch,
                 fault: if g == 0 { opts.fault } else { None },
+                kv_corrupt: None,
             },
         ));
     }

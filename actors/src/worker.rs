@@ -34,6 +34,10 @@ pub struct WorkerArgs {
     /// line.
     pub epoch: Instant,
     pub fault: Option<Fault>,
+    /// Test tool (`duet prefill --fault-corrupt-kv-frames N`): the next N KV frames this worker
+    /// sends get one byte flipped after their checksums were computed, as a bad link would.
+    /// Shared across restarts, so it counts frames, not incarnations.
+    pub kv_corrupt: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// How a worker moves KV: in-process channels (`duet serve`) or the network (role processes:

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use duet_core::sched::{NewSeq, Scheduler, StepPlan, Submit};
 use duet_core::types::{SeqId, WorkerId};
@@ -237,6 +238,7 @@ impl PrefillState {
         }
         let engine = self.args.engine.clone();
         let transport = self.args.kv.sender();
+        let corrupt = self.args.kv_corrupt.clone();
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let mut send_errors = BTreeMap::new();
@@ -249,6 +251,7 @@ impl PrefillState {
                         layer,
                         cache,
                         &mut send_errors,
+                        corrupt.as_deref(),
                     );
                     Ok(())
                 })
@@ -377,6 +380,7 @@ fn stream_layer(
     layer: usize,
     cache: &KvCache,
     errors: &mut BTreeMap<SeqId, String>,
+    corrupt: Option<&std::sync::atomic::AtomicU64>,
 ) {
     for t in targets {
         if errors.contains_key(&t.seq) {
@@ -398,7 +402,15 @@ fn stream_layer(
             errors.insert(t.seq, e.to_string());
             continue;
         }
-        let frame = KvFrame::new(t.seq, layer as u32, t.dest.clone(), bytes);
+        let mut frame = KvFrame::new(t.seq, layer as u32, t.dest.clone(), bytes);
+        if let Some(left) = corrupt
+            && left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            && let Some(b) = frame.bytes.last_mut()
+        {
+            *b ^= 0x5a;
+        }
         match handle.block_on(tokio::time::timeout(
             KV_SEND_DEADLINE,
             transport.send(t.endpoint, frame),

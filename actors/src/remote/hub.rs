@@ -244,9 +244,14 @@ impl Hub {
             ToGateway::Hello(_) => tracing::warn!("second hello from a worker process; ignored"),
             ToGateway::Workers(list) => self.update_workers(from, list).await,
             ToGateway::Event { seq, event } => {
+                // Only the process holding a sequence speaks for it: a stale or confused peer
+                // cannot put tokens into another's stream.
                 let last = event.is_final();
-                if let Some(h) = self.seqs.get(&seq) {
-                    let _ = h.events.send(SeqEvent::from(event));
+                match self.seqs.get(&seq) {
+                    Some(h) if h.holder == from => {
+                        let _ = h.events.send(SeqEvent::from(event));
+                    }
+                    _ => return,
                 }
                 if last {
                     self.seqs.remove(&seq);

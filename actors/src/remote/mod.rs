@@ -95,6 +95,8 @@ pub struct WorkerProcessOptions {
     /// address this host uses to reach the gateway).
     pub kv_bind: SocketAddr,
     pub kv_transport: data::DataKind,
+    /// Test tool: corrupt this many of the KV frames the process sends (see `WorkerArgs`).
+    pub kv_corrupt_frames: u64,
     pub name: String,
     pub announce: Box<dyn Fn(String) + Send + Sync>,
 }
@@ -183,6 +185,8 @@ pub async fn start_worker(
         }
     };
     let epoch = Instant::now();
+    let kv_corrupt = (o.kv_corrupt_frames > 0)
+        .then(|| Arc::new(std::sync::atomic::AtomicU64::new(o.kv_corrupt_frames)));
     let ids: Vec<u32> = (0..o.workers).map(random_id).collect();
     let workers = ids
         .iter()
@@ -207,6 +211,7 @@ pub async fn start_worker(
                     kv: kv.clone(),
                     epoch,
                     fault: None,
+                    kv_corrupt: kv_corrupt.clone(),
                 },
             )
         })
