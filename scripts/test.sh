@@ -24,6 +24,13 @@ if ! pkg-config --exists ucx 2>/dev/null || ! ldconfig -p | grep libclang >/dev/
     apt_install libucx-dev ucx-utils libclang-dev pkg-config
 fi
 
+# The multi-host test builds network namespaces with iproute2 (it needs root; without it the test
+# says why and does not run).
+if [ "$(id -u)" = 0 ] && ! command -v ip >/dev/null; then
+    echo "installing iproute2 for the multi-host test" >&2
+    apt_install iproute2
+fi
+
 # The openai-client tests need Python 3 with venv, and the official `openai` package from PyPI,
 # installed into a venv under target/ (never into the system Python).
 VENV=target/venv-openai

@@ -86,17 +86,22 @@ impl Cluster {
         }
     }
 
-    fn start(prefill: usize, decode: usize, extra: &[&str]) -> Cluster {
+    /// A gateway with no workers yet.
+    fn gateway_only() -> Cluster {
         let secret = secret_file();
         let (gateway, http, join) = Self::gateway(&secret, 0);
-        let mut c = Cluster {
+        Cluster {
             gateway,
             http,
             join,
             secret,
             prefill: Vec::new(),
             decode: Vec::new(),
-        };
+        }
+    }
+
+    fn start(prefill: usize, decode: usize, extra: &[&str]) -> Cluster {
+        let mut c = Self::gateway_only();
         for _ in 0..prefill {
             let p = c.worker("prefill", extra);
             c.prefill.push(p);
@@ -269,16 +274,7 @@ async fn a_request_that_cannot_fit_gets_a_clean_error_across_processes() {
     let _serial = SERIAL.lock().await;
     // A decode process with 4 pages (256 tokens) cannot hold a 400-token prompt: the refusal
     // crosses the control plane as an error, not a hang.
-    let secret = secret_file();
-    let (gateway, http, join) = Cluster::gateway(&secret, 0);
-    let c = Cluster {
-        gateway,
-        http,
-        join,
-        secret,
-        prefill: Vec::new(),
-        decode: Vec::new(),
-    };
+    let c = Cluster::gateway_only();
     let _p = c.worker("prefill", &["--engine", "echo"]);
     let _d = c.worker("decode", &["--engine", "echo", "--kv-pages", "4"]);
     c.await_joins(2);
@@ -309,16 +305,7 @@ async fn a_corrupt_kv_transfer_is_detected_and_re_run() {
     // The prefill process flips a byte in its first KV frame after checksumming it (a bad link).
     // The decode process's per-page CRC-32 catches it, the sequence is never decoded from that
     // KV, and the re-run gives exactly the undisturbed answer.
-    let secret = secret_file();
-    let (gateway, http, join) = Cluster::gateway(&secret, 0);
-    let c = Cluster {
-        gateway,
-        http,
-        join,
-        secret,
-        prefill: Vec::new(),
-        decode: Vec::new(),
-    };
+    let c = Cluster::gateway_only();
     let _p = c.worker(
         "prefill",
         &["--dtype", "f32", "--fault-corrupt-kv-frames", "1"],

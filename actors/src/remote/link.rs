@@ -393,56 +393,36 @@ struct Proxies {
 
 impl Proxies {
     async fn prefill(&self, shared: &Arc<Shared>, id: u32) -> Option<ActorRef<PrefillMsg>> {
-        if let Some(a) = self
-            .prefill
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
-        {
-            return Some(a.clone());
-        }
-        let (a, _) = Actor::spawn(
-            None,
-            RelayToPrefill,
-            Relay {
-                shared: shared.clone(),
-                worker: id,
-            },
-        )
-        .await
-        .ok()?;
-        self.prefill
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, a.clone());
-        Some(a)
+        get_or_spawn(&self.prefill, RelayToPrefill, shared, id).await
     }
 
     async fn decode(&self, shared: &Arc<Shared>, id: u32) -> Option<ActorRef<DecodeMsg>> {
-        if let Some(a) = self
-            .decode
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
-        {
-            return Some(a.clone());
-        }
-        let (a, _) = Actor::spawn(
-            None,
-            RelayToDecode,
-            Relay {
-                shared: shared.clone(),
-                worker: id,
-            },
-        )
-        .await
-        .ok()?;
-        self.decode
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, a.clone());
-        Some(a)
+        get_or_spawn(&self.decode, RelayToDecode, shared, id).await
     }
+}
+
+/// The relay for remote worker `id`, spawned the first time it is needed.
+async fn get_or_spawn<A>(
+    map: &Mutex<BTreeMap<u32, ActorRef<A::Msg>>>,
+    actor: A,
+    shared: &Arc<Shared>,
+    id: u32,
+) -> Option<ActorRef<A::Msg>>
+where
+    A: Actor<Arguments = Relay>,
+{
+    if let Some(a) = map.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+        return Some(a.clone());
+    }
+    let relay = Relay {
+        shared: shared.clone(),
+        worker: id,
+    };
+    let (a, _) = Actor::spawn(None, actor, relay).await.ok()?;
+    map.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id, a.clone());
+    Some(a)
 }
 
 pub struct Relay {
