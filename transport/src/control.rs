@@ -46,6 +46,9 @@ const HELLO_VERSION: u8 = 1;
 pub const CONTROL_MSG_MAX: usize = 16 << 20;
 /// Messages a connection may have queued for its writer before senders wait.
 pub const CONTROL_SEND_QUEUE_MAX: usize = 4096;
+/// Messages read off a connection and not yet taken by its owner before reading pauses (and QUIC
+/// flow control holds the peer back).
+pub const CONTROL_RECV_QUEUE_MAX: usize = 4096;
 /// Accepted connections waiting for the owner's `accept` before new ones wait in QUIC.
 pub const CONTROL_ACCEPT_QUEUE_MAX: usize = 64;
 /// QUIC keep-alive interval: well under the idle timeout, so a live but quiet peer never times
@@ -99,6 +102,8 @@ impl ControlConn {
         ep: Option<Endpoint>,
     ) -> Self {
         let (queue, mut rx) = mpsc::channel::<Vec<u8>>(CONTROL_SEND_QUEUE_MAX);
+        let (inbox_tx, inbox) = mpsc::channel(CONTROL_RECV_QUEUE_MAX);
+        tokio::spawn(read_messages(recv, inbox_tx));
         let mut send = send;
         tokio::spawn(async move {
             while let Some(msg) = rx.recv().await {
@@ -113,7 +118,7 @@ impl ControlConn {
         Self {
             peer: conn.remote_address(),
             tx: ControlTx { queue },
-            rx: ControlRx { recv },
+            rx: ControlRx { inbox },
             conn,
             _endpoint: ep,
         }
@@ -171,32 +176,46 @@ impl ControlTx {
     }
 }
 
-/// The receiving half.
+/// The receiving half. `recv` is cancellation-safe: a reader task owns the stream and hands over
+/// whole messages, so dropping a `recv` future (a `select!` whose other branch won, a timeout)
+/// never loses part of a message and never desynchronises the framing.
 #[derive(Debug)]
 pub struct ControlRx {
-    recv: RecvStream,
+    inbox: mpsc::Receiver<Result<Vec<u8>, TransportError>>,
 }
 
 impl ControlRx {
     /// The next message; `Ok(None)` when the peer finished the stream cleanly, `Err` when the
     /// connection was lost (timed out, closed, reset) or the peer broke the framing.
     pub async fn recv(&mut self) -> Result<Option<Vec<u8>>, TransportError> {
+        self.inbox.recv().await.transpose()
+    }
+}
+
+/// Reads whole messages off the stream until it ends, fails, or the receiver goes away.
+async fn read_messages(mut recv: RecvStream, out: mpsc::Sender<Result<Vec<u8>, TransportError>>) {
+    loop {
         let mut len = [0u8; 4];
-        match self.recv.read_exact(&mut len).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(e) => return Err(lost(e)),
+        let msg = match recv.read_exact(&mut len).await {
+            Ok(()) => {
+                let len = u32::from_le_bytes(len) as usize;
+                if len > CONTROL_MSG_MAX {
+                    Err(TransportError::FrameTooLarge {
+                        bytes: len,
+                        max: CONTROL_MSG_MAX,
+                    })
+                } else {
+                    let mut buf = vec![0u8; len];
+                    recv.read_exact(&mut buf).await.map(|()| buf).map_err(lost)
+                }
+            }
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return,
+            Err(e) => Err(lost(e)),
+        };
+        let last = msg.is_err();
+        if out.send(msg).await.is_err() || last {
+            return;
         }
-        let len = u32::from_le_bytes(len) as usize;
-        if len > CONTROL_MSG_MAX {
-            return Err(TransportError::FrameTooLarge {
-                bytes: len,
-                max: CONTROL_MSG_MAX,
-            });
-        }
-        let mut buf = vec![0u8; len];
-        self.recv.read_exact(&mut buf).await.map_err(lost)?;
-        Ok(Some(buf))
     }
 }
 
@@ -449,6 +468,37 @@ mod tests {
             server.tx.send(vec![0; CONTROL_MSG_MAX + 1]).await,
             Err(TransportError::FrameTooLarge { .. })
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abandoned_recv_loses_nothing() {
+        // The worker link polls `recv` inside `select!` next to a timer; a timer tick in the
+        // middle of a large message must not cost the message or the framing after it.
+        let (mut l, addr) = listener(1).await;
+        let client = tokio::spawn(async move {
+            connect(addr, &secret(b"a cluster secret of 32 bytes...."), 1).await
+        });
+        let server = l.accept().await.unwrap();
+        let mut client = client.await.unwrap().unwrap();
+        let msgs: Vec<Vec<u8>> = (0..40u32)
+            .map(|i| vec![i as u8; 1 + (i as usize * 37_123) % 400_000])
+            .collect();
+        let tx = server.tx.clone();
+        let sent = msgs.clone();
+        tokio::spawn(async move {
+            for m in sent {
+                tx.send(m).await.unwrap();
+            }
+        });
+        let mut got = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_micros(50));
+        while got.len() < msgs.len() {
+            tokio::select! {
+                m = client.rx.recv() => got.push(m.unwrap().unwrap()),
+                _ = tick.tick() => {}
+            }
+        }
+        assert!(got == msgs, "messages lost or reordered");
     }
 
     #[tokio::test]

@@ -251,7 +251,16 @@ impl Hub {
                     Some(h) if h.holder == from => {
                         let _ = h.events.send(SeqEvent::from(event));
                     }
-                    _ => return,
+                    Some(h) => {
+                        tracing::debug!(
+                            seq,
+                            from,
+                            holder = h.holder,
+                            "event from a non-holder dropped"
+                        );
+                        return;
+                    }
+                    None => return,
                 }
                 if last {
                     self.seqs.remove(&seq);
@@ -284,10 +293,11 @@ impl Hub {
                             job,
                             grant,
                         };
-                        Self::send(&tx, &msg).await
+                        self.alive(p) && Self::send(&tx, &msg).await
                     }
                     _ => false,
                 };
+                tracing::debug!(seq, prefill, group, forwarded, "prefill relay");
                 if !forwarded {
                     // The prefill worker is gone (or the request was aborted): free the pages;
                     // dropping the entry re-runs the sequence.
@@ -303,10 +313,11 @@ impl Hub {
                             e.holder = d;
                             e.group = None;
                         }
-                        Self::send(&tx, &ToWorker::Handoff(h)).await
+                        self.alive(d) && Self::send(&tx, &ToWorker::Handoff(h)).await
                     }
                     _ => false,
                 };
+                tracing::debug!(seq, forwarded, "handoff relay");
                 if !forwarded {
                     self.seqs.remove(&seq);
                 }
@@ -425,24 +436,37 @@ impl Hub {
 
     /// A process left (or died): unroute its workers, re-run what it held, free the decode
     /// reservations made for its prefill work.
+    /// Whether `peer` is still connected. A relay sets a sequence's holder first and checks this
+    /// after, while `leave` unregisters the peer first and scans holders after: whichever runs
+    /// second sees the other's write, so no sequence can be left with a departed holder.
+    fn alive(&self, peer: PeerId) -> bool {
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&peer)
+    }
+
     async fn leave(&self, peer: PeerId, why: &str) {
         let Some(p) = self
             .peers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&peer)
-            .map(|p| p.ids.clone())
+            .remove(&peer)
         else {
             return;
         };
-        for w in &p {
-            self.drop_worker(peer, *w);
+        for (w, r) in p.workers {
+            let _ = self.registry.cast(RegistryMsg::Gone { id: WorkerId(w) });
+            let cell = match r {
+                WorkerRef::Prefill(a) => a.get_cell(),
+                WorkerRef::Decode(a) => a.get_cell(),
+            };
+            self.proxies.remove(&cell.get_id());
+            cell.stop(None);
+        }
+        for w in &p.ids {
             self.owner.remove_if(w, |_, o| *o == peer);
         }
-        self.peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&peer);
         let lost: Vec<(SeqId, Option<u32>)> = self
             .seqs
             .iter()
@@ -516,7 +540,7 @@ impl Actor for DecodeProxy {
                     prefill: pid,
                     job: wire_job,
                 };
-                if !Hub::send(&st.tx, &msg).await {
+                if !st.hub.alive(holder) || !Hub::send(&st.tx, &msg).await {
                     st.hub.seqs.remove(&seq);
                 }
             }

@@ -194,6 +194,7 @@ pub async fn run(args: LinkArgs) -> Result<(), LinkError> {
             args.join, args.hello.role, args.hello.workers
         ));
         let why = session(&args, &shared, &proxies, &mut conn.rx).await;
+        tracing::warn!("lost the gateway at {}: {why}; rejoining", args.join);
         *shared.tx.write().unwrap_or_else(|e| e.into_inner()) = None;
         conn.close("link closed");
         (args.announce)(format!(
