@@ -104,8 +104,12 @@ impl Net {
         Proc::spawn_cmd(cmd)
     }
 
-    /// Runs `f` on a thread inside `host`'s namespace (its sockets are that host's).
-    fn run_in<T: Send + 'static>(&self, host: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    /// Starts `f` on a thread inside `host`'s namespace (its sockets are that host's).
+    fn spawn_in<T: Send + 'static>(
+        &self,
+        host: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/var/run/netns/{}", self.ns(host));
         std::thread::spawn(move || {
             let file = std::fs::File::open(&path).unwrap();
@@ -115,8 +119,10 @@ impl Net {
             assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
             f()
         })
-        .join()
-        .unwrap()
+    }
+
+    fn run_in<T: Send + 'static>(&self, host: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn_in(host, f).join().unwrap()
     }
 }
 
@@ -255,16 +261,8 @@ fn roles_on_separate_hosts_survive_cut_links() {
         let prompts = prompts.clone();
         let http = http.clone();
         let seen = seen.clone();
-        std::thread::spawn({
-            let path = format!("/var/run/netns/{}", net.ns("gw"));
+        net.spawn_in("gw", {
             move || {
-                let file = std::fs::File::open(&path).unwrap();
-                use std::os::fd::AsRawFd;
-                // SAFETY: a valid namespace fd; only this thread's network namespace changes.
-                assert_eq!(
-                    unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-                    0
-                );
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
                     .enable_all()
@@ -357,15 +355,7 @@ fn roles_on_separate_hosts_survive_cut_links() {
     let one = {
         let http = http.clone();
         let p = prompts[0].clone();
-        let path = format!("/var/run/netns/{}", net.ns("gw"));
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap();
-            use std::os::fd::AsRawFd;
-            // SAFETY: a valid namespace fd; only this thread's network namespace changes.
-            assert_eq!(
-                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-                0
-            );
+        net.spawn_in("gw", move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
