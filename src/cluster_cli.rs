@@ -100,17 +100,6 @@ pub enum KvTransportArg {
     Ucx,
 }
 
-fn read_config(path: &Option<PathBuf>) -> Result<ClusterConfig> {
-    match path {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            ClusterConfig::from_toml(&text).with_context(|| format!("in {}", p.display()))
-        }
-        None => Ok(ClusterConfig::default()),
-    }
-}
-
 fn read_secret(path: &Path) -> Result<ClusterSecret> {
     let mut bytes = std::fs::read(path)
         .with_context(|| format!("reading the cluster secret {}", path.display()))?;
@@ -163,7 +152,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn run_gateway(a: GatewayArgs) -> Result<()> {
-    let mut cfg = read_config(&a.common.config)?;
+    let mut cfg = crate::serve::read_config(a.common.config.as_deref())?;
     if let Some(h) = &a.host {
         cfg.gateway.host = h.clone();
     }
@@ -235,15 +224,8 @@ pub fn run_gateway(a: GatewayArgs) -> Result<()> {
 }
 
 pub fn run_worker(role: Role, a: WorkerArgs) -> Result<()> {
-    let mut cfg = read_config(&a.common.config)?;
-    if let Some(n) = a.kv_pages {
-        cfg.prefill.kv_pages = n;
-        cfg.decode.kv_pages = n;
-    }
-    if let Some(n) = a.max_running {
-        cfg.decode.max_running = n;
-        cfg.decode.token_budget = cfg.decode.token_budget.max(n);
-    }
+    let mut cfg = crate::serve::read_config(a.common.config.as_deref())?;
+    crate::serve::apply_pool_flags(&mut cfg, a.max_running, a.kv_pages);
     cfg.validate().context("invalid cluster configuration")?;
     if a.workers == 0 || a.workers > remote::hub::WORKERS_PER_PROCESS_MAX {
         bail!(

@@ -62,15 +62,37 @@ pub struct Args {
     fault_prefill_panic_after_steps: Option<u64>,
 }
 
-fn config(a: &Args) -> Result<ClusterConfig> {
-    let mut c = match &a.config {
+/// The cluster config from `--config`, or the defaults.
+pub(crate) fn read_config(path: Option<&std::path::Path>) -> Result<ClusterConfig> {
+    match path {
         Some(p) => {
             let text =
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            ClusterConfig::from_toml(&text).with_context(|| format!("in {}", p.display()))?
+            ClusterConfig::from_toml(&text).with_context(|| format!("in {}", p.display()))
         }
-        None => ClusterConfig::default(),
-    };
+        None => Ok(ClusterConfig::default()),
+    }
+}
+
+/// `--max-running` and `--kv-pages`, shared by `duet serve` and the worker processes.
+pub(crate) fn apply_pool_flags(
+    c: &mut ClusterConfig,
+    max_running: Option<usize>,
+    kv_pages: Option<u32>,
+) {
+    if let Some(n) = max_running {
+        c.decode.max_running = n;
+        // A step must be able to hold one decode token per running sequence.
+        c.decode.token_budget = c.decode.token_budget.max(n);
+    }
+    if let Some(n) = kv_pages {
+        c.prefill.kv_pages = n;
+        c.decode.kv_pages = n;
+    }
+}
+
+fn config(a: &Args) -> Result<ClusterConfig> {
+    let mut c = read_config(a.config.as_deref())?;
     if let Some(h) = &a.host {
         c.gateway.host = h.clone();
     }
@@ -83,15 +105,7 @@ fn config(a: &Args) -> Result<ClusterConfig> {
     if let Some(n) = a.decode_groups {
         c.decode.groups = n;
     }
-    if let Some(n) = a.max_running {
-        c.decode.max_running = n;
-        // A step must be able to hold one decode token per running sequence.
-        c.decode.token_budget = c.decode.token_budget.max(n);
-    }
-    if let Some(n) = a.kv_pages {
-        c.prefill.kv_pages = n;
-        c.decode.kv_pages = n;
-    }
+    apply_pool_flags(&mut c, a.max_running, a.kv_pages);
     if let Some(n) = a.queue_max {
         c.limits.queue_max = n;
     }

@@ -425,17 +425,19 @@ impl Hub {
             .get_mut(&peer)
             .and_then(|p| p.workers.remove(&w));
         if let Some(r) = removed {
-            let cell = match r {
-                WorkerRef::Prefill(a) => a.get_cell(),
-                WorkerRef::Decode(a) => a.get_cell(),
-            };
-            self.proxies.remove(&cell.get_id());
-            cell.stop(None);
+            self.stop_proxy(r);
         }
     }
 
-    /// A process left (or died): unroute its workers, re-run what it held, free the decode
-    /// reservations made for its prefill work.
+    fn stop_proxy(&self, r: WorkerRef) {
+        let cell = match r {
+            WorkerRef::Prefill(a) => a.get_cell(),
+            WorkerRef::Decode(a) => a.get_cell(),
+        };
+        self.proxies.remove(&cell.get_id());
+        cell.stop(None);
+    }
+
     /// Whether `peer` is still connected. A relay sets a sequence's holder first and checks this
     /// after, while `leave` unregisters the peer first and scans holders after: whichever runs
     /// second sees the other's write, so no sequence can be left with a departed holder.
@@ -446,6 +448,8 @@ impl Hub {
             .contains_key(&peer)
     }
 
+    /// A process left (or died): unroute its workers, re-run what it held, free the decode
+    /// reservations made for its prefill work.
     async fn leave(&self, peer: PeerId, why: &str) {
         let Some(p) = self
             .peers
@@ -457,12 +461,7 @@ impl Hub {
         };
         for (w, r) in p.workers {
             let _ = self.registry.cast(RegistryMsg::Gone { id: WorkerId(w) });
-            let cell = match r {
-                WorkerRef::Prefill(a) => a.get_cell(),
-                WorkerRef::Decode(a) => a.get_cell(),
-            };
-            self.proxies.remove(&cell.get_id());
-            cell.stop(None);
+            self.stop_proxy(r);
         }
         for w in &p.ids {
             self.owner.remove_if(w, |_, o| *o == peer);
