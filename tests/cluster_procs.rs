@@ -28,6 +28,8 @@ struct Cluster {
     secret: PathBuf,
     prefill: Vec<Proc>,
     decode: Vec<Proc>,
+    /// The gateway's "joined ..." lines so far.
+    joined: Vec<String>,
 }
 
 const JOIN_DEADLINE: Duration = Duration::from_secs(60);
@@ -49,16 +51,8 @@ impl Cluster {
         let line = gw
             .wait_line(JOIN_DEADLINE, |l| l.starts_with("duet gateway serving"))
             .unwrap_or_else(|| panic!("gateway did not start: {}", gw.log()));
-        // "duet gateway serving NAME at http://H:P ; workers join at H:P"
-        let http = line
-            .split(" at ")
-            .nth(1)
-            .unwrap()
-            .split(' ')
-            .next()
-            .unwrap();
-        let join = line.rsplit(' ').next().unwrap();
-        (gw, http.to_string(), join.to_string())
+        let (http, join) = common::gateway_addrs(&line);
+        (gw, http, join)
     }
 
     fn worker(&self, role: &str, extra: &[&str]) -> Proc {
@@ -74,16 +68,40 @@ impl Cluster {
     }
 
     /// Waits until the gateway printed `n` more joins.
-    fn await_joins(&self, n: usize) {
+    fn await_joins(&mut self, n: usize) {
         for i in 0..n {
-            assert!(
-                self.gateway
-                    .wait_line(JOIN_DEADLINE, |l| l.starts_with("joined "))
-                    .is_some(),
-                "only {i} of {n} workers joined: {}",
-                self.gateway.log()
-            );
+            let line = self
+                .gateway
+                .wait_line(JOIN_DEADLINE, |l| l.starts_with("joined "))
+                .unwrap_or_else(|| {
+                    panic!("only {i} of {n} workers joined: {}", self.gateway.log())
+                });
+            self.joined.push(line);
         }
+    }
+
+    /// Index in `decode` of the decode process whose worker holds the most KV pages now (a
+    /// process that holds sequences, so killing it really loses work).
+    async fn busiest_decode(&self) -> usize {
+        let (_, metrics) = get(&self.url("/metrics")).await;
+        let (worker, pages) = common::busiest_decode_worker(&metrics);
+        assert!(pages > 0.0, "no decode worker holds KV: {metrics}");
+        // "joined decode decode-PID workers [ID] from ADDR"
+        let line = self
+            .joined
+            .iter()
+            .find(|l| l.contains(&format!("[{worker}]")))
+            .unwrap();
+        let pid: u32 = line
+            .split("decode-")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap();
+        self.decode
+            .iter()
+            .position(|p| p.child.id() == pid)
+            .unwrap()
     }
 
     /// A gateway with no workers yet.
@@ -97,6 +115,7 @@ impl Cluster {
             secret,
             prefill: Vec::new(),
             decode: Vec::new(),
+            joined: Vec::new(),
         }
     }
 
@@ -274,7 +293,7 @@ async fn a_request_that_cannot_fit_gets_a_clean_error_across_processes() {
     let _serial = SERIAL.lock().await;
     // A decode process with 4 pages (256 tokens) cannot hold a 400-token prompt: the refusal
     // crosses the control plane as an error, not a hang.
-    let c = Cluster::gateway_only();
+    let mut c = Cluster::gateway_only();
     let _p = c.worker("prefill", &["--engine", "echo"]);
     let _d = c.worker("decode", &["--engine", "echo", "--kv-pages", "4"]);
     c.await_joins(2);
@@ -305,7 +324,7 @@ async fn a_corrupt_kv_transfer_is_detected_and_re_run() {
     // The prefill process flips a byte in its first KV frame after checksumming it (a bad link).
     // The decode process's per-page CRC-32 catches it, the sequence is never decoded from that
     // KV, and the re-run gives exactly the undisturbed answer.
-    let c = Cluster::gateway_only();
+    let mut c = Cluster::gateway_only();
     let _p = c.worker(
         "prefill",
         &["--dtype", "f32", "--fault-corrupt-kv-frames", "1"],
@@ -324,60 +343,6 @@ async fn a_corrupt_kv_transfer_is_detected_and_re_run() {
     );
 }
 
-/// Streams `n` requests at once and calls `mid` once every stream has received `after` events.
-async fn streams_with_a_kill(
-    c: &Cluster,
-    prompts: &[String],
-    max_tokens: usize,
-    after: usize,
-    mid: impl FnOnce(),
-) -> Vec<Vec<Value>> {
-    let seen = Arc::new(AtomicUsize::new(0));
-    let total = prompts.len() * after;
-    let tasks: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            let url = c.url("/v1/completions");
-            let body = json!({"prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": true});
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                use futures::StreamExt;
-                let r = common::client().post(&url).json(&body).send().await.unwrap();
-                assert_eq!(r.status().as_u16(), 200);
-                let mut parser = duet_actors::openai::sse::SseParser::new();
-                let mut out = Vec::new();
-                let mut bytes = r.bytes_stream();
-                let mut done = false;
-                while let Some(chunk) = bytes.next().await {
-                    for ev in parser.push(&chunk.unwrap()).unwrap() {
-                        if duet_actors::openai::sse::is_done(&ev) {
-                            done = true;
-                        } else {
-                            out.push(serde_json::from_str::<Value>(&ev.data).unwrap());
-                            if out.len() <= after {
-                                seen.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    }
-                }
-                assert!(done, "stream ended without [DONE]");
-                out
-            })
-        })
-        .collect();
-    let end = Instant::now() + Duration::from_secs(120);
-    while seen.load(Ordering::Relaxed) < total {
-        assert!(Instant::now() < end, "streams never got going");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    mid();
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.unwrap());
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decode_process_killed_mid_stream_loses_no_token() {
     let _serial = SERIAL.lock().await;
@@ -394,13 +359,29 @@ async fn decode_killed_mid_stream(worker_args: &[&str]) {
         .map(|i| format!("Stream {i} goes on and on"))
         .collect();
     let max_tokens = 160;
-    let mut victim = c.decode.remove(0);
-    let results = streams_with_a_kill(&c, &prompts, max_tokens, 4, || victim.kill9()).await;
+    let bodies = prompts
+        .iter()
+        .map(|p| json!({"prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": true}))
+        .collect();
+    let streams = common::start_streams(&c.url("/v1/completions"), bodies, 4).await;
+    let victim = c.busiest_decode().await;
+    c.decode.remove(victim).kill9();
+    let mut results = Vec::new();
+    for s in streams {
+        results.push(s.await.unwrap());
+    }
     let left = c
         .gateway
         .wait_line(Duration::from_secs(10), |l| l.starts_with("left "))
         .expect("the gateway noticed the dead decode process");
     assert!(left.contains("decode-"), "{left}");
+    assert!(
+        c.gateway
+            .log()
+            .contains("sequences lost with a worker process"),
+        "the killed process held sequences that were re-run: {}",
+        c.gateway.log()
+    );
     for (p, events) in prompts.iter().zip(&results) {
         let finish: Vec<&Value> = events
             .iter()

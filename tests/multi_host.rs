@@ -8,8 +8,6 @@
 mod common;
 
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::Proc;
@@ -110,20 +108,46 @@ impl Net {
         host: &str,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> std::thread::JoinHandle<T> {
-        let path = format!("/var/run/netns/{}", self.ns(host));
+        let path = self.ns_path(host);
         std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap();
-            use std::os::fd::AsRawFd;
-            // SAFETY: a valid namespace fd; setns only changes this new thread's network namespace.
-            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            enter_ns(&path);
             f()
         })
     }
 
-    fn run_in<T: Send + 'static>(&self, host: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-        self.spawn_in(host, f).join().unwrap()
+    /// Runs `f` inside `host`'s namespace and waits for it; `f` may borrow.
+    fn run_in<T: Send>(&self, host: &str, f: impl FnOnce() -> T + Send) -> T {
+        let path = self.ns_path(host);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                enter_ns(&path);
+                f()
+            })
+            .join()
+            .unwrap()
+        })
     }
+
+    fn ns_path(&self, host: &str) -> String {
+        format!("/var/run/netns/{}", self.ns(host))
+    }
+
+    /// The host whose control address appears in `line`.
+    fn host_in(&self, line: &str, hosts: &[&'static str]) -> &'static str {
+        hosts
+            .iter()
+            .find(|h| line.contains(&format!("from {}:", self.addr(h, 1))))
+            .unwrap_or_else(|| panic!("no host of {hosts:?} in {line}"))
+    }
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+fn enter_ns(path: &str) {
+    let file = std::fs::File::open(path).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid namespace fd; setns only changes this thread's network namespace.
+    let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
 impl Drop for Net {
@@ -180,15 +204,8 @@ fn roles_on_separate_hosts_survive_cut_links() {
     let line = gw
         .wait_line(DEADLINE, |l| l.starts_with("duet gateway serving"))
         .unwrap_or_else(|| panic!("gateway: {}", gw.log()));
-    let http = line
-        .split(" at ")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_string();
-    let port = line.rsplit(':').next().unwrap();
+    let (http, cluster) = common::gateway_addrs(&line);
+    let port = cluster.rsplit(':').next().unwrap();
     let join = format!("{}:{port}", net.addr("gw", 1));
     let worker = |host: &str, role: &str| {
         let kv = format!("{}:0", net.addr(host, 2));
@@ -208,8 +225,10 @@ fn roles_on_separate_hosts_survive_cut_links() {
         )
     };
     let _pf = worker("pf", "prefill");
-    let d1 = worker("d1", "decode");
-    let _d2 = worker("d2", "decode");
+    let mut decode: std::collections::BTreeMap<&str, Proc> = ["d1", "d2"]
+        .into_iter()
+        .map(|h| (h, worker(h, "decode")))
+        .collect();
     let mut joined = Vec::new();
     for _ in 0..3 {
         joined.push(
@@ -254,104 +273,72 @@ fn roles_on_separate_hosts_survive_cut_links() {
         net.run_in("gw", move || f("reference"))
     };
 
-    // 1. Cut decode host d1's control link while every stream is under way: the gateway hears
-    // nothing from it, declares it dead, and re-runs its sequences on d2; the streams go on.
-    let seen = Arc::new(AtomicUsize::new(0));
-    let streams = {
-        let prompts = prompts.clone();
-        let http = http.clone();
-        let seen = seen.clone();
-        net.spawn_in("gw", {
-            move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    let tasks: Vec<_> = prompts
-                        .iter()
-                        .map(|p| {
-                            let url = format!("{http}/v1/completions");
-                            let body = json!({"prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": true});
-                            let seen = seen.clone();
-                            tokio::spawn(async move {
-                                use futures::StreamExt;
-                                let r = common::client().post(&url).json(&body).send().await.unwrap();
-                                let mut parser = duet_actors::openai::sse::SseParser::new();
-                                let mut events = Vec::new();
-                                let mut bytes = r.bytes_stream();
-                                while let Some(chunk) = bytes.next().await {
-                                    for ev in parser.push(&chunk.unwrap()).unwrap() {
-                                        if !duet_actors::openai::sse::is_done(&ev) {
-                                            events.push(serde_json::from_str::<Value>(&ev.data).unwrap());
-                                            if events.len() <= 4 {
-                                                seen.fetch_add(1, Ordering::Relaxed);
-                                            }
-                                        }
-                                    }
-                                }
-                                text_of(&events)
-                            })
-                        })
-                        .collect();
-                    let mut out = Vec::new();
-                    for t in tasks {
-                        out.push(t.await.unwrap());
-                    }
-                    out
-                })
+    // 1. Cut the control link of the decode host holding the most KV while every stream is under
+    // way: the gateway hears nothing from it, declares it dead, and re-runs its sequences on the
+    // other decode host; the streams go on.
+    let (texts, victim) = net.run_in("gw", || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let bodies = prompts
+                .iter()
+                .map(|p| json!({"prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": true}))
+                .collect();
+            let streams =
+                common::start_streams(&format!("{http}/v1/completions"), bodies, 4).await;
+            let (_, metrics) = common::get(&format!("{http}/metrics")).await;
+            let (worker, pages) = common::busiest_decode_worker(&metrics);
+            assert!(pages > 0.0, "no decode host holds KV: {metrics}");
+            let line = joined
+                .iter()
+                .find(|l| l.contains(&format!("[{worker}]")))
+                .unwrap();
+            let victim = net.host_in(line, &["d1", "d2"]);
+            net.link(victim, 1, false);
+            let mut texts = Vec::new();
+            for s in streams {
+                texts.push(text_of(&s.await.unwrap()));
             }
+            (texts, victim)
         })
-    };
-    let end = Instant::now() + DEADLINE;
-    while seen.load(Ordering::Relaxed) < prompts.len() * 4 {
-        assert!(
-            Instant::now() < end,
-            "streams never got going: {}",
-            gw.log()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    net.link("d1", 1, false);
-    let texts = streams.join().unwrap();
+    });
+    let other = if victim == "d1" { "d2" } else { "d1" };
     assert_eq!(texts, reference, "streams continued across the cut");
     let left = gw
         .wait_line(DEADLINE, |l| l.starts_with("left "))
         .expect("the gateway noticed the cut host");
+    assert_eq!(net.host_in(&left, &["d1", "d2"]), victim, "{left}");
     assert!(
-        left.contains(&format!("from {}:", net.addr("d1", 1))),
-        "{left}"
+        gw.log().contains("sequences lost with a worker process"),
+        "the cut host held sequences that were re-run: {}",
+        gw.log()
     );
 
-    // The link comes back: d1 rejoins by itself, without a restart.
-    net.link("d1", 1, true);
+    // The link comes back: the host rejoins by itself, without a restart.
+    net.link(victim, 1, true);
     let back = gw
         .wait_line(DEADLINE, |l| l.starts_with("joined decode"))
-        .unwrap_or_else(|| panic!("d1 did not rejoin: {}", gw.log()));
+        .unwrap_or_else(|| panic!("{victim} did not rejoin: {}", gw.log()));
+    assert_eq!(net.host_in(&back, &["d1", "d2"]), victim, "{back}");
     assert!(
-        back.contains(&format!("from {}:", net.addr("d1", 1))),
-        "{back}"
-    );
-    assert!(
-        d1.wait_line(DEADLINE, |l| l.starts_with("joined the gateway"))
+        decode[victim]
+            .wait_line(DEADLINE, |l| l.starts_with("joined the gateway"))
             .is_some()
     );
 
-    // 2. Cut d1's data link only, with d2 gone: control still flows, so the gateway keeps
+    // 2. Cut the same host's data link only, with the other decode host gone: control still flows, so the gateway keeps
     // routing to d1, but the KV cannot arrive. The transfer misses its deadline, the sequence is
     // re-run (never decoded from missing KV), and once the link is back the answer is the
     // undisturbed one.
-    let mut d2 = _d2;
-    d2.kill9();
+    decode.get_mut(other).unwrap().kill9();
     let left = gw
         .wait_line(DEADLINE, |l| l.starts_with("left "))
-        .expect("the gateway noticed the dead d2");
-    assert!(
-        left.contains(&format!("from {}:", net.addr("d2", 1))),
-        "{left}"
-    );
-    net.link("d1", 2, false);
+        .expect("the gateway noticed the dead decode host");
+    assert_eq!(net.host_in(&left, &["d1", "d2"]), other, "{left}");
+    net.link(victim, 2, false);
     let one = {
         let http = http.clone();
         let p = prompts[0].clone();
@@ -376,7 +363,7 @@ fn roles_on_separate_hosts_survive_cut_links() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(gw.log().contains("re-running"), "{}", gw.log());
-    net.link("d1", 2, true);
+    net.link(victim, 2, true);
     let (status, v) = one.join().unwrap();
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["choices"][0]["text"].as_str().unwrap(), reference[0]);

@@ -80,15 +80,19 @@ impl Server {
 
     /// Waits for the process to exit, up to `deadline`.
     pub fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
-        let end = Instant::now() + deadline;
-        while Instant::now() < end {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        wait_exit(&mut self.child, deadline)
     }
+}
+
+fn wait_exit(child: &mut Child, deadline: Duration) -> Option<std::process::ExitStatus> {
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
 
 static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -177,14 +181,7 @@ impl Proc {
     }
 
     pub fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
-        let end = Instant::now() + deadline;
-        while Instant::now() < end {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        wait_exit(&mut self.child, deadline)
     }
 }
 
@@ -237,6 +234,17 @@ pub async fn get(url: &str) -> (u16, String) {
 
 /// Posts a streaming request and collects every JSON event; asserts the stream ends with [DONE].
 pub async fn stream(url: &str, body: &Value) -> Vec<Value> {
+    stream_counting(url, body, 0, &std::sync::atomic::AtomicUsize::new(0)).await
+}
+
+/// [`stream`], adding one to `seen` for each of the first `first` events (so a test can act once
+/// every stream is under way).
+pub async fn stream_counting(
+    url: &str,
+    body: &Value,
+    first: usize,
+    seen: &std::sync::atomic::AtomicUsize,
+) -> Vec<Value> {
     use futures::StreamExt;
     let r = client().post(url).json(body).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
@@ -251,11 +259,66 @@ pub async fn stream(url: &str, body: &Value) -> Vec<Value> {
                 done = true;
             } else {
                 out.push(serde_json::from_str(&ev.data).unwrap());
+                if out.len() <= first {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
     }
     assert!(done, "stream ended without [DONE]");
     out
+}
+
+/// Streams every body at once and returns once each stream has `first` events.
+pub async fn start_streams(
+    url: &str,
+    bodies: Vec<Value>,
+    first: usize,
+) -> Vec<tokio::task::JoinHandle<Vec<Value>>> {
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let total = bodies.len() * first;
+    let tasks = bodies
+        .into_iter()
+        .map(|body| {
+            let url = url.to_string();
+            let seen = seen.clone();
+            tokio::spawn(async move { stream_counting(&url, &body, first, &seen).await })
+        })
+        .collect();
+    let end = Instant::now() + Duration::from_secs(120);
+    while seen.load(std::sync::atomic::Ordering::Relaxed) < total {
+        assert!(Instant::now() < end, "streams never got going");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tasks
+}
+
+/// `(http base URL, cluster address)` from `duet gateway`'s start line
+/// ("duet gateway serving NAME at http://H:P ; workers join at H:P").
+pub fn gateway_addrs(line: &str) -> (String, String) {
+    let http = line
+        .split(" at ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    let join = line.rsplit(' ').next().unwrap();
+    (http.to_string(), join.to_string())
+}
+
+/// The decode worker with the most KV pages in use, from the gateway's /metrics text.
+pub fn busiest_decode_worker(metrics: &str) -> (String, f64) {
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let (id, rest) = l
+                .strip_prefix("duet_kv_pages_used{worker=\"decode-")?
+                .split_once("\"}")?;
+            Some((id.to_string(), rest.trim().parse::<f64>().ok()?))
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .expect("decode workers in /metrics")
 }
 
 /// Value of a Prometheus sample line `name{labels} value` (first match).
