@@ -22,7 +22,8 @@
 //! measured, see [`BalancePolicy`].
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::BuildHasherDefault;
 
 use crate::PAGE_TOKENS;
 use crate::types::WorkerId;
@@ -73,14 +74,14 @@ impl Default for PrefillRouterConfig {
 #[derive(Debug)]
 pub struct PrefillRouter {
     cfg: PrefillRouterConfig,
-    trees: BTreeMap<WorkerId, PageTrie>,
+    index: PageIndex,
 }
 
 impl PrefillRouter {
     pub fn new(cfg: PrefillRouterConfig) -> Self {
         PrefillRouter {
             cfg,
-            trees: BTreeMap::new(),
+            index: PageIndex::default(),
         }
     }
 
@@ -92,21 +93,35 @@ impl PrefillRouter {
         workers: &[PrefillLoad],
         now_us: u64,
     ) -> Option<(WorkerId, usize)> {
+        let hashes = page_chain_hashes(tokens);
+        let depths = self.index.match_depths(&hashes);
         let matched = |w: &PrefillLoad| {
-            self.trees
-                .get(&w.worker)
-                .map_or(0, |t| t.match_pages(tokens) * PAGE_TOKENS)
+            depths
+                .binary_search_by_key(&w.worker, |&(id, _)| id)
+                .map_or(0, |i| depths[i].1 * PAGE_TOKENS)
         };
-        let live: Vec<(&PrefillLoad, usize)> = workers
-            .iter()
-            .filter(|w| w.alive)
-            .map(|w| (w, matched(w)))
-            .collect();
-        let least_queued = live.iter().map(|(w, _)| w.queued_tokens).min()?;
-        let (best, best_match) = *live
-            .iter()
-            .max_by_key(|(w, m)| (*m, Reverse(w.queued_tokens), Reverse(w.worker)))
-            .expect("live is not empty");
+        let mut least_queued = None::<u64>;
+        let mut best: Option<(&PrefillLoad, usize)> = None;
+        let mut least: Option<(&PrefillLoad, usize)> = None;
+        for w in workers.iter().filter(|w| w.alive) {
+            let m = matched(w);
+            least_queued = Some(least_queued.map_or(w.queued_tokens, |q| q.min(w.queued_tokens)));
+            let better = |(b, bm): (&PrefillLoad, usize)| {
+                (m, Reverse(w.queued_tokens), Reverse(w.worker))
+                    > (bm, Reverse(b.queued_tokens), Reverse(b.worker))
+            };
+            if best.is_none_or(better) {
+                best = Some((w, m));
+            }
+            let lighter = |(l, _): (&PrefillLoad, usize)| {
+                (w.queued_tokens, w.running, w.worker) < (l.queued_tokens, l.running, l.worker)
+            };
+            if least.is_none_or(lighter) {
+                least = Some((w, m));
+            }
+        }
+        let least_queued = least_queued?;
+        let ((best, best_match), (least, least_match)) = (best?, least?);
         let queued_max =
             self.cfg.balance_abs_tokens as f64 + self.cfg.balance_rel * least_queued as f64;
         let affinity = best_match > 0
@@ -115,156 +130,271 @@ impl PrefillRouter {
         let (chosen, chosen_match) = if affinity {
             (best.worker, best_match)
         } else {
-            let (w, m) = live
-                .iter()
-                .min_by_key(|(w, _)| (w.queued_tokens, w.running, w.worker))
-                .expect("live is not empty");
-            (w.worker, *m)
+            (least.worker, least_match)
         };
-        let tree = self.trees.entry(chosen).or_default();
-        tree.insert(tokens, now_us);
-        tree.trim(self.cfg.tree_pages_max);
+        self.index.insert(chosen, &hashes, now_us);
+        self.index.trim(chosen, self.cfg.tree_pages_max);
         Some((chosen, chosen_match))
     }
 
     /// Drops a worker's tree (it left, or restarted with an empty cache).
     pub fn forget_worker(&mut self, w: WorkerId) {
-        self.trees.remove(&w);
+        self.index.forget(w);
     }
 
     /// Pages in `w`'s tree.
     pub fn tree_pages(&self, w: WorkerId) -> usize {
-        self.trees.get(&w).map_or(0, |t| t.len)
+        self.index.workers.get(&w).map_or(0, |t| t.pages)
     }
 }
 
-/// A page-granular radix tree of token prefixes with LRU trimming of leaves: the gateway's model of a
-/// worker's prefix cache.
-#[derive(Debug)]
-struct PageTrie {
-    /// Slab; index 0 is the root.
-    nodes: Vec<Option<TrieNode>>,
+/// One 64-bit hash per full page of `tokens`, each covering the whole prefix up to that page's end
+/// (a hash chain), so that one hash-map probe per page walks a radix tree of prefixes. Two different
+/// prefixes share a hash with probability ~2⁻⁶⁴ per pair; the router is approximate anyway (a
+/// collision can only misjudge one prompt's cache affinity, never correctness).
+pub fn page_chain_hashes(tokens: &[u32]) -> Vec<u64> {
+    let mut h = 0x243F_6A88_85A3_08D3_u64;
+    tokens
+        .chunks_exact(PAGE_TOKENS)
+        .map(|page| {
+            for pair in page.chunks_exact(2) {
+                let v = u64::from(pair[0]) | (u64::from(pair[1]) << 32);
+                h = (h ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+            }
+            h = splitmix_finalize(h);
+            h
+        })
+        .collect()
+}
+
+fn splitmix_finalize(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Keys are already well-mixed 64-bit hashes: hashing them again would only cost time.
+#[derive(Debug, Default, Clone, Copy)]
+struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type PassThroughMap<V> = HashMap<u64, V, BuildHasherDefault<PassThrough>>;
+
+/// The gateway's model of every worker's prefix cache in one structure (Dynamo's KV indexer keeps
+/// the same shape): a radix tree of page-aligned prefixes keyed by chain hash, each node listing the
+/// workers whose tree holds it. One walk matches a prompt against all workers at once — the cost is
+/// O(pages + holders on the path), not O(workers × pages) — and a page shared by many workers is
+/// stored once. A worker on a node is on its parent too (inserts add whole paths, trimming removes
+/// a worker's leaves only), so holders shrink down the path.
+#[derive(Debug, Default)]
+struct PageIndex {
+    by_hash: PassThroughMap<u32>,
+    /// Slab of nodes; freed slots are reused.
+    nodes: Vec<IndexNode>,
     free_nodes: Vec<u32>,
-    /// Leaves by (last access, id): the trim order.
-    leaves: BTreeSet<(u64, u32)>,
-    /// Nodes, root excluded: one page each.
-    len: usize,
+    workers: BTreeMap<WorkerId, WorkerTree>,
 }
 
-#[derive(Debug)]
-struct TrieNode {
+#[derive(Debug, Default)]
+struct IndexNode {
+    hash: u64,
+    /// `NO_NODE` for a first page.
     parent: u32,
-    key: Box<[u32]>,
-    children: BTreeMap<Box<[u32]>, u32>,
+    /// Sorted by worker id.
+    holders: Vec<Holder>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Holder {
+    worker: WorkerId,
     last_access_us: u64,
+    /// Child nodes that this worker also holds; zero makes the node one of the worker's leaves.
+    children: u32,
 }
 
-const TRIE_ROOT: u32 = 0;
+#[derive(Debug, Default)]
+struct WorkerTree {
+    pages: usize,
+    /// The worker's leaves by (last access, node): the trim order.
+    leaves: BTreeSet<(u64, u32)>,
+}
 
-impl Default for PageTrie {
-    fn default() -> Self {
-        let root = TrieNode {
-            parent: TRIE_ROOT,
-            key: Box::new([]),
-            children: BTreeMap::new(),
-            last_access_us: 0,
-        };
-        PageTrie {
-            nodes: vec![Some(root)],
-            free_nodes: Vec::new(),
-            leaves: BTreeSet::new(),
-            len: 0,
-        }
+const NO_NODE: u32 = u32::MAX;
+
+impl IndexNode {
+    fn holder(&self, w: WorkerId) -> Option<usize> {
+        self.holders.binary_search_by_key(&w, |h| h.worker).ok()
     }
 }
 
-impl PageTrie {
-    fn node(&self, id: u32) -> &TrieNode {
-        self.nodes[id as usize].as_ref().expect("live node")
-    }
-
-    fn node_mut(&mut self, id: u32) -> &mut TrieNode {
-        self.nodes[id as usize].as_mut().expect("live node")
-    }
-
-    /// Full pages of `tokens` present as a path from the root.
-    fn match_pages(&self, tokens: &[u32]) -> usize {
-        let mut at = TRIE_ROOT;
-        let mut n = 0;
-        for key in tokens.chunks_exact(PAGE_TOKENS) {
-            match self.node(at).children.get(key) {
-                Some(&c) => {
-                    at = c;
-                    n += 1;
-                }
-                None => break,
-            }
-        }
-        n
-    }
-
-    /// Adds every full page of `tokens`, refreshing the path's access time.
-    fn insert(&mut self, tokens: &[u32], now_us: u64) {
-        let mut at = TRIE_ROOT;
-        for key in tokens.chunks_exact(PAGE_TOKENS) {
-            let next = match self.node(at).children.get(key) {
-                Some(&c) => c,
-                None => self.add_child(at, key),
+impl PageIndex {
+    /// For every worker holding the prompt's first page: how many leading pages its tree holds.
+    /// Sorted by worker id.
+    fn match_depths(&self, hashes: &[u64]) -> Vec<(WorkerId, usize)> {
+        let mut depths: Vec<(WorkerId, usize)> = Vec::new();
+        for (i, h) in hashes.iter().enumerate() {
+            let Some(&id) = self.by_hash.get(h) else {
+                break;
             };
-            let n = self.node(next);
-            let old = n.last_access_us;
-            let new = old.max(now_us);
-            if n.children.is_empty() {
-                self.leaves.remove(&(old, next));
-                self.leaves.insert((new, next));
+            let node = &self.nodes[id as usize];
+            if i == 0 {
+                depths.extend(node.holders.iter().map(|h| (h.worker, 1)));
+                continue;
             }
-            self.node_mut(next).last_access_us = new;
-            at = next;
+            // Holders here are a subset of the previous level's, so each is already in `depths`.
+            for h in &node.holders {
+                if let Ok(j) = depths.binary_search_by_key(&h.worker, |&(w, _)| w) {
+                    depths[j].1 = i + 1;
+                }
+            }
+            if node.holders.is_empty() {
+                break;
+            }
+        }
+        depths
+    }
+
+    /// Adds the pages `hashes` to `w`'s tree, refreshing the path's access time.
+    fn insert(&mut self, w: WorkerId, hashes: &[u64], now_us: u64) {
+        let tree = self.workers.entry(w).or_default();
+        // The previous node on the path, and its leaf-set key if it was one of `w`'s leaves.
+        let mut prev: Option<(u32, Option<u64>)> = None;
+        for &h in hashes {
+            let id = match self.by_hash.get(&h) {
+                Some(&id) => id,
+                None => {
+                    let id = match self.free_nodes.pop() {
+                        Some(id) => id,
+                        None => {
+                            self.nodes.push(IndexNode::default());
+                            (self.nodes.len() - 1) as u32
+                        }
+                    };
+                    self.nodes[id as usize] = IndexNode {
+                        hash: h,
+                        parent: prev.map_or(NO_NODE, |(p, _)| p),
+                        holders: Vec::new(),
+                    };
+                    self.by_hash.insert(h, id);
+                    id
+                }
+            };
+            let node = &mut self.nodes[id as usize];
+            let (added, leaf_key) = match node.holder(w) {
+                Some(i) => {
+                    let holder = &mut node.holders[i];
+                    let old = holder.last_access_us;
+                    holder.last_access_us = old.max(now_us);
+                    (false, (holder.children == 0).then_some(old))
+                }
+                None => {
+                    let at = node.holders.partition_point(|x| x.worker < w);
+                    let holder = Holder {
+                        worker: w,
+                        last_access_us: now_us,
+                        children: 0,
+                    };
+                    node.holders.insert(at, holder);
+                    (true, None)
+                }
+            };
+            if added {
+                tree.pages += 1;
+                if let Some((p, p_leaf)) = prev {
+                    // The parent gains a child for `w`: it stops being one of `w`'s leaves.
+                    if let Some(old) = p_leaf {
+                        tree.leaves.remove(&(old, p));
+                    }
+                    let pn = &mut self.nodes[p as usize];
+                    if let Some(i) = pn.holder(w) {
+                        pn.holders[i].children += 1;
+                    }
+                }
+            }
+            prev = Some((id, leaf_key));
+        }
+        // Only the path's last node can be a leaf now: re-key it under its new access time.
+        let Some((end, leaf_key)) = prev else {
+            return;
+        };
+        if let Some(old) = leaf_key {
+            tree.leaves.remove(&(old, end));
+        }
+        let node = &self.nodes[end as usize];
+        if let Some(i) = node.holder(w) {
+            let h = node.holders[i];
+            if h.children == 0 {
+                tree.leaves.insert((h.last_access_us, end));
+            }
         }
     }
 
-    fn add_child(&mut self, at: u32, key: &[u32]) -> u32 {
-        let parent = self.node(at);
-        if at != TRIE_ROOT && parent.children.is_empty() {
-            let k = (parent.last_access_us, at);
-            self.leaves.remove(&k);
-        }
-        let node = TrieNode {
-            parent: at,
-            key: key.into(),
-            children: BTreeMap::new(),
-            last_access_us: 0,
+    /// Removes `w`'s least recently used leaves until its tree has at most `pages_max` pages.
+    fn trim(&mut self, w: WorkerId, pages_max: usize) {
+        let Some(tree) = self.workers.get_mut(&w) else {
+            return;
         };
-        let id = match self.free_nodes.pop() {
-            Some(id) => {
-                self.nodes[id as usize] = Some(node);
-                id
-            }
-            None => {
-                self.nodes.push(Some(node));
-                (self.nodes.len() - 1) as u32
-            }
-        };
-        self.node_mut(at).children.insert(key.into(), id);
-        self.leaves.insert((0, id));
-        self.len += 1;
-        id
-    }
-
-    /// Removes least recently used leaves until at most `pages_max` pages remain.
-    fn trim(&mut self, pages_max: usize) {
-        while self.len > pages_max {
-            let Some((_, id)) = self.leaves.pop_first() else {
+        while tree.pages > pages_max {
+            let Some((_, id)) = tree.leaves.pop_first() else {
                 return;
             };
-            let node = self.nodes[id as usize].take().expect("leaf is live");
-            self.free_nodes.push(id);
-            self.len -= 1;
-            let parent = self.node_mut(node.parent);
-            parent.children.remove(&node.key);
-            let key = (parent.last_access_us, node.parent);
-            if node.parent != TRIE_ROOT && parent.children.is_empty() {
-                self.leaves.insert(key);
+            tree.pages -= 1;
+            let node = &mut self.nodes[id as usize];
+            if let Some(i) = node.holder(w) {
+                node.holders.remove(i);
+            }
+            let parent = node.parent;
+            if node.holders.is_empty() {
+                let hash = node.hash;
+                self.by_hash.remove(&hash);
+                node.holders = Vec::new();
+                self.free_nodes.push(id);
+            }
+            // A parent that `w` does not hold can only come from a hash collision: nothing to do.
+            if let Some(p) = self.nodes.get_mut(parent as usize)
+                && let Some(i) = p.holder(w)
+            {
+                let ph = &mut p.holders[i];
+                ph.children = ph.children.saturating_sub(1);
+                if ph.children == 0 {
+                    tree.leaves.insert((ph.last_access_us, parent));
+                }
+            }
+        }
+    }
+
+    /// Drops every page of `w`'s tree. O(nodes): workers leave rarely.
+    fn forget(&mut self, w: WorkerId) {
+        if self.workers.remove(&w).is_none() {
+            return;
+        }
+        let free: BTreeSet<u32> = self.free_nodes.iter().copied().collect();
+        for id in 0..self.nodes.len() as u32 {
+            if free.contains(&id) {
+                continue;
+            }
+            let node = &mut self.nodes[id as usize];
+            if let Some(i) = node.holder(w) {
+                node.holders.remove(i);
+                if node.holders.is_empty() {
+                    let hash = node.hash;
+                    self.by_hash.remove(&hash);
+                    node.holders = Vec::new();
+                    self.free_nodes.push(id);
+                }
             }
         }
     }

@@ -211,3 +211,227 @@ proptest! {
         }
     }
 }
+
+/// The router as it was before the shared index: one token-keyed trie per worker, each matched
+/// separately. Kept as the oracle the indexed router must agree with, decision for decision.
+mod oracle {
+    use super::*;
+
+    #[derive(Default)]
+    pub struct Trie {
+        nodes: Vec<Option<Node>>,
+        free: Vec<u32>,
+        leaves: BTreeSet<(u64, u32)>,
+        pub len: usize,
+    }
+
+    struct Node {
+        parent: u32,
+        key: Vec<u32>,
+        children: BTreeMap<Vec<u32>, u32>,
+        last: u64,
+    }
+
+    impl Trie {
+        fn root(&mut self) {
+            if self.nodes.is_empty() {
+                self.nodes.push(Some(Node {
+                    parent: 0,
+                    key: vec![],
+                    children: BTreeMap::new(),
+                    last: 0,
+                }));
+            }
+        }
+        fn n(&self, id: u32) -> &Node {
+            self.nodes[id as usize].as_ref().unwrap()
+        }
+        fn nm(&mut self, id: u32) -> &mut Node {
+            self.nodes[id as usize].as_mut().unwrap()
+        }
+        pub fn matched(&mut self, tokens: &[u32]) -> usize {
+            self.root();
+            let (mut at, mut n) = (0, 0);
+            for key in tokens.chunks_exact(PAGE_TOKENS) {
+                match self.n(at).children.get(key) {
+                    Some(&c) => (at, n) = (c, n + 1),
+                    None => break,
+                }
+            }
+            n
+        }
+        pub fn insert(&mut self, tokens: &[u32], now: u64) {
+            self.root();
+            let mut at = 0;
+            for key in tokens.chunks_exact(PAGE_TOKENS) {
+                let next = match self.n(at).children.get(key) {
+                    Some(&c) => c,
+                    None => {
+                        if at != 0 && self.n(at).children.is_empty() {
+                            let k = (self.n(at).last, at);
+                            self.leaves.remove(&k);
+                        }
+                        let node = Node {
+                            parent: at,
+                            key: key.to_vec(),
+                            children: BTreeMap::new(),
+                            last: 0,
+                        };
+                        let id = match self.free.pop() {
+                            Some(id) => {
+                                self.nodes[id as usize] = Some(node);
+                                id
+                            }
+                            None => {
+                                self.nodes.push(Some(node));
+                                (self.nodes.len() - 1) as u32
+                            }
+                        };
+                        self.nm(at).children.insert(key.to_vec(), id);
+                        self.leaves.insert((0, id));
+                        self.len += 1;
+                        id
+                    }
+                };
+                let old = self.n(next).last;
+                let new = old.max(now);
+                if self.n(next).children.is_empty() {
+                    self.leaves.remove(&(old, next));
+                    self.leaves.insert((new, next));
+                }
+                self.nm(next).last = new;
+                at = next;
+            }
+        }
+        pub fn trim(&mut self, max: usize) {
+            while self.len > max {
+                let Some((_, id)) = self.leaves.pop_first() else {
+                    return;
+                };
+                let node = self.nodes[id as usize].take().unwrap();
+                self.free.push(id);
+                self.len -= 1;
+                let parent = self.nm(node.parent);
+                parent.children.remove(&node.key);
+                let key = (parent.last, node.parent);
+                if node.parent != 0 && parent.children.is_empty() {
+                    self.leaves.insert(key);
+                }
+            }
+        }
+    }
+
+    /// `PrefillRouter::route`'s decision rule over per-worker tries.
+    pub fn route(
+        cfg: &PrefillRouterConfig,
+        trees: &mut BTreeMap<WorkerId, Trie>,
+        tokens: &[u32],
+        workers: &[PrefillLoad],
+        now: u64,
+    ) -> Option<(WorkerId, usize)> {
+        let live: Vec<(&PrefillLoad, usize)> = workers
+            .iter()
+            .filter(|w| w.alive)
+            .map(|w| {
+                let m = trees
+                    .get_mut(&w.worker)
+                    .map_or(0, |t| t.matched(tokens) * PAGE_TOKENS);
+                (w, m)
+            })
+            .collect();
+        let least_queued = live.iter().map(|(w, _)| w.queued_tokens).min()?;
+        let &(best, best_match) = live
+            .iter()
+            .max_by_key(|(w, m)| (*m, Reverse(w.queued_tokens), Reverse(w.worker)))?;
+        let queued_max = cfg.balance_abs_tokens as f64 + cfg.balance_rel * least_queued as f64;
+        let affinity = best_match > 0
+            && best_match >= cfg.affinity_min_tokens
+            && best.queued_tokens as f64 <= queued_max;
+        let (chosen, m) = if affinity {
+            (best.worker, best_match)
+        } else {
+            let (w, m) = live
+                .iter()
+                .min_by_key(|(w, _)| (w.queued_tokens, w.running, w.worker))?;
+            (w.worker, *m)
+        };
+        let t = trees.entry(chosen).or_default();
+        t.insert(tokens, now);
+        t.trim(cfg.tree_pages_max);
+        Some((chosen, m))
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// A prompt built from a path of page patterns (a small alphabet, so prefixes are shared), a
+    /// tail length, and each worker's (queued, running, alive).
+    Route(Vec<u8>, usize, Vec<(u64, usize, bool)>),
+    Forget(u32),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (
+            prop::collection::vec(0u8..3, 0..7),
+            0usize..PAGE_TOKENS,
+            prop::collection::vec((0u64..3000, 0usize..4, prop::bool::weighted(0.9)), 0..5),
+        )
+            .prop_map(|(p, t, w)| Op::Route(p, t, w)),
+        1 => (0u32..5).prop_map(Op::Forget),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The shared chain-hash index makes exactly the decisions per-worker tries make — same worker,
+    /// same matched length, same tree sizes after LRU trimming — over random prompt trees, loads,
+    /// bounds and departures.
+    #[test]
+    fn indexed_router_decides_like_per_worker_tries(
+        ops in prop::collection::vec(op(), 1..80),
+        pages_max in 1usize..12,
+    ) {
+        let cfg = PrefillRouterConfig {
+            affinity_min_tokens: 2 * PAGE_TOKENS,
+            balance_abs_tokens: 1000,
+            balance_rel: 1.5,
+            tree_pages_max: pages_max,
+        };
+        let mut router = PrefillRouter::new(cfg);
+        let mut trees = BTreeMap::new();
+        for (now, op) in ops.into_iter().enumerate() {
+            // Strictly increasing time: equal LRU keys would be broken by node ids, which differ.
+            let now = now as u64 + 1;
+            match op {
+                Op::Route(path, tail, loads) => {
+                    // Page i of a path depends on the whole path so far (a tree of prompts).
+                    let mut tokens = Vec::new();
+                    let mut key = 0u32;
+                    for &p in &path {
+                        key = key * 7 + u32::from(p) + 1;
+                        tokens.extend((0..PAGE_TOKENS as u32).map(|j| key * 1000 + j));
+                    }
+                    tokens.extend((0..tail as u32).map(|j| 9_000_000 + j));
+                    let loads: Vec<PrefillLoad> = loads
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &(q, r, alive))| PrefillLoad { alive, ..pw(i as u32, q, r) })
+                        .collect();
+                    let got = router.route(&tokens, &loads, now);
+                    let want = oracle::route(&cfg, &mut trees, &tokens, &loads, now);
+                    prop_assert_eq!(got, want);
+                }
+                Op::Forget(w) => {
+                    router.forget_worker(WorkerId(w));
+                    trees.remove(&WorkerId(w));
+                }
+            }
+            for w in 0..5 {
+                let want = trees.get(&WorkerId(w)).map_or(0, |t| t.len);
+                prop_assert_eq!(router.tree_pages(WorkerId(w)), want, "worker {}", w);
+            }
+        }
+    }
+}
