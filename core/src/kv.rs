@@ -31,6 +31,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use rustc_hash::FxHashMap;
+
 pub use crate::PAGE_TOKENS;
 use crate::pages_for;
 use crate::types::SeqId;
@@ -155,7 +157,8 @@ pub struct KvManager {
     cached: usize,
     /// Pages with at least one reference.
     used: usize,
-    seqs: BTreeMap<SeqId, SeqPages>,
+    /// Looked up, never iterated in an order that matters.
+    seqs: FxHashMap<SeqId, SeqPages>,
     stats: PrefixStats,
 }
 
@@ -181,7 +184,7 @@ impl KvManager {
             evictable: 0,
             cached: 0,
             used: 0,
-            seqs: BTreeMap::new(),
+            seqs: FxHashMap::default(),
             stats: PrefixStats::default(),
         }
     }

@@ -25,6 +25,8 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasherDefault;
 
+use smallvec::SmallVec;
+
 use crate::PAGE_TOKENS;
 use crate::types::WorkerId;
 
@@ -214,7 +216,7 @@ struct IndexNode {
     /// `NO_NODE` for a first page.
     parent: u32,
     /// Sorted by worker id.
-    holders: Vec<Holder>,
+    holders: SmallVec<[Holder; 1]>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -286,7 +288,7 @@ impl PageIndex {
                     self.nodes[id as usize] = IndexNode {
                         hash: h,
                         parent: prev.map_or(NO_NODE, |(p, _)| p),
-                        holders: Vec::new(),
+                        holders: SmallVec::new(),
                     };
                     self.by_hash.insert(h, id);
                     id
@@ -360,7 +362,7 @@ impl PageIndex {
             if node.holders.is_empty() {
                 let hash = node.hash;
                 self.by_hash.remove(&hash);
-                node.holders = Vec::new();
+                node.holders = SmallVec::new();
                 self.free_nodes.push(id);
             }
             // A parent that `w` does not hold can only come from a hash collision: nothing to do.
@@ -392,7 +394,7 @@ impl PageIndex {
                 if node.holders.is_empty() {
                     let hash = node.hash;
                     self.by_hash.remove(&hash);
-                    node.holders = Vec::new();
+                    node.holders = SmallVec::new();
                     self.free_nodes.push(id);
                 }
             }

@@ -32,7 +32,9 @@
 //! The scheduler owns its worker's [`KvManager`]: every open sequence in it is one of the scheduler's
 //! (running, waiting with reserved pages, or reserved). [`Scheduler::check_invariants`] checks that.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+use rustc_hash::FxHashMap;
 
 use crate::kv::{Alloc, KvError, KvManager, PAGE_TOKENS};
 use crate::pages_for;
@@ -106,12 +108,13 @@ struct Seq {
 #[derive(Debug)]
 pub struct Scheduler {
     cfg: SchedConfig,
-    seqs: BTreeMap<SeqId, Seq>,
+    /// Looked up, never iterated in an order that matters (queues hold the order).
+    seqs: FxHashMap<SeqId, Seq>,
     waiting: VecDeque<SeqId>,
     /// Admission order: the last is the most recently admitted, the first to be preempted.
     running: Vec<SeqId>,
     /// Reserved and not yet submitted: prompt length whose KV is on its way.
-    reserved: BTreeMap<SeqId, usize>,
+    reserved: FxHashMap<SeqId, usize>,
     unservable: Vec<SeqId>,
 }
 
@@ -125,10 +128,10 @@ impl Scheduler {
         };
         Scheduler {
             cfg,
-            seqs: BTreeMap::new(),
+            seqs: FxHashMap::default(),
             waiting: VecDeque::new(),
             running: Vec::new(),
-            reserved: BTreeMap::new(),
+            reserved: FxHashMap::default(),
             unservable: Vec::new(),
         }
     }
@@ -543,7 +546,7 @@ impl Scheduler {
         );
         let all: BTreeSet<SeqId> = running.union(&waiting).copied().collect();
         assert!(
-            all.iter().eq(self.seqs.keys()),
+            all == self.seqs.keys().copied().collect::<BTreeSet<SeqId>>(),
             "sequences outside both queues"
         );
         let mut held = BTreeSet::new();

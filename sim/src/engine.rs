@@ -168,6 +168,11 @@ pub struct Simulation {
     group_router: PrefillRouter,
     group_balancer: DecodeBalancer,
     gateway: VecDeque<u32>,
+    /// Prefill ranks whose queued tokens are below the acceptance budget.
+    prefill_ranks_with_room: usize,
+    /// Reused load lists for the routers (one placement at a time).
+    scratch_prefill: Vec<PrefillLoad>,
+    scratch_decode: Vec<GroupLoad>,
     heap: BinaryHeap<Reverse<(u64, u64, Event)>>,
     event_seq: u64,
     next_arrival: usize,
@@ -331,6 +336,9 @@ impl Simulation {
             group_router: PrefillRouter::new(PrefillRouterConfig::default()),
             group_balancer: DecodeBalancer::new(BalancePolicy::default()),
             gateway: VecDeque::new(),
+            prefill_ranks_with_room: p_gpus,
+            scratch_prefill: Vec::new(),
+            scratch_decode: Vec::new(),
             heap: BinaryHeap::new(),
             event_seq: 0,
             next_arrival: 0,
@@ -487,8 +495,22 @@ impl Simulation {
     }
 
     fn prefill_has_room(&self) -> bool {
-        (0..self.prefill.len())
-            .any(|g| (0..self.prefill[g].ranks.len()).any(|k| self.prefill_rank_load(g, k).alive))
+        self.prefill_ranks_with_room > 0
+    }
+
+    /// Sets a prefill rank's queued tokens, keeping the count of ranks with room current (the gateway
+    /// asks before every placement; counting would scan every rank).
+    fn set_prefill_queued(&mut self, g: usize, k: usize, queued: u64) {
+        let budget = self.prefill_budget_tokens();
+        let rank = &mut self.prefill[g].ranks[k];
+        let had_room = rank.queued_tokens < budget;
+        rank.queued_tokens = queued;
+        let has_room = queued < budget;
+        match (had_room, has_room) {
+            (true, false) => self.prefill_ranks_with_room -= 1,
+            (false, true) => self.prefill_ranks_with_room += 1,
+            _ => {}
+        }
     }
 
     /// Routes a prompt to a prefill group and rank (core's PrefillRouter at both levels) and submits
@@ -496,36 +518,41 @@ impl Simulation {
     fn place_prefill(&mut self, r: u32) -> usize {
         let now = self.now_us;
         let tokens = self.reqs[r as usize].prompt_tokens(r as u64, self.cfg.seed);
-        let rank_loads: Vec<Vec<PrefillLoad>> = (0..self.prefill.len())
-            .map(|g| {
-                (0..self.prefill[g].ranks.len())
-                    .map(|k| self.prefill_rank_load(g, k))
-                    .collect()
-            })
-            .collect();
-        let group_loads: Vec<PrefillLoad> = rank_loads
-            .iter()
-            .enumerate()
-            .map(|(g, ranks)| PrefillLoad {
+        // Group loads are sums over ranks; only the chosen group's ranks are listed one by one.
+        let mut groups = std::mem::take(&mut self.scratch_prefill);
+        groups.clear();
+        for g in 0..self.prefill.len() {
+            let mut load = PrefillLoad {
                 worker: WorkerId(g as u32),
-                queued_tokens: ranks.iter().map(|l| l.queued_tokens).sum(),
-                running: ranks.iter().map(|l| l.running).sum(),
-                alive: ranks.iter().any(|l| l.alive),
-            })
-            .collect();
+                queued_tokens: 0,
+                running: 0,
+                alive: false,
+            };
+            for k in 0..self.prefill[g].ranks.len() {
+                let l = self.prefill_rank_load(g, k);
+                load.queued_tokens += l.queued_tokens;
+                load.running += l.running;
+                load.alive |= l.alive;
+            }
+            groups.push(load);
+        }
         let (gw, _) = self
             .group_router
-            .route(&tokens, &group_loads, now)
+            .route(&tokens, &groups, now)
             .expect("pump checked that some prefill rank has room");
         let g = gw.0 as usize;
+        groups.clear();
+        groups.extend((0..self.prefill[g].ranks.len()).map(|k| self.prefill_rank_load(g, k)));
         let (kw, _) = self.prefill[g]
             .prefill_router
-            .route(&tokens, &rank_loads[g], now)
+            .route(&tokens, &groups, now)
             .expect("the chosen group has a rank with room");
+        self.scratch_prefill = groups;
         let k = kw.0 as usize;
         self.state[r as usize].prefill_at = (g as u32, k as u32);
+        let queued = self.prefill[g].ranks[k].queued_tokens + tokens.len() as u64;
+        self.set_prefill_queued(g, k, queued);
         let rank = &mut self.prefill[g].ranks[k];
-        rank.queued_tokens += tokens.len() as u64;
         let submitted = rank.sched.submit(
             NewSeq {
                 id: r as u64,
@@ -552,46 +579,52 @@ impl Simulation {
         // The gateway knows max_tokens; the sequence's whole length is what it will need.
         let pages_needed = full_pages(req);
         let cap = self.cfg.decode_batch_per_gpu;
-        let rank_loads: Vec<Vec<GroupLoad>> = self
-            .decode
-            .iter()
-            .map(|grp| {
-                grp.ranks
+        let rank_load = |k: usize, rank: &Rank| GroupLoad {
+            group: WorkerId(k as u32),
+            outstanding_tokens: rank.outstanding_tokens,
+            pages_free: rank.kv.pages_total().saturating_sub(rank.committed_pages),
+            running: rank.assigned,
+            max_running: cap,
+            alive: true,
+        };
+        // Group loads are sums over ranks; only the chosen group's ranks are listed one by one.
+        let mut loads = std::mem::take(&mut self.scratch_decode);
+        loads.clear();
+        loads.extend(self.decode.iter().enumerate().map(|(g, grp)| {
+            let mut load = GroupLoad {
+                group: WorkerId(g as u32),
+                outstanding_tokens: 0,
+                pages_free: 0,
+                running: 0,
+                max_running: cap * grp.ranks.len(),
+                alive: true,
+            };
+            for (k, rank) in grp.ranks.iter().enumerate() {
+                let l = rank_load(k, rank);
+                load.outstanding_tokens += l.outstanding_tokens;
+                load.running += l.running;
+                if l.running < l.max_running && l.pages_free >= pages_needed {
+                    load.pages_free = load.pages_free.max(l.pages_free);
+                }
+            }
+            load
+        }));
+        let chosen = self.group_balancer.route(&loads, pages_needed);
+        let chosen = chosen.and_then(|g| {
+            let g = g.0 as usize;
+            loads.clear();
+            loads.extend(
+                self.decode[g]
+                    .ranks
                     .iter()
                     .enumerate()
-                    .map(|(k, rank)| GroupLoad {
-                        group: WorkerId(k as u32),
-                        outstanding_tokens: rank.outstanding_tokens,
-                        pages_free: rank.kv.pages_total().saturating_sub(rank.committed_pages),
-                        running: rank.assigned,
-                        max_running: cap,
-                        alive: true,
-                    })
-                    .collect()
-            })
-            .collect();
-        let group_loads: Vec<GroupLoad> = rank_loads
-            .iter()
-            .enumerate()
-            .map(|(g, ranks)| {
-                let roomy = ranks
-                    .iter()
-                    .filter(|l| l.running < l.max_running && l.pages_free >= pages_needed);
-                GroupLoad {
-                    group: WorkerId(g as u32),
-                    outstanding_tokens: ranks.iter().map(|l| l.outstanding_tokens).sum(),
-                    pages_free: roomy.map(|l| l.pages_free).max().unwrap_or(0),
-                    running: ranks.iter().map(|l| l.running).sum(),
-                    max_running: cap * ranks.len(),
-                    alive: true,
-                }
-            })
-            .collect();
-        let g = self.group_balancer.route(&group_loads, pages_needed)?.0 as usize;
-        let k = self.decode[g]
-            .balancer
-            .route(&rank_loads[g], pages_needed)?
-            .0 as usize;
+                    .map(|(k, r)| rank_load(k, r)),
+            );
+            let k = self.decode[g].balancer.route(&loads, pages_needed)?;
+            Some((g, k.0 as usize))
+        });
+        self.scratch_decode = loads;
+        let (g, k) = chosen?;
         let now = self.now_us;
         let rank = &mut self.decode[g].ranks[k];
         match rank.sched.reserve(r as u64, input, &mut rank.kv, now) {
@@ -686,7 +719,10 @@ impl Simulation {
             if check > 0 && grp.steps.is_multiple_of(check) {
                 rank.sched.check_invariants(&rank.kv);
             }
-            rank.queued_tokens = rank.sched.outstanding_tokens();
+        }
+        for k in 0..self.prefill[g].ranks.len() {
+            let queued = self.prefill[g].ranks[k].sched.outstanding_tokens();
+            self.set_prefill_queued(g, k, queued);
         }
         for (k, r) in done {
             let req = &self.reqs[r as usize];
@@ -742,13 +778,17 @@ impl Simulation {
         let (g, k) = self.state[r as usize].decode_at;
         let (g, k) = (g as usize, k as usize);
         let input = self.reqs[r as usize].input_len as usize;
+        let output = self.reqs[r as usize].output_len as usize;
         let rank = &mut self.decode[g].ranks[k];
         // Decode ranks keep no prefix cache, so token values do not matter: the prompt plus the
-        // first token, whose KV is the one left to compute.
+        // first token, whose KV is the one left to compute. Room for every token to come, so that
+        // appending never reallocates.
+        let mut tokens = Vec::with_capacity(input + output + 1);
+        tokens.resize(input + 1, 0);
         let submitted = rank.sched.submit(
             NewSeq {
                 id: r as u64,
-                tokens: vec![0; input + 1],
+                tokens,
                 computed: input,
                 arrival_us: self.reqs[r as usize].arrival_us,
             },

@@ -128,32 +128,49 @@ pub struct Request {
 
 impl Request {
     /// The prompt's token ids; `id` and `seed` make the unique part unique to this request and run.
+    /// Only equality between tokens matters (prefix caches and the router compare them), so each run
+    /// of tokens is a cheap stream from one well-mixed seed: equal seeds give equal runs.
     pub fn prompt_tokens(&self, id: u64, seed: u64) -> Vec<u32> {
         let n = self.input_len as usize;
-        // Tags keep the three kinds of token from colliding by construction of the hash input.
+        // Tags keep the three kinds of run from sharing a seed by construction of the hash input.
         const SHARED: u64 = 1 << 62;
         const BLOCK: u64 = 2 << 62;
-        let unique = |i: usize| mix64(seed ^ mix64(id) ^ (i as u64)) as u32;
+        let mut out = Vec::with_capacity(n);
+        let unique = mix64(seed ^ mix64(id));
         match &self.prompt {
-            Prompt::Shared { group, prefix_len } => (0..n)
-                .map(|i| {
-                    if i < *prefix_len as usize {
-                        mix64(seed ^ SHARED ^ ((*group as u64) << 32) ^ i as u64) as u32
-                    } else {
-                        unique(i)
+            Prompt::Shared { group, prefix_len } => {
+                let shared = (*prefix_len as usize).min(n);
+                let group_seed = mix64(seed ^ SHARED ^ ((*group as u64) << 32));
+                token_run(&mut out, group_seed, shared);
+                token_run(&mut out, unique, n - shared);
+            }
+            Prompt::Blocks(hashes) => {
+                let mut left = n;
+                for h in hashes {
+                    if left == 0 {
+                        break;
                     }
-                })
-                .collect(),
-            Prompt::Blocks(hashes) => (0..n)
-                .map(|i| match hashes.get(i / MOONCAKE_BLOCK_TOKENS) {
-                    Some(h) => {
-                        mix64(seed ^ BLOCK ^ mix64(*h) ^ (i % MOONCAKE_BLOCK_TOKENS) as u64) as u32
-                    }
-                    None => unique(i),
-                })
-                .collect(),
+                    let len = left.min(MOONCAKE_BLOCK_TOKENS);
+                    token_run(&mut out, mix64(seed ^ BLOCK ^ mix64(*h)), len);
+                    left -= len;
+                }
+                token_run(&mut out, unique, left);
+            }
         }
+        out
     }
+}
+
+/// Appends `len` tokens of the stream seeded by `seed` (a 64-bit LCG's high halves: distinct seeds
+/// give unrelated runs, the same seed the same run).
+fn token_run(out: &mut Vec<u32>, seed: u64, len: usize) {
+    let mut x = seed;
+    out.extend((0..len).map(|_| {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (x >> 32) as u32
+    }));
 }
 
 impl Synthetic {

@@ -1,6 +1,7 @@
 use super::*;
 use crate::kv::KvConfig;
 use proptest::prelude::*;
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 const CFG: SchedConfig = SchedConfig {
