@@ -95,8 +95,18 @@ impl PrefillRouter {
         workers: &[PrefillLoad],
         now_us: u64,
     ) -> Option<(WorkerId, usize)> {
-        let hashes = page_chain_hashes(tokens);
-        let depths = self.index.match_depths(&hashes);
+        self.route_pages(&page_chain_hashes(tokens), workers, now_us)
+    }
+
+    /// [`PrefillRouter::route`] for a prompt already turned into [`page_chain_hashes`] (several
+    /// routers, one per level, can share one hashing).
+    pub fn route_pages(
+        &mut self,
+        hashes: &[u64],
+        workers: &[PrefillLoad],
+        now_us: u64,
+    ) -> Option<(WorkerId, usize)> {
+        let (depths, path) = self.index.match_depths(hashes);
         let matched = |w: &PrefillLoad| {
             depths
                 .binary_search_by_key(&w.worker, |&(id, _)| id)
@@ -134,7 +144,7 @@ impl PrefillRouter {
         } else {
             (least.worker, least_match)
         };
-        self.index.insert(chosen, &hashes, now_us);
+        self.index.insert(chosen, hashes, &path, now_us);
         self.index.trim(chosen, self.cfg.tree_pages_max);
         Some((chosen, chosen_match))
     }
@@ -245,12 +255,15 @@ impl IndexNode {
 impl PageIndex {
     /// For every worker holding the prompt's first page: how many leading pages its tree holds.
     /// Sorted by worker id.
-    fn match_depths(&self, hashes: &[u64]) -> Vec<(WorkerId, usize)> {
+    /// Also returns the nodes found along the path, which `insert` then need not look up again.
+    fn match_depths(&self, hashes: &[u64]) -> (Vec<(WorkerId, usize)>, Vec<u32>) {
         let mut depths: Vec<(WorkerId, usize)> = Vec::new();
+        let mut path = Vec::new();
         for (i, h) in hashes.iter().enumerate() {
             let Some(&id) = self.by_hash.get(h) else {
                 break;
             };
+            path.push(id);
             let node = &self.nodes[id as usize];
             if i == 0 {
                 depths.extend(node.holders.iter().map(|h| (h.worker, 1)));
@@ -266,17 +279,19 @@ impl PageIndex {
                 break;
             }
         }
-        depths
+        (depths, path)
     }
 
-    /// Adds the pages `hashes` to `w`'s tree, refreshing the path's access time.
-    fn insert(&mut self, w: WorkerId, hashes: &[u64], now_us: u64) {
+    /// Adds the pages `hashes` to `w`'s tree, refreshing the path's access time. `known` are the
+    /// nodes of the path's first pages, as `match_depths` found them.
+    fn insert(&mut self, w: WorkerId, hashes: &[u64], known: &[u32], now_us: u64) {
         let tree = self.workers.entry(w).or_default();
         // The previous node on the path, and its leaf-set key if it was one of `w`'s leaves.
         let mut prev: Option<(u32, Option<u64>)> = None;
-        for &h in hashes {
-            let id = match self.by_hash.get(&h) {
-                Some(&id) => id,
+        for (i, &h) in hashes.iter().enumerate() {
+            let found = known.get(i).copied().or_else(|| self.by_hash.get(&h).copied());
+            let id = match found {
+                Some(id) => id,
                 None => {
                     let id = match self.free_nodes.pop() {
                         Some(id) => id,
@@ -349,8 +364,19 @@ impl PageIndex {
         let Some(tree) = self.workers.get_mut(&w) else {
             return;
         };
+        // A parent that just became a leaf is usually the oldest leaf now (it was last touched no later
+        // than its child): it is held here and trimmed next without a round trip through the set.
+        let mut pending: Option<(u64, u32)> = None;
         while tree.pages > pages_max {
-            let Some((_, id)) = tree.leaves.pop_first() else {
+            let next = match pending.take() {
+                Some(p) if tree.leaves.first().is_none_or(|f| p < *f) => Some(p),
+                Some(p) => {
+                    tree.leaves.insert(p);
+                    tree.leaves.pop_first()
+                }
+                None => tree.leaves.pop_first(),
+            };
+            let Some((_, id)) = next else {
                 return;
             };
             tree.pages -= 1;
@@ -372,9 +398,12 @@ impl PageIndex {
                 let ph = &mut p.holders[i];
                 ph.children = ph.children.saturating_sub(1);
                 if ph.children == 0 {
-                    tree.leaves.insert((ph.last_access_us, parent));
+                    pending = Some((ph.last_access_us, parent));
                 }
             }
+        }
+        if let Some(p) = pending {
+            tree.leaves.insert(p);
         }
     }
 

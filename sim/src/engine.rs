@@ -46,6 +46,7 @@ use duet_core::kv::{KvConfig, KvManager};
 use duet_core::pages_for;
 use duet_core::route::{
     BalancePolicy, DecodeBalancer, GroupLoad, PrefillLoad, PrefillRouter, PrefillRouterConfig,
+    page_chain_hashes,
 };
 use duet_core::sched::{NewSeq, SchedConfig, Scheduler, StepPlan, Submit};
 use duet_core::types::WorkerId;
@@ -272,6 +273,16 @@ impl Simulation {
             chunk_tokens: DECODE_CHUNK_TOKENS,
             waiting_max: WAITING_MAX,
         };
+        // The gateway's model of a rank's cache needs no more pages than the rank's pool holds: the
+        // rank has evicted the rest. A group's model covers all its ranks' pools.
+        let rank_router = PrefillRouterConfig {
+            tree_pages_max: (kv_pages_prefill as usize).max(1),
+            ..PrefillRouterConfig::default()
+        };
+        let group_router = PrefillRouterConfig {
+            tree_pages_max: (kv_pages_prefill as usize * cfg.prefill_ep).max(1),
+            ..PrefillRouterConfig::default()
+        };
         let make_groups = |gpus: usize, ep: usize, sched: SchedConfig, kv: KvConfig| {
             (0..gpus / ep.max(1))
                 .map(|_| Group {
@@ -289,7 +300,7 @@ impl Simulation {
                         .collect(),
                     busy: false,
                     steps: 0,
-                    prefill_router: PrefillRouter::new(PrefillRouterConfig::default()),
+                    prefill_router: PrefillRouter::new(rank_router),
                     balancer: DecodeBalancer::new(BalancePolicy::default()),
                     last_step_us: 0,
                 })
@@ -333,7 +344,7 @@ impl Simulation {
             decode_cost,
             prefill,
             decode,
-            group_router: PrefillRouter::new(PrefillRouterConfig::default()),
+            group_router: PrefillRouter::new(group_router),
             group_balancer: DecodeBalancer::new(BalancePolicy::default()),
             gateway: VecDeque::new(),
             prefill_ranks_with_room: p_gpus,
@@ -536,16 +547,17 @@ impl Simulation {
             }
             groups.push(load);
         }
+        let hashes = page_chain_hashes(&tokens);
         let (gw, _) = self
             .group_router
-            .route(&tokens, &groups, now)
+            .route_pages(&hashes, &groups, now)
             .expect("pump checked that some prefill rank has room");
         let g = gw.0 as usize;
         groups.clear();
         groups.extend((0..self.prefill[g].ranks.len()).map(|k| self.prefill_rank_load(g, k)));
         let (kw, _) = self.prefill[g]
             .prefill_router
-            .route(&tokens, &groups, now)
+            .route_pages(&hashes, &groups, now)
             .expect("the chosen group has a rank with room");
         self.scratch_prefill = groups;
         let k = kw.0 as usize;
