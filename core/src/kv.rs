@@ -29,7 +29,7 @@
 //! "No pages now" is data ([`Alloc::Later`], [`ForkResult::Later`]), not an error: the scheduler waits or
 //! preempts. Errors are caller bugs visible at the edge: an unknown or duplicate sequence id.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use rustc_hash::FxHashMap;
 
@@ -116,13 +116,16 @@ const ROOT: u32 = 0;
 /// `page_node` entry of a page that is not cached.
 const NO_NODE: u32 = u32::MAX;
 
-/// One cached full page: the edge from its parent is `key`, the page's 64 token ids.
+/// One cached full page. The edge from its parent is its key, the page's 64 token ids, kept in
+/// `KvManager::keys` at the node's slot; the parent finds it through `KvManager::children`.
 #[derive(Debug)]
 struct Node {
     parent: u32,
-    key: Box<[u32]>,
+    /// [`page_key_hash`] of the key: the node's entry in `KvManager::children` is `(parent, key_hash)`.
+    key_hash: u64,
     page: u32,
-    children: BTreeMap<Box<[u32]>, u32>,
+    /// Cached children.
+    children: u32,
     last_access_us: u64,
     /// (page referenced by a live sequence) + (number of locked children). Zero means evictable.
     lock: u32,
@@ -149,6 +152,12 @@ pub struct KvManager {
     /// Node slab; index 0 is the root. `None` slots are reusable, listed in `free_nodes`.
     nodes: Vec<Option<Node>>,
     free_nodes: Vec<u32>,
+    /// The nodes' keys, [`PAGE_TOKENS`] per node slot: one allocation for the whole tree instead of
+    /// two boxed keys per node (the tree holds up to a pool's worth of pages).
+    keys: Vec<u32>,
+    /// Edges: (parent, hash of the child's key) → child. A hit is confirmed against the stored key,
+    /// so a hash collision can only make the cache miss, never return another prefix's page.
+    children: FxHashMap<(u32, u64), u32>,
     /// Unlocked leaves by (last access, node id): the eviction order.
     evictable_leaves: BTreeSet<(u64, u32)>,
     /// Unlocked cached nodes (leaves or not): all of them can be evicted leaf by leaf.
@@ -167,9 +176,9 @@ impl KvManager {
         let total = cfg.pages_total as usize;
         let root = Node {
             parent: ROOT,
-            key: Box::new([]),
+            key_hash: 0,
             page: u32::MAX,
-            children: BTreeMap::new(),
+            children: 0,
             last_access_us: 0,
             lock: 0,
         };
@@ -180,6 +189,8 @@ impl KvManager {
             page_node: vec![NO_NODE; total],
             nodes: vec![Some(root)],
             free_nodes: Vec::new(),
+            keys: vec![0; PAGE_TOKENS],
+            children: FxHashMap::default(),
             evictable_leaves: BTreeSet::new(),
             evictable: 0,
             cached: 0,
@@ -447,40 +458,43 @@ impl KvManager {
     }
 
     fn check_tree(&self, cached_pages: usize) {
+        let mut child_count = vec![0u32; self.nodes.len()];
+        let mut locked_children = vec![0u32; self.nodes.len()];
+        for (&(p, h), &c) in &self.children {
+            let child = self.node(c);
+            assert_eq!(child.parent, p, "node {c}: parent link");
+            assert_eq!(
+                child.key_hash, h,
+                "node {c}: edge hash differs from its key hash"
+            );
+            assert_eq!(page_key_hash(self.key(c)), h, "node {c}: key hash");
+            assert!(
+                self.nodes[p as usize].is_some(),
+                "node {c}: parent {p} not live"
+            );
+            child_count[p as usize] += 1;
+            locked_children[p as usize] += u32::from(child.lock > 0);
+        }
         let mut live = 0;
         let mut evictable = 0;
         let mut leaves = BTreeSet::new();
         for (id, slot) in self.nodes.iter().enumerate() {
             let Some(n) = slot else { continue };
+            assert_eq!(n.children, child_count[id], "node {id}: child count");
             let id = id as u32;
-            for (key, &c) in &n.children {
-                let child = self.node(c);
-                assert_eq!(child.parent, id, "node {c}: parent link");
-                assert_eq!(&child.key, key, "node {c}: key differs from its edge");
-            }
             if id == ROOT {
                 continue;
             }
             live += 1;
             assert_eq!(
-                n.key.len(),
-                PAGE_TOKENS,
-                "node {id}: key is not one full page"
-            );
-            assert_eq!(
                 self.page_node[n.page as usize], id,
                 "node {id}: page_node link"
             );
-            let locked_children = n
-                .children
-                .values()
-                .filter(|&&c| self.node(c).lock > 0)
-                .count() as u32;
-            let expected = u32::from(self.refs[n.page as usize] > 0) + locked_children;
+            let expected = u32::from(self.refs[n.page as usize] > 0) + locked_children[id as usize];
             assert_eq!(n.lock, expected, "node {id}: lock count");
             if n.lock == 0 {
                 evictable += 1;
-                if n.children.is_empty() {
+                if n.children == 0 {
                     leaves.insert((n.last_access_us, id));
                 }
             }
@@ -505,14 +519,25 @@ impl KvManager {
             .expect("node id refers to a live node")
     }
 
+    fn key(&self, id: u32) -> &[u32] {
+        let at = id as usize * PAGE_TOKENS;
+        &self.keys[at..at + PAGE_TOKENS]
+    }
+
+    /// The child of `at` whose key is `key` (hashing to `hash`).
+    fn child(&self, at: u32, key: &[u32], hash: u64) -> Option<u32> {
+        let &c = self.children.get(&(at, hash))?;
+        (self.key(c) == key).then_some(c)
+    }
+
     /// Nodes along the longest cached full-page prefix of `tokens`, leaving at least one token uncached.
     fn match_path(&self, tokens: &[u32]) -> Vec<u32> {
         let max_pages = tokens.len().saturating_sub(1) / PAGE_TOKENS;
         let mut path = Vec::new();
         let mut at = ROOT;
         for key in tokens.chunks_exact(PAGE_TOKENS).take(max_pages) {
-            match self.node(at).children.get(key) {
-                Some(&c) => {
+            match self.child(at, key, page_key_hash(key)) {
+                Some(c) => {
                     path.push(c);
                     at = c;
                 }
@@ -547,16 +572,17 @@ impl KvManager {
                 .pop_first()
                 .expect("evictable > 0 implies an evictable leaf");
             let node = self.nodes[id as usize].take().expect("leaf is live");
-            debug_assert!(node.lock == 0 && node.children.is_empty());
+            debug_assert!(node.lock == 0 && node.children == 0);
             debug_assert_eq!(self.refs[node.page as usize], 0, "evicting a pinned page");
             self.page_node[node.page as usize] = NO_NODE;
             self.free.push(node.page);
             self.free_nodes.push(id);
             self.evictable -= 1;
             self.cached -= 1;
+            self.children.remove(&(node.parent, node.key_hash));
             let parent = self.node_mut(node.parent);
-            parent.children.remove(&node.key);
-            let becomes_leaf = parent.children.is_empty() && parent.lock == 0;
+            parent.children -= 1;
+            let becomes_leaf = parent.children == 0 && parent.lock == 0;
             let key = (parent.last_access_us, node.parent);
             if node.parent != ROOT && becomes_leaf {
                 self.evictable_leaves.insert(key);
@@ -568,7 +594,12 @@ impl KvManager {
     fn insert(&mut self, table: &[u32], tokens: &[u32], now_us: u64) {
         let mut at = ROOT;
         for (key, &page) in tokens.chunks_exact(PAGE_TOKENS).zip(table) {
-            if let Some(&c) = self.node(at).children.get(key) {
+            let hash = page_key_hash(key);
+            if let Some(&c) = self.children.get(&(at, hash)) {
+                if self.key(c) != key {
+                    // Another key with the same hash holds the edge: cache less (always safe).
+                    break;
+                }
                 // Cached already (ours from the prefix match, or a duplicate computed concurrently: the
                 // existing node wins and our page goes back when its references drop).
                 self.touch(c, now_us);
@@ -584,23 +615,27 @@ impl KvManager {
                 self.refs[page as usize] > 0,
                 "closing sequence holds its pages"
             );
-            let id = self.alloc_node(Node {
-                parent: at,
-                key: key.into(),
-                page,
-                children: BTreeMap::new(),
-                last_access_us: now_us,
-                lock: 0,
-            });
+            let id = self.alloc_node(
+                Node {
+                    parent: at,
+                    key_hash: hash,
+                    page,
+                    children: 0,
+                    last_access_us: now_us,
+                    lock: 0,
+                },
+                key,
+            );
             self.page_node[page as usize] = id;
             self.cached += 1;
             let parent = self.node(at);
-            if at != ROOT && parent.children.is_empty() && parent.lock == 0 {
+            if at != ROOT && parent.children == 0 && parent.lock == 0 {
                 // It stops being a leaf.
                 let k = (parent.last_access_us, at);
                 self.evictable_leaves.remove(&k);
             }
-            self.node_mut(at).children.insert(key.into(), id);
+            self.node_mut(at).children += 1;
+            self.children.insert((at, hash), id);
             // Born unlocked (counted evictable), then locked for the reference the closing sequence
             // still holds; `drop_ref` unlocks it in `close`.
             self.evictable += 1;
@@ -609,17 +644,21 @@ impl KvManager {
         }
     }
 
-    fn alloc_node(&mut self, node: Node) -> u32 {
-        match self.free_nodes.pop() {
+    fn alloc_node(&mut self, node: Node, key: &[u32]) -> u32 {
+        let id = match self.free_nodes.pop() {
             Some(id) => {
                 self.nodes[id as usize] = Some(node);
                 id
             }
             None => {
                 self.nodes.push(Some(node));
+                self.keys.resize(self.nodes.len() * PAGE_TOKENS, 0);
                 (self.nodes.len() - 1) as u32
             }
-        }
+        };
+        let at = id as usize * PAGE_TOKENS;
+        self.keys[at..at + PAGE_TOKENS].copy_from_slice(key);
+        id
     }
 
     /// Refreshes a node's LRU time, keeping the evictable leaf set keyed correctly.
@@ -627,7 +666,7 @@ impl KvManager {
         let n = self.node(id);
         let old = n.last_access_us;
         let new = old.max(now_us);
-        if n.lock == 0 && n.children.is_empty() {
+        if n.lock == 0 && n.children == 0 {
             self.evictable_leaves.remove(&(old, id));
             self.evictable_leaves.insert((new, id));
         }
@@ -669,7 +708,7 @@ impl KvManager {
             if n.lock != 1 {
                 break;
             }
-            let (leaf, key, parent) = (n.children.is_empty(), (n.last_access_us, id), n.parent);
+            let (leaf, key, parent) = (n.children == 0, (n.last_access_us, id), n.parent);
             self.evictable -= 1;
             if leaf {
                 self.evictable_leaves.remove(&key);
@@ -687,7 +726,7 @@ impl KvManager {
             if n.lock != 0 {
                 break;
             }
-            let (leaf, key, parent) = (n.children.is_empty(), (n.last_access_us, id), n.parent);
+            let (leaf, key, parent) = (n.children == 0, (n.last_access_us, id), n.parent);
             self.evictable += 1;
             if leaf {
                 self.evictable_leaves.insert(key);
@@ -705,9 +744,8 @@ impl KvManager {
         }
         let mut keys = Vec::new();
         while id != ROOT {
-            let n = self.node(id);
-            keys.push(n.key.clone());
-            id = n.parent;
+            keys.push(self.key(id).to_vec());
+            id = self.node(id).parent;
         }
         Some(keys.iter().rev().flat_map(|k| k.iter().copied()).collect())
     }
@@ -715,3 +753,13 @@ impl KvManager {
 
 #[cfg(test)]
 mod tests;
+
+/// A page key's hash for the edge map (FxHash-style fold; keys are confirmed on every hit).
+fn page_key_hash(key: &[u32]) -> u64 {
+    let mut h = 0u64;
+    for pair in key.chunks(2) {
+        let v = pair.iter().fold(0u64, |v, &t| (v << 32) | u64::from(t));
+        h = (h.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    h
+}

@@ -289,7 +289,10 @@ impl PageIndex {
         // The previous node on the path, and its leaf-set key if it was one of `w`'s leaves.
         let mut prev: Option<(u32, Option<u64>)> = None;
         for (i, &h) in hashes.iter().enumerate() {
-            let found = known.get(i).copied().or_else(|| self.by_hash.get(&h).copied());
+            let found = known
+                .get(i)
+                .copied()
+                .or_else(|| self.by_hash.get(&h).copied());
             let id = match found {
                 Some(id) => id,
                 None => {

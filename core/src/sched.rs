@@ -116,6 +116,8 @@ pub struct Scheduler {
     /// Reserved and not yet submitted: prompt length whose KV is on its way.
     reserved: FxHashMap<SeqId, usize>,
     unservable: Vec<SeqId>,
+    /// `schedule_running`'s visiting order, kept to reuse its allocation every step.
+    order_scratch: Vec<SeqId>,
 }
 
 impl Scheduler {
@@ -133,6 +135,7 @@ impl Scheduler {
             running: Vec::new(),
             reserved: FxHashMap::default(),
             unservable: Vec::new(),
+            order_scratch: Vec::new(),
         }
     }
 
@@ -212,16 +215,25 @@ impl Scheduler {
         budget: &mut usize,
     ) {
         let remaining = |s: &Seq| s.tokens.len() - s.computed;
-        let decodes = self
-            .running
-            .iter()
-            .filter(|id| remaining(&self.seqs[id]) == 1);
-        let prefills = self
-            .running
-            .iter()
-            .filter(|id| remaining(&self.seqs[id]) > 1);
-        let order: Vec<SeqId> = decodes.chain(prefills).copied().collect();
-        for id in order {
+        // Decodes first, then prefill chunks, each in admission order; one lookup per sequence.
+        let mut order = std::mem::take(&mut self.order_scratch);
+        order.clear();
+        let mut prefills = 0;
+        for &id in &self.running {
+            if remaining(&self.seqs[&id]) == 1 {
+                order.push(id);
+            } else {
+                prefills += 1;
+            }
+        }
+        if prefills > 0 {
+            order.extend(
+                self.running
+                    .iter()
+                    .filter(|id| remaining(&self.seqs[id]) > 1),
+            );
+        }
+        for &id in &order {
             if *budget == 0 {
                 break;
             }
@@ -263,6 +275,7 @@ impl Scheduler {
                 }
             }
         }
+        self.order_scratch = order;
     }
 
     /// Admits waiting sequences whose KV is already in reserved pages.
