@@ -392,7 +392,7 @@ async fn send_all(
     for (i, (body, prompt_tokens)) in requests.into_iter().enumerate() {
         if i > 0 && rate.is_finite() {
             // Exponential gaps: a Poisson process, as bench_serving's `np.random.exponential`.
-            let gap_s = -(1.0 - arrivals.next_f64()).ln() / rate;
+            let gap_s = -(1.0 - arrivals.unit()).ln() / rate;
             next_at += Duration::from_secs_f64(gap_s);
             tokio::time::sleep_until(next_at).await;
         }

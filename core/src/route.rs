@@ -28,6 +28,7 @@ use std::hash::BuildHasherDefault;
 use smallvec::SmallVec;
 
 use crate::PAGE_TOKENS;
+use crate::rng::mix64;
 use crate::types::WorkerId;
 
 // ---------------------------------------------------------------------------------------------------
@@ -173,16 +174,10 @@ pub fn page_chain_hashes(tokens: &[u32]) -> Vec<u64> {
                 let v = u64::from(pair[0]) | (u64::from(pair[1]) << 32);
                 h = (h ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
             }
-            h = splitmix_finalize(h);
+            h = mix64(h);
             h
         })
         .collect()
-}
-
-fn splitmix_finalize(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// Keys are already well-mixed 64-bit hashes: hashing them again would only cost time.

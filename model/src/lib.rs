@@ -7,7 +7,7 @@ pub mod generate;
 pub mod kv;
 mod loader;
 pub mod model;
-pub mod rng;
+pub use duet_core::rng;
 pub mod safetensors_io;
 pub mod sampling;
 pub mod tiny;

@@ -135,7 +135,7 @@ impl Sampler {
             }
         }
         let total: f64 = cand.iter().map(|c| c.1).sum();
-        let mut u = self.rng.next_f64() * total;
+        let mut u = self.rng.unit() * total;
         for c in &cand {
             u -= c.1;
             if u < 0.0 {

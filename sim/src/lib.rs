@@ -21,7 +21,7 @@ pub mod hardware;
 pub mod model;
 pub mod plan;
 pub mod report;
-pub mod rng;
+pub use duet_core::rng;
 pub mod workload;
 
 pub use calibration::Calibration;
