@@ -45,7 +45,7 @@ fn peak_rss_bytes() -> Option<u64> {
 
 /// Read bandwidth of this machine with all threads (sum of a 1 GiB buffer), the ceiling for a
 /// decode step that streams weights.
-fn read_bandwidth_bytes_per_s() -> f64 {
+pub(crate) fn read_bandwidth_bytes_per_s() -> f64 {
     use rayon::prelude::*;
     let n = (1usize << 30) / 4;
     let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();

@@ -15,6 +15,7 @@ use duet_model::{DType, LogitsMode, Model, SeqInput};
 use serde_json::json;
 
 mod bench;
+mod calibrate_cpu;
 mod cluster_cli;
 mod engine_bench;
 mod serve;
@@ -120,6 +121,8 @@ enum Cmd {
     Sim(sim_cli::SimArgs),
     /// Search P:D node counts, EP sizes and batch caps for the smallest cluster meeting an SLO.
     Plan(sim_cli::PlanArgs),
+    /// Time the engine on this CPU and write a device profile for `duet sim --gpu FILE.toml`.
+    SimCalibrateCpu(calibrate_cpu::Args),
 }
 
 fn main() -> Result<()> {
@@ -182,6 +185,7 @@ fn main() -> Result<()> {
         Cmd::Decode(args) => cluster_cli::run_worker(duet_actors::cluster::Role::Decode, args),
         Cmd::Sim(args) => sim_cli::run_sim(args),
         Cmd::Plan(args) => sim_cli::run_plan(args),
+        Cmd::SimCalibrateCpu(args) => calibrate_cpu::run(args),
     }
 }
 

@@ -17,7 +17,8 @@ pub struct ModelArgs {
     /// `deepseek-v3` (built in) or a DeepSeek-V3-architecture config.json.
     #[arg(long, default_value = "deepseek-v3")]
     model_config: String,
-    /// GPU type: h100, h800, h200, h20, b200, gb200, mi300x, a100.
+    /// GPU type: h100, h800, h200, h20, b200, gb200, mi300x, a100; or a device profile FILE.toml
+    /// (`duet sim-calibrate-cpu` writes one for this machine's CPU).
     #[arg(long)]
     gpu: String,
     /// GPUs per node; default: the GPU's usual node (8; 4 for GB200).
@@ -143,13 +144,19 @@ struct Common {
 
 fn common(a: &ModelArgs) -> Result<Common> {
     let model = ModelConfig::load(&a.model_config)?;
-    let gpu = hardware::gpu(&a.gpu).with_context(|| {
-        format!(
-            "unknown --gpu {:?}; known: {}",
-            a.gpu,
-            hardware::names().join(", ")
-        )
-    })?;
+    let gpu = if a.gpu.ends_with(".toml") {
+        let text =
+            std::fs::read_to_string(&a.gpu).with_context(|| format!("reading --gpu {}", a.gpu))?;
+        hardware::from_toml(&text).with_context(|| a.gpu.clone())?
+    } else {
+        hardware::gpu(&a.gpu).with_context(|| {
+            format!(
+                "unknown --gpu {:?}; known: {} (or a device profile FILE.toml)",
+                a.gpu,
+                hardware::names().join(", ")
+            )
+        })?
+    };
     let calibration = match &a.calibration {
         Some(p) => Calibration::from_toml(
             &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,

@@ -4,7 +4,9 @@
 //! same for every GPU. "Dense" FLOP/s (no 2:4 sparsity). NVLink is stored per direction (NVIDIA
 //! quotes the bidirectional total, twice as large), because an all-to-all sends and receives at once.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use crate::SimError;
 
 /// One GPU type and the node it usually comes in.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -156,6 +158,85 @@ pub fn gpu(name: &str) -> Option<Gpu> {
     let n = n.trim_end_matches("sxm5").trim_end_matches("sxm");
     let n = n.trim_end_matches("nvl72");
     CATALOGUE.iter().copied().find(|g| g.name == n)
+}
+
+/// A device described by a TOML file (`duet sim --gpu FILE.toml`): the fields of [`Gpu`], rates in
+/// bytes/s and FLOP/s. `duet sim-calibrate-cpu` writes one for this machine's CPU. The two names are
+/// leaked: a profile is loaded once per process and lives as long as it, like the catalogue.
+pub fn from_toml(text: &str) -> Result<Gpu, SimError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        name: String,
+        hbm_bytes: f64,
+        hbm_bytes_per_s: f64,
+        bf16_flops: f64,
+        fp8_flops: f64,
+        nvlink_bytes_per_s: f64,
+        nvlink_domain_gpus: usize,
+        nic_bytes_per_s: f64,
+        gpus_per_node: usize,
+        #[serde(default)]
+        usd_per_gpu_hour: f64,
+        #[serde(default)]
+        source: String,
+    }
+    let f: File =
+        toml::from_str(text).map_err(|e| SimError::Invalid(format!("hardware profile: {e}")))?;
+    let rates = [
+        ("hbm_bytes", f.hbm_bytes),
+        ("hbm_bytes_per_s", f.hbm_bytes_per_s),
+        ("bf16_flops", f.bf16_flops),
+        ("fp8_flops", f.fp8_flops),
+        ("nvlink_bytes_per_s", f.nvlink_bytes_per_s),
+        ("nic_bytes_per_s", f.nic_bytes_per_s),
+    ];
+    if let Some((k, v)) = rates.iter().find(|(_, v)| !(v.is_finite() && *v > 0.0)) {
+        return Err(SimError::Invalid(format!(
+            "hardware profile: {k} = {v} must be a positive number"
+        )));
+    }
+    if f.nvlink_domain_gpus == 0 || f.gpus_per_node == 0 {
+        return Err(SimError::Invalid(
+            "hardware profile: nvlink_domain_gpus and gpus_per_node must be at least 1".into(),
+        ));
+    }
+    Ok(Gpu {
+        name: Box::leak(f.name.into_boxed_str()),
+        hbm_bytes: f.hbm_bytes,
+        hbm_bytes_per_s: f.hbm_bytes_per_s,
+        bf16_flops: f.bf16_flops,
+        fp8_flops: f.fp8_flops,
+        nvlink_bytes_per_s: f.nvlink_bytes_per_s,
+        nvlink_domain_gpus: f.nvlink_domain_gpus,
+        nic_bytes_per_s: f.nic_bytes_per_s,
+        gpus_per_node: f.gpus_per_node,
+        usd_per_gpu_hour: f.usd_per_gpu_hour,
+        source: Box::leak(f.source.into_boxed_str()),
+    })
+}
+
+impl Gpu {
+    /// The profile as [`from_toml`] reads it.
+    pub fn to_toml(&self) -> String {
+        format!(
+            "# {}\nname = {:?}\nhbm_bytes = {:e}\nhbm_bytes_per_s = {:e}\nbf16_flops = {:e}\nfp8_flops = {:e}\n\
+             nvlink_bytes_per_s = {:e}\nnvlink_domain_gpus = {}\nnic_bytes_per_s = {:e}\ngpus_per_node = {}\n\
+             usd_per_gpu_hour = {:e}\nsource = {:?}\n",
+            self.source,
+            self.name,
+            self.hbm_bytes,
+            self.hbm_bytes_per_s,
+            self.bf16_flops,
+            self.fp8_flops,
+            self.nvlink_bytes_per_s,
+            self.nvlink_domain_gpus,
+            self.nic_bytes_per_s,
+            self.gpus_per_node,
+            self.usd_per_gpu_hour,
+            self.source,
+        )
+    }
 }
 
 /// The names `--gpu` accepts.

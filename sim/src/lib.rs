@@ -16,6 +16,7 @@
 pub mod calibration;
 pub mod chart;
 pub mod cost;
+pub mod cpu;
 pub mod engine;
 pub mod hardware;
 pub mod model;

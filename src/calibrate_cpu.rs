@@ -1,0 +1,183 @@
+//! `duet sim-calibrate-cpu`: times the engine on this machine and fits the simulator's CPU device to
+//! it (sim/src/cpu.rs), so that `duet sim --gpu OUT/cpu.toml --calibration OUT/calibration.toml`
+//! predicts what `duet serve` does here. `bench/sim_vs_serve.sh` runs both side by side.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use duet_model::rng::Rng;
+use duet_model::{LogitsMode, Model, SeqInput};
+use duet_sim::ModelConfig;
+use duet_sim::cost::Phase;
+use duet_sim::cpu::{self, CpuMeasurements};
+use serde_json::json;
+
+use crate::DTypeArg;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory; the embedded tiny default when omitted.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: DTypeArg,
+    /// Where cpu.toml (the device) and calibration.toml go.
+    #[arg(long)]
+    out: PathBuf,
+    /// KV pages per worker of the serving config the profile stands for (`duet serve`'s default).
+    #[arg(long, default_value_t = 512)]
+    kv_pages: u32,
+    /// The two prompt lengths whose prefill times fix the FLOP rate.
+    #[arg(long, value_delimiter = ',', default_value = "64,512")]
+    prefill_lens: Vec<usize>,
+    /// Context of the decode sequences.
+    #[arg(long, default_value_t = 256)]
+    decode_context: usize,
+    /// Decode batch sizes to time; batch 1 is fitted, the others are checks.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batches: Vec<usize>,
+}
+
+/// Timed repetitions per measurement; the median is kept (the best would flatter a noisy VM, where
+/// serving sees the median).
+const REPEATS: usize = 9;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn ids(rng: &mut Rng, vocab: usize, n: usize) -> Vec<u32> {
+    let lo = 1000.min(vocab / 2) as u64;
+    let hi = (lo + 100_000).min(vocab as u64);
+    (0..n)
+        .map(|_| (lo + rng.next_u64() % (hi - lo)) as u32)
+        .collect()
+}
+
+fn prefill_s(model: &Model, rng: &mut Rng, len: usize) -> Result<f64> {
+    let mut cache = model.new_cache(len.div_ceil(64) + 2);
+    let mut times = Vec::new();
+    for _ in 0..=REPEATS {
+        let prompt = ids(rng, model.config.vocab_size, len);
+        let mut table = Vec::new();
+        cache.ensure(&mut table, len)?;
+        let t = Instant::now();
+        model.forward(
+            &mut cache,
+            &[SeqInput {
+                tokens: &prompt,
+                start_pos: 0,
+                block_table: &table,
+            }],
+            LogitsMode::Last,
+        )?;
+        times.push(t.elapsed().as_secs_f64());
+        cache.release(&mut table);
+    }
+    // The first run warms caches and page tables.
+    Ok(median(times.split_off(1)))
+}
+
+fn decode_step_s(model: &Model, rng: &mut Rng, batch: usize, ctx: usize) -> Result<f64> {
+    let per_seq = (ctx + REPEATS + 2).div_ceil(64);
+    let mut cache = model.new_cache(batch * per_seq + 2);
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|_| ids(rng, model.config.vocab_size, ctx))
+        .collect();
+    let mut tables = vec![Vec::new(); batch];
+    for t in tables.iter_mut() {
+        cache.ensure(t, ctx + REPEATS + 2)?;
+    }
+    let inputs: Vec<SeqInput<'_>> = prompts
+        .iter()
+        .zip(&tables)
+        .map(|(p, t)| SeqInput {
+            tokens: p,
+            start_pos: 0,
+            block_table: t,
+        })
+        .collect();
+    model.forward(&mut cache, &inputs, LogitsMode::Last)?;
+    let mut last = vec![[ids(rng, model.config.vocab_size, 1)[0]]; batch];
+    let mut times = Vec::new();
+    for step in 0..=REPEATS {
+        let inputs: Vec<SeqInput<'_>> = last
+            .iter()
+            .zip(&tables)
+            .map(|(l, t)| SeqInput {
+                tokens: l,
+                start_pos: ctx + step,
+                block_table: t,
+            })
+            .collect();
+        let t = Instant::now();
+        let logits = model.forward(&mut cache, &inputs, LogitsMode::Last)?;
+        let next = duet_kernels::ops::argmax_rows(&logits)?;
+        times.push(t.elapsed().as_secs_f64());
+        for (l, id) in last.iter_mut().zip(next) {
+            l[0] = id;
+        }
+    }
+    Ok(median(times.split_off(1)))
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let [l1, l2] = a.prefill_lens[..] else {
+        bail!("--prefill-lens takes exactly two lengths");
+    };
+    if !a.batches.contains(&1) {
+        bail!("--batches must include 1 (the decode fit)");
+    }
+    let dir = match &a.model {
+        Some(d) => d.clone(),
+        None => crate::default_model_dir()?,
+    };
+    let model = crate::load_model(&dir, a.dtype.into())?;
+    let sim_model = ModelConfig::load(&dir.join("config.json").display().to_string())?;
+    let mut rng = Rng::new(1);
+    let prefill = [
+        (l1, prefill_s(&model, &mut rng, l1)?),
+        (l2, prefill_s(&model, &mut rng, l2)?),
+    ];
+    let mut decode = Vec::new();
+    for &b in &a.batches {
+        decode.push((b, decode_step_s(&model, &mut rng, b, a.decode_context)?));
+    }
+    let b1 = decode.iter().find(|d| d.0 == 1).expect("checked").1;
+    let m = CpuMeasurements {
+        read_bytes_per_s: crate::engine_bench::read_bandwidth_bytes_per_s(),
+        prefill,
+        decode_b1: (a.decode_context, b1),
+        kv_pages: a.kv_pages,
+        threads: rayon::current_num_threads(),
+    };
+    let p = cpu::fit(&sim_model, &m)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    std::fs::write(a.out.join("cpu.toml"), p.gpu.to_toml())?;
+    std::fs::write(a.out.join("calibration.toml"), &p.calibration_toml)?;
+    let mut checks = Vec::new();
+    for &(len, t) in &prefill {
+        let pred = cpu::predict_us(&sim_model, &p, Phase::Prefill, len, 0)?;
+        checks.push(json!({"prefill_tokens": len, "measured_us": t * 1e6, "model_us": pred}));
+    }
+    for &(b, t) in &decode {
+        let pred = cpu::predict_us(&sim_model, &p, Phase::Decode, b, a.decode_context)?;
+        checks.push(json!({"decode_batch": b, "measured_us": t * 1e6, "model_us": pred}));
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "model": dir.display().to_string(),
+            "threads": m.threads,
+            "read_gb_s": m.read_bytes_per_s / 1e9,
+            "fitted_gflops": p.flops / 1e9,
+            "prefill_step_overhead_us": p.prefill_overhead_us,
+            "decode_step_overhead_us": p.decode_overhead_us,
+            "steps": checks,
+            "wrote": [a.out.join("cpu.toml"), a.out.join("calibration.toml")],
+        }))?
+    );
+    Ok(())
+}
