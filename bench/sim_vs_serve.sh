@@ -18,7 +18,7 @@ $DUET sim-calibrate-cpu --out "$OUT" > "$OUT/fit.json"
 python3 - "$OUT/fit.json" <<'PY'
 import json, sys
 f = json.load(open(sys.argv[1]))
-print(f"fit: {f['threads']} threads, read {f['read_gb_s']:.1f} GB/s, {f['fitted_gflops']:.1f} GFLOP/s, "
+print(f"fit: {f['threads']} threads, read {f['read_gb_s']:.1f} GB/s, layers {f['fitted_layer_gflops']:.1f} / lm_head+attention {f['fitted_head_gflops']:.1f} GFLOP/s, "
       f"step overhead prefill {f['prefill_step_overhead_us']:.0f} µs / decode {f['decode_step_overhead_us']:.0f} µs")
 for s in f["steps"]:
     what = f"prefill {s['prefill_tokens']}" if "prefill_tokens" in s else f"decode batch {s['decode_batch']}"

@@ -34,7 +34,7 @@ pub struct Args {
     /// Context of the decode sequences.
     #[arg(long, default_value_t = 256)]
     decode_context: usize,
-    /// Decode batch sizes to time; batch 1 is fitted, the others are checks.
+    /// Decode batch sizes to time; batch 1 and the largest are fitted, the others are checks.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     batches: Vec<usize>,
 }
@@ -127,8 +127,8 @@ pub fn run(a: Args) -> Result<()> {
     let [l1, l2] = a.prefill_lens[..] else {
         bail!("--prefill-lens takes exactly two lengths");
     };
-    if !a.batches.contains(&1) {
-        bail!("--batches must include 1 (the decode fit)");
+    if !a.batches.contains(&1) || a.batches.iter().all(|&b| b <= 1) {
+        bail!("--batches must include 1 and a larger batch (the decode fit)");
     }
     let dir = match &a.model {
         Some(d) => d.clone(),
@@ -145,11 +145,12 @@ pub fn run(a: Args) -> Result<()> {
     for &b in &a.batches {
         decode.push((b, decode_step_s(&model, &mut rng, b, a.decode_context)?));
     }
-    let b1 = decode.iter().find(|d| d.0 == 1).expect("checked").1;
+    let b1 = *decode.iter().find(|d| d.0 == 1).expect("checked");
+    let widest = *decode.iter().max_by_key(|d| d.0).expect("not empty");
     let m = CpuMeasurements {
         read_bytes_per_s: crate::engine_bench::read_bandwidth_bytes_per_s(),
         prefill,
-        decode_b1: (a.decode_context, b1),
+        decode: (a.decode_context, [b1, widest]),
         kv_pages: a.kv_pages,
         threads: rayon::current_num_threads(),
     };
@@ -172,7 +173,8 @@ pub fn run(a: Args) -> Result<()> {
             "model": dir.display().to_string(),
             "threads": m.threads,
             "read_gb_s": m.read_bytes_per_s / 1e9,
-            "fitted_gflops": p.flops / 1e9,
+            "fitted_layer_gflops": p.layer_flops / 1e9,
+            "fitted_head_gflops": p.head_flops / 1e9,
             "prefill_step_overhead_us": p.prefill_overhead_us,
             "decode_step_overhead_us": p.decode_overhead_us,
             "steps": checks,

@@ -3,13 +3,16 @@
 //! duet serve").
 //!
 //! The cost model stays the one every GPU uses; only its inputs change. Measured: the machine's
-//! read bandwidth, prefill of two prompt lengths, and a batch-1 decode step. Fitted:
-//! - FLOP/s from the two prefills: the rate at which the cost model's two prefill times differ by
-//!   what the measured ones differ by (so a fixed per-step cost drops out; byte-bound parts, such as
-//!   reading the lm_head, count at the measured bandwidth);
-//! - the prefill step overhead: what the shorter prefill took beyond its FLOPs;
-//! - the decode step overhead: what the batch-1 step took beyond the roofline the cost model gives
-//!   it with the fitted FLOP/s and the measured bandwidth.
+//! read bandwidth, prefill of two prompt lengths, and decode steps of one and of many sequences.
+//! The device gets two rates, because on a CPU the layers' small GEMMs and the lm_head's wide one
+//! run at very different speeds (the tiny default model's hidden size is 128, its vocabulary 129 K):
+//! - `fp8_flops`, the rate of the layers (MLA projections, FFN, experts): the rate at which the cost
+//!   model's two prefill times differ by what the measured ones differ by, so a fixed per-step cost
+//!   drops out (a prefill samples one token, so the lm_head barely counts);
+//! - `bf16_flops`, the rate of the lm_head and attention: likewise from the decode steps of one and
+//!   of the largest batch (there the lm_head is most of the work);
+//! - the two are fitted in turn until they settle; then the step overheads are what the shorter
+//!   prefill and the one-sequence decode took beyond the model's time for them.
 //!
 //! Every efficiency is 1 (the fitted rates are already effective), there is no communication
 //! (one "GPU" per group), no overlap, no redundant experts, no activation reserve, and the memory is
@@ -28,8 +31,9 @@ pub struct CpuMeasurements {
     pub read_bytes_per_s: f64,
     /// Two prefills of one prompt each: (prompt tokens, seconds), shorter first.
     pub prefill: [(usize, f64); 2],
-    /// One decode step of one sequence at this context: (context tokens, seconds).
-    pub decode_b1: (usize, f64),
+    /// Decode steps at one context: (context tokens, [(batch, seconds)]), batch 1 first, then the
+    /// largest batch.
+    pub decode: (usize, [(usize, f64); 2]),
     /// KV pages per worker in the serving config the profile stands for.
     pub kv_pages: u32,
     /// Threads the engine ran with (recorded in the profile's source line).
@@ -43,7 +47,9 @@ pub struct CpuProfile {
     pub calibration: Calibration,
     /// `calibration` as a file `--calibration` reads.
     pub calibration_toml: String,
-    pub flops: f64,
+    /// Layers' rate (`fp8_flops`) and lm_head/attention rate (`bf16_flops`), FLOP/s.
+    pub layer_flops: f64,
+    pub head_flops: f64,
     pub prefill_overhead_us: f64,
     pub decode_overhead_us: f64,
 }
@@ -64,8 +70,14 @@ pub fn fit(model: &ModelConfig, m: &CpuMeasurements) -> Result<CpuProfile, SimEr
             "the longer prefill must take longer: {l1} tokens {t1} s, {l2} tokens {t2} s"
         ));
     }
-    if !(m.read_bytes_per_s > 0.0 && m.decode_b1.1 > 0.0) {
-        return bad("bandwidth and decode time must be positive".into());
+    let (ctx, [(b1, d1), (b2, d2)]) = m.decode;
+    if !(b1 == 1 && b2 > 1 && d1 > 0.0 && d2 > d1) {
+        return bad(format!(
+            "need decode steps of 1 and of more sequences, the larger slower: {b1} in {d1} s, {b2} in {d2} s"
+        ));
+    }
+    if !(m.read_bytes_per_s > 0.0) {
+        return bad("the read bandwidth must be positive".into());
     }
     let text = |prefill_us: f64, decode_us: f64| {
         format!(
@@ -80,12 +92,12 @@ pub fn fit(model: &ModelConfig, m: &CpuMeasurements) -> Result<CpuProfile, SimEr
             m.threads
         )
     };
-    let device = |flops: f64, hbm_bytes: f64| Gpu {
+    let device = |layer: f64, head: f64, hbm_bytes: f64| Gpu {
         name: "cpu",
         hbm_bytes,
         hbm_bytes_per_s: m.read_bytes_per_s,
-        bf16_flops: flops,
-        fp8_flops: flops,
+        bf16_flops: head,
+        fp8_flops: layer,
         // One device per group: nothing crosses a link but the KV handoff, an in-process copy.
         nvlink_bytes_per_s: m.read_bytes_per_s,
         nvlink_domain_gpus: 1,
@@ -95,53 +107,65 @@ pub fn fit(model: &ModelConfig, m: &CpuMeasurements) -> Result<CpuProfile, SimEr
         source: "fitted to this machine by duet sim-calibrate-cpu",
     };
     let zero = Calibration::from_toml(&text(0.0, 0.0))?;
-    let cost = |gpu: Gpu| CostModel::new(model, gpu, &zero, SHAPE);
-    let prefill_s = |flops: f64, len: usize| -> Result<f64, SimError> {
-        let c = cost(device(flops, 1e18))?;
+    let step_s = |layer: f64, head: f64, phase: Phase, n: usize| -> Result<f64, SimError> {
+        let c = CostModel::new(model, device(layer, head, 1e18), &zero, SHAPE)?;
         let mut w = RankWork::default();
-        c.add_prefill_item(&mut w, 0, len, true);
-        Ok(c.step(Phase::Prefill, &[w]).total_us / 1e6)
-    };
-    // The FLOP/s at which the model's two prefills differ by what the measured ones differ by
-    // (byte-bound parts such as the lm_head read count at the measured bandwidth). The difference
-    // shrinks as FLOP/s grow: bisect on a log scale between 1 MFLOP/s and 10 PFLOP/s.
-    let target = t2 - t1;
-    let (mut lo, mut hi) = (6.0f64, 16.0f64);
-    let gap = |log_f: f64| -> Result<f64, SimError> {
-        let f = 10f64.powf(log_f);
-        Ok(prefill_s(f, l2)? - prefill_s(f, l1)? - target)
-    };
-    if gap(hi)? > 0.0 || gap(lo)? < 0.0 {
-        return bad(format!(
-            "no FLOP rate explains {l1} vs {l2} prefill tokens taking {t1} vs {t2} s"
-        ));
-    }
-    for _ in 0..100 {
-        let mid = (lo + hi) / 2.0;
-        if gap(mid)? > 0.0 {
-            lo = mid;
-        } else {
-            hi = mid;
+        match phase {
+            Phase::Prefill => c.add_prefill_item(&mut w, 0, n, true),
+            Phase::Decode => {
+                for _ in 0..n {
+                    c.add_decode_item(&mut w, ctx, 1, true);
+                }
+            }
         }
+        Ok(c.step(phase, &[w]).total_us / 1e6)
+    };
+    // The rate (log10 FLOP/s, between 1 MFLOP/s and 10 PFLOP/s) at which `diff(rate)` — a model time
+    // difference, shrinking as the rate grows — equals `target`.
+    let solve = |what: &str, target: f64, diff: &dyn Fn(f64) -> Result<f64, SimError>| {
+        let (mut lo, mut hi) = (6.0f64, 16.0f64);
+        let gap = |log_f: f64| Ok::<f64, SimError>(diff(10f64.powf(log_f))? - target);
+        if gap(hi)? > 0.0 || gap(lo)? < 0.0 {
+            return Err(SimError::Calibration(format!(
+                "CPU fit: no {what} rate explains the measured difference of {target} s"
+            )));
+        }
+        for _ in 0..100 {
+            let mid = (lo + hi) / 2.0;
+            if gap(mid)? > 0.0 {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(10f64.powf((lo + hi) / 2.0))
+    };
+    // Start from free layers: the decode slope is mostly the lm_head. Each rate then moves the
+    // other's fit only a little (a prefill samples one token; a decode step's layers are small), so a
+    // few rounds settle both.
+    let (mut layer, mut head) = (1e16, 1e16);
+    for _ in 0..8 {
+        head = solve("lm_head", d2 - d1, &|f| {
+            Ok(step_s(layer, f, Phase::Decode, b2)? - step_s(layer, f, Phase::Decode, b1)?)
+        })?;
+        layer = solve("layer", t2 - t1, &|f| {
+            Ok(step_s(f, head, Phase::Prefill, l2)? - step_s(f, head, Phase::Prefill, l1)?)
+        })?;
     }
-    let flops = 10f64.powf((lo + hi) / 2.0);
-    let prefill_overhead_us = ((t1 - prefill_s(flops, l1)?) * 1e6).max(0.0);
-    let fitted = cost(device(flops, 1e18))?;
-    let (ctx, t_dec) = m.decode_b1;
-    let mut w = RankWork::default();
-    fitted.add_decode_item(&mut w, ctx, 1, true);
-    let roofline_us = fitted.step(Phase::Decode, &[w]).total_us;
-    let decode_overhead_us = (t_dec * 1e6 - roofline_us).max(0.0);
+    let prefill_overhead_us = ((t1 - step_s(layer, head, Phase::Prefill, l1)?) * 1e6).max(0.0);
+    let decode_overhead_us = ((d1 - step_s(layer, head, Phase::Decode, 1)?) * 1e6).max(0.0);
+    let fitted = CostModel::new(model, device(layer, head, 1e18), &zero, SHAPE)?;
     // Memory: the weights plus exactly the serving config's KV pages (and half a page, so that the
     // page count does not round down).
     let page_bytes = model.kv_bytes_per_token() as f64 * duet_core::PAGE_TOKENS as f64;
     let hbm_bytes = fitted.weight_bytes_per_gpu() + (f64::from(m.kv_pages) + 0.5) * page_bytes;
     let calibration_toml = text(prefill_overhead_us, decode_overhead_us);
     Ok(CpuProfile {
-        gpu: device(flops, hbm_bytes),
+        gpu: device(layer, head, hbm_bytes),
         calibration: Calibration::from_toml(&calibration_toml)?,
         calibration_toml,
-        flops,
+        layer_flops: layer,
+        head_flops: head,
         prefill_overhead_us,
         decode_overhead_us,
     })
@@ -190,8 +214,8 @@ mod tests {
     fn measured() -> CpuMeasurements {
         CpuMeasurements {
             read_bytes_per_s: 20e9,
-            prefill: [(64, 0.004), (512, 0.012)],
-            decode_b1: (256, 0.003),
+            prefill: [(64, 0.012), (512, 0.070)],
+            decode: (256, [(1, 0.003), (32, 0.030)]),
             kv_pages: 512,
             threads: 2,
         }
@@ -209,10 +233,14 @@ mod tests {
                 "prefill {len}: {got} µs vs {t} s"
             );
         }
-        let got = predict_us(&model, &p, Phase::Decode, 1, 256).unwrap();
-        assert!((got / 3000.0 - 1.0).abs() < 0.01, "decode: {got} µs");
-        // Bigger batches cost more; the KV pool is the serving config's.
-        assert!(predict_us(&model, &p, Phase::Decode, 32, 256).unwrap() > got);
+        for (b, t) in m.decode.1 {
+            let got = predict_us(&model, &p, Phase::Decode, b, 256).unwrap();
+            assert!(
+                (got / (t * 1e6) - 1.0).abs() < 0.01,
+                "decode {b}: {got} µs vs {t} s"
+            );
+        }
+        // The KV pool is the serving config's.
         let c = CostModel::new(&model, p.gpu, &p.calibration, SHAPE).unwrap();
         assert_eq!(c.kv_pages_per_gpu().unwrap(), 512);
         let back = hardware::from_toml(&p.gpu.to_toml()).unwrap();
