@@ -76,7 +76,7 @@ pub fn fit(model: &ModelConfig, m: &CpuMeasurements) -> Result<CpuProfile, SimEr
             "need decode steps of 1 and of more sequences, the larger slower: {b1} in {d1} s, {b2} in {d2} s"
         ));
     }
-    if !(m.read_bytes_per_s > 0.0) {
+    if m.read_bytes_per_s.is_nan() || m.read_bytes_per_s <= 0.0 {
         return bad("the read bandwidth must be positive".into());
     }
     let text = |prefill_us: f64, decode_us: f64| {
