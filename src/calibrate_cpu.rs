@@ -3,17 +3,16 @@
 //! predicts what `duet serve` does here. `bench/sim_vs_serve.sh` runs both side by side.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use duet_model::rng::Rng;
-use duet_model::{LogitsMode, Model, SeqInput};
 use duet_sim::ModelConfig;
 use duet_sim::cost::Phase;
 use duet_sim::cpu::{self, CpuMeasurements};
 use serde_json::json;
 
 use crate::DTypeArg;
+use crate::engine_bench::{decode_step_times, prefill_times};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -48,79 +47,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn ids(rng: &mut Rng, vocab: usize, n: usize) -> Vec<u32> {
-    let lo = 1000.min(vocab / 2) as u64;
-    let hi = (lo + 100_000).min(vocab as u64);
-    (0..n)
-        .map(|_| (lo + rng.next_u64() % (hi - lo)) as u32)
-        .collect()
-}
-
-fn prefill_s(model: &Model, rng: &mut Rng, len: usize) -> Result<f64> {
-    let mut cache = model.new_cache(len.div_ceil(64) + 2);
-    let mut times = Vec::new();
-    for _ in 0..=REPEATS {
-        let prompt = ids(rng, model.config.vocab_size, len);
-        let mut table = Vec::new();
-        cache.ensure(&mut table, len)?;
-        let t = Instant::now();
-        model.forward(
-            &mut cache,
-            &[SeqInput {
-                tokens: &prompt,
-                start_pos: 0,
-                block_table: &table,
-            }],
-            LogitsMode::Last,
-        )?;
-        times.push(t.elapsed().as_secs_f64());
-        cache.release(&mut table);
-    }
-    // The first run warms caches and page tables.
-    Ok(median(times.split_off(1)))
-}
-
-fn decode_step_s(model: &Model, rng: &mut Rng, batch: usize, ctx: usize) -> Result<f64> {
-    let per_seq = (ctx + REPEATS + 2).div_ceil(64);
-    let mut cache = model.new_cache(batch * per_seq + 2);
-    let prompts: Vec<Vec<u32>> = (0..batch)
-        .map(|_| ids(rng, model.config.vocab_size, ctx))
-        .collect();
-    let mut tables = vec![Vec::new(); batch];
-    for t in tables.iter_mut() {
-        cache.ensure(t, ctx + REPEATS + 2)?;
-    }
-    let inputs: Vec<SeqInput<'_>> = prompts
-        .iter()
-        .zip(&tables)
-        .map(|(p, t)| SeqInput {
-            tokens: p,
-            start_pos: 0,
-            block_table: t,
-        })
-        .collect();
-    model.forward(&mut cache, &inputs, LogitsMode::Last)?;
-    let mut last = vec![[ids(rng, model.config.vocab_size, 1)[0]]; batch];
-    let mut times = Vec::new();
-    for step in 0..=REPEATS {
-        let inputs: Vec<SeqInput<'_>> = last
-            .iter()
-            .zip(&tables)
-            .map(|(l, t)| SeqInput {
-                tokens: l,
-                start_pos: ctx + step,
-                block_table: t,
-            })
-            .collect();
-        let t = Instant::now();
-        let logits = model.forward(&mut cache, &inputs, LogitsMode::Last)?;
-        let next = duet_kernels::ops::argmax_rows(&logits)?;
-        times.push(t.elapsed().as_secs_f64());
-        for (l, id) in last.iter_mut().zip(next) {
-            l[0] = id;
-        }
-    }
-    Ok(median(times.split_off(1)))
+/// The median of `REPEATS` runs after a warm-up run (which warms caches and page tables).
+fn warm_median(mut times: Vec<f64>) -> f64 {
+    median(times.split_off(1))
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -137,13 +66,14 @@ pub fn run(a: Args) -> Result<()> {
     let model = crate::load_model(&dir, a.dtype.into())?;
     let sim_model = ModelConfig::load(&dir.join("config.json").display().to_string())?;
     let mut rng = Rng::new(1);
-    let prefill = [
-        (l1, prefill_s(&model, &mut rng, l1)?),
-        (l2, prefill_s(&model, &mut rng, l2)?),
-    ];
+    let mut prefill = [(l1, 0.0), (l2, 0.0)];
+    for (len, t) in prefill.iter_mut() {
+        *t = warm_median(prefill_times(&model, &mut rng, *len, REPEATS + 1)?);
+    }
     let mut decode = Vec::new();
     for &b in &a.batches {
-        decode.push((b, decode_step_s(&model, &mut rng, b, a.decode_context)?));
+        let times = decode_step_times(&model, &mut rng, b, a.decode_context, REPEATS + 1)?;
+        decode.push((b, warm_median(times)));
     }
     let b1 = *decode.iter().find(|d| d.0 == 1).expect("checked");
     let widest = *decode.iter().max_by_key(|d| d.0).expect("not empty");

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use duet_model::rng::Rng;
-use duet_model::{LogitsMode, SeqInput};
+use duet_model::{LogitsMode, Model, SeqInput};
 use serde_json::json;
 
 use crate::DTypeArg;
@@ -73,31 +73,28 @@ pub(crate) fn read_bandwidth_bytes_per_s() -> f64 {
     best
 }
 
-pub fn run(a: Args) -> Result<()> {
-    let t0 = Instant::now();
-    let model = crate::load_model(&a.model, a.dtype.into())?;
-    let load_s = t0.elapsed().as_secs_f64();
-    let c = &model.config;
-    let mut rng = Rng::new(1);
-    // Ordinary (non-special) ids; small test vocabularies get their upper half.
-    let lo = 1000.min(c.vocab_size / 2) as u64;
-    let hi = (lo + 100_000).min(c.vocab_size as u64);
-    let mut rand_ids = |n: usize| -> Vec<u32> {
-        (0..n)
-            .map(|_| (lo + rng.next_u64() % (hi - lo)) as u32)
-            .collect()
-    };
-    let max_b = a.batches.iter().copied().max().unwrap_or(1);
-    let per_seq = a.prompt_len.max(a.decode_context + a.decode_steps + 2);
-    let pages = max_b * per_seq.div_ceil(64) + 4;
-    let mut cache = model.new_cache(pages);
+/// `n` ordinary (non-special) token ids; small test vocabularies get their upper half.
+pub(crate) fn random_ids(rng: &mut Rng, vocab: usize, n: usize) -> Vec<u32> {
+    let lo = 1000.min(vocab / 2) as u64;
+    let hi = (lo + 100_000).min(vocab as u64);
+    (0..n)
+        .map(|_| (lo + rng.next_u64() % (hi - lo)) as u32)
+        .collect()
+}
 
-    // Prefill.
-    let prompt = rand_ids(a.prompt_len);
-    let mut best_prefill = f64::INFINITY;
-    for _ in 0..a.repeats.max(1) {
+/// Seconds of each of `runs` prefills of a fresh random `len`-token prompt.
+pub(crate) fn prefill_times(
+    model: &Model,
+    rng: &mut Rng,
+    len: usize,
+    runs: usize,
+) -> Result<Vec<f64>> {
+    let mut cache = model.new_cache(len.div_ceil(64) + 2);
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let prompt = random_ids(rng, model.config.vocab_size, len);
         let mut table = Vec::new();
-        cache.ensure(&mut table, prompt.len())?;
+        cache.ensure(&mut table, len)?;
         let t = Instant::now();
         model.forward(
             &mut cache,
@@ -108,55 +105,76 @@ pub fn run(a: Args) -> Result<()> {
             }],
             LogitsMode::Last,
         )?;
-        best_prefill = best_prefill.min(t.elapsed().as_secs_f64());
+        times.push(t.elapsed().as_secs_f64());
         cache.release(&mut table);
     }
-    let prefill_tok_s = a.prompt_len as f64 / best_prefill;
+    Ok(times)
+}
 
-    // Decode.
-    let mut decode = Vec::new();
-    for &b in &a.batches {
-        let prompts: Vec<Vec<u32>> = (0..b).map(|_| rand_ids(a.decode_context)).collect();
-        let mut tables = vec![Vec::new(); b];
-        for t in tables.iter_mut() {
-            cache.ensure(t, a.decode_context + a.decode_steps + 1)?;
-        }
-        let batch: Vec<SeqInput<'_>> = prompts
+/// Seconds of each of `steps` greedy decode steps of `batch` sequences that start from random
+/// `ctx`-token prompts (the prefill of those prompts is not timed).
+pub(crate) fn decode_step_times(
+    model: &Model,
+    rng: &mut Rng,
+    batch: usize,
+    ctx: usize,
+    steps: usize,
+) -> Result<Vec<f64>> {
+    let vocab = model.config.vocab_size;
+    let mut cache = model.new_cache(batch * (ctx + steps + 1).div_ceil(64) + 2);
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|_| random_ids(rng, vocab, ctx)).collect();
+    let mut tables = vec![Vec::new(); batch];
+    for t in tables.iter_mut() {
+        cache.ensure(t, ctx + steps + 1)?;
+    }
+    let inputs: Vec<SeqInput<'_>> = prompts
+        .iter()
+        .zip(&tables)
+        .map(|(p, t)| SeqInput {
+            tokens: p,
+            start_pos: 0,
+            block_table: t,
+        })
+        .collect();
+    model.forward(&mut cache, &inputs, LogitsMode::Last)?;
+    let mut last = vec![[random_ids(rng, vocab, 1)[0]]; batch];
+    let mut times = Vec::with_capacity(steps);
+    for step in 0..steps {
+        let inputs: Vec<SeqInput<'_>> = last
             .iter()
             .zip(&tables)
-            .map(|(p, t)| SeqInput {
-                tokens: p,
-                start_pos: 0,
+            .map(|(l, t)| SeqInput {
+                tokens: l,
+                start_pos: ctx + step,
                 block_table: t,
             })
             .collect();
-        model.forward(&mut cache, &batch, LogitsMode::Last)?;
-        let mut last: Vec<[u32; 1]> = vec![[rand_ids(1)[0]]; b];
-        let mut elapsed = 0.0;
-        for step in 0..=a.decode_steps {
-            let pos = a.decode_context + step;
-            let batch: Vec<SeqInput<'_>> = last
-                .iter()
-                .zip(&tables)
-                .map(|(l, t)| SeqInput {
-                    tokens: l,
-                    start_pos: pos,
-                    block_table: t,
-                })
-                .collect();
-            let t = Instant::now();
-            let logits = model.forward(&mut cache, &batch, LogitsMode::Last)?;
-            let ids = duet_kernels::ops::argmax_rows(&logits)?;
-            if step > 0 {
-                elapsed += t.elapsed().as_secs_f64();
-            }
-            for (l, id) in last.iter_mut().zip(ids) {
-                l[0] = id;
-            }
+        let t = Instant::now();
+        let logits = model.forward(&mut cache, &inputs, LogitsMode::Last)?;
+        let next = duet_kernels::ops::argmax_rows(&logits)?;
+        times.push(t.elapsed().as_secs_f64());
+        for (l, id) in last.iter_mut().zip(next) {
+            l[0] = id;
         }
-        for t in tables.iter_mut() {
-            cache.release(t);
-        }
+    }
+    Ok(times)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let t0 = Instant::now();
+    let model = crate::load_model(&a.model, a.dtype.into())?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let mut rng = Rng::new(1);
+    let best_prefill = prefill_times(&model, &mut rng, a.prompt_len, a.repeats.max(1))?
+        .into_iter()
+        .fold(f64::INFINITY, f64::min);
+    let prefill_tok_s = a.prompt_len as f64 / best_prefill;
+
+    let mut decode = Vec::new();
+    for &b in &a.batches {
+        // One warm-up step, then the timed ones.
+        let times = decode_step_times(&model, &mut rng, b, a.decode_context, a.decode_steps + 1)?;
+        let elapsed: f64 = times[1..].iter().sum();
         decode.push((b, (b * a.decode_steps) as f64 / elapsed));
     }
     let active = active_weight_bytes(&model);
