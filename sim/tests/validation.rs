@@ -60,15 +60,15 @@ fn run(cfg: SimConfig, requests: usize, isl: u64, osl: u64, prefix_ratio: f64) -
     Simulation::new(cfg, reqs).unwrap().run()
 }
 
-/// Prefill only (decode "assumed unlimited", as LMSYS measured it): 4 nodes, EP32.
-fn prefill_case(gpu: &str, isl: u64, balanced: bool, prefix_ratio: f64) -> Report {
+/// Prefill only (decode "assumed unlimited", as LMSYS measured it): 4 nodes, EP32, prompts for about
+/// `steps` full steps of 32 GPUs × 16 K tokens.
+fn prefill_case(gpu: &str, isl: u64, balanced: bool, prefix_ratio: f64, steps: f64) -> Report {
     let mut cfg = base(gpu);
     cfg.prefill_nodes = 4;
     cfg.prefill_ep = 32;
     cfg.balanced_moe = balanced;
-    // Enough prompts for ~12 full steps of 32 GPUs × 16 K tokens.
     let computed = (isl as f64 * (1.0 - prefix_ratio)).max(1.0);
-    let requests = (12.0 * 32.0 * 16384.0 / computed) as usize;
+    let requests = (steps * 32.0 * 16384.0 / computed) as usize;
     run(cfg, requests, isl, 1, prefix_ratio)
 }
 
@@ -102,7 +102,7 @@ fn published_deployments_within_tolerance() {
 
     // §1b/§2: DeepSeek's profile as read by SGLang: prefill EP32, 4K prompts, 16K tokens per GPU,
     // perfectly balanced MoE routing.
-    let r = prefill_case("h800", 4096, true, 0.0);
+    let r = prefill_case("h800", 4096, true, 0.0, 12.0);
     cases.push(Case {
         name: "DeepSeek profile prefill (H800, EP32, 4K, balanced)",
         published: 62_713.0,
@@ -122,7 +122,7 @@ fn published_deployments_within_tolerance() {
 
     // §2: LMSYS on H100: prefill EP32 at 1K / 2K / 4K prompts (default EPLB).
     for (isl, published) in [(1024, 57_674.0), (2048, 54_543.0), (4096, 50_302.0)] {
-        let r = prefill_case("h100", isl, false, 0.0);
+        let r = prefill_case("h100", isl, false, 0.0, 12.0);
         cases.push(Case {
             name: match isl {
                 1024 => "LMSYS prefill 1K (H100, EP32)",
@@ -169,6 +169,11 @@ fn published_deployments_within_tolerance() {
         }
     }
     let r = best.expect("some batch reaches 20 tok/s per user");
+    // Past ~100 sequences the KV pool, not the cap, bounds the batch; print what actually ran.
+    println!(
+        "production decode: cap {lo}, {:.0} sequences per GPU running on average, {:.1} tok/s per user",
+        r.decode_batch_mean, r.output_tokens_per_s_per_user
+    );
     cases.push(Case {
         name: "DeepSeek production decode (H800, EP144, MTP, KV 4,989, ≥ 20 tok/s/user)",
         published: 14_800.0,
@@ -179,11 +184,21 @@ fn published_deployments_within_tolerance() {
 
     // §1: DeepSeek production prefill (H800, EP32), 56.3 % of input tokens from cache. Prompt length
     // 4,385 is derived: input/output = 608/168 (§1) and average KV 4,989 ≈ input + output/2.
-    // The published figure is a 24-hour average of an autoscaled fleet, not a saturated capacity, and
-    // the simulator predicts capacity: so this case is a lower bound (the simulated nodes must be
-    // able to carry the published load), not a ±15 % point match. See sim/README.md "Known gaps".
-    let r = prefill_case("h800", 4385, false, 0.563);
-    cases.push(Case { name: "DeepSeek production prefill capacity (H800, EP32, 56.3 % cached) [24 h average: lower bound]", published: 73_700.0, predicted: r.prefill_input_tokens_per_s_per_node, unit: "in tok/s/node", point: false });
+    // The published figure is a 24-hour average of an autoscaled fleet (the load it carried), not a
+    // saturated capacity, and the simulator predicts capacity: so this case is a lower bound (the
+    // simulated nodes must be able to carry the published load), not a ±15 % point match. The
+    // simulator's capacity is ~24 % above it, i.e. the fleet ran at about 80 % of what the model says
+    // it could carry; see sim/README.md "Known gaps". The cache makes a prompt's cost depend on which
+    // rank saw its prefix first, so this case runs ~30 steps (12 leave the cold misses of the first
+    // steps inside the measured window, which understated the capacity by ~7 %).
+    let r = prefill_case("h800", 4385, false, 0.563, 30.0);
+    cases.push(Case {
+        name: "DeepSeek production prefill capacity (H800, EP32, 56.3 % cached) [24 h average: lower bound]",
+        published: 73_700.0,
+        predicted: r.prefill_input_tokens_per_s_per_node,
+        unit: "in tok/s/node",
+        point: false,
+    });
 
     print_table(&cases);
     let bad: Vec<&Case> = cases
