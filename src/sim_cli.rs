@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use duet_sim::chart::{Series, cdf, line_chart};
+use duet_sim::chart::{Chart, Series, cdf, line_chart_png, line_chart_svg};
 use duet_sim::plan::{self, Objective, PlanRequest};
 use duet_sim::rng::Rng;
 use duet_sim::workload::{Arrivals, LenDist, Synthetic, parse_mooncake_trace};
@@ -61,6 +61,12 @@ pub struct SimArgs {
     /// Decode EP group size in GPUs; default: the largest divisor of the decode GPUs up to 144.
     #[arg(long)]
     decode_ep: Option<usize>,
+    /// Attention tensor-parallel GPUs per prefill DP rank (1: pure DP attention).
+    #[arg(long, default_value_t = 1)]
+    prefill_tp: usize,
+    /// Attention tensor-parallel GPUs per decode DP rank (1: pure DP attention).
+    #[arg(long, default_value_t = 1)]
+    decode_tp: usize,
     #[arg(long, default_value_t = 128)]
     decode_batch_per_gpu: usize,
     /// Prefill tokens per GPU per step.
@@ -91,7 +97,8 @@ pub struct SimArgs {
     /// Also run at these rates (comma-separated) and chart throughput and latency against rate.
     #[arg(long, value_delimiter = ',')]
     sweep_rates: Vec<f64>,
-    /// Write SVG charts (TTFT/TPOT CDFs; with --sweep-rates, against rate) into this directory.
+    /// Write charts as SVG and PNG (TTFT/TPOT CDFs; with --sweep-rates, throughput and latency against
+    /// rate) into this directory.
     #[arg(long)]
     chart_dir: Option<PathBuf>,
     /// Print one JSON object instead of the table.
@@ -196,6 +203,8 @@ pub fn run_sim(a: SimArgs) -> Result<()> {
         // Defaults: DeepSeek's production sizes, anchors §1 (prefill EP32, decode EP144).
         prefill_ep: a.prefill_ep.unwrap_or_else(|| default_ep(p_gpus, 32)),
         decode_ep: a.decode_ep.unwrap_or_else(|| default_ep(d_gpus, 144)),
+        prefill_tp: a.prefill_tp,
+        decode_tp: a.decode_tp,
         decode_batch_per_gpu: a.decode_batch_per_gpu,
         prefill_tokens_per_gpu: a.prefill_tokens_per_gpu,
         mtp_accept: a.common.mtp_accept,
@@ -240,31 +249,38 @@ pub fn run_sim(a: SimArgs) -> Result<()> {
     }
     if let Some(dir) = &a.chart_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let write = |name: &str, svg: String| {
-            let p = dir.join(name);
-            std::fs::write(&p, svg).with_context(|| format!("writing {}", p.display()))
+        // Every chart as NAME.svg and NAME.png.
+        let write = |name: &str, chart: Chart<'_>| -> Result<()> {
+            let svg = dir.join(format!("{name}.svg"));
+            std::fs::write(&svg, line_chart_svg(chart)?)
+                .with_context(|| format!("writing {}", svg.display()))?;
+            let png = dir.join(format!("{name}.png"));
+            std::fs::write(&png, line_chart_png(chart)?)
+                .with_context(|| format!("writing {}", png.display()))
         };
-        let one = |name: &str, v: &[f64]| Series {
-            name: name.into(),
-            points: cdf(v),
+        let one = |name: &str, v: &[f64]| {
+            [Series {
+                name: name.into(),
+                points: cdf(v),
+            }]
         };
         write(
-            "ttft_cdf.svg",
-            line_chart(
-                "TTFT CDF",
-                "TTFT (ms)",
-                "fraction of requests",
-                &[one("TTFT", &samples.ttft_ms)],
-            ),
+            "ttft_cdf",
+            Chart {
+                title: "TTFT CDF",
+                x_label: "TTFT (ms)",
+                y_label: "fraction of requests",
+                series: &one("TTFT", &samples.ttft_ms),
+            },
         )?;
         write(
-            "tpot_cdf.svg",
-            line_chart(
-                "TPOT CDF",
-                "TPOT (ms)",
-                "fraction of requests",
-                &[one("TPOT", &samples.tpot_ms)],
-            ),
+            "tpot_cdf",
+            Chart {
+                title: "TPOT CDF",
+                x_label: "TPOT (ms)",
+                y_label: "fraction of requests",
+                series: &one("TPOT", &samples.tpot_ms),
+            },
         )?;
         if !a.sweep_rates.is_empty() {
             let mut rows = Vec::new();
@@ -272,48 +288,34 @@ pub fn run_sim(a: SimArgs) -> Result<()> {
                 let rep = Simulation::new(cfg.clone(), workload(Some(r))?)?.run();
                 rows.push((r, rep));
             }
-            let pick = |f: &dyn Fn(&duet_sim::Report) -> f64| {
-                rows.iter().map(|(r, rep)| (*r, f(rep))).collect::<Vec<_>>()
+            let pick = |name: &str, f: &dyn Fn(&duet_sim::Report) -> f64| Series {
+                name: name.into(),
+                points: rows.iter().map(|(r, rep)| (*r, f(rep))).collect(),
             };
             write(
-                "throughput_vs_rate.svg",
-                line_chart(
-                    "Throughput against request rate",
-                    "requests/s",
-                    "tokens/s per node",
-                    &[
-                        Series {
-                            name: "prefill input".into(),
-                            points: pick(&|r| r.prefill_input_tokens_per_s_per_node),
-                        },
-                        Series {
-                            name: "decode output".into(),
-                            points: pick(&|r| r.decode_output_tokens_per_s_per_node),
-                        },
+                "throughput_vs_rate",
+                Chart {
+                    title: "Throughput against request rate",
+                    x_label: "requests/s",
+                    y_label: "tokens/s per node",
+                    series: &[
+                        pick("prefill input", &|r| r.prefill_input_tokens_per_s_per_node),
+                        pick("decode output", &|r| r.decode_output_tokens_per_s_per_node),
                     ],
-                ),
+                },
             )?;
             write(
-                "latency_vs_rate.svg",
-                line_chart(
-                    "Latency against request rate",
-                    "requests/s",
-                    "ms",
-                    &[
-                        Series {
-                            name: "TTFT p99".into(),
-                            points: pick(&|r| r.ttft_ms_p99),
-                        },
-                        Series {
-                            name: "TPOT p99".into(),
-                            points: pick(&|r| r.tpot_ms_p99),
-                        },
-                        Series {
-                            name: "ITL p99".into(),
-                            points: pick(&|r| r.itl_ms_p99),
-                        },
+                "latency_vs_rate",
+                Chart {
+                    title: "Latency against request rate",
+                    x_label: "requests/s",
+                    y_label: "ms",
+                    series: &[
+                        pick("TTFT p99", &|r| r.ttft_ms_p99),
+                        pick("TPOT p99", &|r| r.tpot_ms_p99),
+                        pick("ITL p99", &|r| r.itl_ms_p99),
                     ],
-                ),
+                },
             )?;
         }
     } else if !a.sweep_rates.is_empty() {
@@ -349,8 +351,10 @@ pub fn run_plan(a: PlanArgs) -> Result<()> {
         seed: a.common.seed,
         verify_requests: a.verify_requests,
         decode_eps: plan::DECODE_EPS.to_vec(),
+        decode_tps: plan::DECODE_TPS.to_vec(),
         decode_batches: plan::DECODE_BATCHES.to_vec(),
         prefill_eps: plan::PREFILL_EPS.to_vec(),
+        prefill_tps: plan::PREFILL_TPS.to_vec(),
         prefill_tokens: plan::PREFILL_TOKENS.to_vec(),
     };
     let cands = plan::search(&req)?;
@@ -375,18 +379,30 @@ pub fn run_plan(a: PlanArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&top)?);
     } else {
         println!(
-            "{:>4} {:>5} {:>8} {:>8} {:>6} {:>7} {:>9} {:>9} {:>9}  SLO",
-            "GPUs", "$/h", "P nodes", "D nodes", "P EP", "D EP", "D batch", "TTFT p99", "TPOT p99"
+            "{:>4} {:>5} {:>8} {:>8} {:>6} {:>5} {:>7} {:>5} {:>9} {:>9} {:>9}  SLO",
+            "GPUs",
+            "$/h",
+            "P nodes",
+            "D nodes",
+            "P EP",
+            "P TP",
+            "D EP",
+            "D TP",
+            "D batch",
+            "TTFT p99",
+            "TPOT p99"
         );
         for c in &top {
             println!(
-                "{:>4} {:>5.0} {:>8} {:>8} {:>6} {:>7} {:>9} {:>9.0} {:>9.1}  {}",
+                "{:>4} {:>5.0} {:>8} {:>8} {:>6} {:>5} {:>7} {:>5} {:>9} {:>9.0} {:>9.1}  {}",
                 c.gpus,
                 c.usd_per_hour,
                 c.prefill_nodes,
                 c.decode_nodes,
                 c.prefill_ep,
+                c.prefill_tp,
                 c.decode_ep,
+                c.decode_tp,
                 c.decode_batch_per_gpu,
                 c.report.ttft_ms_p99,
                 c.report.tpot_ms_p99,

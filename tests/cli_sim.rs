@@ -1,5 +1,6 @@
 //! `duet sim-calibrate-cpu` and `duet sim --gpu FILE.toml` through the real binary: the profile
-//! the calibration writes is one the simulator runs, and a bad profile is a clear error.
+//! the calibration writes is one the simulator runs, and a bad profile is a clear error; and
+//! `duet sim --chart-dir` writes every chart as SVG and PNG.
 
 mod common;
 
@@ -126,4 +127,64 @@ fn a_calibrated_cpu_profile_drives_the_simulator() {
     ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/cpu.toml"));
+}
+
+#[test]
+fn charts_come_out_as_svg_and_png() {
+    let dir = common::tmp("sim-charts");
+    let dir_s = dir.to_str().unwrap();
+    let report = ok_json(duet(&[
+        "sim",
+        "--gpu",
+        "h800",
+        "--prefill-nodes",
+        "4",
+        "--decode-nodes",
+        "4",
+        "--isl",
+        "2000",
+        "--osl",
+        "100",
+        "--rate",
+        "20",
+        "--requests",
+        "300",
+        "--sweep-rates",
+        "10,40",
+        "--chart-dir",
+        dir_s,
+        "--json",
+    ]));
+    assert_eq!(report["requests_finished"], 300, "{report}");
+    for name in [
+        "ttft_cdf",
+        "tpot_cdf",
+        "throughput_vs_rate",
+        "latency_vs_rate",
+    ] {
+        let svg = std::fs::read_to_string(dir.join(format!("{name}.svg"))).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("</svg>"),
+            "{name}.svg"
+        );
+        let png = std::fs::read(dir.join(format!("{name}.png"))).unwrap();
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{name}.png");
+    }
+    let latency = std::fs::read_to_string(dir.join("latency_vs_rate.svg")).unwrap();
+    assert!(latency.contains("TTFT p99") && latency.contains("requests/s"));
+
+    // Rates without a place to draw them are refused rather than simulated for nothing.
+    let o = duet(&[
+        "sim",
+        "--gpu",
+        "h800",
+        "--prefill-nodes",
+        "4",
+        "--decode-nodes",
+        "4",
+        "--sweep-rates",
+        "10",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--chart-dir"));
 }

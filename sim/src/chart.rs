@@ -1,7 +1,17 @@
-//! Minimal SVG line charts (TTFT/TPOT CDFs, throughput and latency against request rate).
+//! Line charts of a simulation (TTFT/TPOT CDFs, throughput and latency against request rate), drawn
+//! with `plotters` as SVG and PNG.
 //!
-//! Written by hand instead of with `plotters`: a few dozen lines of SVG keep the simulator's build
-//! free of a plotting stack, and the output is deterministic text, diffable like the JSON.
+//! The PNG needs a font rasteriser: plotters' `ab_glyph` backend with DejaVu Sans compiled in, so that
+//! rendering depends on no system font library (`cargo build` needs no system package) and the same
+//! input gives the same bytes on every machine.
+
+use std::sync::OnceLock;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::{FontStyle, register_font};
+
+use crate::SimError;
 
 /// One named line: points (x, y) in data units.
 #[derive(Debug, Clone)]
@@ -10,101 +20,151 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-const W: f64 = 640.0;
-const H: f64 = 400.0;
-/// Margins: left for y tick labels, bottom for x tick labels.
-const ML: f64 = 70.0;
-const MR: f64 = 20.0;
-const MT: f64 = 40.0;
-const MB: f64 = 50.0;
-const COLOURS: [&str; 6] = [
-    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
-];
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+/// A chart: what `line_chart_svg` and `line_chart_png` draw.
+#[derive(Debug, Clone, Copy)]
+pub struct Chart<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    pub series: &'a [Series],
 }
 
-/// A line chart as an SVG document. Empty or degenerate data gives an empty frame.
-pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
-    let pts = series.iter().flat_map(|s| &s.points);
+/// Pixels; the SVG's nominal size too.
+const SIZE: (u32, u32) = (800, 500);
+const FONT: &str = "sans-serif";
+const COLOURS: [RGBColor; 6] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+];
+
+/// Registers the embedded font once; every text element is drawn in it.
+fn font() -> Result<(), SimError> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let ok = *REGISTERED
+        .get_or_init(|| register_font(FONT, FontStyle::Normal, dejavu::sans::regular()).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(SimError::Chart(
+            "the embedded DejaVu Sans font failed to load".into(),
+        ))
+    }
+}
+
+/// The chart as an SVG document.
+pub fn line_chart_svg(chart: Chart<'_>) -> Result<String, SimError> {
+    font()?;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        draw(&root, chart).map_err(chart_error)?;
+    }
+    Ok(svg)
+}
+
+/// The chart as a PNG image (8-bit RGB).
+pub fn line_chart_png(chart: Chart<'_>) -> Result<Vec<u8>, SimError> {
+    let rgb = line_chart_rgb(chart)?;
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, SIZE.0, SIZE.1);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let png_error = |e: png::EncodingError| SimError::Chart(format!("encoding PNG: {e}"));
+    let mut w = enc.write_header().map_err(png_error)?;
+    w.write_image_data(&rgb).map_err(png_error)?;
+    w.finish().map_err(png_error)?;
+    Ok(out)
+}
+
+/// The chart's pixels, row by row, 3 bytes each.
+fn line_chart_rgb(chart: Chart<'_>) -> Result<Vec<u8>, SimError> {
+    font()?;
+    let mut rgb = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area();
+        draw(&root, chart).map_err(chart_error)?;
+    }
+    Ok(rgb)
+}
+
+fn chart_error<E: std::error::Error + Send + Sync>(e: DrawingAreaErrorKind<E>) -> SimError {
+    SimError::Chart(e.to_string())
+}
+
+/// Axis ranges covering every finite point; a degenerate range is widened so that an empty or
+/// one-point series still draws a frame. The y axis starts at 0: rates and latencies are compared
+/// against nothing.
+fn ranges(series: &[Series]) -> (std::ops::Range<f64>, std::ops::Range<f64>) {
     let (mut x0, mut x1, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::NEG_INFINITY);
-    for &(x, y) in pts.filter(|(x, y)| x.is_finite() && y.is_finite()) {
+    let finite = series
+        .iter()
+        .flat_map(|s| &s.points)
+        .filter(|(x, y)| x.is_finite() && y.is_finite());
+    for &(x, y) in finite {
         x0 = x0.min(x);
         x1 = x1.max(x);
         y1 = y1.max(y);
     }
-    if !(x0.is_finite() && x1 > x0) {
+    if !x0.is_finite() {
         (x0, x1) = (0.0, 1.0);
+    } else if x1 <= x0 {
+        (x0, x1) = (x0 - 0.5, x1 + 0.5);
     }
-    let y0 = 0.0;
-    if !(y1.is_finite() && y1 > y0) {
+    if !(y1.is_finite() && y1 > 0.0) {
         y1 = 1.0;
     }
-    let px = |x: f64| ML + (x - x0) / (x1 - x0) * (W - ML - MR);
-    let py = |y: f64| H - MB - (y - y0) / (y1 - y0) * (H - MT - MB);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"{W}\" height=\"{H}\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{}</text>\n",
-        W / 2.0,
-        esc(title)
-    );
-    for i in 0..=5 {
-        let f = i as f64 / 5.0;
-        let (xv, yv) = (x0 + f * (x1 - x0), y0 + f * (y1 - y0));
-        s += &format!(
-            "<line x1=\"{a:.1}\" y1=\"{t}\" x2=\"{a:.1}\" y2=\"{b}\" stroke=\"#ddd\"/>\
-             <text x=\"{a:.1}\" y=\"{ty}\" text-anchor=\"middle\">{xv:.3}</text>\n",
-            a = px(xv),
-            t = MT,
-            b = H - MB,
-            ty = H - MB + 16.0
-        );
-        s += &format!(
-            "<line x1=\"{l}\" y1=\"{a:.1}\" x2=\"{r}\" y2=\"{a:.1}\" stroke=\"#ddd\"/>\
-             <text x=\"{tx}\" y=\"{a:.1}\" text-anchor=\"end\" dy=\"4\">{yv:.3}</text>\n",
-            a = py(yv),
-            l = ML,
-            r = W - MR,
-            tx = ML - 6.0
-        );
-    }
-    s += &format!(
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n\
-         <text x=\"16\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {})\">{}</text>\n",
-        (ML + W - MR) / 2.0,
-        H - 12.0,
-        esc(x_label),
-        (MT + H - MB) / 2.0,
-        (MT + H - MB) / 2.0,
-        esc(y_label)
-    );
-    for (i, ser) in series.iter().enumerate() {
+    (x0..x1, 0.0..y1 * 1.05)
+}
+
+fn draw<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    chart: Chart<'_>,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    root.fill(&WHITE)?;
+    let (xs, ys) = ranges(chart.series);
+    let mut c = ChartBuilder::on(root)
+        .caption(chart.title, (FONT, 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(72)
+        .build_cartesian_2d(xs, ys)?;
+    c.configure_mesh()
+        .x_desc(chart.x_label)
+        .y_desc(chart.y_label)
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
+        .draw()?;
+    for (i, s) in chart.series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()];
-        let path: Vec<String> = ser
+        let points = s
             .points
             .iter()
-            .filter(|(x, y)| x.is_finite() && y.is_finite())
-            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
-            .collect();
-        s += &format!(
-            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>\n\
-             <text x=\"{}\" y=\"{}\" fill=\"{colour}\">{}</text>\n",
-            path.join(" "),
-            ML + 10.0,
-            MT + 14.0 + 16.0 * i as f64,
-            esc(&ser.name)
-        );
+            .copied()
+            .filter(|(x, y)| x.is_finite() && y.is_finite());
+        c.draw_series(LineSeries::new(points, colour.stroke_width(2)))?
+            .label(s.name.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+            });
     }
-    s + "</svg>\n"
+    if !chart.series.is_empty() {
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .label_font((FONT, 14))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    root.present()
 }
 
 /// The empirical CDF of sorted values, thinned to at most `POINTS_MAX` points.
 pub fn cdf(sorted: &[f64]) -> Vec<(f64, f64)> {
-    // 400 points: finer than the 640-pixel plot can show.
+    // 400 points: finer than the 800-pixel plot can show.
     const POINTS_MAX: usize = 400;
     let n = sorted.len();
     let step = n.div_ceil(POINTS_MAX).max(1);
@@ -119,18 +179,94 @@ pub fn cdf(sorted: &[f64]) -> Vec<(f64, f64)> {
 mod tests {
     use super::*;
 
+    fn latency() -> Vec<Series> {
+        vec![
+            Series {
+                name: "TTFT p99".into(),
+                points: vec![(1.0, 10.0), (2.0, 30.0), (3.0, 20.0)],
+            },
+            Series {
+                name: "TPOT p99".into(),
+                points: vec![(1.0, 5.0), (2.0, 6.0), (3.0, f64::NAN)],
+            },
+        ]
+    }
+
+    fn chart(series: &[Series]) -> Chart<'_> {
+        Chart {
+            title: "Latency <against> rate",
+            x_label: "requests/s",
+            y_label: "ms",
+            series,
+        }
+    }
+
     #[test]
-    fn renders() {
-        let s = line_chart(
-            "t<1>",
-            "x",
-            "y",
-            &[Series {
-                name: "a".into(),
-                points: cdf(&[1.0, 2.0, 3.0]),
-            }],
-        );
-        assert!(s.starts_with("<svg") && s.contains("polyline") && s.contains("t&lt;1&gt;"));
-        assert!(line_chart("e", "x", "y", &[]).contains("</svg>"));
+    fn svg_has_title_axes_legend_and_lines() {
+        let s = line_chart_svg(chart(&latency())).unwrap();
+        assert!(s.starts_with("<svg"), "{}", &s[..80]);
+        for text in [
+            "Latency &lt;against&gt; rate",
+            "requests/s",
+            "TTFT p99",
+            "TPOT p99",
+        ] {
+            assert!(s.contains(text), "{text} missing");
+        }
+        // One line per series, in its own colour.
+        assert!(s.contains("#1F77B4") || s.contains("#1f77b4"));
+        assert!(s.contains("#D62728") || s.contains("#d62728"));
+    }
+
+    #[test]
+    fn png_is_a_picture_with_text_and_lines() {
+        let bytes = line_chart_png(chart(&latency())).unwrap();
+        let dec = png::Decoder::new(std::io::Cursor::new(&bytes));
+        let mut reader = dec.read_info().unwrap();
+        let mut rgb = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut rgb).unwrap();
+        assert_eq!((info.width, info.height), SIZE);
+        let px = |x: u32, y: u32| {
+            let i = (y * SIZE.0 + x) as usize * 3;
+            (rgb[i], rgb[i + 1], rgb[i + 2])
+        };
+        // The title is rasterised: dark pixels in the band above the plot.
+        let title_ink = (0..40)
+            .flat_map(|y| (0..SIZE.0).map(move |x| (x, y)))
+            .filter(|&(x, y)| px(x, y).0 < 128)
+            .count();
+        assert!(title_ink > 50, "{title_ink} dark pixels in the title band");
+        // Both series are drawn in their colours.
+        for c in &COLOURS[..2] {
+            let n = (0..SIZE.1)
+                .flat_map(|y| (0..SIZE.0).map(move |x| (x, y)))
+                .filter(|&(x, y)| px(x, y) == (c.0, c.1, c.2))
+                .count();
+            assert!(n > 100, "{n} pixels of {c:?}");
+        }
+        // Same input, same bytes.
+        assert_eq!(bytes, line_chart_png(chart(&latency())).unwrap());
+    }
+
+    #[test]
+    fn empty_and_degenerate_series_still_draw_a_frame() {
+        assert!(line_chart_svg(chart(&[])).unwrap().contains("requests/s"));
+        let one = [Series {
+            name: "one".into(),
+            points: vec![(4.0, 0.0)],
+        }];
+        assert!(line_chart_png(chart(&one)).is_ok());
+        let (xs, ys) = ranges(&one);
+        assert!(xs.end > xs.start && ys.end > ys.start);
+    }
+
+    #[test]
+    fn cdf_is_thinned_and_ends_at_one() {
+        let v: Vec<f64> = (0..10_000).map(f64::from).collect();
+        let c = cdf(&v);
+        assert!(c.len() <= 401);
+        assert_eq!(c.last(), Some(&(9999.0, 1.0)));
+        assert!(c.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 < w[1].1));
+        assert!(cdf(&[]).is_empty());
     }
 }

@@ -4,8 +4,9 @@
 //! # Model
 //!
 //! A prefill or decode *group* is `ep` GPUs that run MLA and the replicated weights data-parallel
-//! (one scheduler per GPU, a "rank") and the routed experts expert-parallel. Every MoE layer's
-//! dispatch and combine synchronise the ranks, so a step lasts as long as its slowest rank:
+//! (one scheduler per attention rank of `tp` GPUs; `tp = 1` is DeepSeek's and SGLang's pure DP
+//! attention) and the routed experts expert-parallel. Every MoE layer's dispatch and combine
+//! synchronise the ranks, so a step lasts as long as its slowest rank:
 //!
 //! - **attention** per rank (anchors §10d): prefill in MHA form, `layers·2·heads·(192+128)` FLOP per
 //!   query token per earlier token (causal: a chunk `[s, s+n)` costs `n·(s + (n+1)/2)` pairs), plus
@@ -23,6 +24,10 @@
 //!   over NVLink. Across nodes, prefill uses DeepEP's normal kernels, which send a token once per remote
 //!   node and fan out over NVLink (§4a); decode uses the low-latency kernels, which send every remote
 //!   copy over RDMA (§4b, §10d "before dedup"). Plus a fixed latency per dispatch and combine;
+//! - **attention TP** (`tp > 1`): heads, the per-head MLA projections, dense FFNs, shared experts and
+//!   lm_head split across the rank's GPUs; the latent KV is replicated on each (so TP buys no KV
+//!   capacity, the reason MLA deployments use DP attention), and two all-reduces per layer join the
+//!   partial sums; each GPU dispatches its share of the rank's tokens (sequence parallelism);
 //! - **two-micro-batch overlap**: `step = compute + comm − overlap · min(compute, comm) + overhead`, with
 //!   the overlap fraction per phase from the calibration; the weights are read once per micro-batch;
 //! - **MTP**: each decode sequence verifies `1 + drafts` query tokens per step, and the draft module
@@ -68,8 +73,10 @@ pub struct RankWork {
 /// A group's parallel layout.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct GroupShape {
-    /// GPUs in the EP group (= DP-attention ranks).
+    /// GPUs in the EP group: `ep / tp` DP-attention ranks of `tp` GPUs each.
     pub ep: usize,
+    /// Attention tensor-parallel size: GPUs per DP-attention rank (1: pure DP attention).
+    pub tp: usize,
     pub gpus_per_node: usize,
     /// MTP draft tokens verified per decode step (0: no MTP).
     pub mtp_drafts: usize,
@@ -115,6 +122,15 @@ impl CostModel {
                 "EP size and GPUs per node must be at least 1".into(),
             ));
         }
+        if shape.tp == 0
+            || !shape.ep.is_multiple_of(shape.tp)
+            || !(model.num_attention_heads as usize).is_multiple_of(shape.tp)
+        {
+            return Err(SimError::Invalid(format!(
+                "attention TP {} must divide the EP size {} and the {} heads",
+                shape.tp, shape.ep, model.num_attention_heads
+            )));
+        }
         let redundant = if shape.ep > 1 {
             cal.moe.redundant_experts as f64
         } else {
@@ -133,9 +149,9 @@ impl CostModel {
             shape,
             expert_slots,
             imbalance,
-            replicated_params: model.replicated_linear_params(),
-            replicated_bytes: model.replicated_linear_params(),
-            lm_head_params: model.lm_head_params(),
+            replicated_params: model.replicated_linear_params_per_gpu(shape.tp),
+            replicated_bytes: model.replicated_linear_params_per_gpu(shape.tp),
+            lm_head_params: model.lm_head_params() / shape.tp as f64,
             expert_bytes_per_gpu: model.moe_layers() * expert_slots * model.expert_params(),
             kv_bytes_per_token: model.kv_bytes_per_token() as f64,
         })
@@ -143,7 +159,8 @@ impl CostModel {
 
     /// Weight bytes per GPU.
     pub fn weight_bytes_per_gpu(&self) -> f64 {
-        self.model.weight_bytes_per_gpu(self.expert_slots)
+        self.model
+            .weight_bytes_per_gpu(self.expert_slots, self.shape.tp)
     }
 
     /// KV pages (64 tokens) that fit on one GPU beside the weights and the activation reserve; the
@@ -206,11 +223,14 @@ impl CostModel {
                 Phase::Prefill => c.attn_prefill_efficiency,
                 Phase::Decode => c.attn_decode_efficiency,
             };
+        let tp = self.shape.tp as f64;
         let mut rank_max_s: f64 = 0.0;
         let mut tokens_total = 0.0;
         let mut tokens_max: f64 = 0.0;
         for r in ranks.iter().filter(|r| r.tokens > 0.0) {
-            let attn = (r.attn_flops / attn_peak).max(r.kv_read_bytes / hbm);
+            // TP splits the heads, so the FLOPs; every GPU of the rank still reads the whole latent
+            // KV, which MLA keeps replicated (one latent serves all heads).
+            let attn = (r.attn_flops / tp / attn_peak).max(r.kv_read_bytes / hbm);
             let dense = (2.0 * self.replicated_params * r.tokens / gemm)
                 .max(MICRO_BATCHES * self.replicated_bytes / hbm);
             let head = if r.sampled > 0.0 {
@@ -219,9 +239,10 @@ impl CostModel {
             } else {
                 0.0
             };
-            rank_max_s = rank_max_s.max(attn + dense + head);
+            rank_max_s = rank_max_s.max(attn + dense + head + self.tp_all_reduce_s(r.tokens));
             tokens_total += r.tokens;
-            tokens_max = tokens_max.max(r.tokens);
+            // Sequence parallelism: each GPU of the rank dispatches its share of the tokens.
+            tokens_max = tokens_max.max(r.tokens / tp);
         }
         if tokens_total == 0.0 {
             return StepCost::default();
@@ -252,6 +273,27 @@ impl CostModel {
             comm_us: comm_s * 1e6,
             total_us: total_s * 1e6 + overhead_us,
         }
+    }
+
+    /// The attention rank's all-reduces over all layers for `tokens`, seconds: two per layer (after
+    /// attention's o_proj and after the FFN or shared expert), BF16 hidden states, ring algorithm
+    /// (each GPU sends and receives 2·(tp−1)/tp of the bytes), over NVLink when the rank fits in one
+    /// NVLink domain and over the NIC otherwise. Not overlapped: it sits between a layer's
+    /// attention and its dispatch.
+    fn tp_all_reduce_s(&self, tokens: f64) -> f64 {
+        let tp = self.shape.tp;
+        if tp <= 1 || tokens == 0.0 {
+            return 0.0;
+        }
+        let net = &self.cal.network;
+        let link = if tp <= self.gpu.nvlink_domain_gpus {
+            self.gpu.nvlink_bytes_per_s * net.nvlink_efficiency
+        } else {
+            self.gpu.nic_bytes_per_s * net.rdma_efficiency
+        };
+        let bytes = tokens * self.model.hidden_size as f64 * 2.0;
+        let ring = 2.0 * (tp as f64 - 1.0) / tp as f64;
+        2.0 * self.model.layers() * (ring * bytes / link + net.all_to_all_latency_us * 1e-6)
     }
 
     /// EP dispatch + combine over all MoE layers for a rank sending `tokens`, seconds.
@@ -307,6 +349,7 @@ mod tests {
     fn cost(ep: usize, balanced: bool) -> CostModel {
         let shape = GroupShape {
             ep,
+            tp: 1,
             gpus_per_node: 8,
             mtp_drafts: 0,
             balanced_moe: balanced,

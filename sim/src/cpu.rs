@@ -56,6 +56,7 @@ pub struct CpuProfile {
 
 const SHAPE: GroupShape = GroupShape {
     ep: 1,
+    tp: 1,
     gpus_per_node: 1,
     mtp_drafts: 0,
     balanced_moe: true,

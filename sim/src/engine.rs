@@ -71,7 +71,11 @@ pub struct SimConfig {
     pub gpus_per_node: usize,
     pub prefill_ep: usize,
     pub decode_ep: usize,
-    /// Decode batch cap per GPU (the scheduler's `max_running`).
+    /// Attention tensor-parallel size of the prefill / decode groups: GPUs per DP-attention rank
+    /// (1: pure DP attention, DeepSeek's and SGLang's choice for MLA).
+    pub prefill_tp: usize,
+    pub decode_tp: usize,
+    /// Decode batch cap per GPU (the scheduler's `max_running` is this × the rank's TP GPUs).
     pub decode_batch_per_gpu: usize,
     /// Prefill tokens per GPU per step (the scheduler's `token_budget` and chunk size).
     pub prefill_tokens_per_gpu: usize,
@@ -209,9 +213,14 @@ impl std::fmt::Debug for Simulation {
     }
 }
 
-fn shape(cfg: &SimConfig, ep: usize, phase: Phase) -> GroupShape {
+fn shape(cfg: &SimConfig, phase: Phase) -> GroupShape {
+    let (ep, tp) = match phase {
+        Phase::Prefill => (cfg.prefill_ep, cfg.prefill_tp),
+        Phase::Decode => (cfg.decode_ep, cfg.decode_tp),
+    };
     GroupShape {
         ep,
+        tp,
         gpus_per_node: cfg.gpus_per_node,
         mtp_drafts: match (phase, cfg.mtp_accept) {
             (Phase::Decode, Some(_)) => 1,
@@ -240,7 +249,7 @@ impl Simulation {
                 &cfg.model,
                 cfg.gpu,
                 &cfg.calibration,
-                shape(&cfg, cfg.prefill_ep, Phase::Prefill),
+                shape(&cfg, Phase::Prefill),
             )?;
             let pages = c.kv_pages_per_gpu()?;
             (Some(Rc::new(c)), pages)
@@ -252,24 +261,27 @@ impl Simulation {
                 &cfg.model,
                 cfg.gpu,
                 &cfg.calibration,
-                shape(&cfg, cfg.decode_ep, Phase::Decode),
+                shape(&cfg, Phase::Decode),
             )?;
             let pages = c.kv_pages_per_gpu()?;
             (Some(Rc::new(c)), pages)
         } else {
             (None, 0)
         };
+        // A rank of `tp` GPUs takes `tp` GPUs' worth of tokens and sequences; its KV pool stays one
+        // GPU's, since each of its GPUs holds the whole latent.
+        let (p_tp, d_tp) = (cfg.prefill_tp, cfg.decode_tp);
         let prefill_sched = SchedConfig {
             max_running: PREFILL_RUNNING_MAX,
-            token_budget: cfg.prefill_tokens_per_gpu,
-            chunk_tokens: cfg.prefill_tokens_per_gpu,
+            token_budget: cfg.prefill_tokens_per_gpu * p_tp,
+            chunk_tokens: cfg.prefill_tokens_per_gpu * p_tp,
             waiting_max: WAITING_MAX,
         };
         let drafts = usize::from(cfg.mtp_accept.is_some());
         let decode_sched = SchedConfig {
-            max_running: cfg.decode_batch_per_gpu,
+            max_running: cfg.decode_batch_per_gpu * d_tp,
             // A full batch with every sequence's accepted drafts, plus one recompute chunk.
-            token_budget: cfg.decode_batch_per_gpu * (1 + drafts) + DECODE_CHUNK_TOKENS,
+            token_budget: cfg.decode_batch_per_gpu * d_tp * (1 + drafts) + DECODE_CHUNK_TOKENS,
             chunk_tokens: DECODE_CHUNK_TOKENS,
             waiting_max: WAITING_MAX,
         };
@@ -280,13 +292,13 @@ impl Simulation {
             ..PrefillRouterConfig::default()
         };
         let group_router = PrefillRouterConfig {
-            tree_pages_max: (kv_pages_prefill as usize * cfg.prefill_ep).max(1),
+            tree_pages_max: (kv_pages_prefill as usize * (cfg.prefill_ep / p_tp)).max(1),
             ..PrefillRouterConfig::default()
         };
-        let make_groups = |gpus: usize, ep: usize, sched: SchedConfig, kv: KvConfig| {
+        let make_groups = |gpus: usize, ep: usize, tp: usize, sched: SchedConfig, kv: KvConfig| {
             (0..gpus / ep.max(1))
                 .map(|_| Group {
-                    ranks: (0..ep)
+                    ranks: (0..ep / tp)
                         .map(|_| Rank {
                             sched: Scheduler::new(sched),
                             kv: KvManager::new(kv),
@@ -309,6 +321,7 @@ impl Simulation {
         let prefill = make_groups(
             p_gpus,
             cfg.prefill_ep,
+            p_tp,
             prefill_sched,
             KvConfig {
                 pages_total: kv_pages_prefill,
@@ -318,6 +331,7 @@ impl Simulation {
         let decode = make_groups(
             d_gpus,
             cfg.decode_ep,
+            d_tp,
             decode_sched,
             KvConfig {
                 pages_total: kv_pages_decode,
@@ -347,7 +361,7 @@ impl Simulation {
             group_router: PrefillRouter::new(group_router),
             group_balancer: DecodeBalancer::new(BalancePolicy::default()),
             gateway: VecDeque::new(),
-            prefill_ranks_with_room: p_gpus,
+            prefill_ranks_with_room: p_gpus / p_tp,
             scratch_prefill: Vec::new(),
             scratch_decode: Vec::new(),
             heap: BinaryHeap::new(),
@@ -491,7 +505,7 @@ impl Simulation {
     }
 
     fn prefill_budget_tokens(&self) -> u64 {
-        PREFILL_QUEUED_STEPS_MAX * self.cfg.prefill_tokens_per_gpu as u64
+        PREFILL_QUEUED_STEPS_MAX * (self.cfg.prefill_tokens_per_gpu * self.cfg.prefill_tp) as u64
     }
 
     fn prefill_rank_load(&self, g: usize, k: usize) -> PrefillLoad {
@@ -590,7 +604,7 @@ impl Simulation {
         let input = req.input_len as usize;
         // The gateway knows max_tokens; the sequence's whole length is what it will need.
         let pages_needed = full_pages(req);
-        let cap = self.cfg.decode_batch_per_gpu;
+        let cap = self.cfg.decode_batch_per_gpu * self.cfg.decode_tp;
         let rank_load = |k: usize, rank: &Rank| GroupLoad {
             group: WorkerId(k as u32),
             outstanding_tokens: rank.outstanding_tokens,
@@ -1040,6 +1054,8 @@ impl Simulation {
             gpus_per_node: cfg.gpus_per_node,
             prefill_ep: cfg.prefill_ep,
             decode_ep: cfg.decode_ep,
+            prefill_tp: cfg.prefill_tp,
+            decode_tp: cfg.decode_tp,
             decode_batch_per_gpu: cfg.decode_batch_per_gpu,
             prefill_tokens_per_gpu: cfg.prefill_tokens_per_gpu,
             kv_pages_per_prefill_gpu: self.kv_pages_prefill,
@@ -1167,14 +1183,20 @@ fn validate(cfg: &SimConfig) -> Result<(), SimError> {
             cfg.prefill_nodes, cfg.decode_nodes
         ));
     }
-    for (name, nodes, ep) in [
-        ("prefill", cfg.prefill_nodes, cfg.prefill_ep),
-        ("decode", cfg.decode_nodes, cfg.decode_ep),
+    for (name, nodes, ep, tp) in [
+        ("prefill", cfg.prefill_nodes, cfg.prefill_ep, cfg.prefill_tp),
+        ("decode", cfg.decode_nodes, cfg.decode_ep, cfg.decode_tp),
     ] {
         let gpus = nodes * cfg.gpus_per_node;
         if gpus > 0 && (ep == 0 || !gpus.is_multiple_of(ep)) {
             return bad(format!(
                 "--{name}-ep {ep} must divide the {gpus} {name} GPUs"
+            ));
+        }
+        let heads = cfg.model.num_attention_heads as usize;
+        if gpus > 0 && (tp == 0 || !ep.is_multiple_of(tp) || !heads.is_multiple_of(tp)) {
+            return bad(format!(
+                "--{name}-tp {tp} must divide --{name}-ep {ep} and the model's {heads} heads"
             ));
         }
     }

@@ -47,4 +47,6 @@ pub enum SimError {
     DoesNotFit(String),
     #[error("{0}")]
     Io(String),
+    #[error("chart: {0}")]
+    Chart(String),
 }

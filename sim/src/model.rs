@@ -202,11 +202,39 @@ impl ModelConfig {
             + 2.0 * self.lm_head_params()
     }
 
-    /// Weight bytes on one GPU holding `expert_slots` routed experts per MoE layer.
-    pub fn weight_bytes_per_gpu(&self, expert_slots: f64) -> f64 {
-        (self.replicated_linear_params() + self.moe_layers() * expert_slots * self.expert_params())
+    /// The part of [`Self::replicated_linear_params`] that attention tensor parallelism splits
+    /// across the TP ranks: the per-head MLA projections (q_b, kv_b, o), the dense FFN layers and the
+    /// shared experts. The latent down-projections (q_a, kv_a) and the router stay whole on every
+    /// rank, as SGLang keeps them (`ReplicatedLinear`), because their output is the shared latent.
+    pub fn tp_split_params(&self) -> f64 {
+        let h = self.hidden_size as f64;
+        let heads = self.num_attention_heads as f64;
+        let qk = (self.qk_nope_head_dim + self.qk_rope_head_dim) as f64;
+        let q_b = match self.q_lora_rank {
+            Some(r) => r as f64 * heads * qk,
+            None => h * heads * qk,
+        };
+        let kv_b =
+            self.kv_lora_rank as f64 * heads * (self.qk_nope_head_dim + self.v_head_dim) as f64;
+        let o = heads * self.v_head_dim as f64 * h;
+        self.layers() * (q_b + kv_b + o)
+            + self.dense_layers() * self.dense_ffn_params()
+            + self.moe_layers() * self.n_shared_experts as f64 * self.expert_params()
+    }
+
+    /// Replicated linear weights one GPU of a TP-`tp` attention rank holds and multiplies by.
+    pub fn replicated_linear_params_per_gpu(&self, tp: usize) -> f64 {
+        let split = self.tp_split_params();
+        self.replicated_linear_params() - split + split / tp.max(1) as f64
+    }
+
+    /// Weight bytes on one GPU holding `expert_slots` routed experts per MoE layer, in an attention
+    /// rank of `tp` GPUs (embedding and lm_head vocab-parallel across them).
+    pub fn weight_bytes_per_gpu(&self, expert_slots: f64, tp: usize) -> f64 {
+        (self.replicated_linear_params_per_gpu(tp)
+            + self.moe_layers() * expert_slots * self.expert_params())
             * LINEAR_WEIGHT_BYTES
-            + 2.0 * self.lm_head_params() * EMBED_WEIGHT_BYTES
+            + 2.0 * self.lm_head_params() * EMBED_WEIGHT_BYTES / tp.max(1) as f64
     }
 
     /// Latent KV bytes per token over all layers: (kv_lora_rank + qk_rope_head_dim) × 2 B × layers
@@ -266,7 +294,13 @@ mod tests {
         assert_eq!(m.kv_bytes_per_token(), 70_272);
         assert!(close(m.decode_attn_flops_per_ctx(), 16.99e6, 0.001));
         // Prefill weights per GPU at EP32 with 9 routed slots: ≈ 42 GB (anchors §10b).
-        assert!(close(m.weight_bytes_per_gpu(9.0), 42e9, 0.03));
+        assert!(close(m.weight_bytes_per_gpu(9.0, 1), 42e9, 0.03));
+        // TP splits the per-head MLA projections, dense FFNs and shared experts, not the latent
+        // down-projections or routers: most of the replicated weights, never all of them.
+        let split = m.tp_split_params() / m.replicated_linear_params();
+        assert!((0.7..0.95).contains(&split), "{split}");
+        assert!(m.weight_bytes_per_gpu(9.0, 8) < m.weight_bytes_per_gpu(9.0, 1));
+        assert!(m.replicated_linear_params_per_gpu(8) > m.replicated_linear_params() / 8.0);
         let (d, c) = m.ep_bytes_per_copy();
         assert_eq!((d, c), (7392.0, 14336.0));
     }

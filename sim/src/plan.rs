@@ -4,13 +4,13 @@
 //!
 //! Prefill and decode are sized separately, then verified together:
 //!
-//! 1. **Decode**: for every EP size (whole nodes) and batch cap, one decode group runs the workload's
-//!    mean context with the batch full. Options whose TPOT p99 stays within the SLO (with a margin for
-//!    the variance of real lengths) give output tokens/s per node, hence the decode nodes the target
-//!    rate needs, rounded up to whole EP groups.
-//! 2. **Prefill**: for every EP size and per-GPU token budget, one group prefills the mean prompt at
-//!    saturation; the nodes needed follow at a target utilisation that leaves queueing headroom for
-//!    the TTFT SLO.
+//! 1. **Decode**: for every EP size (whole nodes), attention TP size and batch cap, one decode group
+//!    runs the workload's mean context with the batch full. Options whose TPOT p99 stays within the
+//!    SLO (with a margin for the variance of real lengths) give output tokens/s per node, hence the
+//!    decode nodes the target rate needs, rounded up to whole EP groups.
+//! 2. **Prefill**: for every EP size, attention TP size and per-GPU token budget, one group prefills
+//!    the mean prompt at saturation; the nodes needed follow at a target utilisation that leaves
+//!    queueing headroom for the TTFT SLO.
 //! 3. **Verify**: the best few prefill and decode options are combined and the whole PD cluster is
 //!    simulated at the target rate with Poisson arrivals and the workload's length distributions.
 //!    A combination missing TTFT gets another prefill group, one missing TPOT another decode group,
@@ -61,13 +61,22 @@ pub struct PlanRequest {
     /// Requests simulated when verifying a candidate cluster.
     pub verify_requests: usize,
     pub decode_eps: Vec<usize>,
+    /// Attention TP sizes tried inside each decode / prefill EP group (1: pure DP attention).
+    pub decode_tps: Vec<usize>,
     pub decode_batches: Vec<usize>,
     pub prefill_eps: Vec<usize>,
+    pub prefill_tps: Vec<usize>,
     pub prefill_tokens: Vec<usize>,
 }
 
 /// EP sizes tried for decode: one node up to DeepSeek's 144 (anchors §1), SGLang's 72 (§2) between.
 pub const DECODE_EPS: [usize; 7] = [8, 16, 32, 64, 72, 128, 144];
+/// Attention TP sizes tried for decode: pure DP attention (DeepSeek, SGLang) and one NVLink node. TP
+/// splits the weights each GPU reads per step, which can win a tight TPOT at small batches; it buys
+/// no KV room, since every GPU of a rank holds the whole latent.
+pub const DECODE_TPS: [usize; 2] = [1, 8];
+/// Attention TP sizes tried for prefill: DP, and the V3 report's TP4 (anchors §1b).
+pub const PREFILL_TPS: [usize; 2] = [1, 4];
 /// Decode batch caps per GPU tried: LMSYS runs 256, DeepSeek's profile 128 (§1b, §2).
 pub const DECODE_BATCHES: [usize; 6] = [16, 32, 64, 96, 128, 256];
 /// Prefill EP sizes tried: DeepSeek and LMSYS both use 32 (4 nodes).
@@ -92,6 +101,7 @@ const OPTION_OUTPUT_TOKENS: u64 = 32;
 #[derive(Debug, Clone, Serialize)]
 pub struct SideOption {
     pub ep: usize,
+    pub tp: usize,
     /// Batch cap (decode) or tokens per GPU per step (prefill).
     pub knob: usize,
     pub nodes: usize,
@@ -105,6 +115,8 @@ pub struct Candidate {
     pub decode_nodes: usize,
     pub prefill_ep: usize,
     pub decode_ep: usize,
+    pub prefill_tp: usize,
+    pub decode_tp: usize,
     pub decode_batch_per_gpu: usize,
     pub prefill_tokens_per_gpu: usize,
     pub gpus: usize,
@@ -124,6 +136,8 @@ impl PlanRequest {
             gpus_per_node: self.gpus_per_node,
             prefill_ep: self.gpus_per_node,
             decode_ep: self.gpus_per_node,
+            prefill_tp: 1,
+            decode_tp: 1,
             decode_batch_per_gpu: 128,
             prefill_tokens_per_gpu: 16384,
             mtp_accept: self.mtp_accept,
@@ -136,6 +150,13 @@ impl PlanRequest {
         }
     }
 
+    /// Whether attention TP `tp` splits an EP group of `ep` GPUs and the model's heads evenly.
+    fn tp_fits(&self, ep: usize, tp: usize) -> bool {
+        tp > 0
+            && ep.is_multiple_of(tp)
+            && (self.model.num_attention_heads as usize).is_multiple_of(tp)
+    }
+
     fn run(&self, cfg: SimConfig, w: Synthetic) -> Result<Report, SimError> {
         let reqs = w.generate(&mut Rng::new(self.seed))?;
         Ok(Simulation::new(cfg, reqs)?.run())
@@ -145,13 +166,17 @@ impl PlanRequest {
         let (isl, osl) = (self.input.mean(), self.output.mean());
         let ctx = (isl + osl / 2.0).max(OPTION_OUTPUT_TOKENS as f64);
         let mut out = Vec::new();
-        for &ep in self
+        let eps = self
             .decode_eps
             .iter()
-            .filter(|&&e| e % self.gpus_per_node == 0)
-        {
+            .filter(|&&e| e % self.gpus_per_node == 0);
+        for (&ep, &tp) in eps.flat_map(|e| self.decode_tps.iter().map(move |t| (e, t))) {
+            if !self.tp_fits(ep, tp) {
+                continue;
+            }
             let shape = GroupShape {
                 ep,
+                tp,
                 gpus_per_node: self.gpus_per_node,
                 mtp_drafts: usize::from(self.mtp_accept.is_some()),
                 balanced_moe: false,
@@ -161,7 +186,8 @@ impl PlanRequest {
             else {
                 continue; // The weights do not fit at this EP size.
             };
-            let fit = pages as usize / pages_for((isl + osl) as usize).max(1);
+            // Sequences per GPU the pool holds: a rank of `tp` GPUs has one GPU's pool.
+            let fit = pages as usize / pages_for((isl + osl) as usize).max(1) / tp;
             for &b in &self.decode_batches {
                 if b > fit.max(1) {
                     continue;
@@ -169,6 +195,7 @@ impl PlanRequest {
                 let mut cfg = self.sim_config();
                 cfg.decode_nodes = ep / self.gpus_per_node;
                 cfg.decode_ep = ep;
+                cfg.decode_tp = tp;
                 cfg.decode_batch_per_gpu = b;
                 let w = Synthetic {
                     requests: ep * b,
@@ -189,6 +216,7 @@ impl PlanRequest {
                 let needed = self.rate * osl / (per_node * DECODE_UTILISATION).max(1e-9);
                 out.push(SideOption {
                     ep,
+                    tp,
                     knob: b,
                     nodes: round_up(needed.ceil() as usize, unit),
                     tokens_per_s_per_node: per_node,
@@ -201,15 +229,19 @@ impl PlanRequest {
     fn prefill_options(&self) -> Result<Vec<SideOption>, SimError> {
         let isl = self.input.mean();
         let mut out = Vec::new();
-        for &ep in self
+        let eps = self
             .prefill_eps
             .iter()
-            .filter(|&&e| e % self.gpus_per_node == 0)
-        {
+            .filter(|&&e| e % self.gpus_per_node == 0);
+        for (&ep, &tp) in eps.flat_map(|e| self.prefill_tps.iter().map(move |t| (e, t))) {
+            if !self.tp_fits(ep, tp) {
+                continue;
+            }
             for &tokens in &self.prefill_tokens {
                 let mut cfg = self.sim_config();
                 cfg.prefill_nodes = ep / self.gpus_per_node;
                 cfg.prefill_ep = ep;
+                cfg.prefill_tp = tp;
                 cfg.prefill_tokens_per_gpu = tokens;
                 let computed = (isl * (1.0 - self.prefix_ratio)).max(1.0);
                 // About eight full steps of the group.
@@ -236,6 +268,7 @@ impl PlanRequest {
                 let needed = self.rate * isl / (per_node * PREFILL_UTILISATION).max(1e-9);
                 out.push(SideOption {
                     ep,
+                    tp,
                     knob: tokens,
                     nodes: round_up(needed.ceil() as usize, unit),
                     tokens_per_s_per_node: per_node,
@@ -251,6 +284,7 @@ impl PlanRequest {
                 .cmp(&b.nodes)
                 .then(b.tokens_per_s_per_node.total_cmp(&a.tokens_per_s_per_node))
                 .then(a.ep.cmp(&b.ep))
+                .then(a.tp.cmp(&b.tp))
                 .then(a.knob.cmp(&b.knob))
         });
         v.truncate(OPTIONS_KEPT);
@@ -266,6 +300,8 @@ impl PlanRequest {
             cfg.decode_nodes = d_nodes;
             cfg.prefill_ep = p.ep;
             cfg.decode_ep = d.ep;
+            cfg.prefill_tp = p.tp;
+            cfg.decode_tp = d.tp;
             cfg.prefill_tokens_per_gpu = p.knob;
             cfg.decode_batch_per_gpu = d.knob;
             let w = Synthetic {
@@ -285,6 +321,8 @@ impl PlanRequest {
                 decode_nodes: d_nodes,
                 prefill_ep: p.ep,
                 decode_ep: d.ep,
+                prefill_tp: p.tp,
+                decode_tp: d.tp,
                 decode_batch_per_gpu: d.knob,
                 prefill_tokens_per_gpu: p.knob,
                 gpus,
@@ -355,21 +393,23 @@ pub fn cluster_toml(c: &Candidate, req: &PlanRequest, model_dir: &str) -> Result
     cfg.model.path = Some(model_dir.to_string());
     cfg.model.dtype = "bf16".into();
     let g = req.gpus_per_node;
-    cfg.prefill.workers = c.prefill_nodes * g;
+    // One prefill worker and one decode group per attention rank (`tp` GPUs).
+    cfg.prefill.workers = c.prefill_nodes * g / c.prefill_tp;
     cfg.prefill.kv_pages = c.report.kv_pages_per_prefill_gpu;
-    cfg.prefill.token_budget = c.prefill_tokens_per_gpu;
-    cfg.prefill.chunk_tokens = c.prefill_tokens_per_gpu;
-    cfg.decode.groups = c.decode_nodes * g;
+    cfg.prefill.token_budget = c.prefill_tokens_per_gpu * c.prefill_tp;
+    cfg.prefill.chunk_tokens = c.prefill_tokens_per_gpu * c.prefill_tp;
+    cfg.decode.groups = c.decode_nodes * g / c.decode_tp;
     cfg.decode.kv_pages = c.report.kv_pages_per_decode_gpu;
-    cfg.decode.max_running = c.decode_batch_per_gpu;
+    cfg.decode.max_running = c.decode_batch_per_gpu * c.decode_tp;
     cfg.decode.token_budget =
-        c.decode_batch_per_gpu * (1 + usize::from(req.mtp_accept.is_some())) + 512;
+        c.decode_batch_per_gpu * c.decode_tp * (1 + usize::from(req.mtp_accept.is_some())) + 512;
     cfg.validate()
         .map_err(|e| SimError::Invalid(format!("planned config: {e}")))?;
     let header = format!(
         "# Written by `duet plan` for {gpu} × {gpus} ({pn} prefill + {dn} decode nodes of {g}).\n\
-         # Parallelism (not in the schema yet): prefill EP{pep} / DP{pep} attention per instance,\n\
-         # decode EP{dep} / DP{dep}; one prefill worker and one decode group per GPU.\n\
+         # Parallelism (not in the schema yet): prefill EP{pep} with DP{pdp} × TP{ptp} attention per\n\
+         # instance, decode EP{dep} with DP{ddp} × TP{dtp}; one prefill worker and one decode group\n\
+         # per attention rank.\n\
          # Predicted at {rate} req/s: TTFT p99 {ttft:.0} ms, TPOT p99 {tpot:.1} ms, \
          {out:.0} output tok/s per decode node.\n\n",
         gpu = req.gpu.name,
@@ -378,6 +418,10 @@ pub fn cluster_toml(c: &Candidate, req: &PlanRequest, model_dir: &str) -> Result
         dn = c.decode_nodes,
         pep = c.prefill_ep,
         dep = c.decode_ep,
+        pdp = c.prefill_ep / c.prefill_tp,
+        ptp = c.prefill_tp,
+        ddp = c.decode_ep / c.decode_tp,
+        dtp = c.decode_tp,
         rate = req.rate,
         ttft = c.report.ttft_ms_p99,
         tpot = c.report.tpot_ms_p99,
@@ -397,6 +441,8 @@ pub fn ansible_inventory(c: &Candidate, req: &PlanRequest) -> String {
     s.push_str("    duet_config: duet.toml\n");
     s.push_str(&format!("    duet_prefill_ep: {}\n", c.prefill_ep));
     s.push_str(&format!("    duet_decode_ep: {}\n", c.decode_ep));
+    s.push_str(&format!("    duet_prefill_tp: {}\n", c.prefill_tp));
+    s.push_str(&format!("    duet_decode_tp: {}\n", c.decode_tp));
     s.push_str("  children:\n    duet_gateway:\n      hosts:\n        gateway-0:\n");
     s.push_str("          ansible_host: gateway-0.invalid\n");
     for (role, nodes, ep) in [
@@ -438,8 +484,10 @@ mod tests {
             seed: 1,
             verify_requests: 60,
             decode_eps: vec![8],
+            decode_tps: vec![1],
             decode_batches: vec![16, 32],
             prefill_eps: vec![8],
+            prefill_tps: vec![1],
             prefill_tokens: vec![4096],
         };
         let cands = search(&req).unwrap();

@@ -68,6 +68,8 @@ pub struct Report {
     pub gpus_per_node: usize,
     pub prefill_ep: usize,
     pub decode_ep: usize,
+    pub prefill_tp: usize,
+    pub decode_tp: usize,
     pub decode_batch_per_gpu: usize,
     pub prefill_tokens_per_gpu: usize,
     pub kv_pages_per_prefill_gpu: u32,
@@ -157,13 +159,15 @@ impl Report {
             (
                 "cluster",
                 format!(
-                    "{} × {}: {} prefill nodes (EP{}), {} decode nodes (EP{}), {} GPUs/node",
+                    "{} × {}: {} prefill nodes (EP{}{}), {} decode nodes (EP{}{}), {} GPUs/node",
                     self.prefill_nodes + self.decode_nodes,
                     self.gpu,
                     self.prefill_nodes,
                     self.prefill_ep,
+                    tp_note(self.prefill_tp),
                     self.decode_nodes,
                     self.decode_ep,
+                    tp_note(self.decode_tp),
                     self.gpus_per_node
                 ),
             ),
@@ -255,6 +259,15 @@ impl Report {
         rows.iter()
             .map(|(k, v)| format!("{k:<w$}  {v}\n"))
             .collect()
+    }
+}
+
+/// ", attention TP4" after an EP size; nothing for pure DP attention.
+fn tp_note(tp: usize) -> String {
+    if tp > 1 {
+        format!(", attention TP{tp}")
+    } else {
+        String::new()
     }
 }
 

@@ -13,6 +13,8 @@ fn cfg(seed: u64) -> SimConfig {
         gpus_per_node: 8,
         prefill_ep: 8,
         decode_ep: 8,
+        prefill_tp: 1,
+        decode_tp: 1,
         decode_batch_per_gpu: 32,
         prefill_tokens_per_gpu: 8192,
         mtp_accept: Some(0.8),

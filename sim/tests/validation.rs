@@ -33,6 +33,8 @@ fn base(gpu: &str) -> SimConfig {
         gpus_per_node: 8,
         prefill_ep: 32,
         decode_ep: 128,
+        prefill_tp: 1,
+        decode_tp: 1,
         decode_batch_per_gpu: 128,
         prefill_tokens_per_gpu: 16384,
         mtp_accept: None,
