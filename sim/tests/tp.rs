@@ -6,60 +6,18 @@ use duet_sim::{
     Calibration, ModelConfig, Report, SimConfig, SimError, Simulation, hardware, rng::Rng,
 };
 
-/// Decode on `nodes` nodes of `gpu` as one EP group, attention TP `tp`.
-fn decode(
-    gpu: &str,
-    nodes: usize,
-    tp: usize,
-    batch_per_gpu: usize,
-    ctx: u64,
-) -> Result<Report, SimError> {
-    let cfg = SimConfig {
+/// `nodes` nodes of `gpu`, as one EP group of the phase under test (the other phase has none).
+fn base(gpu: &str) -> SimConfig {
+    SimConfig {
         model: ModelConfig::deepseek_v3(),
         gpu: hardware::gpu(gpu).unwrap(),
         calibration: Calibration::default(),
         prefill_nodes: 0,
-        decode_nodes: nodes,
-        gpus_per_node: 8,
-        prefill_ep: 8,
-        decode_ep: nodes * 8,
-        prefill_tp: 1,
-        decode_tp: tp,
-        decode_batch_per_gpu: batch_per_gpu,
-        prefill_tokens_per_gpu: 16384,
-        mtp_accept: None,
-        balanced_moe: true,
-        prefix_cache: false,
-        seed: 5,
-        slo_ttft_ms: 2000.0,
-        slo_tpot_ms: 50.0,
-        invariant_check_every: 8,
-    };
-    let w = Synthetic {
-        requests: nodes * 8 * batch_per_gpu,
-        arrivals: Arrivals::Saturate,
-        input: LenDist::Fixed(ctx),
-        output: LenDist::Fixed(32),
-        prefix_ratio: 0.0,
-        prefix_groups: 1,
-    };
-    let r = Simulation::new(cfg, w.generate(&mut Rng::new(5))?)?.run();
-    assert_eq!(r.requests_failed, 0, "{r:?}");
-    Ok(r)
-}
-
-/// Prefill on `nodes` H800 nodes as one EP group, attention TP `tp`.
-fn prefill(nodes: usize, tp: usize) -> Report {
-    let cfg = SimConfig {
-        model: ModelConfig::deepseek_v3(),
-        gpu: hardware::gpu("h800").unwrap(),
-        calibration: Calibration::default(),
-        prefill_nodes: nodes,
         decode_nodes: 0,
         gpus_per_node: 8,
-        prefill_ep: nodes * 8,
+        prefill_ep: 8,
         decode_ep: 8,
-        prefill_tp: tp,
+        prefill_tp: 1,
         decode_tp: 1,
         decode_batch_per_gpu: 128,
         prefill_tokens_per_gpu: 8192,
@@ -70,18 +28,47 @@ fn prefill(nodes: usize, tp: usize) -> Report {
         slo_ttft_ms: 2000.0,
         slo_tpot_ms: 50.0,
         invariant_check_every: 8,
-    };
+    }
+}
+
+fn run(cfg: SimConfig, requests: usize, isl: u64, osl: u64) -> Result<Report, SimError> {
     let w = Synthetic {
-        requests: nodes * 8 * 8 * 4,
+        requests,
         arrivals: Arrivals::Saturate,
-        input: LenDist::Fixed(2048),
-        output: LenDist::Fixed(1),
+        input: LenDist::Fixed(isl),
+        output: LenDist::Fixed(osl),
         prefix_ratio: 0.0,
         prefix_groups: 1,
     };
-    Simulation::new(cfg, w.generate(&mut Rng::new(5)).unwrap())
-        .unwrap()
-        .run()
+    let r = Simulation::new(cfg, w.generate(&mut Rng::new(5))?)?.run();
+    assert_eq!(r.requests_failed, 0, "{r:?}");
+    Ok(r)
+}
+
+/// Decode on `nodes` nodes of `gpu` as one EP group, attention TP `tp`, one wave of full batches.
+fn decode(
+    gpu: &str,
+    nodes: usize,
+    tp: usize,
+    batch_per_gpu: usize,
+    ctx: u64,
+) -> Result<Report, SimError> {
+    let mut cfg = base(gpu);
+    cfg.decode_nodes = nodes;
+    cfg.decode_ep = nodes * 8;
+    cfg.decode_tp = tp;
+    cfg.decode_batch_per_gpu = batch_per_gpu;
+    run(cfg, nodes * 8 * batch_per_gpu, ctx, 32)
+}
+
+/// Prefill of 2K prompts on `nodes` H800 nodes as one EP group, attention TP `tp`, 8 K tokens per
+/// GPU per step.
+fn prefill(nodes: usize, tp: usize) -> Report {
+    let mut cfg = base("h800");
+    cfg.prefill_nodes = nodes;
+    cfg.prefill_ep = nodes * 8;
+    cfg.prefill_tp = tp;
+    run(cfg, nodes * 8 * 8 * 4, 2048, 1).unwrap()
 }
 
 /// MLA's latent KV is one tensor for all heads, so every GPU of a TP rank holds all of it: TP8 has
