@@ -1,6 +1,5 @@
 //! `duet sim-calibrate-cpu` and `duet sim --gpu FILE.toml` through the real binary: the profile
-//! the calibration writes is one the simulator runs, and a bad profile is a clear error; and
-//! `duet sim --chart-dir` writes every chart as SVG and PNG.
+//! the calibration writes is one the simulator runs, and a bad profile is a clear error.
 
 mod common;
 
@@ -43,10 +42,12 @@ fn a_calibrated_cpu_profile_drives_the_simulator() {
     ]));
     assert!(fit["fitted_layer_gflops"].as_f64().unwrap() > 0.0, "{fit}");
     assert!(fit["fitted_head_gflops"].as_f64().unwrap() > 0.0, "{fit}");
-    // The fit reproduces the steps it was fitted to (decode batch 1 and 4 exactly; prefill unless its
-    // overhead had to be clamped at 0).
+    // The fit reproduces the steps it was fitted to: decode batch 1 and 4 exactly, unless the decode
+    // overhead had to be clamped at 0 (a noisy machine can time the prefills slow enough that the
+    // fitted layers alone exceed a decode step); prefill likewise.
+    let clamped = fit["decode_step_overhead_us"].as_f64().unwrap() == 0.0;
     for s in fit["steps"].as_array().unwrap() {
-        if s.get("decode_batch").is_some() {
+        if s.get("decode_batch").is_some() && !clamped {
             let (m, p) = (
                 s["measured_us"].as_f64().unwrap(),
                 s["model_us"].as_f64().unwrap(),
@@ -127,64 +128,4 @@ fn a_calibrated_cpu_profile_drives_the_simulator() {
     ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/cpu.toml"));
-}
-
-#[test]
-fn charts_come_out_as_svg_and_png() {
-    let dir = common::tmp("sim-charts");
-    let dir_s = dir.to_str().unwrap();
-    let report = ok_json(duet(&[
-        "sim",
-        "--gpu",
-        "h800",
-        "--prefill-nodes",
-        "4",
-        "--decode-nodes",
-        "4",
-        "--isl",
-        "2000",
-        "--osl",
-        "100",
-        "--rate",
-        "20",
-        "--requests",
-        "300",
-        "--sweep-rates",
-        "10,40",
-        "--chart-dir",
-        dir_s,
-        "--json",
-    ]));
-    assert_eq!(report["requests_finished"], 300, "{report}");
-    for name in [
-        "ttft_cdf",
-        "tpot_cdf",
-        "throughput_vs_rate",
-        "latency_vs_rate",
-    ] {
-        let svg = std::fs::read_to_string(dir.join(format!("{name}.svg"))).unwrap();
-        assert!(
-            svg.starts_with("<svg") && svg.contains("</svg>"),
-            "{name}.svg"
-        );
-        let png = std::fs::read(dir.join(format!("{name}.png"))).unwrap();
-        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{name}.png");
-    }
-    let latency = std::fs::read_to_string(dir.join("latency_vs_rate.svg")).unwrap();
-    assert!(latency.contains("TTFT p99") && latency.contains("requests/s"));
-
-    // Rates without a place to draw them are refused rather than simulated for nothing.
-    let o = duet(&[
-        "sim",
-        "--gpu",
-        "h800",
-        "--prefill-nodes",
-        "4",
-        "--decode-nodes",
-        "4",
-        "--sweep-rates",
-        "10",
-    ]);
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--chart-dir"));
 }

@@ -1,0 +1,83 @@
+//! `duet sim --chart-dir` through the real binary: every chart as SVG and PNG. Its own test binary:
+//! cargo runs test binaries one at a time, so this simulation never runs beside
+//! `cli_sim.rs`'s CPU timing loops.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn duet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_duet"))
+        .env("DUET_CACHE_DIR", common::cache_dir())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn charts_come_out_as_svg_and_png() {
+    let dir = common::tmp("sim-charts");
+    let dir_s = dir.to_str().unwrap();
+    let out = duet(&[
+        "sim",
+        "--gpu",
+        "h800",
+        "--prefill-nodes",
+        "4",
+        "--decode-nodes",
+        "4",
+        "--isl",
+        "2000",
+        "--osl",
+        "100",
+        "--rate",
+        "20",
+        "--requests",
+        "300",
+        "--sweep-rates",
+        "10,40",
+        "--chart-dir",
+        dir_s,
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["requests_finished"], 300, "{report}");
+    for name in [
+        "ttft_cdf",
+        "tpot_cdf",
+        "throughput_vs_rate",
+        "latency_vs_rate",
+    ] {
+        let svg = std::fs::read_to_string(dir.join(format!("{name}.svg"))).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("</svg>"),
+            "{name}.svg"
+        );
+        let png = std::fs::read(dir.join(format!("{name}.png"))).unwrap();
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{name}.png");
+    }
+    let latency = std::fs::read_to_string(dir.join("latency_vs_rate.svg")).unwrap();
+    assert!(latency.contains("TTFT p99") && latency.contains("requests/s"));
+
+    // Rates without a place to draw them are refused rather than simulated for nothing.
+    let o = duet(&[
+        "sim",
+        "--gpu",
+        "h800",
+        "--prefill-nodes",
+        "4",
+        "--decode-nodes",
+        "4",
+        "--sweep-rates",
+        "10",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--chart-dir"));
+}
