@@ -1,32 +1,18 @@
 //! The model CLI contracts (`duet logits`, `duet generate`, `duet tiny-model`), driven through the
 //! real binary as scripts use it, and the errors a bad model directory gets.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use common::{duet, ok_json};
 use duet_model::safetensors_io::{TensorBytes, write};
 use serde_json::Value;
-
-fn duet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_duet"))
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden/fixtures")
         .join(name)
-}
-
-fn ok_json(out: Output) -> Value {
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]

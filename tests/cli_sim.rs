@@ -3,26 +3,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
-use serde_json::Value;
-
-fn duet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_duet"))
-        .env("DUET_CACHE_DIR", common::cache_dir())
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok_json(out: Output) -> Value {
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+use common::{duet, ok_json};
 
 #[test]
 fn a_calibrated_cpu_profile_drives_the_simulator() {

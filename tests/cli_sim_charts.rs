@@ -4,23 +4,13 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
-use serde_json::Value;
-
-fn duet(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_duet"))
-        .env("DUET_CACHE_DIR", common::cache_dir())
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::{duet, ok_json};
 
 #[test]
 fn charts_come_out_as_svg_and_png() {
     let dir = common::tmp("sim-charts");
     let dir_s = dir.to_str().unwrap();
-    let out = duet(&[
+    let report = ok_json(duet(&[
         "sim",
         "--gpu",
         "h800",
@@ -41,13 +31,7 @@ fn charts_come_out_as_svg_and_png() {
         "--chart-dir",
         dir_s,
         "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    ]));
     assert_eq!(report["requests_finished"], 300, "{report}");
     for name in [
         "ttft_cdf",

@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use duet_actors::openai::sse::{SseParser, is_done};
@@ -18,6 +18,25 @@ pub struct Server {
 /// The tests' model cache: the embedded default model is written here once, not into $HOME.
 pub fn cache_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("duet-cache")
+}
+
+/// Runs the `duet` binary to completion, as a user runs a one-shot command.
+pub fn duet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_duet"))
+        .env("DUET_CACHE_DIR", cache_dir())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The JSON a successful command printed; fails the test with its stderr otherwise.
+pub fn ok_json(out: Output) -> Value {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 impl Server {
