@@ -207,7 +207,13 @@ pub async fn start_front(
         Gateway,
         GatewayArgs {
             board: board.clone(),
-            router: PrefillRouterConfig::default(),
+            // The gateway's picture of each worker's prefix cache holds no more than the worker's
+            // own pool: beyond it the worker has evicted, and "cached" would only pull requests
+            // to a worker that must recompute them anyway.
+            router: PrefillRouterConfig {
+                tree_pages_max: cfg.prefill.kv_pages as usize,
+                ..PrefillRouterConfig::default()
+            },
             balance,
         },
     )
