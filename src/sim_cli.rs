@@ -89,9 +89,12 @@ pub struct SimArgs {
     requests: usize,
     #[arg(long, default_value_t = 64)]
     prefix_groups: u32,
-    /// Routed-expert load perfectly balanced (DeepSeek's profile setup) instead of the EPLB factor.
-    #[arg(long)]
+    /// Routed-expert load perfectly balanced (DeepSeek's profile setup) instead of EPLB's.
+    #[arg(long, conflicts_with = "no_eplb")]
     balanced_moe: bool,
+    /// Static expert sharding, no EPLB and no redundant experts: what EPLB buys.
+    #[arg(long)]
+    no_eplb: bool,
     #[arg(long)]
     no_prefix_cache: bool,
     /// Also run at these rates (comma-separated) and chart throughput and latency against rate.
@@ -208,7 +211,11 @@ pub fn run_sim(a: SimArgs) -> Result<()> {
         decode_batch_per_gpu: a.decode_batch_per_gpu,
         prefill_tokens_per_gpu: a.prefill_tokens_per_gpu,
         mtp_accept: a.common.mtp_accept,
-        balanced_moe: a.balanced_moe,
+        moe_balance: match (a.balanced_moe, a.no_eplb) {
+            (true, _) => duet_sim::MoeBalance::Balanced,
+            (_, true) => duet_sim::MoeBalance::Static,
+            _ => duet_sim::MoeBalance::Eplb,
+        },
         prefix_cache: !a.no_prefix_cache,
         seed: a.common.seed,
         slo_ttft_ms: a.common.slo_ttft_ms,
@@ -379,13 +386,14 @@ pub fn run_plan(a: PlanArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&top)?);
     } else {
         println!(
-            "{:>4} {:>5} {:>8} {:>8} {:>6} {:>5} {:>7} {:>5} {:>9} {:>9} {:>9}  SLO",
+            "{:>4} {:>5} {:>8} {:>8} {:>6} {:>5} {:>10} {:>7} {:>5} {:>9} {:>9} {:>9}  SLO",
             "GPUs",
             "$/h",
             "P nodes",
             "D nodes",
             "P EP",
             "P TP",
+            "P tok/GPU",
             "D EP",
             "D TP",
             "D batch",
@@ -394,13 +402,14 @@ pub fn run_plan(a: PlanArgs) -> Result<()> {
         );
         for c in &top {
             println!(
-                "{:>4} {:>5.0} {:>8} {:>8} {:>6} {:>5} {:>7} {:>5} {:>9} {:>9.0} {:>9.1}  {}",
+                "{:>4} {:>5.0} {:>8} {:>8} {:>6} {:>5} {:>10} {:>7} {:>5} {:>9} {:>9.0} {:>9.1}  {}",
                 c.gpus,
                 c.usd_per_hour,
                 c.prefill_nodes,
                 c.decode_nodes,
                 c.prefill_ep,
                 c.prefill_tp,
+                c.prefill_tokens_per_gpu,
                 c.decode_ep,
                 c.decode_tp,
                 c.decode_batch_per_gpu,

@@ -1,6 +1,6 @@
-//! `duet sim --chart-dir` through the real binary: every chart as SVG and PNG. Its own test binary:
-//! cargo runs test binaries one at a time, so this simulation never runs beside
-//! `cli_sim.rs`'s CPU timing loops.
+//! `duet sim` through the real binary: every chart of `--chart-dir` as SVG and PNG, and the expert
+//! balance flags. Its own test binary: cargo runs test binaries one at a time, so these simulations
+//! never run beside `cli_sim.rs`'s CPU timing loops.
 
 mod common;
 
@@ -64,4 +64,52 @@ fn charts_come_out_as_svg_and_png() {
     ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--chart-dir"));
+}
+
+#[test]
+fn expert_balance_flags_reach_the_report() {
+    let sim = |flag: Option<&str>| {
+        let mut args = vec![
+            "sim",
+            "--gpu",
+            "h800",
+            "--prefill-nodes",
+            "4",
+            "--decode-nodes",
+            "4",
+            "--isl",
+            "1000",
+            "--osl",
+            "20",
+            "--requests",
+            "100",
+            "--json",
+        ];
+        args.extend(flag);
+        duet(&args)
+    };
+    for (flag, name) in [
+        (None, "eplb"),
+        (Some("--no-eplb"), "static"),
+        (Some("--balanced-moe"), "balanced"),
+    ] {
+        let r = ok_json(sim(flag));
+        assert_eq!(r["moe_balance"], name, "{r}");
+        let imb = r["decode_expert_imbalance"].as_f64().unwrap();
+        assert_eq!(imb == 1.0, name == "balanced", "{r}");
+    }
+    let both = duet(&[
+        "sim",
+        "--gpu",
+        "h800",
+        "--prefill-nodes",
+        "1",
+        "--decode-nodes",
+        "1",
+        "--balanced-moe",
+        "--no-eplb",
+    ]);
+    assert!(!both.status.success());
+    let err = String::from_utf8_lossy(&both.stderr);
+    assert!(err.contains("--no-eplb"), "{err}");
 }

@@ -6,9 +6,11 @@
 //! - [`kv`]: one worker's KV page allocator and radix prefix cache.
 //! - [`sched`]: one worker's continuous-batching scheduler.
 //! - [`route`]: gateway-side prefill routing and decode DP-group balancing.
+//! - [`eplb`]: expert placement and redundant copies for an EP group, from expert load.
 //! - [`rng`]: the seeded generator every crate draws from (sampling, checkpoints, simulation).
 
 pub mod config;
+pub mod eplb;
 pub mod kv;
 pub mod rng;
 pub mod route;

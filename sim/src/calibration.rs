@@ -7,6 +7,9 @@ use crate::SimError;
 
 /// The embedded default calibration.
 pub const DEFAULT_CALIBRATION: &str = include_str!("../calibration.toml");
+/// Largest expert-load CV accepted: at 10 a log-normal puts nearly all load on a handful of experts,
+/// beyond anything routing with an auxiliary-loss-free balance term produces.
+const EXPERT_LOAD_CV_MAX: f64 = 10.0;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,7 +52,10 @@ pub struct Overlap {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Moe {
-    pub eplb_imbalance: f64,
+    /// Coefficient of variation of the experts' long-run loads within a layer (what EPLB places by).
+    pub expert_load_cv: f64,
+    /// Coefficient of variation of a step's per-expert load around its long-run value.
+    pub expert_load_drift_cv: f64,
     pub redundant_experts: u64,
 }
 
@@ -158,6 +164,8 @@ impl Calibration {
             ),
             ("pd.handoff_latency_us", self.pd.handoff_latency_us),
             ("mtp.draft_layer_cost", self.mtp.draft_layer_cost),
+            ("moe.expert_load_cv", self.moe.expert_load_cv),
+            ("moe.expert_load_drift_cv", self.moe.expert_load_drift_cv),
         ];
         for (name, v) in non_negative {
             if !(v.is_finite() && v >= 0.0) {
@@ -166,11 +174,15 @@ impl Calibration {
                 )));
             }
         }
-        if !(self.moe.eplb_imbalance.is_finite() && self.moe.eplb_imbalance >= 1.0) {
-            return Err(SimError::Calibration(format!(
-                "moe.eplb_imbalance = {} must be ≥ 1 (max over mean)",
-                self.moe.eplb_imbalance
-            )));
+        for (name, cv) in [
+            ("moe.expert_load_cv", self.moe.expert_load_cv),
+            ("moe.expert_load_drift_cv", self.moe.expert_load_drift_cv),
+        ] {
+            if cv > EXPERT_LOAD_CV_MAX {
+                return Err(SimError::Calibration(format!(
+                    "{name} = {cv} is above {EXPERT_LOAD_CV_MAX}: one expert would take nearly all tokens"
+                )));
+            }
         }
         Ok(())
     }
@@ -183,10 +195,12 @@ mod tests {
     #[test]
     fn default_parses_and_partial_override_merges() {
         let d = Calibration::default();
-        let c = Calibration::from_toml("[moe]\neplb_imbalance = 1.0\n").unwrap();
-        assert_eq!(c.moe.eplb_imbalance, 1.0);
+        let c = Calibration::from_toml("[moe]\nexpert_load_drift_cv = 0.0\n").unwrap();
+        assert_eq!(c.moe.expert_load_drift_cv, 0.0);
+        assert_eq!(c.moe.expert_load_cv, d.moe.expert_load_cv);
         assert_eq!(c.compute, d.compute);
-        assert!(Calibration::from_toml("[moe]\neplb_imbalance = 0.5\n").is_err());
+        assert!(Calibration::from_toml("[moe]\nexpert_load_cv = -0.5\n").is_err());
+        assert!(Calibration::from_toml("[moe]\nexpert_load_drift_cv = 50\n").is_err());
         assert!(Calibration::from_toml("[nope]\nx = 1\n").is_err());
         assert!(Calibration::from_toml("[moe]\ntypo = 1\n").is_err());
     }

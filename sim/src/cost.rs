@@ -17,8 +17,9 @@
 //!   `2 × params` FLOP per token at the GEMM efficiency, or one read of their FP8 weights per
 //!   micro-batch if that takes longer; lm_head only for tokens that sample;
 //! - **routed experts**: after dispatch each GPU holds `tokens_in_group × top_k / ep` token–expert
-//!   pairs on average, times the EPLB imbalance factor (max/mean; EPLB itself is not in core yet), each
-//!   `2 × 3·hidden·moe_inter` FLOP per MoE layer, or one read of the GPU's expert weights;
+//!   pairs on average, times the busiest GPU's share over the mean (see [`expert_imbalance`]: core's
+//!   EPLB placement scored on drawn expert loads), each `2 × 3·hidden·moe_inter` FLOP per MoE layer,
+//!   or one read of the GPU's expert weights;
 //! - **EP all-to-all** per MoE layer for the rank sending most: FP8 dispatch (hidden + scales) and BF16
 //!   combine per expert copy (§10d: 7,392 + 14,336 B for V3). Within one NVLink domain everything goes
 //!   over NVLink. Across nodes, prefill uses DeepEP's normal kernels, which send a token once per remote
@@ -38,10 +39,13 @@
 
 use serde::Serialize;
 
+use duet_core::eplb::{EplbShape, rebalance};
+
 use crate::SimError;
 use crate::calibration::Calibration;
 use crate::hardware::Gpu;
 use crate::model::ModelConfig;
+use crate::rng::Rng;
 
 /// Prefill or decode: which attention form, all-to-all kernels and overlap apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -80,8 +84,7 @@ pub struct GroupShape {
     pub gpus_per_node: usize,
     /// MTP draft tokens verified per decode step (0: no MTP).
     pub mtp_drafts: usize,
-    /// Routed load perfectly balanced (DeepSeek's profile setup) instead of the EPLB factor.
-    pub balanced_moe: bool,
+    pub moe_balance: MoeBalance,
 }
 
 /// The time of one step and its parts, µs.
@@ -93,6 +96,101 @@ pub struct StepCost {
     pub total_us: f64,
 }
 
+/// How routed-expert load spreads over an EP group's GPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoeBalance {
+    /// Core's EPLB places experts and redundant copies by their long-run load; each step's load
+    /// drifts from it (calibration `[moe]`). What DeepSeek and SGLang deploy.
+    Eplb,
+    /// Static sharding, expert `e` on GPU `e·ep/experts`, no redundant copies: an engine without
+    /// EPLB.
+    Static,
+    /// Every GPU gets the same load: DeepSeek's "perfectly balanced" profile setup.
+    Balanced,
+}
+
+/// Seed of the drawn expert loads: a property of the calibration, not of the workload's `--seed`.
+const EXPERT_LOAD_SEED: u64 = 0xe91b;
+/// Steps drawn per MoE layer when scoring a placement.
+const EXPERT_LOAD_DRAWS: usize = 4;
+
+/// The routed-expert compute of a step relative to perfect balance: the busiest GPU's load over the
+/// mean, averaged over the MoE layers (each layer waits for its own busiest GPU). Each layer draws
+/// its experts' long-run loads (log-normal, `expert_load_cv`), places them (core's EPLB with
+/// `slots` copies, or static sharding), then scores the placement on steps whose load drifts from
+/// the long-run one (log-normal factor per expert, `expert_load_drift_cv`): EPLB balances what it
+/// saw, not what comes.
+pub fn expert_imbalance(
+    model: &ModelConfig,
+    cal: &Calibration,
+    ep: usize,
+    gpus_per_node: usize,
+    slots: usize,
+    balance: MoeBalance,
+) -> Result<f64, SimError> {
+    if balance == MoeBalance::Balanced || ep <= 1 {
+        return Ok(1.0);
+    }
+    let experts = model.n_routed_experts as usize;
+    let groups = model.expert_groups() as usize;
+    let nodes = if ep > gpus_per_node && ep.is_multiple_of(gpus_per_node) {
+        ep / gpus_per_node
+    } else {
+        1
+    };
+    let eplb = EplbShape {
+        experts,
+        groups,
+        nodes,
+        gpus: ep,
+        slots,
+    };
+    let mut rng = Rng::new(EXPERT_LOAD_SEED);
+    let layers = model.moe_layers().max(1.0) as usize;
+    let mut sum = 0.0;
+    let mut gpu = vec![0.0; ep];
+    for _ in 0..layers {
+        let long_run: Vec<f64> = (0..experts)
+            .map(|_| rng.lognormal(1.0, cal.moe.expert_load_cv))
+            .collect();
+        let placement = match balance {
+            MoeBalance::Eplb => Some(
+                rebalance(&eplb, &long_run)
+                    .map_err(|e| SimError::Invalid(format!("expert placement: {e}")))?,
+            ),
+            _ => None,
+        };
+        for _ in 0..EXPERT_LOAD_DRAWS {
+            let step: Vec<f64> = long_run
+                .iter()
+                .map(|l| l * rng.lognormal(1.0, cal.moe.expert_load_drift_cv))
+                .collect();
+            let total: f64 = step.iter().sum();
+            match &placement {
+                Some(p) => {
+                    gpu = p
+                        .gpu_loads(&step)
+                        .map_err(|e| SimError::Invalid(format!("expert placement: {e}")))?
+                }
+                None => {
+                    gpu.iter_mut().for_each(|g| *g = 0.0);
+                    for (e, l) in step.iter().enumerate() {
+                        gpu[e * ep / experts] += l;
+                    }
+                }
+            }
+            let max = gpu.iter().copied().fold(0.0, f64::max);
+            sum += if total > 0.0 {
+                max / (total / ep as f64)
+            } else {
+                1.0
+            };
+        }
+    }
+    Ok(sum / (layers * EXPERT_LOAD_DRAWS) as f64)
+}
+
 /// Costs for one group shape on one GPU type. See the module doc.
 #[derive(Debug, Clone)]
 pub struct CostModel {
@@ -102,7 +200,8 @@ pub struct CostModel {
     pub shape: GroupShape,
     /// Routed-expert replicas each GPU holds per MoE layer.
     pub expert_slots: f64,
-    imbalance: f64,
+    /// See [`expert_imbalance`].
+    pub imbalance: f64,
     replicated_params: f64,
     replicated_bytes: f64,
     lm_head_params: f64,
@@ -131,17 +230,21 @@ impl CostModel {
                 shape.tp, shape.ep, model.num_attention_heads
             )));
         }
-        let redundant = if shape.ep > 1 {
+        // Static sharding has no redundant copies; EPLB's slots exist whatever the scoring.
+        let redundant = if shape.ep > 1 && shape.moe_balance != MoeBalance::Static {
             cal.moe.redundant_experts as f64
         } else {
             0.0
         };
         let expert_slots = ((model.n_routed_experts as f64 + redundant) / shape.ep as f64).ceil();
-        let imbalance = if shape.balanced_moe || shape.ep == 1 {
-            1.0
-        } else {
-            cal.moe.eplb_imbalance
-        };
+        let imbalance = expert_imbalance(
+            model,
+            cal,
+            shape.ep,
+            shape.gpus_per_node,
+            expert_slots as usize * shape.ep,
+            shape.moe_balance,
+        )?;
         Ok(CostModel {
             model: model.clone(),
             gpu,
@@ -346,13 +449,13 @@ mod tests {
     use super::*;
     use crate::hardware::gpu;
 
-    fn cost(ep: usize, balanced: bool) -> CostModel {
+    fn cost(ep: usize, balance: MoeBalance) -> CostModel {
         let shape = GroupShape {
             ep,
             tp: 1,
             gpus_per_node: 8,
             mtp_drafts: 0,
-            balanced_moe: balanced,
+            moe_balance: balance,
         };
         CostModel::new(
             &ModelConfig::deepseek_v3(),
@@ -367,7 +470,7 @@ mod tests {
     fn decode_attention_roofline_matches_anchors_cross_check() {
         // anchors §11: batch 128 at 4K on H800: KV read 12.3 ms at 3.0 TB/s, FLOPs 13.5 ms at
         // 660 TFLOPS; the absorbed kernel is compute-bound by a hair.
-        let c = cost(128, true);
+        let c = cost(128, MoeBalance::Balanced);
         let mut w = RankWork::default();
         for _ in 0..128 {
             c.add_decode_item(&mut w, 4095, 1, true);
@@ -380,7 +483,7 @@ mod tests {
 
     #[test]
     fn step_grows_with_batch_and_context() {
-        let c = cost(32, false);
+        let c = cost(32, MoeBalance::Eplb);
         let step = |n: usize, start: usize| {
             let mut w = RankWork::default();
             c.add_prefill_item(&mut w, start, n, true);
@@ -391,5 +494,32 @@ mod tests {
         assert!(c.kv_pages_per_gpu().unwrap() > 1000);
         // 4K-token prompt: 288 MB at 40 GB/s ≈ 7.2 ms (anchors §11 "≈ 6–7 ms").
         assert!((c.kv_transfer_us(4096) / 1e3 - 7.2).abs() < 0.2);
+    }
+
+    /// What users of EPLB see: it beats static sharding, redundant copies help, and the residual
+    /// imbalance grows with the EP size (fewer experts per GPU average out less drift).
+    #[test]
+    fn expert_imbalance_follows_placement_and_ep_size() {
+        let m = ModelConfig::deepseek_v3();
+        let cal = Calibration::default();
+        let imb = |ep: usize, slots: usize, b: MoeBalance| {
+            expert_imbalance(&m, &cal, ep, 8, slots, b).unwrap()
+        };
+        assert_eq!(imb(32, 288, MoeBalance::Balanced), 1.0);
+        assert_eq!(imb(1, 256, MoeBalance::Eplb), 1.0);
+        let eplb32 = imb(32, 288, MoeBalance::Eplb);
+        let static32 = imb(32, 256, MoeBalance::Static);
+        assert!(
+            eplb32 > 1.0 && eplb32 < static32,
+            "EPLB {eplb32} static {static32}"
+        );
+        assert!(
+            imb(32, 256, MoeBalance::Eplb) > eplb32,
+            "no redundant copies"
+        );
+        let eplb144 = imb(144, 288, MoeBalance::Eplb);
+        assert!(eplb144 > eplb32, "EP144 {eplb144} EP32 {eplb32}");
+        // Deterministic: a property of the calibration, not of a run's seed.
+        assert_eq!(imb(32, 288, MoeBalance::Eplb), eplb32);
     }
 }

@@ -20,7 +20,7 @@
 
 use crate::SimError;
 use crate::calibration::Calibration;
-use crate::cost::{CostModel, GroupShape, Phase, RankWork};
+use crate::cost::{CostModel, GroupShape, MoeBalance, Phase, RankWork};
 use crate::hardware::Gpu;
 use crate::model::ModelConfig;
 
@@ -59,7 +59,7 @@ const SHAPE: GroupShape = GroupShape {
     tp: 1,
     gpus_per_node: 1,
     mtp_drafts: 0,
-    balanced_moe: true,
+    moe_balance: MoeBalance::Balanced,
 };
 
 /// Fits a CPU profile for `model` to the measurements. See the module doc.
@@ -87,7 +87,7 @@ pub fn fit(model: &ModelConfig, m: &CpuMeasurements) -> Result<CpuProfile, SimEr
              attn_decode_efficiency = 1.0\nhbm_efficiency = 1.0\n\
              [overlap]\nprefill_overlap = 0.0\ndecode_overlap = 0.0\n\
              prefill_step_overhead_us = {prefill_us:.1}\ndecode_step_overhead_us = {decode_us:.1}\n\
-             [moe]\neplb_imbalance = 1.0\nredundant_experts = 0\n\
+             [moe]\nexpert_load_cv = 0.0\nexpert_load_drift_cv = 0.0\nredundant_experts = 0\n\
              [memory]\nactivation_reserve_bytes = 0.0\nhbm_usable_fraction = 1.0\n\
              [pd]\nhandoff_latency_us = 0.0\n",
             m.threads

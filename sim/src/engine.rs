@@ -53,7 +53,7 @@ use duet_core::types::WorkerId;
 
 use crate::SimError;
 use crate::calibration::Calibration;
-use crate::cost::{CostModel, GroupShape, Phase, RankWork};
+use crate::cost::{CostModel, GroupShape, MoeBalance, Phase, RankWork};
 use crate::hardware::Gpu;
 use crate::model::ModelConfig;
 use crate::report::{LogHistogram, Report, quantile};
@@ -81,8 +81,8 @@ pub struct SimConfig {
     pub prefill_tokens_per_gpu: usize,
     /// Probability that an MTP draft token is accepted; None: no MTP.
     pub mtp_accept: Option<f64>,
-    /// Routed-expert load perfectly balanced (DeepSeek's profile setup) instead of the EPLB factor.
-    pub balanced_moe: bool,
+    /// How routed-expert load spreads over each EP group's GPUs.
+    pub moe_balance: MoeBalance,
     pub prefix_cache: bool,
     pub seed: u64,
     pub slo_ttft_ms: f64,
@@ -226,7 +226,7 @@ fn shape(cfg: &SimConfig, phase: Phase) -> GroupShape {
             (Phase::Decode, Some(_)) => 1,
             _ => 0,
         },
-        balanced_moe: cfg.balanced_moe,
+        moe_balance: cfg.moe_balance,
     }
 }
 
@@ -1056,6 +1056,9 @@ impl Simulation {
             decode_ep: cfg.decode_ep,
             prefill_tp: cfg.prefill_tp,
             decode_tp: cfg.decode_tp,
+            moe_balance: cfg.moe_balance,
+            prefill_expert_imbalance: self.prefill_cost.as_ref().map_or(1.0, |c| c.imbalance),
+            decode_expert_imbalance: self.decode_cost.as_ref().map_or(1.0, |c| c.imbalance),
             decode_batch_per_gpu: cfg.decode_batch_per_gpu,
             prefill_tokens_per_gpu: cfg.prefill_tokens_per_gpu,
             kv_pages_per_prefill_gpu: self.kv_pages_prefill,

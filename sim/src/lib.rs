@@ -26,6 +26,7 @@ pub use duet_core::rng;
 pub mod workload;
 
 pub use calibration::Calibration;
+pub use cost::MoeBalance;
 pub use engine::{SimConfig, Simulation};
 pub use hardware::Gpu;
 pub use model::ModelConfig;

@@ -33,6 +33,9 @@ pub struct ModelConfig {
     pub qk_rope_head_dim: u64,
     pub v_head_dim: u64,
     pub vocab_size: u64,
+    /// Expert groups of group-limited routing (V3: 8); EPLB keeps a group on one node.
+    #[serde(default)]
+    pub n_group: Option<u64>,
     /// MTP modules (V3: 1).
     #[serde(default)]
     pub num_nextn_predict_layers: u64,
@@ -44,7 +47,7 @@ pub const DEEPSEEK_V3_JSON: &str = r#"{
   "intermediate_size": 18432, "n_routed_experts": 256, "num_experts_per_tok": 8,
   "n_shared_experts": 1, "moe_intermediate_size": 2048, "num_attention_heads": 128,
   "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-  "v_head_dim": 128, "vocab_size": 129280, "num_nextn_predict_layers": 1
+  "v_head_dim": 128, "vocab_size": 129280, "num_nextn_predict_layers": 1, "n_group": 8
 }"#;
 
 /// Bytes per weight: DeepSeek ships FP8 E4M3 linear weights (anchors §10a); the 128×128 block scales
@@ -112,6 +115,14 @@ impl ModelConfig {
                 self.first_k_dense_replace, self.num_hidden_layers
             )));
         }
+        if let Some(g) = self.n_group
+            && (g == 0 || !self.n_routed_experts.is_multiple_of(g))
+        {
+            return Err(SimError::ModelConfig(format!(
+                "n_group = {g} does not divide n_routed_experts = {}",
+                self.n_routed_experts
+            )));
+        }
         if self.num_experts_per_tok > self.n_routed_experts {
             return Err(SimError::ModelConfig(format!(
                 "num_experts_per_tok = {} exceeds n_routed_experts = {}",
@@ -131,6 +142,11 @@ impl ModelConfig {
 
     pub fn layers(&self) -> f64 {
         self.num_hidden_layers as f64
+    }
+
+    /// Expert groups EPLB packs onto nodes: `n_group`, or 1 without group-limited routing.
+    pub fn expert_groups(&self) -> u64 {
+        self.n_group.unwrap_or(1)
     }
 
     pub fn moe_layers(&self) -> f64 {

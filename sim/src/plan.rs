@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::SimError;
 use crate::calibration::Calibration;
-use crate::cost::{CostModel, GroupShape};
+use crate::cost::{CostModel, GroupShape, MoeBalance};
 use crate::engine::{SimConfig, Simulation};
 use crate::hardware::Gpu;
 use crate::model::ModelConfig;
@@ -141,7 +141,7 @@ impl PlanRequest {
             decode_batch_per_gpu: 128,
             prefill_tokens_per_gpu: 16384,
             mtp_accept: self.mtp_accept,
-            balanced_moe: false,
+            moe_balance: MoeBalance::Eplb,
             prefix_cache: true,
             seed: self.seed,
             slo_ttft_ms: self.slo_ttft_ms,
@@ -179,7 +179,7 @@ impl PlanRequest {
                 tp,
                 gpus_per_node: self.gpus_per_node,
                 mtp_drafts: usize::from(self.mtp_accept.is_some()),
-                balanced_moe: false,
+                moe_balance: MoeBalance::Eplb,
             };
             let Ok(pages) =
                 CostModel::new(&self.model, self.gpu, &self.calibration, shape)?.kv_pages_per_gpu()

@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use crate::cost::MoeBalance;
+
 /// Latency histogram for inter-token latencies, which are too many to keep one by one (a million
 /// requests × a thousand tokens): log buckets 1 % wide, so a percentile is within 1 %.
 #[derive(Debug, Clone)]
@@ -60,7 +62,7 @@ pub fn quantile(sorted: &[f64], p: f64) -> f64 {
 
 /// One run's results. Field names are the stable JSON keys of `duet sim --json`; every quantity
 /// carries its unit.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub gpu: String,
     pub prefill_nodes: usize,
@@ -70,6 +72,11 @@ pub struct Report {
     pub decode_ep: usize,
     pub prefill_tp: usize,
     pub decode_tp: usize,
+    pub moe_balance: MoeBalance,
+    /// Routed-expert compute of a step over perfect balance (busiest GPU over the mean; 1 without
+    /// that phase's groups).
+    pub prefill_expert_imbalance: f64,
+    pub decode_expert_imbalance: f64,
     pub decode_batch_per_gpu: usize,
     pub prefill_tokens_per_gpu: usize,
     pub kv_pages_per_prefill_gpu: u32,
@@ -122,6 +129,8 @@ impl Report {
         let r = |x: &mut f64| *x = (*x * 1e4).round() / 1e4;
         for x in [
             &mut self.simulated_s,
+            &mut self.prefill_expert_imbalance,
+            &mut self.decode_expert_imbalance,
             &mut self.prefill_input_tokens_per_s_per_node,
             &mut self.prefill_input_tokens_per_s_per_gpu,
             &mut self.prefill_computed_tokens_per_s_per_node,
@@ -169,6 +178,13 @@ impl Report {
                     self.decode_ep,
                     tp_note(self.decode_tp),
                     self.gpus_per_node
+                ),
+            ),
+            (
+                "expert load",
+                format!(
+                    "{:?}: busiest GPU {:.2}× the mean in prefill, {:.2}× in decode",
+                    self.moe_balance, self.prefill_expert_imbalance, self.decode_expert_imbalance
                 ),
             ),
             (

@@ -1,7 +1,7 @@
 //! Same seed → byte-identical JSON; a PD run finishes every request with sane metrics; traces replay.
 
 use duet_sim::workload::{Arrivals, LenDist, Synthetic, parse_mooncake_trace};
-use duet_sim::{Calibration, ModelConfig, SimConfig, Simulation, hardware, rng::Rng};
+use duet_sim::{Calibration, ModelConfig, MoeBalance, SimConfig, Simulation, hardware, rng::Rng};
 
 fn cfg(seed: u64) -> SimConfig {
     SimConfig {
@@ -18,7 +18,7 @@ fn cfg(seed: u64) -> SimConfig {
         decode_batch_per_gpu: 32,
         prefill_tokens_per_gpu: 8192,
         mtp_accept: Some(0.8),
-        balanced_moe: false,
+        moe_balance: MoeBalance::Eplb,
         prefix_cache: true,
         seed,
         slo_ttft_ms: 2000.0,

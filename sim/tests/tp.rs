@@ -3,7 +3,8 @@
 
 use duet_sim::workload::{Arrivals, LenDist, Synthetic};
 use duet_sim::{
-    Calibration, ModelConfig, Report, SimConfig, SimError, Simulation, hardware, rng::Rng,
+    Calibration, ModelConfig, MoeBalance, Report, SimConfig, SimError, Simulation, hardware,
+    rng::Rng,
 };
 
 /// `nodes` nodes of `gpu`, as one EP group of the phase under test (the other phase has none).
@@ -22,7 +23,7 @@ fn base(gpu: &str) -> SimConfig {
         decode_batch_per_gpu: 128,
         prefill_tokens_per_gpu: 8192,
         mtp_accept: None,
-        balanced_moe: true,
+        moe_balance: MoeBalance::Balanced,
         prefix_cache: false,
         seed: 5,
         slo_ttft_ms: 2000.0,

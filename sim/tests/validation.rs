@@ -8,7 +8,9 @@
 //! time depends on, and keeps the simulated request count small so that the test runs in seconds.
 
 use duet_sim::workload::{Arrivals, LenDist, Synthetic};
-use duet_sim::{Calibration, ModelConfig, Report, SimConfig, Simulation, hardware, rng::Rng};
+use duet_sim::{
+    Calibration, ModelConfig, MoeBalance, Report, SimConfig, Simulation, hardware, rng::Rng,
+};
 
 /// ±15 %: the acceptance bar for every published figure.
 const TOLERANCE: f64 = 0.15;
@@ -38,7 +40,7 @@ fn base(gpu: &str) -> SimConfig {
         decode_batch_per_gpu: 128,
         prefill_tokens_per_gpu: 16384,
         mtp_accept: None,
-        balanced_moe: false,
+        moe_balance: MoeBalance::Eplb,
         prefix_cache: true,
         seed: 1,
         slo_ttft_ms: 2000.0,
@@ -68,7 +70,11 @@ fn prefill_case(gpu: &str, isl: u64, balanced: bool, prefix_ratio: f64, steps: f
     let mut cfg = base(gpu);
     cfg.prefill_nodes = 4;
     cfg.prefill_ep = 32;
-    cfg.balanced_moe = balanced;
+    cfg.moe_balance = if balanced {
+        MoeBalance::Balanced
+    } else {
+        MoeBalance::Eplb
+    };
     let computed = (isl as f64 * (1.0 - prefix_ratio)).max(1.0);
     let requests = (steps * 32.0 * 16384.0 / computed) as usize;
     run(cfg, requests, isl, 1, prefix_ratio)
@@ -89,7 +95,11 @@ fn decode_case(
     cfg.decode_nodes = nodes;
     cfg.decode_ep = nodes * 8;
     cfg.decode_batch_per_gpu = batch;
-    cfg.balanced_moe = balanced;
+    cfg.moe_balance = if balanced {
+        MoeBalance::Balanced
+    } else {
+        MoeBalance::Eplb
+    };
     cfg.mtp_accept = mtp;
     // Short outputs keep the test fast; the prompt is shortened by half of them so that the mean
     // context over the decode steps is `ctx`.
