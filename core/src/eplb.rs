@@ -70,8 +70,7 @@ impl EplbShape {
         Ok(())
     }
 
-    /// Whether the hierarchical policy applies (groups divide among nodes, and every node's share
-    /// of slots is a whole number of GPUs' worth).
+    /// Whether the hierarchical policy applies: more than one node, and the groups divide among them.
     fn hierarchical(&self) -> bool {
         self.nodes > 1 && self.groups.is_multiple_of(self.nodes)
     }
@@ -98,24 +97,6 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Static sharding, what an engine runs before it has seen any load: expert `e` on GPU
-    /// `e / (experts / gpus)`, no redundant copies. `gpus` must divide `experts`.
-    pub fn contiguous(experts: usize, gpus: usize) -> Result<Self, EplbError> {
-        let shape = EplbShape {
-            experts,
-            groups: 1,
-            nodes: 1,
-            gpus,
-            slots: experts,
-        };
-        shape.check()?;
-        Ok(Placement {
-            slot_expert: (0..experts as u32).collect(),
-            copies: vec![1; experts],
-            slots_per_gpu: shape.slots_per_gpu(),
-        })
-    }
-
     pub fn gpus(&self) -> usize {
         self.slot_expert.len() / self.slots_per_gpu.max(1)
     }
@@ -132,14 +113,34 @@ impl Placement {
         Ok(out)
     }
 
-    /// Busiest GPU over the mean GPU: how much longer the layer's expert compute takes than it would
-    /// perfectly balanced. 1 for no load at all.
+    /// [`imbalance`] of this placement under `load`.
     pub fn imbalance(&self, load: &[f64]) -> Result<f64, EplbError> {
-        let loads = self.gpu_loads(load)?;
-        let mean = loads.iter().sum::<f64>() / loads.len().max(1) as f64;
-        let max = loads.iter().copied().fold(0.0, f64::max);
-        Ok(if mean > 0.0 { max / mean } else { 1.0 })
+        Ok(imbalance(&self.gpu_loads(load)?))
     }
+}
+
+/// Each GPU's load under static sharding, what an engine runs before it has seen any load: expert
+/// `e` on GPU `e·gpus/experts` (uneven when `gpus` does not divide the experts), no copies.
+pub fn static_gpu_loads(load: &[f64], gpus: usize) -> Result<Vec<f64>, EplbError> {
+    if gpus == 0 {
+        return Err(EplbError::Shape(
+            "static sharding needs at least 1 GPU".into(),
+        ));
+    }
+    check_load(load, load.len())?;
+    let mut out = vec![0.0; gpus];
+    for (e, l) in load.iter().enumerate() {
+        out[e * gpus / load.len()] += l;
+    }
+    Ok(out)
+}
+
+/// Busiest GPU over the mean GPU: how much longer a layer's expert compute takes than it would
+/// perfectly balanced. 1 for no load at all.
+pub fn imbalance(gpu_loads: &[f64]) -> f64 {
+    let mean = gpu_loads.iter().sum::<f64>() / gpu_loads.len().max(1) as f64;
+    let max = gpu_loads.iter().copied().fold(0.0, f64::max);
+    if mean > 0.0 { max / mean } else { 1.0 }
 }
 
 fn check_load(load: &[f64], experts: usize) -> Result<(), EplbError> {
@@ -269,8 +270,7 @@ mod tests {
     fn a_hot_expert_is_copied_and_spread() {
         let mut load = vec![1.0; 256];
         load[17] = 16.0;
-        let naive = Placement::contiguous(256, 32).unwrap();
-        let naive_imb = naive.imbalance(&load).unwrap();
+        let naive_imb = imbalance(&static_gpu_loads(&load, 32).unwrap());
         let global = EplbShape {
             groups: 1,
             nodes: 1,
@@ -289,10 +289,7 @@ mod tests {
     fn hierarchical_placement_beats_static_sharding() {
         let mut load = vec![1.0; 256];
         load[17] = 16.0;
-        let naive = Placement::contiguous(256, 32)
-            .unwrap()
-            .imbalance(&load)
-            .unwrap();
+        let naive = imbalance(&static_gpu_loads(&load, 32).unwrap());
         let p = rebalance(&v3(4, 32, 288), &load).unwrap();
         let imb = p.imbalance(&load).unwrap();
         assert!(imb < 0.6 * naive, "EPLB {imb} vs static {naive}");
@@ -344,7 +341,12 @@ mod tests {
             rebalance(&ok, &nan),
             Err(EplbError::BadLoad { expert: 3, .. })
         ));
-        assert!(Placement::contiguous(256, 3).is_err());
+        assert!(static_gpu_loads(&[1.0; 256], 0).is_err());
+        // Static sharding over a GPU count that does not divide the experts: uneven, every expert
+        // somewhere, nothing lost.
+        let uneven = static_gpu_loads(&[1.0; 256], 144).unwrap();
+        assert_eq!(uneven.iter().sum::<f64>(), 256.0);
+        assert_eq!(imbalance(&uneven), 2.0 / (256.0 / 144.0));
     }
 
     fn shapes() -> impl Strategy<Value = EplbShape> {

@@ -39,7 +39,7 @@
 
 use serde::Serialize;
 
-use duet_core::eplb::{EplbShape, rebalance};
+use duet_core::eplb::{self, EplbShape, rebalance, static_gpu_loads};
 
 use crate::SimError;
 use crate::calibration::Calibration;
@@ -149,7 +149,6 @@ pub fn expert_imbalance(
     let mut rng = Rng::new(EXPERT_LOAD_SEED);
     let layers = model.moe_layers().max(1.0) as usize;
     let mut sum = 0.0;
-    let mut gpu = vec![0.0; ep];
     for _ in 0..layers {
         let long_run: Vec<f64> = (0..experts)
             .map(|_| rng.lognormal(1.0, cal.moe.expert_load_cv))
@@ -166,26 +165,12 @@ pub fn expert_imbalance(
                 .iter()
                 .map(|l| l * rng.lognormal(1.0, cal.moe.expert_load_drift_cv))
                 .collect();
-            let total: f64 = step.iter().sum();
-            match &placement {
-                Some(p) => {
-                    gpu = p
-                        .gpu_loads(&step)
-                        .map_err(|e| SimError::Invalid(format!("expert placement: {e}")))?
-                }
-                None => {
-                    gpu.iter_mut().for_each(|g| *g = 0.0);
-                    for (e, l) in step.iter().enumerate() {
-                        gpu[e * ep / experts] += l;
-                    }
-                }
+            let gpu = match &placement {
+                Some(p) => p.gpu_loads(&step),
+                None => static_gpu_loads(&step, ep),
             }
-            let max = gpu.iter().copied().fold(0.0, f64::max);
-            sum += if total > 0.0 {
-                max / (total / ep as f64)
-            } else {
-                1.0
-            };
+            .map_err(|e| SimError::Invalid(format!("expert placement: {e}")))?;
+            sum += eplb::imbalance(&gpu);
         }
     }
     Ok(sum / (layers * EXPERT_LOAD_DRAWS) as f64)
