@@ -291,8 +291,8 @@ async fn a_wrong_credential_is_refused_and_the_worker_exits_non_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_cannot_fit_gets_a_clean_error_across_processes() {
     let _serial = SERIAL.lock().await;
-    // A decode process with 4 pages (256 tokens) cannot hold a 400-token prompt: the refusal
-    // crosses the control plane as an error, not a hang.
+    // A decode process with 4 pages (256 tokens) cannot hold a 400-token prompt: the gateway
+    // learns the pool from the worker's reports and refuses with a 400, not a retryable 5xx.
     let mut c = Cluster::gateway_only();
     let _p = c.worker("prefill", &["--engine", "echo"]);
     let _d = c.worker("decode", &["--engine", "echo", "--kv-pages", "4"]);
@@ -302,14 +302,18 @@ async fn a_request_that_cannot_fit_gets_a_clean_error_across_processes() {
         &json!({"prompt": long_prompt(1, 400), "max_tokens": 4}),
     )
     .await;
-    assert!(s >= 400, "{s} {v}");
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
     assert!(
         v["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("does not fit"),
+            .contains("maximum context length is 256 tokens"),
         "{v}"
     );
+    let (_, models) = get(&c.url("/v1/models")).await;
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["max_model_len"], 256, "{models}");
     let (s, _) = post(
         &c.url("/v1/completions"),
         &json!({"prompt": "short", "max_tokens": 3}),

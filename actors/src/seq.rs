@@ -42,13 +42,7 @@ pub struct TokenLogprob {
     pub top: Vec<(u32, f32)>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Finish {
-    /// A stop token (EOS or `stop_token_ids`) was generated.
-    Stop(u32),
-    /// max_tokens or the context window was reached.
-    Length,
-}
+pub use duet_core::pd::Finish;
 
 /// Events a worker sends back for one sequence. At most `max_new_tokens + 1` are sent, so the
 /// channel is bounded by the request's own validated limit.

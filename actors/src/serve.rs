@@ -44,7 +44,9 @@ pub struct ServeOptions {
     pub engine: Engine,
     pub tokenizer: Arc<TextTokenizer>,
     pub served_model_name: String,
-    pub max_model_len: usize,
+    /// The model's positions (`max_position_embeddings`); the context the server advertises is
+    /// also bounded by the KV pools.
+    pub max_positions: usize,
     pub eos_ids: Vec<u32>,
     /// Fault injection (tests): the first decode group panics after this many steps.
     pub fault: Option<Fault>,
@@ -100,7 +102,7 @@ impl ServeOptions {
             eos_ids.push(id);
         }
         Self {
-            max_model_len: model.max_position_embeddings,
+            max_positions: model.max_position_embeddings,
             engine: Engine::Echo {
                 vocab_size: model.vocab_size,
             },
@@ -233,7 +235,8 @@ pub async fn start_front(
             request_timeout: Duration::from_secs(cfg.limits.request_timeout_s),
         },
         served_model_name: opts.served_model_name,
-        max_model_len: opts.max_model_len,
+        max_positions: opts.max_positions,
+        pool_pages: (cfg.prefill.kv_pages as usize, cfg.decode.kv_pages as usize),
         vocab_size: opts.engine.vocab_size(),
         eos_ids: opts.eos_ids,
         seq_ids: Arc::new(AtomicU64::new(1)),

@@ -6,12 +6,14 @@
 //! - [`kv`]: one worker's KV page allocator and radix prefix cache.
 //! - [`sched`]: one worker's continuous-batching scheduler.
 //! - [`route`]: gateway-side prefill routing and decode DP-group balancing.
+//! - [`pd`]: the prefill/decode protocol of a decode group and a prefill worker, and the context limit.
 //! - [`eplb`]: expert placement and redundant copies for an EP group, from expert load.
 //! - [`rng`]: the seeded generator every crate draws from (sampling, checkpoints, simulation).
 
 pub mod config;
 pub mod eplb;
 pub mod kv;
+pub mod pd;
 pub mod rng;
 pub mod route;
 pub mod sched;

@@ -2,15 +2,12 @@
 //! pages for prompts that prefill workers compute, receives their KV layer by layer, and then
 //! generates one token per sequence per step until each finishes.
 //!
-//! Protocol (DESIGN.md, steps 2–5): `Reserve` (from the gateway) → pages reserved, the job is sent
-//! on to the chosen prefill worker with the destination pages → KV frames arrive through the
-//! transport, each verified → `Handoff` (first token, sampler, job) → once every layer is in, the
-//! sequence joins the batch. Failures: see actors/SEMANTICS.md.
+//! The protocol's decisions (reservation order, deadlines, when a sequence starts, ends, or is
+//! re-run, and every page's lifetime) are `duet_core::pd::DecodeCore`'s; this actor is its IO
+//! driver: it turns messages into `handle_*` calls, carries out the core's actions, verifies and
+//! writes KV frames into the pool, runs the engine and samples. Failures: actors/SEMANTICS.md.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-
-use duet_core::kv::{Alloc, KvManager};
-use duet_core::sched::{NewSeq, Scheduler, StepPlan, Submit};
+use duet_core::pd::{DecodeAction, DecodeConfig, DecodeCore, FrameCheck, Held, SeqLimits};
 use duet_core::types::SeqId;
 use duet_transport::KvFrame;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -18,7 +15,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use crate::engine::{StepLogits, WorkerKv, echo_token, plan_rows};
 use crate::prefill::{KvDest, PrefillJob, PrefillMsg};
 use crate::registry::{RegistryMsg, WorkerRef};
-use crate::seq::{Finish, SeqEvent, SeqJob, SeqSampler};
+use crate::seq::{SeqEvent, SeqJob, SeqSampler};
 use crate::worker::{WorkerArgs, load_of};
 
 /// Reservations waiting for pages before they are refused: a burst beyond this goes to another
@@ -55,7 +52,7 @@ pub struct Handoff {
 }
 
 pub struct StepDone {
-    plan: StepPlan,
+    plan: duet_core::sched::StepPlan,
     kv: WorkerKv,
     result: Result<StepLogits, String>,
 }
@@ -68,40 +65,25 @@ pub const KV_ARRIVAL_DEADLINE: std::time::Duration = std::time::Duration::from_s
 pub const RESERVATION_TTL: std::time::Duration = std::time::Duration::from_secs(120);
 const DEADLINE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
-struct Reservation {
-    since: std::time::Instant,
-    handoff_at: Option<std::time::Instant>,
-    pages: Vec<u32>,
-    layers_in: BTreeSet<u32>,
-    handoff: Option<Box<Handoff>>,
-    bad: Option<String>,
-}
+/// A queued reservation: the job and the prefill worker it goes to once pages are reserved.
+type Queued = (Box<SeqJob>, ActorRef<PrefillMsg>);
 
-/// A sequence in the batch.
-struct Running {
+/// A handed-off sequence: the job and its sampler.
+pub struct DecodeRun {
     job: SeqJob,
     sampler: SeqSampler,
-    /// Tokens generated for this job, counting the prefill worker's first token.
-    generated: usize,
 }
 
 pub struct DecodeState {
     args: WorkerArgs,
     kv: Option<WorkerKv>,
-    pages: KvManager,
-    sched: Scheduler,
+    core: DecodeCore<Queued, DecodeRun>,
     page_bytes: usize,
-    layers: usize,
-    queued: VecDeque<(Box<SeqJob>, ActorRef<PrefillMsg>)>,
-    reserved: BTreeMap<SeqId, Reservation>,
-    running: BTreeMap<SeqId, Running>,
     /// Frames that arrived while the pool was lent to a running step.
     pending_frames: Vec<KvFrame>,
-    /// Aborts that arrived during a step, applied when it returns.
-    pending_aborts: Vec<SeqId>,
-    stepping: bool,
     steps: u64,
-    preemptions: u64,
+    /// (running, waiting, pages used) at the last load report.
+    reported: Option<(usize, usize, usize)>,
 }
 
 pub struct DecodeWorker;
@@ -138,23 +120,29 @@ impl Actor for DecodeWorker {
             });
         }
         myself.send_interval(DEADLINE_CHECK_INTERVAL, || DecodeMsg::Tick);
-        let state = DecodeState {
-            pages: args.kv_manager(),
-            sched: args.scheduler(),
+        let core = DecodeCore::new(
+            DecodeConfig {
+                group: args.id.0,
+                layers,
+                max_positions: args.engine.max_positions(),
+                kv_arrival_deadline_us: KV_ARRIVAL_DEADLINE.as_micros() as u64,
+                reservation_ttl_us: RESERVATION_TTL.as_micros() as u64,
+                reserve_queue_max: RESERVE_QUEUE_MAX,
+            },
+            args.scheduler(),
+            args.kv_manager(),
+        );
+        let mut state = DecodeState {
+            core,
             kv: Some(kv),
             page_bytes,
-            layers,
-            queued: VecDeque::new(),
-            reserved: BTreeMap::new(),
-            running: BTreeMap::new(),
             pending_frames: Vec::new(),
-            pending_aborts: Vec::new(),
-            stepping: false,
             steps: 0,
-            preemptions: 0,
+            reported: None,
             args,
         };
         let load = state.load();
+        state.reported = Some(state.load_key());
         state.args.registry.cast(RegistryMsg::Register {
             id: state.args.id,
             worker: WorkerRef::Decode(myself),
@@ -169,10 +157,11 @@ impl Actor for DecodeWorker {
         msg: Self::Msg,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let now = st.now();
         match msg {
             DecodeMsg::Reserve { job, prefill } => {
-                st.queued.push_back((job, prefill));
-                st.admit_reservations(&myself);
+                let (id, len) = (job.id, job.tokens.len());
+                st.core.handle_reserve(now, id, len, (job, prefill));
             }
             DecodeMsg::Frame(frame) => {
                 if st.kv.is_some() {
@@ -182,32 +171,40 @@ impl Actor for DecodeWorker {
                 }
             }
             DecodeMsg::Handoff(h) => {
-                let id = h.job.id;
-                match st.reserved.get_mut(&id) {
-                    Some(r) => {
-                        r.handoff = Some(h);
-                        r.handoff_at = Some(std::time::Instant::now());
-                    }
-                    // Aborted meanwhile: dropping the job closes its channel if nobody else
-                    // holds it, which the gateway reads as "re-run".
-                    None => drop(h),
-                }
-                st.try_start(id);
+                let Handoff {
+                    job,
+                    first_token,
+                    sampler,
+                    layers,
+                } = *h;
+                let limits = SeqLimits {
+                    max_new_tokens: job.params.max_new_tokens,
+                    stop_token_ids: job.params.stop_token_ids.clone(),
+                };
+                let tokens = job.tokens.to_vec();
+                // Refused (aborted meanwhile): dropping the job closes its channel if nobody
+                // else holds it, which the gateway reads as "re-run".
+                let _refused = st.core.handle_handoff(
+                    now,
+                    job.id,
+                    tokens,
+                    first_token,
+                    layers,
+                    limits,
+                    DecodeRun { job, sampler },
+                );
             }
-            DecodeMsg::Unreserve(id) => st.drop_reservation(id),
+            DecodeMsg::Unreserve(id) => st.core.handle_unreserve(now, id),
             DecodeMsg::BadFrame(e) => st.bad_frame(e),
-            DecodeMsg::Tick => st.check_deadlines(),
-            DecodeMsg::Abort(id) => {
-                if st.stepping {
-                    st.pending_aborts.push(id);
-                } else {
-                    st.abort(id);
-                }
-            }
+            DecodeMsg::Tick => st.core.handle_tick(now),
+            // Whatever the sequence held comes back and is dropped here.
+            DecodeMsg::Abort(id) => drop(st.core.handle_abort(now, id)),
             DecodeMsg::StepDone(done) => st.step_done(*done)?,
         }
-        st.admit_reservations(&myself);
+        st.carry_out(&myself);
         st.kick(&myself);
+        st.carry_out(&myself);
+        st.report();
         Ok(())
     }
 }
@@ -218,55 +215,48 @@ impl DecodeState {
     }
 
     fn load(&self) -> crate::registry::WorkerLoad {
-        let outstanding: u64 = self
-            .running
-            .values()
-            .map(|r| r.job.params.max_new_tokens.saturating_sub(r.generated) as u64)
-            .sum::<u64>()
-            + self
-                .reserved
-                .values()
-                .map(|r| r.pages.len() as u64)
-                .sum::<u64>();
         let mut load = load_of(
-            &self.sched,
-            &self.pages,
-            outstanding,
+            self.core.sched(),
+            self.core.kv(),
+            self.core.outstanding_tokens(),
             self.args.sched.max_running,
         );
-        load.waiting += self.queued.len() + self.reserved.len();
-        load.preemptions = self.preemptions;
+        load.waiting += self.core.waiting();
+        load.preemptions = self.core.preemptions();
         load
     }
 
-    fn report(&self) {
+    fn load_key(&self) -> (usize, usize, usize) {
+        (
+            self.core.running(),
+            self.core.waiting(),
+            self.core.kv().pages_used(),
+        )
+    }
+
+    /// Reports the load when it changed (and after every step): a group whose last sequence
+    /// ended must not look busy to the balancer.
+    fn report(&mut self) {
+        let key = self.load_key();
+        if self.reported == Some(key) {
+            return;
+        }
+        self.reported = Some(key);
         let _ = self.args.registry.cast(RegistryMsg::Load {
             id: self.args.id,
             load: self.load(),
         });
     }
 
-    /// Reserves pages for queued jobs in arrival order while pages last, and sends each to its
-    /// prefill worker with the destination.
-    fn admit_reservations(&mut self, myself: &ActorRef<DecodeMsg>) {
-        while let Some((job, _)) = self.queued.front() {
-            let id = job.id;
-            let len = job.tokens.len();
-            let now = self.now();
-            match self.sched.reserve(id, len, &mut self.pages, now) {
-                Ok(Ok(pages)) => {
-                    let (job, prefill) = self.queued.pop_front().expect("front exists");
-                    self.reserved.insert(
-                        id,
-                        Reservation {
-                            since: std::time::Instant::now(),
-                            handoff_at: None,
-                            pages: pages.clone(),
-                            layers_in: BTreeSet::new(),
-                            handoff: None,
-                            bad: None,
-                        },
-                    );
+    /// Carries out the core's actions.
+    fn carry_out(&mut self, myself: &ActorRef<DecodeMsg>) {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                DecodeAction::Prefill {
+                    seq,
+                    pages,
+                    job: (job, prefill),
+                } => {
                     let dest = KvDest {
                         group: self.args.id,
                         decode: myself.clone(),
@@ -278,66 +268,43 @@ impl DecodeState {
                     }))) {
                         // The prefill worker is gone: free the pages; dropping the job closes the
                         // client's channel and the gateway re-routes.
-                        tracing::warn!(seq = id, "prefill worker gone before prefill: {e}");
-                        self.drop_reservation(id);
+                        tracing::warn!(seq, "prefill worker gone before prefill: {e}");
+                        let now = self.now();
+                        self.core.handle_prefill_unreachable(now, seq);
                     }
                 }
-                Ok(Err(Alloc::Later { .. })) | Ok(Err(Alloc::Ok)) => {
-                    if self.queued.len() > RESERVE_QUEUE_MAX {
-                        let (job, _) = self.queued.pop_back().expect("non-empty");
-                        let _ = job.events.send(SeqEvent::Retry(format!(
-                            "decode group {} is full",
-                            self.args.id.0
-                        )));
-                        continue;
-                    }
-                    if self.running.is_empty() && self.reserved.is_empty() {
-                        // Nothing will ever free pages: this prompt alone exceeds the pool.
-                        let (job, _) = self.queued.pop_front().expect("front exists");
-                        let _ = job.events.send(SeqEvent::Failed(format!(
-                            "prompt of {len} tokens does not fit the KV pool of decode group {} ({} pages)",
-                            self.args.id.0,
-                            self.pages.pages_total()
-                        )));
-                        continue;
-                    }
-                    break;
+                DecodeAction::Retry { reason, job, .. } => {
+                    send_to(&job, SeqEvent::Retry(reason.to_string()));
                 }
-                Err(e) => {
-                    let (job, _) = self.queued.pop_front().expect("front exists");
-                    let _ = job.events.send(SeqEvent::Failed(e.to_string()));
+                DecodeAction::Fail { reason, job, .. } => {
+                    send_to(&job, SeqEvent::Failed(reason.to_string()));
                 }
             }
         }
     }
 
     fn apply_frame(&mut self, frame: KvFrame) {
-        let Some(r) = self.reserved.get_mut(&frame.seq) else {
-            return; // aborted or unknown: nothing to write into
-        };
-        let checked = if frame.pages != r.pages || frame.layer as usize >= self.layers {
-            Err(format!(
-                "KV frame for layer {} names pages other than the {} reserved",
-                frame.layer,
-                r.pages.len()
-            ))
-        } else {
-            frame.verify(self.page_bytes).map_err(|e| e.to_string())
-        };
-        let written = checked.and_then(|()| match self.kv.as_mut() {
-            Some(WorkerKv::Model(cache)) => cache
-                .write_pages(frame.layer as usize, &frame.pages, &frame.bytes)
-                .map_err(|e| e.to_string()),
-            _ => Err("no KV pool to write into".into()),
-        });
-        match written {
-            Ok(()) => {
-                r.layers_in.insert(frame.layer);
-            }
-            Err(e) => r.bad = Some(e),
+        let now = self.now();
+        match self
+            .core
+            .check_frame(now, frame.seq, frame.layer, &frame.pages)
+        {
+            FrameCheck::Write => {}
+            FrameCheck::Unknown | FrameCheck::Rejected => return,
         }
-        let id = frame.seq;
-        self.try_start(id);
+        let written = frame
+            .verify(self.page_bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|()| match self.kv.as_mut() {
+                Some(WorkerKv::Model(cache)) => cache
+                    .write_pages(frame.layer as usize, &frame.pages, &frame.bytes)
+                    .map_err(|e| e.to_string()),
+                _ => Err("no KV pool to write into".into()),
+            });
+        match written {
+            Ok(()) => self.core.handle_layer_written(now, frame.seq, frame.layer),
+            Err(e) => self.core.handle_bad_transfer(now, frame.seq, e),
+        }
     }
 
     /// A frame that failed verification poisons its sequence's reservation: it is re-run, never
@@ -351,141 +318,21 @@ impl DecodeState {
                 return;
             }
         };
-        if let Some(r) = self.reserved.get_mut(&seq) {
-            r.bad = Some(e.to_string());
-        }
-        self.try_start(seq);
-    }
-
-    fn check_deadlines(&mut self) {
-        let now = std::time::Instant::now();
-        let late: Vec<SeqId> = self
-            .reserved
-            .iter()
-            .filter(|(_, r)| match r.handoff_at {
-                Some(at) => now.duration_since(at) > KV_ARRIVAL_DEADLINE,
-                None => now.duration_since(r.since) > RESERVATION_TTL,
-            })
-            .map(|(&id, _)| id)
-            .collect();
-        for id in late {
-            let Some(r) = self.reserved.get_mut(&id) else {
-                continue;
-            };
-            if r.handoff.is_some() {
-                r.bad = Some(format!(
-                    "KV layers {} of {} arrived within {KV_ARRIVAL_DEADLINE:?}",
-                    r.layers_in.len(),
-                    self.layers
-                ));
-                self.try_start(id);
-            } else {
-                tracing::warn!(seq = id, "reservation never handed off; freeing its pages");
-                self.drop_reservation(id);
-            }
-        }
-    }
-
-    /// Moves a reservation into the batch once its handoff and every layer are in. A bad
-    /// transfer is never decoded from: the sequence goes back to the gateway for a re-run.
-    fn try_start(&mut self, id: SeqId) {
-        let Some(r) = self.reserved.get(&id) else {
-            return;
-        };
-        let Some(h) = &r.handoff else { return };
-        if let Some(bad) = &r.bad {
-            let _ = h.job.events.send(SeqEvent::Retry(bad.clone()));
-            self.drop_reservation(id);
-            return;
-        }
-        if r.layers_in.len() < h.layers.min(self.layers) {
-            return;
-        }
-        let r = self.reserved.remove(&id).expect("checked above");
-        let h = r.handoff.expect("checked above");
-        let Handoff {
-            job,
-            first_token,
-            sampler,
-            ..
-        } = *h;
-        let mut tokens = job.tokens.to_vec();
-        let computed = tokens.len();
-        tokens.push(first_token);
         let now = self.now();
-        let seq = NewSeq {
-            id,
-            tokens,
-            computed,
-            arrival_us: now,
-        };
-        match self.sched.submit(seq, &mut self.pages, now) {
-            Ok(Submit::Queued) => {
-                self.running.insert(
-                    id,
-                    Running {
-                        job,
-                        sampler,
-                        generated: 1,
-                    },
-                );
-            }
-            Ok(Submit::Full) => {
-                self.sched.unreserve(id, &mut self.pages, now);
-                let _ = job
-                    .events
-                    .send(SeqEvent::Retry("decode batch queue full".into()));
-            }
-            Err(e) => {
-                self.sched.unreserve(id, &mut self.pages, now);
-                let _ = job.events.send(SeqEvent::Failed(e.to_string()));
-            }
-        }
-    }
-
-    fn drop_reservation(&mut self, id: SeqId) {
-        if self.reserved.remove(&id).is_some() {
-            let now = self.now();
-            self.sched.unreserve(id, &mut self.pages, now);
-        }
-    }
-
-    fn abort(&mut self, id: SeqId) {
-        self.queued.retain(|(j, _)| j.id != id);
-        self.drop_reservation(id);
-        if self.running.remove(&id).is_some() {
-            let now = self.now();
-            if let Err(e) = self.sched.finish(id, false, &mut self.pages, now) {
-                tracing::error!(seq = id, "finishing an aborted sequence: {e}");
-            }
-        }
+        self.core.handle_bad_transfer(now, seq, e.to_string());
     }
 
     /// Starts a step if none is running and there is work.
     fn kick(&mut self, myself: &ActorRef<DecodeMsg>) {
-        if self.stepping || self.running.is_empty() {
+        if self.kv.is_none() {
             return;
         }
         let now = self.now();
-        let plan = self.sched.schedule(&mut self.pages, now);
-        self.preemptions += plan.preempted.len() as u64;
-        for id in self.sched.take_unservable() {
-            if let Some(r) = self.running.remove(&id) {
-                let _ = r.job.events.send(SeqEvent::Failed(format!(
-                    "sequence of {} tokens cannot fit decode group {}'s {} KV pages",
-                    self.sched.tokens(id).map_or(0, <[u32]>::len),
-                    self.args.id.0,
-                    self.pages.pages_total()
-                )));
-            }
-            let _ = self.sched.finish(id, false, &mut self.pages, now);
-        }
-        if plan.items.is_empty() {
+        let Some(plan) = self.core.plan_step(now) else {
             return;
-        }
-        let rows = plan_rows(&plan, &self.sched, &self.pages);
+        };
+        let rows = plan_rows(&plan, self.core.sched(), self.core.kv());
         let mut kv = self.kv.take().expect("not stepping, so the pool is here");
-        self.stepping = true;
         let engine = self.args.engine.clone();
         let me = myself.clone();
         if matches!(kv, WorkerKv::Echo) {
@@ -507,7 +354,6 @@ impl DecodeState {
     fn step_done(&mut self, done: StepDone) -> Result<(), ActorProcessingErr> {
         let StepDone { plan, kv, result } = done;
         self.kv = Some(kv);
-        self.stepping = false;
         self.steps += 1;
         if let Some(f) = self.args.fault
             && self.steps >= f.panic_after_steps
@@ -517,68 +363,62 @@ impl DecodeState {
                 self.args.id.0, self.steps
             );
         }
+        let now = self.now();
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
-                // The engine refused the batch (a bug or a corrupt pool): fail its sequences with
+                // The engine refused the batch (a bug or a corrupt pool): its sequences fail with
                 // the reason rather than retry forever.
-                for it in &plan.items {
-                    if let Some(r) = self.running.remove(&it.seq) {
-                        let _ = r.job.events.send(SeqEvent::Failed(format!("engine: {e}")));
-                    }
-                    let now = self.now();
-                    let _ = self.sched.finish(it.seq, false, &mut self.pages, now);
-                }
+                self.core.handle_step_failed(now, &plan, e);
                 return Ok(());
             }
         };
-        self.sched.complete(&plan);
-        let max_pos = self.args.engine.max_positions();
+        self.core.handle_step_done(&plan);
         for (row, it) in plan.items.iter().enumerate() {
             if !it.samples {
                 continue;
             }
-            let Some(r) = self.running.get_mut(&it.seq) else {
-                continue;
+            let Some((toks, run)) = self.core.sample_ctx(it.seq) else {
+                continue; // ended while the step ran
             };
-            let toks = self.sched.tokens(it.seq).unwrap_or(&[]);
-            let prompt_len = r.job.prompt_len;
+            let prompt_len = run.job.prompt_len;
             let (token, logprob) = match logits.row(row) {
-                Some(l) => r.sampler.next(l, toks, prompt_len),
+                Some(l) => run.sampler.next(l, toks, prompt_len),
                 None => (echo_token(toks, prompt_len), None),
             };
-            let len = toks.len() + 1;
-            self.sched.append_token(it.seq, token);
-            r.generated += 1;
-            let finish = if r.job.params.stop_token_ids.contains(&token) {
-                Some(Finish::Stop(token))
-            } else if r.generated >= r.job.params.max_new_tokens || len >= max_pos {
-                Some(Finish::Length)
-            } else {
-                None
+            let events = run.job.events.clone();
+            let Some(out) = self.core.handle_token(now, it.seq, token) else {
+                continue;
             };
-            let sent = r.job.events.send(SeqEvent::Token {
+            let sent = events.send(SeqEvent::Token {
                 token,
                 logprob,
                 cached_tokens: None,
-                finish,
+                finish: out.finish,
             });
-            if finish.is_some() || sent.is_err() {
-                self.running.remove(&it.seq);
-                let now = self.now();
-                let _ = self.sched.finish(it.seq, false, &mut self.pages, now);
+            if sent.is_err() && out.finish.is_none() {
+                // The client went away: free the sequence now rather than at the gateway's abort.
+                drop(self.core.handle_abort(now, it.seq));
             }
-        }
-        for id in std::mem::take(&mut self.pending_aborts) {
-            self.abort(id);
         }
         for f in std::mem::take(&mut self.pending_frames) {
             self.apply_frame(f);
         }
         if cfg!(debug_assertions) {
-            self.sched.check_invariants(&self.pages);
+            self.core.check_invariants();
         }
-        self.report();
+        // After every step, so the registry's picture stays fresh even at a steady state.
+        self.reported = None;
         Ok(())
     }
+}
+
+/// Sends `ev` on the channel of the sequence `job` holds, if it holds one here.
+fn send_to(job: &Held<Queued, DecodeRun>, ev: SeqEvent) {
+    let tx = match job {
+        Held::Queued((j, _)) => &j.events,
+        Held::HandedOff(r) => &r.job.events,
+        Held::AtPrefill => return,
+    };
+    let _ = tx.send(ev);
 }

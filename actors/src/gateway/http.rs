@@ -15,6 +15,7 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use duet_core::pd::Context;
 use duet_model::tokenizer::TextTokenizer;
 use ractor::ActorRef;
 use serde::Serialize;
@@ -52,7 +53,11 @@ pub struct AppState {
     pub board: SharedBoard,
     pub limits: HttpLimits,
     pub served_model_name: String,
-    pub max_model_len: usize,
+    /// The model's positions; the advertised context is [`AppState::context`].
+    pub max_positions: usize,
+    /// KV pages of a prefill worker's and a decode group's pool as configured, until the workers
+    /// report their own.
+    pub pool_pages: (usize, usize),
     pub vocab_size: usize,
     /// Token ids that end generation unless `ignore_eos`.
     pub eos_ids: Vec<u32>,
@@ -169,15 +174,36 @@ impl AppState {
         )
     }
 
-    /// Checks the prompt fits the context window and clips max_tokens to what remains.
+    /// The context a request may use: the model's positions and the smallest KV pool among the
+    /// live workers (a sequence is prefilled in one prefill worker's pool and decoded in one
+    /// group's); the configured pools until workers have reported.
+    pub fn context(&self) -> Context {
+        let b = self.board.read().unwrap_or_else(|e| e.into_inner());
+        let smallest = |m: &std::collections::BTreeMap<_, crate::registry::WorkerEntry>, cfg| {
+            m.values()
+                .map(|e| e.load.pages_total)
+                .filter(|&p| p > 0)
+                .min()
+                .unwrap_or(cfg)
+        };
+        Context::new(
+            self.max_positions,
+            smallest(&b.prefill, self.pool_pages.0),
+            smallest(&b.decode, self.pool_pages.1),
+        )
+    }
+
+    /// Admission against the context: a request that can never fit gets 400
+    /// `context_length_exceeded`; a default `max_tokens` is clipped to what the prompt leaves.
     fn fit(&self, prompt_len: usize, params: &mut GenParams) -> Result<(), ApiError> {
         if prompt_len == 0 {
             return Err(ApiError::invalid("prompt", "the prompt is empty"));
         }
-        if prompt_len >= self.max_model_len {
-            return Err(ApiError::context_length(prompt_len, self.max_model_len));
-        }
-        params.max_tokens = params.max_tokens.min(self.max_model_len - prompt_len);
+        let given = params.max_tokens_given.then_some(params.max_tokens);
+        params.max_tokens = self
+            .context()
+            .admit(prompt_len, given, params.max_tokens)
+            .map_err(ApiError::context_exceeded)?;
         Ok(())
     }
 
@@ -954,7 +980,10 @@ async fn tokenize(State(s): State<Shared>, body: Body) -> Response {
                     .map_err(|e| ApiError::invalid("messages", e.to_string()))?
             }
         };
-        Ok::<_, ApiError>(axum::Json(p::TokenizeResponse::new(ids, s.max_model_len)))
+        Ok::<_, ApiError>(axum::Json(p::TokenizeResponse::new(
+            ids,
+            s.context().max_model_len,
+        )))
     }
     .await;
     r.map_or_else(error_response, IntoResponse::into_response)
@@ -982,7 +1011,7 @@ async fn models(State(s): State<Shared>) -> Response {
         object: "model",
         created: s.started,
         owned_by: "duet".into(),
-        max_model_len: Some(s.max_model_len),
+        max_model_len: Some(s.context().max_model_len),
     }]))
     .into_response()
 }

@@ -95,6 +95,21 @@ impl ApiError {
         }
     }
 
+    /// A request that can never fit the context: the prompt alone (OpenAI's wording), or the
+    /// prompt with the `max_tokens` asked for (vLLM's).
+    pub fn context_exceeded(e: duet_core::pd::ContextExceeded) -> Self {
+        if e.prompt >= e.max_model_len {
+            return Self::context_length(e.prompt, e.max_model_len);
+        }
+        Self {
+            status: 400,
+            message: e.to_string(),
+            kind: "invalid_request_error",
+            param: Some("max_tokens".into()),
+            code: Some("context_length_exceeded".into()),
+        }
+    }
+
     /// `{"error": {"message", "type", "param", "code"}}`; `param` and `code` are null when unset.
     pub fn to_json(&self) -> Value {
         json!({
@@ -251,6 +266,9 @@ pub struct SamplingInput {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenParams {
     pub max_tokens: usize,
+    /// The client set `max_tokens` (it must then fit beside the prompt); otherwise `max_tokens` is
+    /// the server's default, clipped to what the context leaves.
+    pub max_tokens_given: bool,
     pub temperature: f32,
     pub top_p: f32,
     /// 0: off.
@@ -360,6 +378,7 @@ pub fn validate_sampling(s: SamplingInput, limits: &RequestLimits) -> Result<Gen
     check_token_ids("stop_token_ids", &stop_token_ids, limits.vocab_size)?;
     Ok(GenParams {
         max_tokens,
+        max_tokens_given: s.max_tokens.is_some(),
         temperature,
         top_p,
         top_k,

@@ -1,28 +1,39 @@
 //! `PrefillWorker`: computes prompts in chunks over its own KV pool with a radix prefix cache,
 //! streams each layer's latent KV to the decode group's reserved pages as soon as the layer of the
 //! final chunk is computed, samples the first token, and hands the sequence to decode.
+//!
+//! What happens to a sequence (queueing, when it is refused, what its first token does, its
+//! pages' lifetime) is `duet_core::pd::PrefillCore`'s decision; this actor drives it. Layer frames
+//! go to a sender task through a bounded queue ([`KV_FRAMES_IN_FLIGHT`]), so layer l+1 is computed
+//! while layer l is on the wire.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use duet_core::sched::{NewSeq, Scheduler, StepPlan, Submit};
+use duet_core::pd::{FirstToken, PrefillCore, SeqLimits};
+use duet_core::sched::StepPlan;
 use duet_core::types::{SeqId, WorkerId};
 use duet_model::kv::KvCache;
 use duet_transport::{KvFrame, KvTransport};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::mpsc;
 
 use crate::decode::{DecodeMsg, Handoff};
 use crate::engine::{StepLogits, WorkerKv, echo_token, plan_rows};
 use crate::registry::{RegistryMsg, WorkerRef};
-use crate::seq::{Finish, SeqEvent, SeqJob, SeqSampler};
+use crate::seq::{SeqEvent, SeqJob, SeqSampler};
 use crate::worker::{WorkerArgs, load_of};
-use duet_core::kv::KvManager;
 
 /// One layer frame must be accepted by the destination within this time or the sequence is
 /// re-run elsewhere (a cut link or a stalled decode process; a 61-layer, 4k-token prompt's layer is
 /// ~5 MB, far under a second even over QUIC).
 pub const KV_SEND_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Layer frames computed and not yet accepted by the transport before the forward pass waits:
+/// enough to keep the link busy while the next layers compute, few enough that a slow link holds
+/// back the compute instead of queueing the whole prompt's KV in memory.
+pub const KV_FRAMES_IN_FLIGHT: usize = 4;
 
 /// Where a sequence's KV goes: the decode group, its actor, and the pages it reserved.
 #[derive(Clone)]
@@ -51,22 +62,24 @@ pub struct StepDone {
     send_errors: BTreeMap<SeqId, String>,
 }
 
+/// What this worker keeps with a sequence.
 struct Job {
     job: SeqJob,
     dest: KvDest,
     sampler: SeqSampler,
-    /// Prompt tokens found in the prefix cache, known when the sequence is first scheduled.
-    cached: Option<usize>,
+}
+
+impl Job {
+    /// Frees the sequence's reservation at its decode group.
+    fn unreserve(&self) {
+        let _ = self.dest.decode.cast(DecodeMsg::Unreserve(self.job.id));
+    }
 }
 
 pub struct PrefillState {
     args: WorkerArgs,
     kv: Option<WorkerKv>,
-    pages: KvManager,
-    sched: Scheduler,
-    jobs: BTreeMap<SeqId, Job>,
-    pending_aborts: Vec<SeqId>,
-    stepping: bool,
+    core: PrefillCore<Job>,
     steps: u64,
 }
 
@@ -84,11 +97,12 @@ impl Actor for PrefillWorker {
     ) -> Result<Self::State, ActorProcessingErr> {
         let st = PrefillState {
             kv: Some(args.engine.new_kv(args.kv_pages as usize)),
-            pages: args.kv_manager(),
-            sched: args.scheduler(),
-            jobs: BTreeMap::new(),
-            pending_aborts: Vec::new(),
-            stepping: false,
+            core: PrefillCore::new(
+                args.id.0,
+                args.engine.max_positions(),
+                args.scheduler(),
+                args.kv_manager(),
+            ),
             steps: 0,
             args,
         };
@@ -106,18 +120,29 @@ impl Actor for PrefillWorker {
         msg: Self::Msg,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let now = st.now();
         match msg {
-            PrefillMsg::Prefill(p) => st.submit(*p),
+            PrefillMsg::Prefill(p) => {
+                let PrefillJob { job, dest } = *p;
+                let limits = SeqLimits {
+                    max_new_tokens: job.params.max_new_tokens,
+                    stop_token_ids: job.params.stop_token_ids.clone(),
+                };
+                let sampler = SeqSampler::new(job.params.clone());
+                let (id, tokens) = (job.id, job.tokens.to_vec());
+                st.core
+                    .handle_submit(now, id, tokens, limits, Job { job, dest, sampler });
+            }
             PrefillMsg::Abort(id) => {
-                if st.stepping {
-                    st.pending_aborts.push(id);
-                } else {
-                    st.abort(id);
+                if let Some(j) = st.core.handle_abort(now, id) {
+                    j.unreserve();
                 }
             }
             PrefillMsg::StepDone(done) => st.step_done(*done),
         }
         st.kick(&myself);
+        st.refuse();
+        st.report();
         Ok(())
     }
 }
@@ -128,10 +153,14 @@ impl PrefillState {
     }
 
     fn load(&self) -> crate::registry::WorkerLoad {
-        let queued: u64 = self.jobs.values().map(|j| j.job.tokens.len() as u64).sum();
+        let queued: u64 = self
+            .core
+            .jobs()
+            .map(|(_, j)| j.job.job.tokens.len() as u64)
+            .sum();
         load_of(
-            &self.sched,
-            &self.pages,
+            self.core.sched(),
+            self.core.kv(),
             queued,
             self.args.sched.max_running,
         )
@@ -144,88 +173,43 @@ impl PrefillState {
         });
     }
 
-    fn submit(&mut self, p: PrefillJob) {
-        let PrefillJob { job, dest } = p;
-        let id = job.id;
-        let now = self.now();
-        let seq = NewSeq {
-            id,
-            tokens: job.tokens.to_vec(),
-            computed: 0,
-            arrival_us: now,
-        };
-        let refused = match self.sched.submit(seq, &mut self.pages, now) {
-            Ok(Submit::Queued) => None,
-            Ok(Submit::Full) => Some(SeqEvent::Retry(format!(
-                "prefill worker {} queue is full",
-                self.args.id.0
-            ))),
-            Err(e) => Some(SeqEvent::Failed(e.to_string())),
-        };
-        if let Some(ev) = refused {
-            let _ = dest.decode.cast(DecodeMsg::Unreserve(id));
-            let _ = job.events.send(ev);
-            return;
-        }
-        let sampler = SeqSampler::new(job.params.clone());
-        self.jobs.insert(
-            id,
-            Job {
-                job,
-                dest,
-                sampler,
-                cached: None,
-            },
-        );
-        self.report();
-    }
-
-    fn abort(&mut self, id: SeqId) {
-        if let Some(j) = self.jobs.remove(&id) {
-            let now = self.now();
-            let _ = self.sched.finish(id, false, &mut self.pages, now);
-            let _ = j.dest.decode.cast(DecodeMsg::Unreserve(id));
+    /// Sequences the core refused or gave up: free their decode reservations and tell the
+    /// gateway (re-run, or fail).
+    fn refuse(&mut self) {
+        while let Some(r) = self.core.poll_refused() {
+            r.job.unreserve();
+            let ev = if r.reason.retryable() {
+                SeqEvent::Retry(r.reason.to_string())
+            } else {
+                SeqEvent::Failed(r.reason.to_string())
+            };
+            let _ = r.job.job.events.send(ev);
         }
     }
 
     fn kick(&mut self, myself: &ActorRef<PrefillMsg>) {
-        if self.stepping || self.jobs.is_empty() {
+        if self.kv.is_none() {
             return;
         }
         let now = self.now();
-        let plan = self.sched.schedule(&mut self.pages, now);
-        for id in self.sched.take_unservable() {
-            if let Some(j) = self.jobs.remove(&id) {
-                let _ = j.dest.decode.cast(DecodeMsg::Unreserve(id));
-                let _ = j.job.events.send(SeqEvent::Failed(format!(
-                    "prompt of {} tokens cannot fit prefill worker {}'s {} KV pages",
-                    j.job.tokens.len(),
-                    self.args.id.0,
-                    self.pages.pages_total()
-                )));
-            }
-            let _ = self.sched.finish(id, false, &mut self.pages, now);
-        }
-        if plan.items.is_empty() {
+        let Some(plan) = self.core.plan_step(now) else {
             return;
-        }
-        let rows = plan_rows(&plan, &self.sched, &self.pages);
+        };
+        let rows = plan_rows(&plan, self.core.sched(), self.core.kv());
         let mut targets = Vec::new();
         for (it, row) in plan.items.iter().zip(&rows) {
-            if let Some(j) = self.jobs.get_mut(&it.seq) {
-                j.cached.get_or_insert(it.start);
-                if it.samples {
-                    targets.push(LayerTarget {
-                        seq: it.seq,
-                        src: row.block_table.clone(),
-                        dest: j.dest.pages.clone(),
-                        endpoint: j.dest.group.0,
-                    });
-                }
+            if let Some(j) = self.core.job(it.seq)
+                && it.samples
+            {
+                targets.push(LayerTarget {
+                    seq: it.seq,
+                    src: row.block_table.clone(),
+                    dest: j.dest.pages.clone(),
+                    endpoint: j.dest.group.0,
+                });
             }
         }
         let mut kv = self.kv.take().expect("not stepping, so the pool is here");
-        self.stepping = true;
         let me = myself.clone();
         if matches!(kv, WorkerKv::Echo) {
             let _ = me.cast(PrefillMsg::StepDone(Box::new(StepDone {
@@ -241,21 +225,20 @@ impl PrefillState {
         let corrupt = self.args.kv_corrupt.clone();
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let mut send_errors = BTreeMap::new();
+            let sender = LayerSender::start(&handle, transport, KV_FRAMES_IN_FLIGHT);
+            let mut local_errors = BTreeMap::new();
             let result = engine
                 .step(&mut kv, &rows, &mut |layer, cache| {
-                    stream_layer(
-                        &handle,
-                        &transport,
-                        &targets,
-                        layer,
-                        cache,
-                        &mut send_errors,
-                        corrupt.as_deref(),
-                    );
+                    let frames = layer_frames(&targets, layer, cache, &mut local_errors);
+                    for (endpoint, mut frame) in frames {
+                        corrupt_for_test(corrupt.as_deref(), &mut frame);
+                        sender.push_blocking(endpoint, frame);
+                    }
                     Ok(())
                 })
                 .map_err(|e| e.to_string());
+            let mut send_errors = handle.block_on(sender.finish());
+            send_errors.extend(local_errors);
             let _ = me.cast(PrefillMsg::StepDone(Box::new(StepDone {
                 plan,
                 kv,
@@ -272,8 +255,11 @@ impl PrefillState {
             result,
             send_errors,
         } = done;
+        let layers = match &kv {
+            WorkerKv::Model(c) => c.layers(),
+            WorkerKv::Echo => 0,
+        };
         self.kv = Some(kv);
-        self.stepping = false;
         self.steps += 1;
         if let Some(f) = self.args.fault
             && self.steps >= f.panic_after_steps
@@ -287,80 +273,80 @@ impl PrefillState {
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
-                for it in &plan.items {
-                    if let Some(j) = self.jobs.remove(&it.seq) {
-                        let _ = j.dest.decode.cast(DecodeMsg::Unreserve(it.seq));
-                        let _ = j.job.events.send(SeqEvent::Failed(format!("engine: {e}")));
-                    }
-                    let _ = self.sched.finish(it.seq, false, &mut self.pages, now);
-                }
+                self.core.handle_step_failed(now, &plan, e);
                 return;
             }
         };
-        self.sched.complete(&plan);
-        let layers = match self.kv.as_ref() {
-            Some(WorkerKv::Model(c)) => c.layers(),
-            _ => 0,
-        };
-        let max_pos = self.args.engine.max_positions();
+        self.core.handle_step_done(&plan);
         for (row, it) in plan.items.iter().enumerate() {
             if !it.samples {
                 continue;
             }
-            let Some(mut j) = self.jobs.remove(&it.seq) else {
-                continue;
+            let Some((toks, j)) = self.core.sample_ctx(it.seq) else {
+                continue; // aborted while the step ran
             };
-            let toks = self.sched.tokens(it.seq).unwrap_or(&[]);
+            let prompt_len = j.job.prompt_len;
             let (token, logprob) = match logits.row(row) {
-                Some(l) => j.sampler.next(l, toks, j.job.prompt_len),
-                None => (echo_token(toks, j.job.prompt_len), None),
+                Some(l) => j.sampler.next(l, toks, prompt_len),
+                None => (echo_token(toks, prompt_len), None),
             };
-            let finish = if j.job.params.stop_token_ids.contains(&token) {
-                Some(Finish::Stop(token))
-            } else if j.job.params.max_new_tokens <= 1 || toks.len() + 1 >= max_pos {
-                Some(Finish::Length)
-            } else {
-                None
+            let transfer = match send_errors.get(&it.seq) {
+                Some(e) => Err(e.clone()),
+                None => Ok(()),
             };
-            // Cache the prompt's pages for later requests sharing its prefix.
-            let _ = self.sched.finish(it.seq, true, &mut self.pages, now);
-            if let Some(e) = send_errors.get(&it.seq) {
-                let _ = j.dest.decode.cast(DecodeMsg::Unreserve(it.seq));
-                let _ = j
-                    .job
-                    .events
-                    .send(SeqEvent::Retry(format!("KV transfer: {e}")));
+            let Some(out) = self.core.handle_first_token(now, it.seq, token, transfer) else {
                 continue;
-            }
-            let sent = j.job.events.send(SeqEvent::Token {
-                token,
-                logprob,
-                cached_tokens: Some(j.cached.unwrap_or(0)),
-                finish,
-            });
-            if finish.is_some() || sent.is_err() {
-                let _ = j.dest.decode.cast(DecodeMsg::Unreserve(it.seq));
-                continue;
-            }
-            let handoff = Handoff {
-                job: j.job,
-                first_token: token,
-                sampler: j.sampler,
-                layers,
             };
-            if let Err(e) = j.dest.decode.cast(DecodeMsg::Handoff(Box::new(handoff))) {
-                // The decode group died: dropping the handoff closes the client's channel (if
-                // no one else holds it) and the gateway re-runs from the tokens streamed so far.
-                tracing::warn!(seq = it.seq, "decode group gone at handoff: {e}");
+            match out {
+                FirstToken::Retry { reason, job } => {
+                    job.unreserve();
+                    let _ = job.job.events.send(SeqEvent::Retry(reason.to_string()));
+                }
+                FirstToken::Finished {
+                    finish,
+                    cached,
+                    job,
+                } => {
+                    job.unreserve();
+                    let _ = job.job.events.send(SeqEvent::Token {
+                        token,
+                        logprob,
+                        cached_tokens: Some(cached),
+                        finish: Some(finish),
+                    });
+                }
+                FirstToken::Handoff { cached, job } => {
+                    let sent = job.job.events.send(SeqEvent::Token {
+                        token,
+                        logprob,
+                        cached_tokens: Some(cached),
+                        finish: None,
+                    });
+                    if sent.is_err() {
+                        job.unreserve();
+                        continue;
+                    }
+                    let Job {
+                        job, dest, sampler, ..
+                    } = job;
+                    let handoff = Handoff {
+                        job,
+                        first_token: token,
+                        sampler,
+                        layers,
+                    };
+                    if let Err(e) = dest.decode.cast(DecodeMsg::Handoff(Box::new(handoff))) {
+                        // The decode group died: dropping the handoff closes the client's channel
+                        // (if no one else holds it) and the gateway re-runs from the tokens
+                        // streamed so far.
+                        tracing::warn!(seq = it.seq, "decode group gone at handoff: {e}");
+                    }
+                }
             }
-        }
-        for id in std::mem::take(&mut self.pending_aborts) {
-            self.abort(id);
         }
         if cfg!(debug_assertions) {
-            self.sched.check_invariants(&self.pages);
+            self.core.check_invariants();
         }
-        self.report();
     }
 }
 
@@ -371,17 +357,15 @@ struct LayerTarget {
     endpoint: u32,
 }
 
-/// Sends layer `layer` of every finishing sequence to its decode group (layer-wise streaming:
-/// this runs inside the forward, right after the layer's attention wrote its KV).
-fn stream_layer(
-    handle: &tokio::runtime::Handle,
-    transport: &Arc<dyn KvTransport>,
+/// Layer `layer` of every finishing sequence as frames for their decode groups (layer-wise
+/// streaming: this runs inside the forward, right after the layer's attention wrote its KV).
+fn layer_frames(
     targets: &[LayerTarget],
     layer: usize,
     cache: &KvCache,
     errors: &mut BTreeMap<SeqId, String>,
-    corrupt: Option<&std::sync::atomic::AtomicU64>,
-) {
+) -> Vec<(u32, KvFrame)> {
+    let mut out = Vec::with_capacity(targets.len());
     for t in targets {
         if errors.contains_key(&t.seq) {
             continue;
@@ -402,32 +386,85 @@ fn stream_layer(
             errors.insert(t.seq, e.to_string());
             continue;
         }
-        let mut frame = KvFrame::new(t.seq, layer as u32, t.dest.clone(), bytes);
-        if let Some(left) = corrupt
-            && left
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                .is_ok()
-            && let Some(b) = frame.bytes.last_mut()
-        {
-            *b ^= 0x5a;
-        }
-        match handle.block_on(tokio::time::timeout(
-            KV_SEND_DEADLINE,
-            transport.send(t.endpoint, frame),
-        )) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                errors.insert(t.seq, e.to_string());
+        out.push((
+            t.endpoint,
+            KvFrame::new(t.seq, layer as u32, t.dest.clone(), bytes),
+        ));
+    }
+    out
+}
+
+/// Test tool: flips a byte of the next N frames after their checksums were computed.
+fn corrupt_for_test(corrupt: Option<&std::sync::atomic::AtomicU64>, frame: &mut KvFrame) {
+    if let Some(left) = corrupt
+        && left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+        && let Some(b) = frame.bytes.last_mut()
+    {
+        *b ^= 0x5a;
+    }
+}
+
+/// Sends a step's layer frames from a task of their own while the forward pass goes on: at most
+/// `in_flight` frames wait for the transport before [`LayerSender::push_blocking`] waits (the
+/// named bound [`KV_FRAMES_IN_FLIGHT`]). Frames of a sequence whose earlier frame failed are not
+/// sent; the first failure per sequence is reported by [`LayerSender::finish`].
+pub struct LayerSender {
+    tx: mpsc::Sender<(u32, KvFrame)>,
+    task: tokio::task::JoinHandle<BTreeMap<SeqId, String>>,
+}
+
+impl LayerSender {
+    pub fn start(
+        handle: &tokio::runtime::Handle,
+        transport: Arc<dyn KvTransport>,
+        in_flight: usize,
+    ) -> Self {
+        let (tx, mut rx) = mpsc::channel::<(u32, KvFrame)>(in_flight.max(1));
+        let task = handle.spawn(async move {
+            let mut errors = BTreeMap::new();
+            while let Some((endpoint, frame)) = rx.recv().await {
+                if errors.contains_key(&frame.seq) {
+                    continue;
+                }
+                let (seq, layer) = (frame.seq, frame.layer);
+                match tokio::time::timeout(KV_SEND_DEADLINE, transport.send(endpoint, frame)).await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        errors.insert(seq, e.to_string());
+                    }
+                    Err(_) => {
+                        errors.insert(
+                            seq,
+                            format!(
+                                "layer {layer} not delivered to decode group {endpoint} within \
+                                 {KV_SEND_DEADLINE:?}"
+                            ),
+                        );
+                    }
+                }
             }
-            Err(_) => {
-                errors.insert(
-                    t.seq,
-                    format!(
-                        "layer {layer} not delivered to decode group {} within {KV_SEND_DEADLINE:?}",
-                        t.endpoint
-                    ),
-                );
-            }
-        }
+            errors
+        });
+        Self { tx, task }
+    }
+
+    /// From the forward pass's thread: queues a frame, waiting while `in_flight` are queued.
+    pub fn push_blocking(&self, endpoint: u32, frame: KvFrame) {
+        // The task only ends when this sender is dropped, so the send cannot fail.
+        let _ = self.tx.blocking_send((endpoint, frame));
+    }
+
+    /// From async code (tests): queues a frame, waiting while `in_flight` are queued.
+    pub async fn push(&self, endpoint: u32, frame: KvFrame) {
+        let _ = self.tx.send((endpoint, frame)).await;
+    }
+
+    /// Waits until every queued frame was sent; the first error of each failed sequence.
+    pub async fn finish(self) -> BTreeMap<SeqId, String> {
+        drop(self.tx);
+        self.task.await.unwrap_or_default()
     }
 }
