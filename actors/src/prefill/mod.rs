@@ -468,3 +468,6 @@ impl LayerSender {
         self.task.await.unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests;
