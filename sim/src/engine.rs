@@ -9,11 +9,11 @@
 //! start every rank's scheduler plans its share, the cost model turns the plans into one duration,
 //! and at the step end every rank completes its plan.
 //!
-//! The gateway holds arriving requests in a FIFO queue and places the head when there is room:
-//! a decode rank is chosen and its pages reserved first ([`Scheduler::reserve`], DESIGN.md step 2),
-//! then a prefill rank. Both choices are two-level, as in SGLang PD (router → server → DP rank):
-//! core's [`PrefillRouter`] (prefix affinity, then load) picks a group and then a rank within it;
-//! core's [`DecodeBalancer`] likewise. When prefill completes a prompt its first token streams to
+//! Every PD decision is made by the server's own cores in `duet_core::pd`: the gateway is a
+//! [`GatewayCore`] (a FIFO queue; decode placement against committed pages, then prefill routing,
+//! each two-level as in SGLang PD: router → server → DP rank), each prefill rank a
+//! [`PrefillCore`] and each decode rank a [`DecodeCore`] (reservation, handoff, batch, when a
+//! sequence ends), each over a real scheduler and KV manager. When prefill completes a prompt its first token streams to
 //! the client (TTFT), its full pages go into the rank's prefix cache, and the KV is streamed to the
 //! decode rank: `kv_bytes_per_token × prompt` over the prefill GPU's NIC, layer-wise so that only
 //! `1/layers` of it (or what the final chunk could not hide) is left after the prompt's last chunk,
@@ -39,17 +39,16 @@
 //! run, and the event loop may only run dry when every request has finished.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::BinaryHeap;
 use std::rc::Rc;
 
 use duet_core::kv::{KvConfig, KvManager};
-use duet_core::pages_for;
-use duet_core::route::{
-    BalancePolicy, DecodeBalancer, GroupLoad, PrefillLoad, PrefillRouter, PrefillRouterConfig,
-    page_chain_hashes,
+use duet_core::pd::{
+    DecodeAction, DecodeConfig, DecodeCore, FirstToken, GatewayAction, GatewayConfig, GatewayCore,
+    PdRequest, PrefillCore, RankId, SeqLimits,
 };
-use duet_core::sched::{NewSeq, SchedConfig, Scheduler, StepPlan, Submit};
-use duet_core::types::WorkerId;
+use duet_core::route::{BalancePolicy, PrefillRouterConfig, page_chain_hashes};
+use duet_core::sched::{SchedConfig, Scheduler, StepPlan};
 
 use crate::SimError;
 use crate::calibration::Calibration;
@@ -111,35 +110,27 @@ enum Event {
     KvArrived(u32),
 }
 
+/// A prefill rank: the server's prefill core over its scheduler and pool.
 #[derive(Debug)]
-struct Rank {
-    sched: Scheduler,
-    kv: KvManager,
+struct PrefillRank {
+    core: PrefillCore<()>,
     plan: StepPlan,
-    /// When this GPU's NIC is free for the next KV transfer (prefill ranks).
+    /// When this GPU's NIC is free for the next KV transfer.
     nic_free_us: u64,
-    /// Prefill: prompt tokens left to compute, as of the last step boundary plus what was submitted
-    /// since. Cached because the scheduler's own count walks every sequence, and the gateway asks
-    /// for every rank on every placement.
-    queued_tokens: u64,
-    /// Decode: tokens still to generate for the sequences placed here (the gateway's estimate).
-    outstanding_tokens: u64,
-    /// Decode: sequences placed here and not finished (reserved, waiting or running).
-    assigned: usize,
-    /// Decode: pages the placed sequences will hold at their full length. The gateway admits against
-    /// this, not against today's free pages, so that sequences placed together cannot outgrow the
-    /// pool and force recompute (DeepSeek's decode LB balances KV usage, anchors §1).
-    committed_pages: usize,
+}
+
+/// A decode rank: the server's decode-group core over its scheduler and pool.
+#[derive(Debug)]
+struct DecodeRank {
+    core: DecodeCore<(), ()>,
+    plan: StepPlan,
 }
 
 #[derive(Debug)]
-struct Group {
-    ranks: Vec<Rank>,
+struct Group<R> {
+    ranks: Vec<R>,
     busy: bool,
     steps: u64,
-    /// Rank-level routing inside this group.
-    prefill_router: PrefillRouter,
-    balancer: DecodeBalancer,
     last_step_us: u64,
 }
 
@@ -150,12 +141,10 @@ struct ReqState {
     last_token_us: u64,
     finish_us: u64,
     generated: u32,
-    /// (group, rank) of the decode rank holding its pages.
-    decode_at: (u32, u32),
-    /// (group, rank) that prefilled it.
-    prefill_at: (u32, u32),
-    /// Tokens still counted in its decode rank's `outstanding_tokens`.
-    charged: u32,
+    /// The decode rank holding its pages.
+    decode_at: RankId,
+    /// The rank that prefilled it.
+    prefill_at: RankId,
     failed: bool,
 }
 
@@ -168,16 +157,9 @@ pub struct Simulation {
     state: Vec<ReqState>,
     prefill_cost: Option<Rc<CostModel>>,
     decode_cost: Option<Rc<CostModel>>,
-    prefill: Vec<Group>,
-    decode: Vec<Group>,
-    group_router: PrefillRouter,
-    group_balancer: DecodeBalancer,
-    gateway: VecDeque<u32>,
-    /// Prefill ranks whose queued tokens are below the acceptance budget.
-    prefill_ranks_with_room: usize,
-    /// Reused load lists for the routers (one placement at a time).
-    scratch_prefill: Vec<PrefillLoad>,
-    scratch_decode: Vec<GroupLoad>,
+    prefill: Vec<Group<PrefillRank>>,
+    decode: Vec<Group<DecodeRank>>,
+    gateway: GatewayCore,
     heap: BinaryHeap<Reverse<(u64, u64, Event)>>,
     event_seq: u64,
     next_arrival: usize,
@@ -295,49 +277,81 @@ impl Simulation {
             tree_pages_max: (kv_pages_prefill as usize * (cfg.prefill_ep / p_tp)).max(1),
             ..PrefillRouterConfig::default()
         };
-        let make_groups = |gpus: usize, ep: usize, tp: usize, sched: SchedConfig, kv: KvConfig| {
-            (0..gpus / ep.max(1))
-                .map(|_| Group {
-                    ranks: (0..ep / tp)
-                        .map(|_| Rank {
-                            sched: Scheduler::new(sched),
-                            kv: KvManager::new(kv),
+        let groups = |gpus: usize, ep: usize, tp: usize| (gpus / ep.max(1), ep / tp);
+        let (p_groups, p_ranks) = groups(p_gpus, cfg.prefill_ep, p_tp);
+        let (d_groups, d_ranks) = groups(d_gpus, cfg.decode_ep, d_tp);
+        let mut gateway = GatewayCore::new(GatewayConfig {
+            prefill: p_gpus > 0,
+            decode: d_gpus > 0,
+            prefill_queued_tokens_max: PREFILL_QUEUED_STEPS_MAX
+                * (cfg.prefill_tokens_per_gpu * p_tp) as u64,
+            rank_router,
+            group_router,
+            balance: BalancePolicy::default(),
+            // Every role has its ranks from the start: nothing waits for a worker to join.
+            no_worker_wait_max_us: u64::MAX,
+        });
+        let prefill_kv = KvConfig {
+            pages_total: kv_pages_prefill,
+            prefix_cache: cfg.prefix_cache,
+        };
+        let prefill = (0..p_groups)
+            .map(|g| {
+                gateway.set_prefill_group(g as u32, p_ranks);
+                Group {
+                    ranks: (0..p_ranks)
+                        .map(|k| PrefillRank {
+                            core: PrefillCore::new(
+                                k as u32,
+                                usize::MAX,
+                                Scheduler::new(prefill_sched),
+                                KvManager::new(prefill_kv),
+                            ),
                             plan: StepPlan::default(),
                             nic_free_us: 0,
-                            queued_tokens: 0,
-                            outstanding_tokens: 0,
-                            assigned: 0,
-                            committed_pages: 0,
                         })
                         .collect(),
                     busy: false,
                     steps: 0,
-                    prefill_router: PrefillRouter::new(rank_router),
-                    balancer: DecodeBalancer::new(BalancePolicy::default()),
                     last_step_us: 0,
-                })
-                .collect::<Vec<_>>()
+                }
+            })
+            .collect();
+        let decode_kv = KvConfig {
+            pages_total: kv_pages_decode,
+            prefix_cache: false,
         };
-        let prefill = make_groups(
-            p_gpus,
-            cfg.prefill_ep,
-            p_tp,
-            prefill_sched,
-            KvConfig {
-                pages_total: kv_pages_prefill,
-                prefix_cache: cfg.prefix_cache,
-            },
-        );
-        let decode = make_groups(
-            d_gpus,
-            cfg.decode_ep,
-            d_tp,
-            decode_sched,
-            KvConfig {
-                pages_total: kv_pages_decode,
-                prefix_cache: false,
-            },
-        );
+        let decode = (0..d_groups)
+            .map(|g| {
+                gateway.set_decode_group(
+                    g as u32,
+                    &vec![(kv_pages_decode as usize, decode_sched.max_running); d_ranks],
+                );
+                Group {
+                    ranks: (0..d_ranks)
+                        .map(|k| DecodeRank {
+                            core: DecodeCore::new(
+                                DecodeConfig {
+                                    group: k as u32,
+                                    // The transfer's arrival is one event: no per-layer frames.
+                                    layers: 0,
+                                    max_positions: usize::MAX,
+                                    kv_arrival_deadline_us: u64::MAX,
+                                    reservation_ttl_us: u64::MAX,
+                                    reserve_queue_max: WAITING_MAX,
+                                },
+                                Scheduler::new(decode_sched),
+                                KvManager::new(decode_kv),
+                            ),
+                            plan: StepPlan::default(),
+                        })
+                        .collect(),
+                    busy: false,
+                    steps: 0,
+                    last_step_us: 0,
+                }
+            })
+            .collect();
         let n = reqs.len();
         Ok(Simulation {
             state: vec![
@@ -346,9 +360,8 @@ impl Simulation {
                     last_token_us: NONE_US,
                     finish_us: NONE_US,
                     generated: 0,
-                    decode_at: (0, 0),
-                    prefill_at: (0, 0),
-                    charged: 0,
+                    decode_at: RankId { group: 0, rank: 0 },
+                    prefill_at: RankId { group: 0, rank: 0 },
                     failed: false,
                 };
                 n
@@ -358,12 +371,7 @@ impl Simulation {
             decode_cost,
             prefill,
             decode,
-            group_router: PrefillRouter::new(group_router),
-            group_balancer: DecodeBalancer::new(BalancePolicy::default()),
-            gateway: VecDeque::new(),
-            prefill_ranks_with_room: p_gpus / p_tp,
-            scratch_prefill: Vec::new(),
-            scratch_decode: Vec::new(),
+            gateway,
             heap: BinaryHeap::new(),
             event_seq: 0,
             next_arrival: 0,
@@ -414,7 +422,22 @@ impl Simulation {
                 Some(ta) if arrival_first => {
                     self.now_us = ta;
                     while self.next_arrival < n && self.reqs[self.next_arrival].arrival_us == ta {
-                        self.gateway.push_back(self.next_arrival as u32);
+                        let r = self.next_arrival;
+                        let req = &self.reqs[r];
+                        let hashes = if self.prefill.is_empty() {
+                            Vec::new()
+                        } else {
+                            page_chain_hashes(&req.prompt_tokens(r as u64, self.cfg.seed))
+                        };
+                        self.gateway.handle_arrival(
+                            ta,
+                            PdRequest {
+                                seq: r as u64,
+                                prompt_len: req.input_len as usize,
+                                max_new_tokens: req.output_len as usize,
+                                page_hashes: hashes,
+                            },
+                        );
                         self.next_arrival += 1;
                     }
                     self.pump();
@@ -436,7 +459,7 @@ impl Simulation {
                 "stall at t = {} µs: {} of {n} requests unfinished, {} at the gateway, nothing scheduled",
                 self.now_us,
                 n - self.finished,
-                self.gateway.len()
+                self.gateway.queued()
             );
         }
         assert_eq!(
@@ -450,46 +473,70 @@ impl Simulation {
     // Gateway
     // ---------------------------------------------------------------------------------------------
 
-    /// Places requests from the head of the gateway queue while there is room (FIFO: a request that
-    /// does not fit holds the ones behind it, as core's schedulers do).
+    /// Places requests from the head of the gateway queue while there is room (core's
+    /// [`GatewayCore`], the server's own policy), reserving at the decode rank first.
     fn pump(&mut self) {
+        let now = self.now_us;
+        self.gateway.pump(now);
         // Groups get their new work only after the whole batch of placements, so that a step does
         // not start with the first placed request alone.
         let mut touched_prefill = Vec::new();
         let mut touched_decode = Vec::new();
-        while let Some(&r) = self.gateway.front() {
-            let has_prefill = !self.prefill.is_empty();
-            let has_decode = !self.decode.is_empty();
-            if has_prefill && !self.prefill_has_room() {
-                break;
-            }
-            let dest = if has_decode {
-                match self.reserve_decode(r) {
-                    Some(d) => Some(d),
-                    None => break,
+        while let Some(action) = self.gateway.poll_action() {
+            let (req, prefill, decode) = match action {
+                GatewayAction::Place {
+                    req,
+                    prefill,
+                    decode,
+                } => (req, prefill, decode),
+                GatewayAction::Refuse { req, .. } | GatewayAction::Expire { req } => {
+                    self.fail(req.seq as u32);
+                    continue;
                 }
-            } else {
-                None
             };
-            self.gateway.pop_front();
-            if has_prefill {
-                touched_prefill.push(self.place_prefill(r));
-            } else if let Some((g, k)) = dest {
-                // Decode-only: the KV is there at once; the first token counts as produced now.
-                let s = &mut self.state[r as usize];
-                s.first_token_us = self.now_us;
-                s.last_token_us = self.now_us;
-                s.generated = 1;
-                if self.reqs[r as usize].output_len <= 1 {
-                    let now = self.now_us;
-                    let rank = &mut self.decode[g].ranks[k];
-                    rank.sched.unreserve(r as u64, &mut rank.kv, now);
-                    self.finish_decode_accounting(g, k, r);
-                    self.finish(r, false);
-                } else {
-                    self.submit_decode(r, false);
-                    touched_decode.push(g);
+            let r = req.seq as u32;
+            if let Some(at) = decode {
+                self.state[r as usize].decode_at = at;
+                let rank = &mut self.decode[at.group as usize].ranks[at.rank as usize];
+                rank.core.handle_reserve(now, req.seq, req.prompt_len, ());
+                // Commitments cover full lengths, so the pages are there now.
+                match rank.core.poll_action() {
+                    Some(DecodeAction::Prefill { .. }) => {}
+                    other => panic!("decode reservation of request {r} after placement: {other:?}"),
                 }
+            }
+            match (prefill, decode) {
+                (Some(at), _) => {
+                    self.state[r as usize].prefill_at = at;
+                    let tokens = self.reqs[r as usize].prompt_tokens(req.seq, self.cfg.seed);
+                    let limits = SeqLimits {
+                        max_new_tokens: req.max_new_tokens,
+                        stop_token_ids: Vec::new(),
+                    };
+                    let rank = &mut self.prefill[at.group as usize].ranks[at.rank as usize];
+                    rank.core.handle_submit(now, req.seq, tokens, limits, ());
+                    if let Some(refused) = rank.core.poll_refused() {
+                        panic!("prefill submit of request {r}: {}", refused.reason);
+                    }
+                    touched_prefill.push(at.group as usize);
+                }
+                (None, Some(at)) => {
+                    // Decode-only: the KV is there at once; the first token counts as produced now.
+                    let s = &mut self.state[r as usize];
+                    s.first_token_us = now;
+                    s.last_token_us = now;
+                    s.generated = 1;
+                    if self.reqs[r as usize].output_len <= 1 {
+                        let rank = &mut self.decode[at.group as usize].ranks[at.rank as usize];
+                        rank.core.handle_unreserve(now, req.seq);
+                        self.gateway.handle_done(req.seq);
+                        self.finish(r, false);
+                    } else {
+                        self.hand_off(r);
+                        touched_decode.push(at.group as usize);
+                    }
+                }
+                (None, None) => unreachable!("a simulation has prefill or decode ranks"),
             }
         }
         touched_prefill.sort_unstable();
@@ -502,170 +549,6 @@ impl Simulation {
         for g in touched_decode {
             self.start_decode(g);
         }
-    }
-
-    fn prefill_budget_tokens(&self) -> u64 {
-        PREFILL_QUEUED_STEPS_MAX * (self.cfg.prefill_tokens_per_gpu * self.cfg.prefill_tp) as u64
-    }
-
-    fn prefill_rank_load(&self, g: usize, k: usize) -> PrefillLoad {
-        let rank = &self.prefill[g].ranks[k];
-        let queued = rank.queued_tokens;
-        PrefillLoad {
-            worker: WorkerId(k as u32),
-            queued_tokens: queued,
-            running: rank.sched.running(),
-            alive: queued < self.prefill_budget_tokens(),
-        }
-    }
-
-    fn prefill_has_room(&self) -> bool {
-        self.prefill_ranks_with_room > 0
-    }
-
-    /// Sets a prefill rank's queued tokens, keeping the count of ranks with room current (the gateway
-    /// asks before every placement; counting would scan every rank).
-    fn set_prefill_queued(&mut self, g: usize, k: usize, queued: u64) {
-        let budget = self.prefill_budget_tokens();
-        let rank = &mut self.prefill[g].ranks[k];
-        let had_room = rank.queued_tokens < budget;
-        rank.queued_tokens = queued;
-        let has_room = queued < budget;
-        match (had_room, has_room) {
-            (true, false) => self.prefill_ranks_with_room -= 1,
-            (false, true) => self.prefill_ranks_with_room += 1,
-            _ => {}
-        }
-    }
-
-    /// Routes a prompt to a prefill group and rank (core's PrefillRouter at both levels) and submits
-    /// it; returns the group, whose step the caller starts.
-    fn place_prefill(&mut self, r: u32) -> usize {
-        let now = self.now_us;
-        let tokens = self.reqs[r as usize].prompt_tokens(r as u64, self.cfg.seed);
-        // Group loads are sums over ranks; only the chosen group's ranks are listed one by one.
-        let mut groups = std::mem::take(&mut self.scratch_prefill);
-        groups.clear();
-        for g in 0..self.prefill.len() {
-            let mut load = PrefillLoad {
-                worker: WorkerId(g as u32),
-                queued_tokens: 0,
-                running: 0,
-                alive: false,
-            };
-            for k in 0..self.prefill[g].ranks.len() {
-                let l = self.prefill_rank_load(g, k);
-                load.queued_tokens += l.queued_tokens;
-                load.running += l.running;
-                load.alive |= l.alive;
-            }
-            groups.push(load);
-        }
-        let hashes = page_chain_hashes(&tokens);
-        let (gw, _) = self
-            .group_router
-            .route_pages(&hashes, &groups, now)
-            .expect("pump checked that some prefill rank has room");
-        let g = gw.0 as usize;
-        groups.clear();
-        groups.extend((0..self.prefill[g].ranks.len()).map(|k| self.prefill_rank_load(g, k)));
-        let (kw, _) = self.prefill[g]
-            .prefill_router
-            .route_pages(&hashes, &groups, now)
-            .expect("the chosen group has a rank with room");
-        self.scratch_prefill = groups;
-        let k = kw.0 as usize;
-        self.state[r as usize].prefill_at = (g as u32, k as u32);
-        let queued = self.prefill[g].ranks[k].queued_tokens + tokens.len() as u64;
-        self.set_prefill_queued(g, k, queued);
-        let rank = &mut self.prefill[g].ranks[k];
-        let submitted = rank.sched.submit(
-            NewSeq {
-                id: r as u64,
-                tokens,
-                computed: 0,
-                arrival_us: self.reqs[r as usize].arrival_us,
-            },
-            &mut rank.kv,
-            now,
-        );
-        assert_eq!(
-            submitted,
-            Ok(Submit::Queued),
-            "prefill submit of a fresh sequence"
-        );
-        g
-    }
-
-    /// Chooses a decode group and rank with room (core's DecodeBalancer at both levels) and reserves
-    /// the prompt's pages there. None: no room now.
-    fn reserve_decode(&mut self, r: u32) -> Option<(usize, usize)> {
-        let req = &self.reqs[r as usize];
-        let input = req.input_len as usize;
-        // The gateway knows max_tokens; the sequence's whole length is what it will need.
-        let pages_needed = full_pages(req);
-        let cap = self.cfg.decode_batch_per_gpu * self.cfg.decode_tp;
-        let rank_load = |k: usize, rank: &Rank| GroupLoad {
-            group: WorkerId(k as u32),
-            outstanding_tokens: rank.outstanding_tokens,
-            pages_free: rank.kv.pages_total().saturating_sub(rank.committed_pages),
-            running: rank.assigned,
-            max_running: cap,
-            alive: true,
-        };
-        // Group loads are sums over ranks; only the chosen group's ranks are listed one by one.
-        let mut loads = std::mem::take(&mut self.scratch_decode);
-        loads.clear();
-        loads.extend(self.decode.iter().enumerate().map(|(g, grp)| {
-            let mut load = GroupLoad {
-                group: WorkerId(g as u32),
-                outstanding_tokens: 0,
-                pages_free: 0,
-                running: 0,
-                max_running: cap * grp.ranks.len(),
-                alive: true,
-            };
-            for (k, rank) in grp.ranks.iter().enumerate() {
-                let l = rank_load(k, rank);
-                load.outstanding_tokens += l.outstanding_tokens;
-                load.running += l.running;
-                if l.running < l.max_running && l.pages_free >= pages_needed {
-                    load.pages_free = load.pages_free.max(l.pages_free);
-                }
-            }
-            load
-        }));
-        let chosen = self.group_balancer.route(&loads, pages_needed);
-        let chosen = chosen.and_then(|g| {
-            let g = g.0 as usize;
-            loads.clear();
-            loads.extend(
-                self.decode[g]
-                    .ranks
-                    .iter()
-                    .enumerate()
-                    .map(|(k, r)| rank_load(k, r)),
-            );
-            let k = self.decode[g].balancer.route(&loads, pages_needed)?;
-            Some((g, k.0 as usize))
-        });
-        self.scratch_decode = loads;
-        let (g, k) = chosen?;
-        let now = self.now_us;
-        let rank = &mut self.decode[g].ranks[k];
-        match rank.sched.reserve(r as u64, input, &mut rank.kv, now) {
-            Ok(Ok(_pages)) => {}
-            // The balancer saw free pages, so this is unreachable; waiting is the safe answer.
-            Ok(Err(_later)) => return None,
-            Err(e) => panic!("reserve of fresh sequence {r}: {e}"),
-        }
-        rank.assigned += 1;
-        rank.outstanding_tokens += req.output_len as u64;
-        rank.committed_pages += pages_needed;
-        let s = &mut self.state[r as usize];
-        s.decode_at = (g as u32, k as u32);
-        s.charged = req.output_len;
-        Some((g, k))
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -685,27 +568,30 @@ impl Simulation {
         let mut failed = Vec::new();
         let mut used_pages = 0usize;
         for (k, rank) in grp.ranks.iter_mut().enumerate() {
-            let plan = rank.sched.schedule(&mut rank.kv, now);
-            failed.extend(rank.sched.take_unservable());
+            let plan = rank.core.plan_step(now).unwrap_or_default();
+            while let Some(refused) = rank.core.poll_refused() {
+                failed.push(refused.seq as u32);
+            }
             for item in &plan.items {
                 cost.add_prefill_item(&mut works[k], item.start, item.len, item.samples);
             }
             any |= !plan.items.is_empty();
             self.preemptions += plan.preempted.len() as u64;
-            used_pages += rank.kv.pages_used();
+            used_pages += rank.core.kv().pages_used();
             rank.plan = plan;
         }
         for r in failed {
-            self.fail(r as u32, true);
+            self.fail_in_prefill(r);
         }
         let grp = &mut self.prefill[g];
         if !any {
             for rank in &grp.ranks {
+                let sched = rank.core.sched();
                 assert!(
-                    rank.sched.running() == 0 && rank.sched.waiting() == 0,
+                    sched.running() == 0 && sched.waiting() == 0,
                     "prefill group {g} idle with {} running and {} waiting sequences",
-                    rank.sched.running(),
-                    rank.sched.waiting()
+                    sched.running(),
+                    sched.waiting()
                 );
             }
             return;
@@ -734,25 +620,31 @@ impl Simulation {
         let mut done = Vec::new();
         for (k, rank) in grp.ranks.iter_mut().enumerate() {
             let plan = std::mem::take(&mut rank.plan);
-            rank.sched.complete(&plan);
+            rank.core.handle_step_done(&plan);
             for item in plan.items.iter().filter(|i| i.samples) {
-                // Full pages of the prompt go into the prefix cache for later requests.
-                rank.sched
-                    .finish(item.seq, true, &mut rank.kv, now)
-                    .expect("a sampled sequence is known to its scheduler");
-                done.push((k, item.seq as u32));
+                // The core caches the prompt's full pages for later requests.
+                let out = rank
+                    .core
+                    .handle_first_token(now, item.seq, 0, Ok(()))
+                    .expect("a sampled sequence is known to its core");
+                let ends = matches!(out, FirstToken::Finished { .. });
+                done.push((k, item.seq as u32, ends));
             }
             if check > 0 && grp.steps.is_multiple_of(check) {
-                rank.sched.check_invariants(&rank.kv);
+                rank.core.check_invariants();
             }
         }
         for k in 0..self.prefill[g].ranks.len() {
-            let queued = self.prefill[g].ranks[k].sched.outstanding_tokens();
-            self.set_prefill_queued(g, k, queued);
+            let core = &self.prefill[g].ranks[k].core;
+            let (queued, running) = (core.sched().outstanding_tokens(), core.sched().running());
+            let at = RankId {
+                group: g as u32,
+                rank: k as u32,
+            };
+            self.gateway.update_prefill(at, queued, running);
         }
-        for (k, r) in done {
-            let req = &self.reqs[r as usize];
-            let (input, output) = (req.input_len, req.output_len);
+        for (k, r, ends) in done {
+            let input = self.reqs[r as usize].input_len;
             let s = &mut self.state[r as usize];
             s.first_token_us = now;
             s.last_token_us = now;
@@ -762,12 +654,11 @@ impl Simulation {
                 self.finish(r, false);
                 continue;
             }
-            let (dg, dk) = self.state[r as usize].decode_at;
-            let (dg, dk) = (dg as usize, dk as usize);
-            if output <= 1 {
-                let rank = &mut self.decode[dg].ranks[dk];
-                rank.sched.unreserve(r as u64, &mut rank.kv, now);
-                self.finish_decode_accounting(dg, dk, r);
+            let at = self.state[r as usize].decode_at;
+            if ends {
+                let rank = &mut self.decode[at.group as usize].ranks[at.rank as usize];
+                rank.core.handle_unreserve(now, r as u64);
+                self.gateway.handle_done(r as u64);
                 self.finish(r, false);
                 continue;
             }
@@ -795,35 +686,34 @@ impl Simulation {
     // ---------------------------------------------------------------------------------------------
 
     fn kv_arrived(&mut self, r: u32) {
-        self.submit_decode(r, true);
+        self.hand_off(r);
+        let g = self.state[r as usize].decode_at.group as usize;
+        self.start_decode(g);
     }
 
-    /// Submits a sequence whose KV sits in its reserved pages; with `start`, wakes its group.
-    fn submit_decode(&mut self, r: u32, start: bool) {
+    /// Hands a sequence whose KV sits in its reserved pages to its decode rank's core.
+    fn hand_off(&mut self, r: u32) {
         let now = self.now_us;
-        let (g, k) = self.state[r as usize].decode_at;
-        let (g, k) = (g as usize, k as usize);
-        let input = self.reqs[r as usize].input_len as usize;
-        let output = self.reqs[r as usize].output_len as usize;
-        let rank = &mut self.decode[g].ranks[k];
-        // Decode ranks keep no prefix cache, so token values do not matter: the prompt plus the
-        // first token, whose KV is the one left to compute. Room for every token to come, so that
-        // appending never reallocates.
-        let mut tokens = Vec::with_capacity(input + output + 1);
-        tokens.resize(input + 1, 0);
-        let submitted = rank.sched.submit(
-            NewSeq {
-                id: r as u64,
-                tokens,
-                computed: input,
-                arrival_us: self.reqs[r as usize].arrival_us,
-            },
-            &mut rank.kv,
-            now,
+        let at = self.state[r as usize].decode_at;
+        let (input, output) = (
+            self.reqs[r as usize].input_len as usize,
+            self.reqs[r as usize].output_len as usize,
         );
-        assert_eq!(submitted, Ok(Submit::Queued), "decode submit after reserve");
-        if start {
-            self.start_decode(g);
+        // Decode ranks keep no prefix cache, so token values do not matter. Room for every token
+        // to come, so that appending never reallocates.
+        let mut tokens = Vec::with_capacity(input + output + 1);
+        tokens.resize(input, 0);
+        let limits = SeqLimits {
+            max_new_tokens: output,
+            stop_token_ids: Vec::new(),
+        };
+        let rank = &mut self.decode[at.group as usize].ranks[at.rank as usize];
+        let handed = rank
+            .core
+            .handle_handoff(now, r as u64, tokens, 0, 0, limits, ());
+        assert!(handed.is_ok(), "handoff of request {r} to its reservation");
+        if let Some(a) = rank.core.poll_action() {
+            panic!("decode handoff of request {r}: {a:?}");
         }
     }
 
@@ -840,33 +730,42 @@ impl Simulation {
         let mut used_pages = 0usize;
         let mut items = 0u64;
         for (k, rank) in grp.ranks.iter_mut().enumerate() {
-            let plan = rank.sched.schedule(&mut rank.kv, now);
-            failed.extend(rank.sched.take_unservable().into_iter().map(|s| (k, s)));
+            let plan = rank.core.plan_step(now).unwrap_or_default();
+            while let Some(a) = rank.core.poll_action() {
+                match a {
+                    DecodeAction::Fail { seq, .. } | DecodeAction::Retry { seq, .. } => {
+                        failed.push(seq as u32)
+                    }
+                    DecodeAction::Prefill { seq, .. } => {
+                        panic!("decode rank {g}/{k} reserved request {seq} late")
+                    }
+                }
+            }
             for item in &plan.items {
                 cost.add_decode_item(&mut works[k], item.start, item.len, item.samples);
             }
             items += plan.items.len() as u64;
             any |= !plan.items.is_empty();
             self.preemptions += plan.preempted.len() as u64;
-            used_pages += rank.kv.pages_used();
+            used_pages += rank.core.kv().pages_used();
             rank.plan = plan;
         }
-        for (k, r) in failed {
-            self.finish_decode_accounting(g, k, r as u32);
-            self.fail(r as u32, false);
+        for r in failed {
+            self.gateway.handle_done(r as u64);
+            self.fail(r);
         }
         let grp = &mut self.decode[g];
         if !any {
             for rank in &grp.ranks {
                 // Waiting sequences with reserved pages may wait for pages only while a transfer
                 // (an event) is on its way; running ones always get planned.
+                let sched = rank.core.sched();
                 assert!(
-                    rank.sched.running() == 0
-                        && (rank.sched.waiting() == 0 || rank.sched.reserved() > 0),
+                    sched.running() == 0 && (sched.waiting() == 0 || sched.reserved() > 0),
                     "decode group {g} idle with {} running, {} waiting, {} reserved",
-                    rank.sched.running(),
-                    rank.sched.waiting(),
-                    rank.sched.reserved()
+                    sched.running(),
+                    sched.waiting(),
+                    sched.reserved()
                 );
             }
             return;
@@ -893,7 +792,7 @@ impl Simulation {
         grp.steps += 1;
         for rank in grp.ranks.iter_mut() {
             let plan = std::mem::take(&mut rank.plan);
-            rank.sched.complete(&plan);
+            rank.core.handle_step_done(&plan);
             for item in plan.items.iter().filter(|i| i.samples) {
                 let r = item.seq as usize;
                 let accepted = match accept {
@@ -903,31 +802,32 @@ impl Simulation {
                 let s = &mut self.state[r];
                 let left = self.reqs[r].output_len - s.generated;
                 let n = (1 + accepted).min(left);
+                // With MTP the verified draft and the new token are both this step's.
+                let mut ended = false;
+                for _ in 0..n {
+                    let out = rank
+                        .core
+                        .handle_token(now, item.seq, 0)
+                        .expect("a sampled sequence is running");
+                    ended = out.finish.is_some();
+                }
                 s.generated += n;
                 emitted_total += n;
-                let uncharge = n.min(s.charged);
-                s.charged -= uncharge;
-                rank.outstanding_tokens -= uncharge as u64;
+                self.gateway.handle_tokens(item.seq, n as u64);
                 self.itl.add(now - s.last_token_us);
                 s.last_token_us = now;
-                if s.generated >= self.reqs[r].output_len {
-                    rank.sched
-                        .finish(item.seq, false, &mut rank.kv, now)
-                        .expect("a sampled sequence is known to its scheduler");
-                    rank.assigned -= 1;
-                    rank.outstanding_tokens -= s.charged as u64;
-                    rank.committed_pages -= full_pages(&self.reqs[r]);
-                    s.charged = 0;
+                debug_assert_eq!(ended, s.generated >= self.reqs[r].output_len);
+                if ended {
+                    self.gateway.handle_done(item.seq);
                     finished.push(r as u32);
-                } else {
-                    for _ in 0..n {
-                        rank.sched.append_token(item.seq, 0);
-                    }
                 }
             }
             if check > 0 && grp.steps.is_multiple_of(check) {
-                rank.sched.check_invariants(&rank.kv);
+                rank.core.check_invariants();
             }
+        }
+        if check > 0 && grp.steps.is_multiple_of(check) {
+            self.gateway.check_invariants();
         }
         self.decode_steps.push((now, emitted_total));
         for r in finished {
@@ -935,16 +835,6 @@ impl Simulation {
         }
         self.pump();
         self.start_decode(g);
-    }
-
-    /// Forgets a decode placement's gateway-side accounting (unreserved or failed before finishing).
-    fn finish_decode_accounting(&mut self, g: usize, k: usize, r: u32) {
-        let s = &mut self.state[r as usize];
-        let rank = &mut self.decode[g].ranks[k];
-        rank.assigned -= 1;
-        rank.outstanding_tokens -= s.charged as u64;
-        rank.committed_pages -= full_pages(&self.reqs[r as usize]);
-        s.charged = 0;
     }
 
     fn finish(&mut self, r: u32, failed: bool) {
@@ -956,17 +846,21 @@ impl Simulation {
         self.failed += usize::from(failed);
     }
 
-    /// A request no rank can hold (longer than a whole KV pool): failed, as the actor would.
-    fn fail(&mut self, r: u32, in_prefill: bool) {
-        if in_prefill && !self.decode.is_empty() {
-            let (g, k) = self.state[r as usize].decode_at;
-            let (g, k) = (g as usize, k as usize);
-            let now = self.now_us;
-            let rank = &mut self.decode[g].ranks[k];
-            rank.sched.unreserve(r as u64, &mut rank.kv, now);
-            self.finish_decode_accounting(g, k, r);
-        }
+    /// A request no rank can hold (longer than a whole KV pool): failed, as the server would.
+    fn fail(&mut self, r: u32) {
         self.finish(r, true);
+    }
+
+    /// A prompt its prefill rank refused: its decode reservation and commitment go too.
+    fn fail_in_prefill(&mut self, r: u32) {
+        if !self.decode.is_empty() {
+            let at = self.state[r as usize].decode_at;
+            let now = self.now_us;
+            let rank = &mut self.decode[at.group as usize].ranks[at.rank as usize];
+            rank.core.handle_unreserve(now, r as u64);
+            self.gateway.handle_done(r as u64);
+        }
+        self.fail(r);
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -1028,7 +922,7 @@ impl Simulation {
             .prefill
             .iter()
             .flat_map(|g| &g.ranks)
-            .map(|r| r.kv.prefix_stats())
+            .map(|r| r.core.kv().prefix_stats())
             .fold((0u64, 0u64), |(q, h), s| {
                 (q + s.queried_tokens, h + s.hit_tokens)
             });
@@ -1117,11 +1011,6 @@ impl Simulation {
 pub struct Samples {
     pub ttft_ms: Vec<f64>,
     pub tpot_ms: Vec<f64>,
-}
-
-/// Pages a request holds on its decode rank at its full length.
-fn full_pages(r: &Request) -> usize {
-    pages_for(r.input_len as usize + r.output_len as usize)
 }
 
 fn mean(v: &[f64]) -> f64 {

@@ -1,6 +1,8 @@
 //! The prefill/decode protocol as sans-IO state machines (quinn-proto's split: events in with the
 //! time as an argument, decisions out as data; the actors are the IO drivers).
 //!
+//! - [`GatewayCore`]: where and when each sequence is prefilled and decoded (a FIFO queue,
+//!   decode placement against committed pages, prefill routing by prefix and load).
 //! - [`DecodeCore`]: one decode DP group — the reservation queue, reservations waiting for their
 //!   KV and handoff (deadlines, TTL), the running batch, and when a sequence ends.
 //! - [`PrefillCore`]: one prefill worker — its queue, its steps, and what happens to a sequence
@@ -18,10 +20,12 @@
 //! and that the pool returns to empty after any interleaving.
 
 mod decode;
+mod gateway;
 mod prefill;
 
 pub use decode::{DecodeAction, DecodeConfig, DecodeCore, FrameCheck, Held, TokenOutcome};
-pub use prefill::{FirstToken, PrefillCore, PrefillJobState};
+pub use gateway::{GatewayAction, GatewayConfig, GatewayCore, PdRequest, RankId};
+pub use prefill::{FirstToken, PrefillCore, PrefillJobState, Refused};
 
 use crate::PAGE_TOKENS;
 
