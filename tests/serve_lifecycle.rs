@@ -20,7 +20,8 @@ async fn decode_pages_used(srv: &Server) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_429_and_a_disconnect_frees_pages_at_once() {
     let srv = Server::start(&["--queue-max", "1"]);
-    let req = json!({"prompt": "A long story:", "max_tokens": 100000, "stream": true, "ignore_eos": true, "temperature": 0});
+    // Practically endless, and within the 32,768-token context of the default pools.
+    let req = json!({"prompt": "A long story:", "max_tokens": 30000, "stream": true, "ignore_eos": true, "temperature": 0});
     let resp = common::client()
         .post(srv.url("/v1/completions"))
         .json(&req)
@@ -154,11 +155,16 @@ async fn a_panicking_decode_worker_loses_no_request_and_no_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preempted_sequences_finish_later_with_the_same_tokens() {
     // One decode group of 6 pages (384 tokens): four sequences growing to 64 + 120 tokens need
-    // 12 pages, so the group must preempt (free and later recompute) some of them.
+    // 12 pages. Each reserves only 8 new tokens at the gateway (`decode.reserve_new_tokens`), so
+    // all four are placed together and the group must preempt (free and later recompute) some.
     // Exact f32: a recomputed sequence's KV comes from the prefill form of MLA instead of the
     // absorbed decode form; in BF16 the two round differently and a near-tie can flip a greedy
     // token (seen here), in f32 they agree to ~1e-6.
+    let cfg = common::tmp("overcommit.toml");
+    std::fs::write(&cfg, "[decode]\nreserve_new_tokens = 8\n").unwrap();
     let small = Server::start(&[
+        "--config",
+        cfg.to_str().unwrap(),
         "--decode-groups",
         "1",
         "--kv-pages",

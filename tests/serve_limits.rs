@@ -82,8 +82,8 @@ async fn a_small_pool_is_advertised_refused_honestly_and_shared_without_losing_o
     assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
 
     // Three requests that each need most of the pool, at once: the group cannot hold them
-    // together, so sequences wait or are preempted and recomputed — and each still returns
-    // exactly the text it returns alone.
+    // together, so the gateway places one at a time (it commits full lengths) — each returns
+    // exactly the text it returns alone, and nothing had to be preempted.
     let body = completion("Hello there", Some(long - 8));
     let (s, alone) = post(&url, &body).await;
     assert_eq!(s, 200, "{alone}");
@@ -100,6 +100,9 @@ async fn a_small_pool_is_advertised_refused_honestly_and_shared_without_losing_o
         assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
         assert_eq!(v["choices"][0]["text"], alone["choices"][0]["text"]);
     }
+
+    let (_, m) = get(&srv.url("/metrics")).await;
+    assert_eq!(metric(&m, "duet_preemptions_total"), Some(0.0));
 
     // Afterwards every page and the running count are back to zero: the balancer sees an idle
     // group, not a leaked one.

@@ -217,6 +217,11 @@ pub async fn start_front(
                 ..PrefillRouterConfig::default()
             },
             balance,
+            // Two steps' worth: one running and one ready, so a worker never idles, while the
+            // rest waits at the gateway where prefix affinity can still bind it (the simulator's
+            // setting too).
+            prefill_queued_tokens_max: 2 * cfg.prefill.token_budget as u64,
+            commit_new_tokens_max: cfg.decode.reserve_new_tokens.unwrap_or(usize::MAX),
         },
     )
     .await

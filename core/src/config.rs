@@ -123,6 +123,11 @@ pub struct DecodeSection {
     pub token_budget: usize,
     /// DP-group balancing: "exact-min" or "power-of-two" (see `route::BalancePolicy`).
     pub balance: String,
+    /// New tokens each sequence reserves on its decode group besides its prompt. Unset: its whole
+    /// `max_tokens`, so sequences placed together never outgrow a pool; less packs more
+    /// sequences per group, and a group that runs out preempts and recomputes
+    /// (`pd::GatewayConfig::commit_new_tokens_max`).
+    pub reserve_new_tokens: Option<usize>,
 }
 
 impl Default for DecodeSection {
@@ -138,6 +143,7 @@ impl Default for DecodeSection {
             token_budget: 512,
             // Measured in core/examples/balance.rs; see BalancePolicy's doc.
             balance: BalancePolicy::default().name().into(),
+            reserve_new_tokens: None,
         }
     }
 }

@@ -288,6 +288,7 @@ impl Simulation {
             rank_router,
             group_router,
             balance: BalancePolicy::default(),
+            commit_new_tokens_max: usize::MAX,
             // Every role has its ranks from the start: nothing waits for a worker to join.
             no_worker_wait_max_us: u64::MAX,
         });

@@ -1,21 +1,22 @@
 //! `Gateway`: the front door. The HTTP layer (gateway::http) validates, renders, tokenizes and
-//! streams; this actor owns routing and the request table: it picks a prefill worker (prefix
-//! affinity, then load) and a decode DP group (balancer), sends the reservation to the group, and
-//! forwards aborts to whoever holds a sequence.
+//! streams; this actor is the IO driver of `duet_core::pd::GatewayCore`, which decides where and
+//! when each sequence runs (the same core the simulator drives): it feeds the core the registry's
+//! membership and load, carries out its placements (a reservation to the decode group, naming the
+//! prefill worker), and forwards aborts to whoever holds a sequence.
 
 pub mod http;
 pub mod stream;
 
 use std::collections::BTreeMap;
 
-use duet_core::PAGE_TOKENS;
-use duet_core::route::{BalancePolicy, DecodeBalancer, PrefillRouter, PrefillRouterConfig};
+use duet_core::pd::{GatewayAction, GatewayConfig, GatewayCore, PdRequest, RankId};
+use duet_core::route::{BalancePolicy, PrefillRouterConfig, page_chain_hashes};
 use duet_core::types::{SeqId, WorkerId};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::decode::DecodeMsg;
 use crate::prefill::PrefillMsg;
-use crate::registry::{SharedBoard, WorkerRef};
+use crate::registry::{SharedBoard, WorkerLoad, WorkerRef};
 use crate::seq::{SeqEvent, SeqJob};
 
 pub enum GatewayMsg {
@@ -25,31 +26,37 @@ pub enum GatewayMsg {
     Abort(SeqId),
     /// The sequence finished; forget its route.
     Done(SeqId),
-    /// Periodic: retry sequences parked while no worker of a role was alive.
+    /// Periodic: place what fits now, expire what waits for a role with no live worker.
     Tick,
 }
 
-/// How often parked sequences are retried: a restarted worker registers within milliseconds.
-const PARKED_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
-/// How long a sequence may wait for a live worker before it fails: longer than any restart, short
-/// enough that a cluster with no workers answers instead of hanging.
-const PARKED_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often the queue is retried without another event: a restarted worker registers, and
+/// load reports arrive, within milliseconds.
+const PUMP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+/// How long a sequence may wait while a role has no live worker before it fails: longer than any
+/// restart, short enough that a cluster with no workers answers instead of hanging.
+const NO_WORKER_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub struct GatewayArgs {
     pub board: SharedBoard,
     pub router: PrefillRouterConfig,
     pub balance: BalancePolicy,
+    /// A prefill worker takes more prompts while its queued prompt tokens are below this.
+    pub prefill_queued_tokens_max: u64,
+    /// New tokens a sequence commits on its decode group (`decode.reserve_new_tokens`).
+    pub commit_new_tokens_max: usize,
 }
 
 pub struct GatewayState {
     board: SharedBoard,
-    router: PrefillRouter,
-    balancer: DecodeBalancer,
-    /// Where each live sequence was sent.
+    core: GatewayCore,
+    /// Sequences waiting in the core's queue.
+    waiting: BTreeMap<SeqId, Box<SeqJob>>,
+    /// Where each placed sequence was sent.
     routes: BTreeMap<SeqId, (ActorRef<PrefillMsg>, ActorRef<DecodeMsg>)>,
-    /// Sequences that found no live prefill worker or decode group (a worker restarting), with
-    /// when they were parked. Bounded by the gateway's admission limit.
-    parked: std::collections::VecDeque<(std::time::Instant, Box<SeqJob>)>,
+    /// The last load applied per worker: a report is applied once, so the core's own count of
+    /// what it placed since is not overwritten by a stale copy.
+    applied: BTreeMap<(bool, WorkerId), WorkerLoad>,
     epoch: std::time::Instant,
 }
 
@@ -65,13 +72,23 @@ impl Actor for Gateway {
         myself: ActorRef<Self::Msg>,
         args: GatewayArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        myself.send_interval(PARKED_RETRY_INTERVAL, || GatewayMsg::Tick);
+        myself.send_interval(PUMP_INTERVAL, || GatewayMsg::Tick);
         Ok(GatewayState {
-            parked: std::collections::VecDeque::new(),
+            core: GatewayCore::new(GatewayConfig {
+                prefill: true,
+                decode: true,
+                prefill_queued_tokens_max: args.prefill_queued_tokens_max,
+                // A worker process is one group of one rank.
+                rank_router: args.router,
+                group_router: args.router,
+                balance: args.balance,
+                commit_new_tokens_max: args.commit_new_tokens_max,
+                no_worker_wait_max_us: NO_WORKER_WAIT_MAX.as_micros() as u64,
+            }),
             board: args.board,
-            router: PrefillRouter::new(args.router),
-            balancer: DecodeBalancer::new(args.balance),
+            waiting: BTreeMap::new(),
             routes: BTreeMap::new(),
+            applied: BTreeMap::new(),
             epoch: std::time::Instant::now(),
         })
     }
@@ -82,106 +99,226 @@ impl Actor for Gateway {
         msg: Self::Msg,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let now = st.now();
         match msg {
-            GatewayMsg::Submit(job) => st.submit(job),
+            GatewayMsg::Submit(job) => {
+                let req = PdRequest {
+                    seq: job.id,
+                    prompt_len: job.tokens.len(),
+                    max_new_tokens: job.params.max_new_tokens,
+                    page_hashes: page_chain_hashes(&job.tokens),
+                };
+                st.waiting.insert(job.id, job);
+                st.core.handle_arrival(now, req);
+            }
             GatewayMsg::Abort(id) => {
                 if let Some((p, d)) = st.routes.remove(&id) {
                     let _ = p.cast(PrefillMsg::Abort(id));
                     let _ = d.cast(DecodeMsg::Abort(id));
                 }
+                st.waiting.remove(&id);
+                st.core.handle_done(id);
             }
             GatewayMsg::Done(id) => {
                 st.routes.remove(&id);
+                st.core.handle_done(id);
             }
             GatewayMsg::Tick => {
-                for (since, job) in std::mem::take(&mut st.parked) {
-                    if job.events.is_closed() {
-                        continue; // the client went away while it waited
-                    }
-                    if since.elapsed() > PARKED_WAIT_MAX {
-                        let _ = job.events.send(SeqEvent::Failed(
-                            "no live prefill worker and decode group to serve the request".into(),
-                        ));
-                        continue;
-                    }
-                    st.submit_at(job, since);
+                // Clients that went away while their sequence waited.
+                let gone: Vec<SeqId> = st
+                    .waiting
+                    .iter()
+                    .filter(|(_, j)| j.events.is_closed())
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in gone {
+                    st.waiting.remove(&id);
+                    st.core.handle_done(id);
                 }
+                st.core.handle_tick(now);
             }
         }
+        st.pump();
         Ok(())
     }
 }
 
 impl GatewayState {
-    fn submit(&mut self, job: Box<SeqJob>) {
-        self.submit_at(job, std::time::Instant::now());
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
     }
 
-    fn submit_at(&mut self, mut job: Box<SeqJob>, since: std::time::Instant) {
-        let mut board = self.board.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let now = self.epoch.elapsed().as_micros() as u64;
-        let pages = job.tokens.len().div_ceil(PAGE_TOKENS);
-        // A worker can die between its last report and this cast; route around it at once
-        // instead of spending one of the sequence's re-runs. Bounded by the number of workers.
-        loop {
-            let Some((pid, p, gid, d)) = self.pick(&board, &job.tokens, pages, now) else {
-                // No live worker of a role right now (one restarting): wait for it.
-                self.parked.push_back((since, job));
-                return;
-            };
-            if p.get_status() != ractor::ActorStatus::Running {
-                board.prefill.remove(&pid);
+    /// Tells the core which workers are alive and how loaded (new reports only). A worker whose
+    /// actor stopped is gone even while the registry still lists it.
+    fn sync(&mut self, board: &crate::registry::Board) {
+        let live = |e: &crate::registry::WorkerEntry| match &e.worker {
+            WorkerRef::Prefill(a) => a.get_status() == ractor::ActorStatus::Running,
+            WorkerRef::Decode(a) => a.get_status() == ractor::ActorStatus::Running,
+        };
+        let prefill: Vec<u32> = self.core.prefill_groups().collect();
+        for g in prefill {
+            if !board.prefill.get(&WorkerId(g)).is_some_and(live) {
+                self.core.remove_prefill_group(g);
+                self.applied.remove(&(true, WorkerId(g)));
+            }
+        }
+        let decode: Vec<u32> = self.core.decode_groups().collect();
+        for g in decode {
+            if !board.decode.get(&WorkerId(g)).is_some_and(live) {
+                self.core.remove_decode_group(g);
+                self.applied.remove(&(false, WorkerId(g)));
+            }
+        }
+        for (id, e) in board.prefill.iter().filter(|(_, e)| live(e)) {
+            if self.applied.get(&(true, *id)) == Some(&e.load) {
                 continue;
             }
-            let id = job.id;
-            self.routes.insert(id, (p.clone(), d.clone()));
-            match d.cast(DecodeMsg::Reserve { job, prefill: p }) {
-                Ok(()) => return,
-                Err(ractor::MessagingErr::SendErr(DecodeMsg::Reserve { job: back, .. })) => {
-                    self.routes.remove(&id);
-                    board.decode.remove(&gid);
-                    job = back;
+            self.applied.insert((true, *id), e.load.clone());
+            self.core.set_prefill_group(id.0, 1);
+            let at = RankId {
+                group: id.0,
+                rank: 0,
+            };
+            self.core.update_prefill(
+                at,
+                e.load.outstanding_tokens,
+                e.load.running + e.load.waiting,
+            );
+        }
+        for (id, e) in board.decode.iter().filter(|(_, e)| live(e)) {
+            if self.applied.get(&(false, *id)) == Some(&e.load) {
+                continue;
+            }
+            self.applied.insert((false, *id), e.load.clone());
+            self.core
+                .set_decode_group(id.0, &[(e.load.pages_total, e.load.max_running)]);
+        }
+    }
+
+    /// Forgets a worker found gone while delivering: the next sync adds it back only if its actor
+    /// runs, so the retry loop ends.
+    fn forget(&mut self, role_prefill: bool, group: u32) {
+        self.applied.remove(&(role_prefill, WorkerId(group)));
+        if role_prefill {
+            self.core.remove_prefill_group(group);
+        } else {
+            self.core.remove_decode_group(group);
+        }
+    }
+
+    /// Places what the core lets through and carries out its decisions.
+    fn pump(&mut self) {
+        let board = self.board.read().unwrap_or_else(|e| e.into_inner()).clone();
+        // A worker can die between its last report and a cast: such a placement is undone, the
+        // worker forgotten, and the queue pumped again. Bounded by the number of workers.
+        loop {
+            self.sync(&board);
+            let now = self.now();
+            self.core.pump(now);
+            let mut undelivered = false;
+            while let Some(action) = self.core.poll_action() {
+                match action {
+                    GatewayAction::Place {
+                        req,
+                        prefill,
+                        decode,
+                    } => {
+                        let (Some(p), Some(d)) = (prefill, decode) else {
+                            unreachable!("the server's gateway places both roles");
+                        };
+                        undelivered |= !self.deliver(&board, req, p, d);
+                    }
+                    GatewayAction::Refuse { req, pool_pages } => {
+                        self.fail(
+                            req.seq,
+                            format!(
+                                "sequence of {} tokens (prompt and max_tokens) does not fit the \
+                                 KV pool of any decode group ({pool_pages} pages)",
+                                req.prompt_len + req.max_new_tokens
+                            ),
+                        );
+                    }
+                    GatewayAction::Expire { req } => self.fail(
+                        req.seq,
+                        "no live prefill worker and decode group to serve the request".into(),
+                    ),
                 }
-                Err(_) => {
-                    // The message did not come back; its channel closes and the client's run
-                    // re-submits it.
-                    self.routes.remove(&id);
-                    return;
-                }
+            }
+            if !undelivered {
+                return;
             }
         }
     }
 
-    /// A prefill worker (prefix affinity, then load) and a decode group (balancer; else the least
-    /// loaded live group, whose reservation queue holds the sequence until pages free up).
-    fn pick(
-        &mut self,
-        board: &crate::registry::Board,
-        tokens: &[u32],
-        pages: usize,
-        now: u64,
-    ) -> Option<(
-        WorkerId,
-        ActorRef<PrefillMsg>,
-        WorkerId,
-        ActorRef<DecodeMsg>,
-    )> {
-        let groups = board.group_loads();
-        let gid = self.balancer.route(&groups, pages).or_else(|| {
-            groups
-                .iter()
-                .min_by_key(|g| (g.outstanding_tokens, g.group))
-                .map(|g| g.group)
-        })?;
-        let (pid, _) = self.router.route(tokens, &board.prefill_loads(), now)?;
-        match (
-            board.prefill.get(&pid).map(|e| &e.worker),
-            board.decode.get(&gid).map(|e| &e.worker),
-        ) {
-            (Some(WorkerRef::Prefill(p)), Some(WorkerRef::Decode(d))) => {
-                Some((pid, p.clone(), gid, d.clone()))
-            }
-            _ => None,
+    fn fail(&mut self, seq: SeqId, why: String) {
+        if let Some(job) = self.waiting.remove(&seq) {
+            let _ = job.events.send(SeqEvent::Failed(why));
         }
     }
+
+    /// Sends a placed sequence's reservation to its decode group; false (and the placement undone)
+    /// when a chosen worker is gone.
+    fn deliver(
+        &mut self,
+        board: &crate::registry::Board,
+        req: PdRequest,
+        p: RankId,
+        d: RankId,
+    ) -> bool {
+        let id = req.seq;
+        let Some(job) = self.waiting.remove(&id) else {
+            // Aborted while it waited.
+            self.core.handle_done(id);
+            return true;
+        };
+        if job.events.is_closed() {
+            self.core.handle_done(id);
+            return true; // the client went away while it waited
+        }
+        let prefill = match board.prefill.get(&WorkerId(p.group)).map(|e| &e.worker) {
+            Some(WorkerRef::Prefill(a)) if a.get_status() == ractor::ActorStatus::Running => {
+                Some(a.clone())
+            }
+            _ => None,
+        };
+        let decode = match board.decode.get(&WorkerId(d.group)).map(|e| &e.worker) {
+            Some(WorkerRef::Decode(a)) => Some(a.clone()),
+            _ => None,
+        };
+        let (Some(prefill), Some(decode)) = (prefill, decode) else {
+            if prefill_missing(board, p) {
+                self.forget(true, p.group);
+            } else {
+                self.forget(false, d.group);
+            }
+            self.waiting.insert(id, job);
+            self.core.handle_undelivered(self.now(), req);
+            return false;
+        };
+        self.routes.insert(id, (prefill.clone(), decode.clone()));
+        match decode.cast(DecodeMsg::Reserve { job, prefill }) {
+            Ok(()) => true,
+            Err(ractor::MessagingErr::SendErr(DecodeMsg::Reserve { job: back, .. })) => {
+                self.routes.remove(&id);
+                self.forget(false, d.group);
+                self.waiting.insert(id, back);
+                self.core.handle_undelivered(self.now(), req);
+                false
+            }
+            Err(_) => {
+                // The message did not come back; its channel closes and the client's run
+                // re-submits it.
+                self.routes.remove(&id);
+                self.core.handle_done(id);
+                true
+            }
+        }
+    }
+}
+
+fn prefill_missing(board: &crate::registry::Board, p: RankId) -> bool {
+    !matches!(
+        board.prefill.get(&WorkerId(p.group)).map(|e| &e.worker),
+        Some(WorkerRef::Prefill(a)) if a.get_status() == ractor::ActorStatus::Running
+    )
 }

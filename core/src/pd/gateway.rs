@@ -9,7 +9,8 @@
 //! do, so a long request is never starved):
 //!
 //! 1. **Decode first** (DESIGN.md step 2): a decode rank whose *committed* pages — the pages every
-//!    sequence placed there holds at its full length, prompt plus `max_new_tokens` — leave room
+//!    sequence placed there holds at its full length, prompt plus `max_new_tokens` (or at most
+//!    `commit_new_tokens_max` of them) — leave room
 //!    for this one, and whose placed sequences are below its batch cap. Admitting against
 //!    commitments rather than today's free pages means sequences placed together cannot outgrow
 //!    the pool and force recompute (DeepSeek's decode load balancing by KV usage). The choice is
@@ -29,7 +30,7 @@
 //! [`GatewayCore::set_decode_group`], …); a group that leaves takes its commitments with it (its
 //! sequences are re-run under new ids).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use rustc_hash::FxHashMap;
 
@@ -60,6 +61,11 @@ pub struct GatewayConfig {
     /// The router's model of a group's prefix cache (all its ranks' pools).
     pub group_router: PrefillRouterConfig,
     pub balance: BalancePolicy,
+    /// A sequence commits its prompt plus at most this many new tokens on its decode rank.
+    /// `usize::MAX` (the default) commits full lengths and never overcommits; less lets more
+    /// sequences share a pool, and a rank that runs out preempts and recomputes (SGLang's
+    /// reserved decode tokens).
+    pub commit_new_tokens_max: usize,
     /// While no rank of a needed role is alive, a sequence waits at most this long, then fails
     /// ([`GatewayCore::handle_tick`]); waiting for room has no limit of its own.
     pub no_worker_wait_max_us: u64,
@@ -160,9 +166,9 @@ struct Waiting {
 #[derive(Debug)]
 pub struct GatewayCore {
     cfg: GatewayConfig,
-    /// Indexed by group id; `None`: no such group (now).
-    prefill: Vec<Option<PrefillGroup>>,
-    decode: Vec<Option<DecodeGroup>>,
+    /// By group id (worker ids of processes are sparse), iterated in id order.
+    prefill: BTreeMap<u32, PrefillGroup>,
+    decode: BTreeMap<u32, DecodeGroup>,
     group_router: PrefillRouter,
     group_balancer: DecodeBalancer,
     queue: VecDeque<Waiting>,
@@ -175,22 +181,14 @@ pub struct GatewayCore {
     scratch_decode: Vec<GroupLoad>,
 }
 
-fn slot<T>(v: &mut Vec<Option<T>>, id: u32) -> &mut Option<T> {
-    let i = id as usize;
-    if v.len() <= i {
-        v.resize_with(i + 1, || None);
-    }
-    &mut v[i]
-}
-
 impl GatewayCore {
     pub fn new(cfg: GatewayConfig) -> Self {
         Self {
             group_router: PrefillRouter::new(cfg.group_router),
             group_balancer: DecodeBalancer::new(cfg.balance),
             cfg,
-            prefill: Vec::new(),
-            decode: Vec::new(),
+            prefill: BTreeMap::new(),
+            decode: BTreeMap::new(),
             queue: VecDeque::new(),
             placed: FxHashMap::default(),
             prefill_ranks_with_room: 0,
@@ -206,12 +204,14 @@ impl GatewayCore {
 
     /// A prefill group with `ranks` ranks joined (or is already there: unchanged).
     pub fn set_prefill_group(&mut self, group: u32, ranks: usize) {
-        let cfg = self.cfg.rank_router;
-        let s = slot(&mut self.prefill, group);
-        if s.as_ref().is_some_and(|g| g.ranks.len() == ranks) {
+        if self
+            .prefill
+            .get(&group)
+            .is_some_and(|g| g.ranks.len() == ranks)
+        {
             return;
         }
-        if let Some(old) = s.take() {
+        if let Some(old) = self.prefill.remove(&group) {
             self.prefill_ranks_with_room -= old.ranks.iter().filter(|r| self.has_room(r)).count();
         }
         let ranks = vec![
@@ -222,15 +222,18 @@ impl GatewayCore {
             ranks
         ];
         self.prefill_ranks_with_room += ranks.len();
-        *slot(&mut self.prefill, group) = Some(PrefillGroup {
-            ranks,
-            router: PrefillRouter::new(cfg),
-        });
+        self.prefill.insert(
+            group,
+            PrefillGroup {
+                ranks,
+                router: PrefillRouter::new(self.cfg.rank_router),
+            },
+        );
     }
 
     /// A prefill group left: its prefix trees go (a restarted worker's cache is empty).
     pub fn remove_prefill_group(&mut self, group: u32) {
-        if let Some(g) = slot(&mut self.prefill, group).take() {
+        if let Some(g) = self.prefill.remove(&group) {
             self.prefill_ranks_with_room -= g.ranks.iter().filter(|r| self.has_room(r)).count();
             self.group_router.forget_worker(WorkerId(group));
         }
@@ -243,7 +246,7 @@ impl GatewayCore {
     /// A prefill rank's queued prompt tokens and running sequences, as of now.
     pub fn update_prefill(&mut self, at: RankId, queued_tokens: u64, running: usize) {
         let max = self.cfg.prefill_queued_tokens_max;
-        let Some(Some(g)) = self.prefill.get_mut(at.group as usize) else {
+        let Some(g) = self.prefill.get_mut(&at.group) else {
             return;
         };
         let Some(r) = g.ranks.get_mut(at.rank as usize) else {
@@ -264,8 +267,7 @@ impl GatewayCore {
     /// max_running)` per rank. Commitments of a rank that stays are kept.
     pub fn set_decode_group(&mut self, group: u32, ranks: &[(usize, usize)]) {
         let balance = self.cfg.balance;
-        let s = slot(&mut self.decode, group);
-        let g = s.get_or_insert_with(|| DecodeGroup {
+        let g = self.decode.entry(group).or_insert_with(|| DecodeGroup {
             ranks: Vec::new(),
             balancer: DecodeBalancer::new(balance),
         });
@@ -279,17 +281,17 @@ impl GatewayCore {
 
     /// A decode group left: its commitments go with it (its sequences are re-run under new ids).
     pub fn remove_decode_group(&mut self, group: u32) {
-        if slot(&mut self.decode, group).take().is_some() {
+        if self.decode.remove(&group).is_some() {
             self.placed.retain(|_, p| p.at.group != group);
         }
     }
 
     pub fn prefill_groups(&self) -> impl Iterator<Item = u32> + '_ {
-        (0..self.prefill.len() as u32).filter(|&g| self.prefill[g as usize].is_some())
+        self.prefill.keys().copied()
     }
 
     pub fn decode_groups(&self) -> impl Iterator<Item = u32> + '_ {
-        (0..self.decode.len() as u32).filter(|&g| self.decode[g as usize].is_some())
+        self.decode.keys().copied()
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -381,7 +383,11 @@ impl GatewayCore {
                     continue;
                 }
                 let (seq, charged) = (front.req.seq, front.req.max_new_tokens as u64);
-                match self.place_decode(seq, pages, charged) {
+                let commit =
+                    pages_for(front.req.prompt_len.saturating_add(
+                        front.req.max_new_tokens.min(self.cfg.commit_new_tokens_max),
+                    ));
+                match self.place_decode(seq, commit, charged) {
                     Some(at) => Some(at),
                     None => break,
                 }
@@ -421,8 +427,7 @@ impl GatewayCore {
 
     fn largest_decode_pool(&self) -> Option<usize> {
         self.decode
-            .iter()
-            .flatten()
+            .values()
             .flat_map(|g| g.ranks.iter().filter(|r| r.alive))
             .map(|r| r.pages_total)
             .max()
@@ -430,8 +435,7 @@ impl GatewayCore {
 
     fn decode_rank_mut(&mut self, at: RankId) -> Option<&mut DecodeRank> {
         self.decode
-            .get_mut(at.group as usize)?
-            .as_mut()?
+            .get_mut(&at.group)?
             .ranks
             .get_mut(at.rank as usize)
     }
@@ -441,10 +445,9 @@ impl GatewayCore {
         // Group loads are sums over ranks; only the chosen group's ranks are listed one by one.
         let mut loads = std::mem::take(&mut self.scratch_decode);
         loads.clear();
-        for (g, grp) in self.decode.iter().enumerate() {
-            let Some(grp) = grp else { continue };
+        for (&g, grp) in &self.decode {
             let mut load = GroupLoad {
-                group: WorkerId(g as u32),
+                group: WorkerId(g),
                 outstanding_tokens: 0,
                 pages_free: 0,
                 running: 0,
@@ -465,7 +468,7 @@ impl GatewayCore {
         }
         let chosen = self.group_balancer.route(&loads, pages_needed);
         let chosen = chosen.and_then(|g| {
-            let grp = self.decode[g.0 as usize].as_mut()?;
+            let grp = self.decode.get_mut(&g.0)?;
             loads.clear();
             loads.extend(grp.ranks.iter().enumerate().map(|(k, r)| r.load(k as u32)));
             let k = grp.balancer.route(&loads, pages_needed)?;
@@ -513,10 +516,9 @@ impl GatewayCore {
     fn place_prefill(&mut self, req: &PdRequest, now_us: u64) -> Option<RankId> {
         let mut loads = std::mem::take(&mut self.scratch_prefill);
         loads.clear();
-        for (g, grp) in self.prefill.iter().enumerate() {
-            let Some(grp) = grp else { continue };
+        for (&g, grp) in &self.prefill {
             let mut load = PrefillLoad {
-                worker: WorkerId(g as u32),
+                worker: WorkerId(g),
                 queued_tokens: 0,
                 running: 0,
                 alive: false,
@@ -533,11 +535,10 @@ impl GatewayCore {
             .group_router
             .route_pages(&req.page_hashes, &loads, now_us);
         let at = chosen.and_then(|(gw, _)| {
-            let g = gw.0 as usize;
-            let grp = self.prefill.get(g)?.as_ref()?;
+            let grp = self.prefill.get(&gw.0)?;
             loads.clear();
             loads.extend((0..grp.ranks.len()).map(|k| self.prefill_rank_load(grp, k)));
-            let grp = self.prefill[g].as_mut()?;
+            let grp = self.prefill.get_mut(&gw.0)?;
             let (kw, _) = grp.router.route_pages(&req.page_hashes, &loads, now_us)?;
             Some(RankId {
                 group: gw.0,
@@ -546,7 +547,7 @@ impl GatewayCore {
         });
         self.scratch_prefill = loads;
         let at = at?;
-        let grp = self.prefill[at.group as usize].as_ref()?;
+        let grp = self.prefill.get(&at.group)?;
         let r = grp.ranks[at.rank as usize];
         self.update_prefill(at, r.queued_tokens + req.prompt_len as u64, r.running);
         Some(at)
@@ -562,11 +563,10 @@ impl GatewayCore {
             e.1 += p.pages;
             e.2 += p.charged;
         }
-        for (g, grp) in self.decode.iter().enumerate() {
-            let Some(grp) = grp else { continue };
+        for (&g, grp) in &self.decode {
             for (k, r) in grp.ranks.iter().enumerate() {
                 let at = RankId {
-                    group: g as u32,
+                    group: g,
                     rank: k as u32,
                 };
                 let (n, pages, charged) = sums.get(&at).copied().unwrap_or_default();
@@ -579,8 +579,7 @@ impl GatewayCore {
         }
         let with_room = self
             .prefill
-            .iter()
-            .flatten()
+            .values()
             .flat_map(|g| &g.ranks)
             .filter(|r| self.has_room(r))
             .count();

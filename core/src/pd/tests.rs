@@ -448,6 +448,7 @@ fn gw_cfg() -> GatewayConfig {
         rank_router: crate::route::PrefillRouterConfig::default(),
         group_router: crate::route::PrefillRouterConfig::default(),
         balance: crate::route::BalancePolicy::ExactMin,
+        commit_new_tokens_max: usize::MAX,
         no_worker_wait_max_us: 100,
     }
 }
@@ -504,7 +505,8 @@ fn the_gateway_commits_full_lengths_and_holds_the_queue_head_until_it_fits() {
 #[test]
 fn the_gateway_refuses_what_no_pool_can_hold_and_expires_waits_without_workers() {
     let mut g = GatewayCore::new(gw_cfg());
-    g.set_prefill_group(0, 1);
+    // Worker processes have sparse ids.
+    g.set_prefill_group(u32::MAX - 1, 1);
     g.set_decode_group(3, &[(4, 8)]);
     g.handle_arrival(0, req(1, 200, 100));
     g.handle_arrival(0, req(2, 10, 10));
