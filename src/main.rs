@@ -14,7 +14,6 @@ use duet_model::tokenizer::TextTokenizer;
 use duet_model::{DType, LogitsMode, Model, SeqInput};
 use serde_json::json;
 
-mod bench;
 mod calibrate_cpu;
 mod cluster_cli;
 mod engine_bench;
@@ -116,7 +115,7 @@ enum Cmd {
     /// A decode worker process (one or more DP groups) that joins a gateway.
     Decode(cluster_cli::WorkerArgs),
     /// Load generator for a running server, in the manner of SGLang's bench_serving.
-    Bench(bench::Args),
+    Bench(duet_loadgen::Args),
     /// Simulate a PD cluster in virtual time with core's policies and a calibrated cost model.
     Sim(sim_cli::SimArgs),
     /// Search P:D node counts, EP sizes and batch caps for the smallest cluster meeting an SLO.
@@ -178,7 +177,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::EngineBench(args) => engine_bench::run(args),
-        Cmd::Bench(args) => bench::run(args),
+        Cmd::Bench(args) => Ok(duet_loadgen::run(args)?),
         Cmd::Serve(args) => serve::run(args),
         Cmd::Gateway(args) => cluster_cli::run_gateway(args),
         Cmd::Prefill(args) => cluster_cli::run_worker(duet_actors::cluster::Role::Prefill, args),

@@ -8,7 +8,6 @@ pub mod decode;
 pub mod engine;
 pub mod gateway;
 pub mod metrics;
-pub mod openai;
 pub mod prefill;
 pub mod registry;
 pub mod remote;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use duet_actors::openai::sse::{SseParser, is_done};
+use duet_openai::sse::{SseParser, is_done};
 use serde_json::Value;
 
 pub struct Server {

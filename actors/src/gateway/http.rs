@@ -25,11 +25,11 @@ use tokio::sync::mpsc;
 use crate::gateway::GatewayMsg;
 use crate::gateway::stream::{ChoiceDelta, ChoiceFinish, ChoiceRun, Matched, TextOptions};
 use crate::metrics::Metrics;
-use crate::openai::protocol::{self as p, ApiError, GenParams, RequestLimits};
-use crate::openai::tools::ToolEvent;
 use crate::registry::SharedBoard;
 use crate::seq::{SeqParams, ThinkingBudgetSpec, TokenLogprob};
 use duet_model::sampling::SamplingParams;
+use duet_openai::protocol::{self as p, ApiError, GenParams, RequestLimits};
+use duet_openai::tools::ToolEvent;
 
 /// Limits of the HTTP layer, from the cluster config's `[limits]`.
 #[derive(Debug, Clone)]

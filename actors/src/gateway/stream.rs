@@ -16,12 +16,12 @@ use ractor::ActorRef;
 use tokio::sync::mpsc;
 
 use crate::gateway::GatewayMsg;
-use crate::openai::detok::Detokenizer;
-use crate::openai::protocol::FinishReason;
-use crate::openai::reasoning::ReasoningParser;
-use crate::openai::stop::StopMatcher;
-use crate::openai::tools::{ToolCallParser, ToolEvent};
 use crate::seq::{Finish, SeqEvent, SeqJob, SeqParams, TokenLogprob};
+use duet_openai::detok::Detokenizer;
+use duet_openai::protocol::FinishReason;
+use duet_openai::reasoning::ReasoningParser;
+use duet_openai::stop::StopMatcher;
+use duet_openai::tools::{ToolCallParser, ToolEvent};
 
 /// Re-runs of one sequence after worker losses or bad transfers before the request fails: each
 /// re-run is a full prefill, and a sequence that kills this many workers is itself the problem.
@@ -130,7 +130,7 @@ impl ChoiceRun {
         self.prompt.len()
     }
 
-    pub fn tool_calls(&self) -> Vec<crate::openai::tools::ToolCall> {
+    pub fn tool_calls(&self) -> Vec<duet_openai::tools::ToolCall> {
         self.tools
             .as_ref()
             .map(|t| t.calls().to_vec())

@@ -18,11 +18,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
-use duet_actors::openai::sse::{SseParser, is_done};
 use duet_model::rng::Rng;
 use duet_model::tokenizer::TextTokenizer;
+use duet_openai::sse::{SseParser, is_done};
 use futures::StreamExt;
 use serde::de::{Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -37,6 +36,39 @@ const ERROR_BODY_BYTES_MAX: usize = 2048;
 const ERROR_EVENT_BYTES_MAX: usize = 200;
 /// A server that accepts no connection in this long is down, not slow.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Why a bench run could not be made or measured nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A flag out of range.
+    #[error("{0}")]
+    Usage(&'static str),
+    #[error("loading the R1 tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: line {line}: {source}")]
+    Dataset {
+        path: PathBuf,
+        line: usize,
+        source: serde_json::Error,
+    },
+    #[error("building the bench's runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("building the HTTP client: {0}")]
+    Client(reqwest::Error),
+    #[error("a request task panicked: {0}")]
+    Task(tokio::task::JoinError),
+    #[error("writing the JSON summary: {0}")]
+    Json(serde_json::Error),
+    #[error("every request failed")]
+    AllFailed,
+}
+
+pub type Result<T, E = BenchError> = std::result::Result<T, E>;
+
 /// Seed offset of the arrival process, so it does not replay the dataset's random stream.
 const ARRIVAL_SEED_SALT: u64 = 0x5eed_a771_7a15;
 
@@ -158,23 +190,27 @@ impl RequestRecord {
 
 pub fn run(args: Args) -> Result<()> {
     if args.threads == 0 {
-        bail!("--threads must be at least 1");
+        return Err(BenchError::Usage("--threads must be at least 1"));
     }
     if args.max_concurrency == Some(0) {
-        bail!("--max-concurrency must be at least 1");
+        return Err(BenchError::Usage("--max-concurrency must be at least 1"));
     }
     if args.request_rate.is_nan() || args.request_rate <= 0.0 {
-        bail!("--request-rate must be positive (inf for all at once)");
+        return Err(BenchError::Usage(
+            "--request-rate must be positive (inf for all at once)",
+        ));
     }
     if !(0.0..=1.0).contains(&args.random_range_ratio) {
-        bail!("--random-range-ratio must be in [0, 1]");
+        return Err(BenchError::Usage("--random-range-ratio must be in [0, 1]"));
     }
     if !args.read_timeout_s.is_finite() || args.read_timeout_s <= 0.0 {
-        bail!("--read-timeout-s must be a positive number of seconds");
+        return Err(BenchError::Usage(
+            "--read-timeout-s must be a positive number of seconds",
+        ));
     }
     let prompts = load_prompts(&args)?;
     if prompts.is_empty() {
-        bail!("the dataset has no prompts");
+        return Err(BenchError::Usage("the dataset has no prompts"));
     }
     let rt = if args.threads == 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -185,12 +221,15 @@ pub fn run(args: Args) -> Result<()> {
     }
     .enable_all()
     .build()
-    .context("building the bench's runtime")?;
+    .map_err(BenchError::Runtime)?;
     let summary = rt.block_on(bench(&args, prompts))?;
     let table = render_table(&summary);
     if args.json {
         eprint!("{table}");
-        println!("{}", serde_json::to_string(&summary)?);
+        println!(
+            "{}",
+            serde_json::to_string(&summary).map_err(BenchError::Json)?
+        );
     } else {
         print!("{table}");
     }
@@ -198,23 +237,25 @@ pub fn run(args: Args) -> Result<()> {
         eprintln!("first error: {e}");
     }
     if summary.completed == 0 {
-        bail!("every request failed");
+        return Err(BenchError::AllFailed);
     }
     Ok(())
 }
 
 fn tokenizer() -> Result<TextTokenizer> {
-    let (json, cfg) = duet_model::tiny::r1_tokenizer_files()?;
-    let cfg: serde_json::Value = serde_json::from_str(cfg)?;
-    Ok(TextTokenizer::from_bytes(
+    let tk = |e: &dyn std::fmt::Display| BenchError::Tokenizer(e.to_string());
+    let (json, cfg) = duet_model::tiny::r1_tokenizer_files().map_err(|e| tk(&e))?;
+    let cfg: serde_json::Value = serde_json::from_str(cfg).map_err(|e| tk(&e))?;
+    TextTokenizer::from_bytes(
         &json,
         &cfg,
         std::path::Path::new("deepseek-r1-tokenizer.json"),
-    )?)
+    )
+    .map_err(|e| tk(&e))
 }
 
 fn load_prompts(args: &Args) -> Result<Vec<Prompt>> {
-    let tok = tokenizer().context("loading the R1 tokenizer")?;
+    let tok = tokenizer()?;
     match args.dataset {
         DatasetKind::Random => {
             let need_text = match args.endpoint {
@@ -225,14 +266,26 @@ fn load_prompts(args: &Args) -> Result<Vec<Prompt>> {
             random_prompts(args, need_text.then_some(&tok))
         }
         DatasetKind::Jsonl => {
-            let path = args.dataset_path.as_ref().context("--dataset-path")?;
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
+            let path = args
+                .dataset_path
+                .as_ref()
+                .ok_or(BenchError::Usage("--dataset jsonl needs --dataset-path"))?;
+            let text = std::fs::read_to_string(path).map_err(|source| BenchError::Read {
+                path: path.clone(),
+                source,
+            })?;
             let mut prompts = parse_jsonl(&text, args.random_output_len, args.num_prompts)
-                .with_context(|| format!("parsing {}", path.display()))?;
+                .map_err(|(line, source)| BenchError::Dataset {
+                    path: path.clone(),
+                    line,
+                    source,
+                })?;
             for p in &mut prompts {
                 let t = p.text.as_deref().unwrap_or_default();
-                p.prompt_tokens = tok.encode(t, false)?.len();
+                p.prompt_tokens = tok
+                    .encode(t, false)
+                    .map_err(|e| BenchError::Tokenizer(e.to_string()))?
+                    .len();
             }
             if prompts.len() < args.num_prompts {
                 eprintln!(
@@ -266,7 +319,10 @@ fn random_prompts(args: &Args, tok: Option<&TextTokenizer>) -> Result<Vec<Prompt
                 .map(|_| RANDOM_TOKEN_IDS.start + (rng.next_u64() % ids_span) as u32)
                 .collect();
             let text = match tok {
-                Some(t) => Some(t.decode(&ids, true)?),
+                Some(t) => Some(
+                    t.decode(&ids, true)
+                        .map_err(|e| BenchError::Tokenizer(e.to_string()))?,
+                ),
                 None => None,
             };
             Ok(Prompt {
@@ -280,7 +336,12 @@ fn random_prompts(args: &Args, tok: Option<&TextTokenizer>) -> Result<Vec<Prompt
 }
 
 /// Reads up to `limit` prompts from JSONL text (`prompt_tokens` left at 0 for the caller).
-fn parse_jsonl(text: &str, default_output_len: usize, limit: usize) -> Result<Vec<Prompt>> {
+/// The prompts of a JSONL dataset; a bad line is `Err((line number, why))`.
+fn parse_jsonl(
+    text: &str,
+    default_output_len: usize,
+    limit: usize,
+) -> Result<Vec<Prompt>, (usize, serde_json::Error)> {
     #[derive(Deserialize)]
     struct Line {
         prompt: String,
@@ -294,7 +355,7 @@ fn parse_jsonl(text: &str, default_output_len: usize, limit: usize) -> Result<Ve
         if line.trim().is_empty() {
             continue;
         }
-        let l: Line = serde_json::from_str(line).with_context(|| format!("line {}", i + 1))?;
+        let l: Line = serde_json::from_str(line).map_err(|e| (i + 1, e))?;
         out.push(Prompt {
             text: Some(l.prompt),
             ids: None,
@@ -344,7 +405,7 @@ pub async fn bench(args: &Args, prompts: Vec<Prompt>) -> Result<Summary> {
         .connect_timeout(CONNECT_TIMEOUT)
         .read_timeout(Duration::from_secs_f64(args.read_timeout_s))
         .build()
-        .context("building the HTTP client")?;
+        .map_err(BenchError::Client)?;
     let url: Arc<str> = format!(
         "{}{}",
         args.base_url.trim_end_matches('/'),
@@ -408,7 +469,7 @@ async fn send_all(
     }
     let mut records = Vec::with_capacity(tasks.len());
     for t in tasks {
-        records.push(t.await.context("a request task panicked")?);
+        records.push(t.await.map_err(BenchError::Task)?);
     }
     Ok((records, start.elapsed().as_secs_f64()))
 }
@@ -1130,8 +1191,10 @@ mod tests {
         assert_eq!(ps.len(), 2);
         assert_eq!((ps[0].text.as_deref(), ps[0].output_len), (Some("hi"), 7));
         assert_eq!(ps[1].output_len, 128);
-        let err = parse_jsonl("{\"prompt\": 1}\n", 1, 9).unwrap_err();
-        assert!(format!("{err:#}").contains("line 1"));
+        let (line, _) = parse_jsonl("{\"prompt\": 1}\n\n{\"prompt\": 2}\n", 1, 9).unwrap_err();
+        assert_eq!(line, 1);
+        let (line, _) = parse_jsonl("{\"prompt\": \"a\"}\n\n{\"prompt\": 2}\n", 1, 9).unwrap_err();
+        assert_eq!(line, 3);
     }
 
     #[test]
