@@ -22,6 +22,7 @@ use duet_transport::quic::{ClusterSecret, SECRET_BYTES_MIN};
 
 use crate::DTypeArg;
 use crate::serve::EngineArg;
+use duet_kernels::DType;
 
 #[derive(clap::Args)]
 pub struct Common {
@@ -36,8 +37,9 @@ pub struct Common {
     /// process of the cluster must read the same one.
     #[arg(long)]
     secret_file: PathBuf,
-    #[arg(long, value_enum, default_value = "bf16")]
-    dtype: DTypeArg,
+    /// Compute dtype; overrides `[model] dtype` of `--config` (bf16 when neither says).
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
     #[arg(long, value_enum, default_value = "model")]
     engine: EngineArg,
 }
@@ -245,7 +247,8 @@ pub fn run_worker(role: Role, a: WorkerArgs) -> Result<()> {
         .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
     let engine = match a.common.engine {
         EngineArg::Model => {
-            Engine::Model(Arc::new(crate::load_model(&dir, a.common.dtype.into())?))
+            let dtype = a.common.dtype.map_or(cfg.model.dtype.into(), DType::from);
+            Engine::Model(Arc::new(crate::load_model(&dir, dtype)?))
         }
         EngineArg::Echo => Engine::Echo {
             vocab_size: model_cfg.vocab_size,

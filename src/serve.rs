@@ -12,6 +12,7 @@ use duet_core::config::ClusterConfig;
 use duet_model::tokenizer::TextTokenizer;
 
 use crate::DTypeArg;
+use duet_kernels::DType;
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum EngineArg {
@@ -52,8 +53,9 @@ pub struct Args {
     served_model_name: Option<String>,
     #[arg(long, value_enum, default_value = "model")]
     engine: EngineArg,
-    #[arg(long, value_enum, default_value = "bf16")]
-    dtype: DTypeArg,
+    /// Compute dtype; overrides `[model] dtype` of `--config` (bf16 when neither says).
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
     /// Test tool: the first decode group panics after this many steps (recovery tests).
     #[arg(long, hide = true)]
     fault_decode_panic_after_steps: Option<u64>,
@@ -137,7 +139,8 @@ pub fn run(a: Args) -> Result<()> {
     );
     let opts = match a.engine {
         EngineArg::Model => {
-            let model = Arc::new(crate::load_model(&dir, a.dtype.into())?);
+            let dtype = a.dtype.map_or(cfg.model.dtype.into(), DType::from);
+            let model = Arc::new(crate::load_model(&dir, dtype)?);
             ServeOptions::for_model(cfg.clone(), model, tokenizer, served)
         }
         EngineArg::Echo => {

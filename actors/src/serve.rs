@@ -201,9 +201,7 @@ pub async fn start_front(
 ) -> Result<(Running, tokio::task::JoinHandle<Result<(), ServeError>>), ServeError> {
     let cfg = &opts.config;
     // A fixed seed: the gateway's choices replay exactly for the same request order.
-    let balance = cfg
-        .balance_policy(0x5eed)
-        .map_err(|e| ServeError::Config(e.to_string()))?;
+    let balance = cfg.balance_policy(0x5eed);
     let (gateway, _) = Actor::spawn(
         None,
         Gateway,

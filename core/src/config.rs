@@ -30,6 +30,22 @@ pub struct ClusterConfig {
     pub limits: LimitsSection,
 }
 
+/// The compute dtype of the engine.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    Bf16,
+    F32,
+}
+
+/// Decode DP-group balancing (`route::BalancePolicy` without its seed).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    ExactMin,
+    PowerOfTwo,
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
@@ -40,7 +56,7 @@ pub struct ModelSection {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub served_model_name: Option<String>,
     /// Compute dtype: "bf16" (what FlashMLA and DeepSeek serve) or "f32" (CPU reference).
-    pub dtype: String,
+    pub dtype: ComputeDtype,
 }
 
 impl Default for ModelSection {
@@ -49,7 +65,7 @@ impl Default for ModelSection {
             path: None,
             served_model_name: None,
             // BF16 halves weight and KV memory; the CPU kernels accumulate in f32 either way.
-            dtype: "bf16".into(),
+            dtype: ComputeDtype::Bf16,
         }
     }
 }
@@ -122,7 +138,7 @@ pub struct DecodeSection {
     /// Most tokens per step: one per running sequence, plus recompute after preemption.
     pub token_budget: usize,
     /// DP-group balancing: "exact-min" or "power-of-two" (see `route::BalancePolicy`).
-    pub balance: String,
+    pub balance: Balance,
     /// New tokens each sequence reserves on its decode group besides its prompt. Unset: its whole
     /// `max_tokens`, so sequences placed together never outgrow a pool; less packs more
     /// sequences per group, and a group that runs out preempts and recomputes
@@ -142,7 +158,7 @@ impl Default for DecodeSection {
             // A full batch plus room to recompute a preempted sequence in chunks.
             token_budget: 512,
             // Measured in core/examples/balance.rs; see BalancePolicy's doc.
-            balance: BalancePolicy::default().name().into(),
+            balance: Balance::ExactMin,
             reserve_new_tokens: None,
         }
     }
@@ -201,12 +217,6 @@ impl ClusterConfig {
     /// Checks every value; the error names the first bad field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let m = &self.model;
-        if !["bf16", "f32"].contains(&m.dtype.as_str()) {
-            return invalid(
-                "model.dtype",
-                format!("{:?} is not \"bf16\" or \"f32\"", m.dtype),
-            );
-        }
         non_empty("model.path", m.path.as_deref())?;
         non_empty("model.served_model_name", m.served_model_name.as_deref())?;
 
@@ -247,12 +257,6 @@ impl ClusterConfig {
                     "{} is below decode.max_running ({}): a full batch must decode in one step",
                     d.token_budget, d.max_running
                 ),
-            );
-        }
-        if BalancePolicy::from_name(&d.balance, 0).is_none() {
-            return invalid(
-                "decode.balance",
-                format!("{:?} is not one of {:?}", d.balance, BalancePolicy::NAMES),
             );
         }
 
@@ -301,15 +305,11 @@ impl ClusterConfig {
     }
 
     /// The decode balancing policy; `seed` seeds power-of-two's sampling.
-    pub fn balance_policy(&self, seed: u64) -> Result<BalancePolicy, ConfigError> {
-        BalancePolicy::from_name(&self.decode.balance, seed).ok_or_else(|| ConfigError::Invalid {
-            field: "decode.balance",
-            reason: format!(
-                "{:?} is not one of {:?}",
-                self.decode.balance,
-                BalancePolicy::NAMES
-            ),
-        })
+    pub fn balance_policy(&self, seed: u64) -> BalancePolicy {
+        match self.decode.balance {
+            Balance::ExactMin => BalancePolicy::ExactMin,
+            Balance::PowerOfTwo => BalancePolicy::PowerOfTwo { seed },
+        }
     }
 }
 
@@ -347,7 +347,7 @@ mod tests {
         let mut c = ClusterConfig::default();
         c.model.path = Some("/models/DeepSeek-V3".into());
         c.model.served_model_name = Some("deepseek-v3".into());
-        c.decode.balance = "power-of-two".into();
+        c.decode.balance = Balance::PowerOfTwo;
         c.prefill.prefix_cache = false;
         c.limits.drain_timeout_s = 0;
         let text = c.to_toml();
@@ -376,6 +376,9 @@ mod tests {
             ("[prefill]\nworker = 2", "worker"),
             ("[gateway]\nhost = \"::\"\nprot = 1", "prot"),
             ("[cache]\n", "cache"),
+            // Choices are enums: an unknown one is refused by name, with the choices.
+            ("[decode]\nbalance = \"random\"", "balance"),
+            ("[model]\ndtype = \"fp8\"", "dtype"),
         ] {
             let err = ClusterConfig::from_toml(text).unwrap_err();
             assert!(
@@ -394,10 +397,8 @@ mod tests {
             ("[decode]\nkv_pages = 0", "decode.kv_pages"),
             ("[decode]\ngroups = 0", "decode.groups"),
             ("[decode]\nmax_running = 600", "decode.token_budget"),
-            ("[decode]\nbalance = \"random\"", "decode.balance"),
             ("[gateway]\ncluster_port = 9965", "gateway.cluster_port"),
             ("[gateway]\nhost = \"\"", "gateway.host"),
-            ("[model]\ndtype = \"fp8\"", "model.dtype"),
             ("[model]\npath = \" \"", "model.path"),
             ("[limits]\nqueue_max = 0", "limits.queue_max"),
             (
@@ -430,7 +431,7 @@ mod tests {
         assert_eq!(c.prefill_kv().pages_total, c.prefill.kv_pages);
         assert!(!c.decode_kv().prefix_cache);
         assert_eq!(c.decode_sched().max_running, c.decode.max_running);
-        assert_eq!(c.balance_policy(1), Ok(BalancePolicy::default()));
+        assert_eq!(c.balance_policy(1), BalancePolicy::default());
     }
 
     proptest! {

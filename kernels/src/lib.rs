@@ -15,9 +15,20 @@ pub mod cpu;
 pub mod moe;
 pub mod ops;
 pub mod rope;
+pub mod shape;
 mod tensor;
 
 pub use tensor::{DType, Device, Tensor};
+
+/// The config's compute dtype as a tensor dtype.
+impl From<duet_core::config::ComputeDtype> for DType {
+    fn from(d: duet_core::config::ComputeDtype) -> Self {
+        match d {
+            duet_core::config::ComputeDtype::F32 => DType::F32,
+            duet_core::config::ComputeDtype::Bf16 => DType::BF16,
+        }
+    }
+}
 
 /// Errors from ops: shape and dtype checks at the op boundary. Ops never panic on a bad shape.
 #[derive(Debug, thiserror::Error)]

@@ -2,32 +2,9 @@
 
 use half::bf16;
 
+pub use crate::shape::{AttnSeq, MlaShape, PAGE_TOKENS};
 use crate::tensor::Storage;
 use crate::{Result, Tensor, cpu, shape_err};
-
-/// Tokens per KV page (FlashMLA's page size; DESIGN.md "The KV cache").
-pub const PAGE_TOKENS: usize = 64;
-
-/// MLA head geometry of one layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MlaShape {
-    pub heads: usize,
-    pub kv_lora: usize,
-    pub rope: usize,
-    pub nope: usize,
-    pub v: usize,
-}
-
-/// One sequence's slice of a batch for attention: its queries are rows `q_row..q_row + q_len`,
-/// and after this step its cache holds `ctx_len` tokens (the new ones last) in `block_table`'s
-/// pages.
-#[derive(Debug, Clone, Copy)]
-pub struct AttnSeq<'a> {
-    pub q_row: usize,
-    pub q_len: usize,
-    pub ctx_len: usize,
-    pub block_table: &'a [u32],
-}
 
 /// Applies `f` to the weight/pool slice whatever its element type.
 macro_rules! with_elem {

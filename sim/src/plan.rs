@@ -391,7 +391,7 @@ pub fn search(req: &PlanRequest) -> Result<Vec<Candidate>, SimError> {
 pub fn cluster_toml(c: &Candidate, req: &PlanRequest, model_dir: &str) -> Result<String, SimError> {
     let mut cfg = ClusterConfig::default();
     cfg.model.path = Some(model_dir.to_string());
-    cfg.model.dtype = "bf16".into();
+    cfg.model.dtype = duet_core::config::ComputeDtype::Bf16;
     let g = req.gpus_per_node;
     // One prefill worker and one decode group per attention rank (`tp` GPUs).
     cfg.prefill.workers = c.prefill_nodes * g / c.prefill_tp;

@@ -23,7 +23,10 @@ use duet_core::types::{SeqId, WorkerId};
 use duet_transport::control::{ControlConn, ControlListener, ControlTx};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef};
 
-use super::wire::{self, Hello, ModelShape, ToGateway, ToWorker, WireJob, WireLoad, WireRole};
+use super::wire::{
+    self, Hello, ModelShape, ToGateway, ToWorker, WireJob, WireKvTransport, WireLoad,
+    WireParallelism, WireRole,
+};
 use crate::decode::DecodeMsg;
 use crate::prefill::PrefillMsg;
 use crate::registry::{RegistryMsg, WorkerLoad, WorkerRef};
@@ -43,7 +46,7 @@ struct Peer {
     tx: ControlTx,
     role: WireRole,
     kv_addr: Option<String>,
-    kv_transport: String,
+    kv_transport: WireKvTransport,
     name: String,
     /// Live workers of the process and their proxies.
     workers: BTreeMap<u32, WorkerRef>,
@@ -190,9 +193,12 @@ impl Hub {
                 h.workers.len()
             ));
         }
-        let quic = h.kv_transport == "quic";
-        if !quic && h.kv_transport != "ucx" {
-            return Err(format!("unknown KV transport {:?}", h.kv_transport));
+        let quic = h.kv_transport == WireKvTransport::Quic;
+        if h.parallelism != WireParallelism::default() {
+            return Err(format!(
+                "expert/tensor parallelism {:?} is not supported by this gateway yet",
+                h.parallelism
+            ));
         }
         let kv_addr = match (h.role, &h.kv_addr) {
             (WireRole::Decode, Some(a)) if quic => match a.parse::<SocketAddr>() {
@@ -214,7 +220,9 @@ impl Hub {
         if let Some(other) = peers.values().find(|p| p.kv_transport != h.kv_transport) {
             return Err(format!(
                 "KV transport differs: {} here, {} on {} (same --kv-transport everywhere)",
-                h.kv_transport, other.kv_transport, other.name
+                h.kv_transport.name(),
+                other.kv_transport.name(),
+                other.name
             ));
         }
         if let Some(w) = h.workers.iter().find(|w| self.owner.contains_key(w)) {
@@ -229,7 +237,7 @@ impl Hub {
                 tx,
                 role: h.role,
                 kv_addr,
-                kv_transport: h.kv_transport.clone(),
+                kv_transport: h.kv_transport,
                 name: h.name.clone(),
                 workers: BTreeMap::new(),
                 ids: h.workers.iter().copied().collect(),

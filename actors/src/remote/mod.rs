@@ -227,7 +227,11 @@ pub async fn start_worker(
         },
         workers: ids,
         kv_addr,
-        kv_transport: o.kv_transport.name().to_string(),
+        kv_transport: match o.kv_transport {
+            data::DataKind::Quic => wire::WireKvTransport::Quic,
+            data::DataKind::Ucx { .. } => wire::WireKvTransport::Ucx,
+        },
+        parallelism: wire::WireParallelism::default(),
         shape: o.shape,
         name: o.name,
     };

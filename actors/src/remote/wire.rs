@@ -16,7 +16,7 @@ use crate::seq::{
 };
 
 /// Bumped on any change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireRole {
@@ -32,6 +32,42 @@ pub struct ModelShape {
     pub vocab_size: u64,
 }
 
+/// How a process moves KV: every process of a cluster must use the same.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireKvTransport {
+    Quic,
+    Ucx,
+}
+
+impl WireKvTransport {
+    pub fn name(self) -> &'static str {
+        match self {
+            WireKvTransport::Quic => "quic",
+            WireKvTransport::Ucx => "ucx",
+        }
+    }
+}
+
+/// The parallelism of a process's workers: each hosted worker is one DP-attention rank (its id);
+/// with expert parallelism its ranks form EP group `ep_group` of `ep_size` ranks, each rank's
+/// attention split over `tp_size` devices. Today every worker holds every expert: 0 / 1 / 1.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireParallelism {
+    pub ep_group: u32,
+    pub ep_size: u32,
+    pub tp_size: u32,
+}
+
+impl Default for WireParallelism {
+    fn default() -> Self {
+        Self {
+            ep_group: 0,
+            ep_size: 1,
+            tp_size: 1,
+        }
+    }
+}
+
 #[derive(Archive, Serialize, Deserialize, Debug, Clone)]
 pub struct Hello {
     pub role: WireRole,
@@ -39,8 +75,8 @@ pub struct Hello {
     pub workers: Vec<u32>,
     /// Where a decode process receives KV over QUIC ("ip:port", reachable from prefill hosts).
     pub kv_addr: Option<String>,
-    /// "quic" or "ucx": every process of a cluster must use the same.
-    pub kv_transport: String,
+    pub kv_transport: WireKvTransport,
+    pub parallelism: WireParallelism,
     pub shape: ModelShape,
     /// For logs: the process's host name and pid.
     pub name: String,

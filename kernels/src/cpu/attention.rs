@@ -17,7 +17,7 @@
 use rayon::prelude::*;
 
 use super::{Elem, axpy_elem, dot_elem, softmax};
-use crate::ops::{AttnSeq, MlaShape, PAGE_TOKENS};
+use crate::shape::{AttnSeq, MlaShape, PAGE_TOKENS};
 
 fn slot(block_table: &[u32], pos: usize) -> usize {
     block_table[pos / PAGE_TOKENS] as usize * PAGE_TOKENS + pos % PAGE_TOKENS
