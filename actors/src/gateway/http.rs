@@ -123,6 +123,10 @@ async fn not_found() -> Response {
 
 /// Reads the body within the size limit.
 async fn read_body(s: &AppState, body: Body) -> Result<axum::body::Bytes, ApiError> {
+    // A Content-Length over the limit is refused before a byte of the body is read.
+    if axum::body::HttpBody::size_hint(&body).lower() > s.limits.body_bytes_max as u64 {
+        return Err(ApiError::too_large(s.limits.body_bytes_max));
+    }
     axum::body::to_bytes(body, s.limits.body_bytes_max)
         .await
         .map_err(|_| ApiError::too_large(s.limits.body_bytes_max))
