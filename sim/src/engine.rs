@@ -160,6 +160,8 @@ pub struct Simulation {
     prefill: Vec<Group<PrefillRank>>,
     decode: Vec<Group<DecodeRank>>,
     gateway: GatewayCore,
+    /// Prompts hashed by the gateway in this `pump`, until their prefill rank takes them.
+    placed_prompts: rustc_hash::FxHashMap<u64, Vec<u32>>,
     heap: BinaryHeap<Reverse<(u64, u64, Event)>>,
     event_seq: u64,
     next_arrival: usize,
@@ -373,6 +375,7 @@ impl Simulation {
             prefill,
             decode,
             gateway,
+            placed_prompts: Default::default(),
             heap: BinaryHeap::new(),
             event_seq: 0,
             next_arrival: 0,
@@ -425,18 +428,14 @@ impl Simulation {
                     while self.next_arrival < n && self.reqs[self.next_arrival].arrival_us == ta {
                         let r = self.next_arrival;
                         let req = &self.reqs[r];
-                        let hashes = if self.prefill.is_empty() {
-                            Vec::new()
-                        } else {
-                            page_chain_hashes(&req.prompt_tokens(r as u64, self.cfg.seed))
-                        };
+                        // Hashed when placed (`pump`), not while it waits.
                         self.gateway.handle_arrival(
                             ta,
                             PdRequest {
                                 seq: r as u64,
                                 prompt_len: req.input_len as usize,
                                 max_new_tokens: req.output_len as usize,
-                                page_hashes: hashes,
+                                page_hashes: Vec::new(),
                             },
                         );
                         self.next_arrival += 1;
@@ -478,7 +477,15 @@ impl Simulation {
     /// [`GatewayCore`], the server's own policy), reserving at the decode rank first.
     fn pump(&mut self) {
         let now = self.now_us;
-        self.gateway.pump(now);
+        // The prompt's tokens are made once, when it is placed: hashed for routing here, kept for
+        // the prefill rank's submit below.
+        let (reqs, seed, prompts) = (&self.reqs, self.cfg.seed, &mut self.placed_prompts);
+        self.gateway.pump_with(now, &mut |req| {
+            let tokens = reqs[req.seq as usize].prompt_tokens(req.seq, seed);
+            let hashes = page_chain_hashes(&tokens);
+            prompts.insert(req.seq, tokens);
+            hashes
+        });
         // Groups get their new work only after the whole batch of placements, so that a step does
         // not start with the first placed request alone.
         let mut touched_prefill = Vec::new();
@@ -509,7 +516,10 @@ impl Simulation {
             match (prefill, decode) {
                 (Some(at), _) => {
                     self.state[r as usize].prefill_at = at;
-                    let tokens = self.reqs[r as usize].prompt_tokens(req.seq, self.cfg.seed);
+                    let tokens = match self.placed_prompts.remove(&req.seq) {
+                        Some(t) => t,
+                        None => self.reqs[r as usize].prompt_tokens(req.seq, self.cfg.seed),
+                    };
                     let limits = SeqLimits {
                         max_new_tokens: req.max_new_tokens,
                         stop_token_ids: Vec::new(),

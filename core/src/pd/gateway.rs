@@ -176,6 +176,9 @@ pub struct GatewayCore {
     /// Live prefill ranks whose queued tokens are below the limit (asked before every placement;
     /// counting would scan every rank).
     prefill_ranks_with_room: usize,
+    /// The largest live decode rank's pool, kept current on membership changes (asked before
+    /// every placement; scanning every rank there doubled the simulator's time).
+    largest_decode_pool: Option<usize>,
     actions: VecDeque<GatewayAction>,
     scratch_prefill: Vec<PrefillLoad>,
     scratch_decode: Vec<GroupLoad>,
@@ -192,6 +195,7 @@ impl GatewayCore {
             queue: VecDeque::new(),
             placed: FxHashMap::default(),
             prefill_ranks_with_room: 0,
+            largest_decode_pool: None,
             actions: VecDeque::new(),
             scratch_prefill: Vec::new(),
             scratch_decode: Vec::new(),
@@ -277,12 +281,14 @@ impl GatewayCore {
             r.max_running = max_running;
             r.alive = true;
         }
+        self.largest_decode_pool = self.scan_largest_decode_pool();
     }
 
     /// A decode group left: its commitments go with it (its sequences are re-run under new ids).
     pub fn remove_decode_group(&mut self, group: u32) {
         if self.decode.remove(&group).is_some() {
             self.placed.retain(|_, p| p.at.group != group);
+            self.largest_decode_pool = self.scan_largest_decode_pool();
         }
     }
 
@@ -367,13 +373,20 @@ impl GatewayCore {
 
     /// Places sequences from the head of the queue while there is room (see the module doc).
     pub fn pump(&mut self, now_us: u64) {
+        self.pump_with(now_us, &mut |_| Vec::new());
+    }
+
+    /// [`Self::pump`] for a driver that leaves `page_hashes` empty at arrival and hashes a prompt
+    /// only when it is placed (`hashes`), so a long queue does not hold every prompt's hashes
+    /// (the simulator's saturating runs queue a million).
+    pub fn pump_with(&mut self, now_us: u64, hashes: &mut dyn FnMut(&PdRequest) -> Vec<u64>) {
         while let Some(front) = self.queue.front() {
             if self.cfg.prefill && self.prefill_ranks_with_room == 0 {
                 break;
             }
             let decode = if self.cfg.decode {
                 let pages = front.req.full_pages();
-                let pool = self.largest_decode_pool();
+                let pool = self.largest_decode_pool;
                 if pool.is_some_and(|p| pages > p) {
                     let w = self.queue.pop_front().expect("front exists");
                     self.actions.push_back(GatewayAction::Refuse {
@@ -396,7 +409,14 @@ impl GatewayCore {
             };
             let w = self.queue.pop_front().expect("front exists");
             let prefill = if self.cfg.prefill {
-                let at = self.place_prefill(&w.req, now_us);
+                let computed;
+                let page_hashes = if w.req.page_hashes.is_empty() && w.req.prompt_len > 0 {
+                    computed = hashes(&w.req);
+                    &computed
+                } else {
+                    &w.req.page_hashes
+                };
+                let at = self.place_prefill(page_hashes, w.req.prompt_len, now_us);
                 debug_assert!(at.is_some(), "a prefill rank has room");
                 at
             } else {
@@ -425,7 +445,7 @@ impl GatewayCore {
         self.placed.len()
     }
 
-    fn largest_decode_pool(&self) -> Option<usize> {
+    fn scan_largest_decode_pool(&self) -> Option<usize> {
         self.decode
             .values()
             .flat_map(|g| g.ranks.iter().filter(|r| r.alive))
@@ -513,7 +533,12 @@ impl GatewayCore {
 
     /// Routes a prompt to a prefill group and rank (core's PrefillRouter at both levels) and
     /// counts its tokens as queued there.
-    fn place_prefill(&mut self, req: &PdRequest, now_us: u64) -> Option<RankId> {
+    fn place_prefill(
+        &mut self,
+        page_hashes: &[u64],
+        prompt_len: usize,
+        now_us: u64,
+    ) -> Option<RankId> {
         let mut loads = std::mem::take(&mut self.scratch_prefill);
         loads.clear();
         for (&g, grp) in &self.prefill {
@@ -531,15 +556,13 @@ impl GatewayCore {
             }
             loads.push(load);
         }
-        let chosen = self
-            .group_router
-            .route_pages(&req.page_hashes, &loads, now_us);
+        let chosen = self.group_router.route_pages(page_hashes, &loads, now_us);
         let at = chosen.and_then(|(gw, _)| {
             let grp = self.prefill.get(&gw.0)?;
             loads.clear();
             loads.extend((0..grp.ranks.len()).map(|k| self.prefill_rank_load(grp, k)));
             let grp = self.prefill.get_mut(&gw.0)?;
-            let (kw, _) = grp.router.route_pages(&req.page_hashes, &loads, now_us)?;
+            let (kw, _) = grp.router.route_pages(page_hashes, &loads, now_us)?;
             Some(RankId {
                 group: gw.0,
                 rank: kw.0,
@@ -549,7 +572,7 @@ impl GatewayCore {
         let at = at?;
         let grp = self.prefill.get(&at.group)?;
         let r = grp.ranks[at.rank as usize];
-        self.update_prefill(at, r.queued_tokens + req.prompt_len as u64, r.running);
+        self.update_prefill(at, r.queued_tokens + prompt_len as u64, r.running);
         Some(at)
     }
 
