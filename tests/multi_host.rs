@@ -316,7 +316,7 @@ fn roles_on_separate_hosts_survive_cut_links() {
         .expect("the gateway noticed the cut host");
     assert_eq!(net.host_in(&left, &["d1", "d2"]), victim, "{left}");
     assert!(
-        gw.log().contains("sequences lost with a worker process"),
+        gw.log().contains("sequences lost with worker process"),
         "the cut host held sequences that were re-run: {}",
         gw.log()
     );
