@@ -558,7 +558,10 @@ async fn two_hundred_concurrent_requests_survive_killed_workers() {
         answers.push(v);
     }
     for name in [&decode_name, &prefill_name] {
-        println!("{} sequences re-run after {name} was killed", c.lost_with(name));
+        println!(
+            "{} sequences re-run after {name} was killed",
+            c.lost_with(name)
+        );
         assert!(
             c.lost_with(name) > 0,
             "{name} held sequences that were re-run: {}",
