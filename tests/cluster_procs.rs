@@ -303,6 +303,51 @@ async fn a_wrong_credential_is_refused_and_the_worker_exits_non_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_another_model_or_dtype_is_refused_at_join() {
+    let _serial = SERIAL.lock().await;
+    // The cluster runs the default model in f32. A worker in BF16 (other KV pages) or with
+    // another model is refused when it joins, exits non-zero saying why, and is never routed to.
+    let c = Cluster::start(1, 1, &["--dtype", "f32"]);
+    let other_model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/fixtures/v2-lite-tiny")
+        .to_str()
+        .unwrap()
+        .to_string();
+    for (role, extra, why) in [
+        ("prefill", vec!["--dtype", "bf16"], "KV pages differ"),
+        (
+            "decode",
+            vec!["--dtype", "f32", "--model", other_model.as_str()],
+            "model differs",
+        ),
+    ] {
+        let mut w = c.worker(role, &extra);
+        let status = w
+            .wait_exit(Duration::from_secs(60))
+            .expect("the refused worker exits");
+        assert!(!status.success(), "{role} {extra:?}");
+        assert!(
+            w.log().contains("refused this process") && w.log().contains(why),
+            "{role} {extra:?}: {}",
+            w.log()
+        );
+    }
+    let (_, h) = get(&c.url("/health")).await;
+    let h: Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(
+        (h["prefill_workers"].clone(), h["decode_groups"].clone()),
+        (json!(1), json!(1)),
+        "only the matching workers are routed to"
+    );
+    let (s, v) = post(
+        &c.url("/v1/completions"),
+        &json!({"prompt": "still serving", "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_cannot_fit_gets_a_clean_error_across_processes() {
     let _serial = SERIAL.lock().await;
     // A decode process with 4 pages (256 tokens) cannot hold a 400-token prompt: the refusal
