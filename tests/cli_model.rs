@@ -259,3 +259,43 @@ fn generation_stops_at_the_context_window() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_position_embeddings"));
 }
+
+#[test]
+fn engine_bench_reports_prefill_and_every_decode_batch() {
+    let dir = fixture("v3-tiny");
+    let v = ok_json(duet(&[
+        "engine-bench",
+        "--model",
+        dir.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "--prompt-len",
+        "32",
+        "--batches",
+        "1,3",
+        "--decode-context",
+        "16",
+        "--decode-steps",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(v["engine"], "duet");
+    assert_eq!(v["dtype"], "F32");
+    assert_eq!(v["prefill_tokens"], 32);
+    let positive = |x: &Value| x.as_f64().is_some_and(|x| x.is_finite() && x > 0.0);
+    assert!(positive(&v["prefill_tok_s"]), "{v}");
+    let decode = v["decode"].as_array().unwrap();
+    assert_eq!(
+        decode
+            .iter()
+            .map(|d| d["batch"].clone())
+            .collect::<Vec<_>>(),
+        [1, 3],
+        "{v}"
+    );
+    assert!(decode.iter().all(|d| positive(&d["tok_s"])), "{v}");
+    assert!(positive(&v["weights_resident_bytes"]), "{v}");
+    assert!(positive(&v["active_weight_bytes_per_token"]), "{v}");
+}
