@@ -353,9 +353,26 @@ async fn a_request_that_cannot_fit_gets_a_clean_error_across_processes() {
     // A decode process with 4 pages (256 tokens) cannot hold a 400-token prompt: the refusal
     // crosses the control plane as an error, not a hang.
     let mut c = Cluster::gateway_only();
+    // A gateway without workers is up but not healthy.
+    let (status, h) = get(&c.url("/health")).await;
+    assert_eq!(status, 503, "{h}");
+    let h: Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(
+        (h["prefill_workers"].clone(), h["decode_groups"].clone()),
+        (json!(0), json!(0))
+    );
     let _p = c.worker("prefill", &["--engine", "echo"]);
     let _d = c.worker("decode", &["--engine", "echo", "--kv-pages", "4"]);
     c.await_joins(2);
+    // Healthy once both joined workers are on the routing board.
+    assert!(
+        common::eventually(Duration::from_secs(30), || async {
+            get(&c.url("/health")).await.0 == 200
+        })
+        .await,
+        "{}",
+        get(&c.url("/health")).await.1
+    );
     let (s, v) = post(
         &c.url("/v1/completions"),
         &json!({"prompt": long_prompt(1, 400), "max_tokens": 4}),
