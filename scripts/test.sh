@@ -51,8 +51,8 @@ cargo test --workspace --locked
 # BF16 weights have two CPU matmul kernels, chosen once per process: AVX512-BF16 where the CPU
 # has it (the run above), AVX2/FMA otherwise. The op and golden tests again on the AVX2 kernel,
 # so both are tested on every machine that can run them.
-DUET_NO_AVX512=1 cargo test --locked -p duet-kernels --test ops
-DUET_NO_AVX512=1 cargo test --locked --test golden_hf
+# (--workspace keeps the feature set of the run above: nothing is rebuilt.)
+DUET_NO_AVX512=1 cargo test --workspace --locked --test ops --test golden_hf
 # The transport suite again with UCX (shared memory and tcp) in it.
 cargo test -p duet-transport --features ucx --locked
 # Role processes with KV over UCX (shared memory and tcp) instead of QUIC.
