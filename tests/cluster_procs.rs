@@ -80,28 +80,42 @@ impl Cluster {
         }
     }
 
-    /// Index in `decode` of the decode process whose worker holds the most KV pages now (a
-    /// process that holds sequences, so killing it really loses work).
-    async fn busiest_decode(&self) -> usize {
+    /// The `role` process ("prefill" or "decode") whose worker holds the most sequences now, from
+    /// the gateway's /metrics (a process that holds sequences, so killing it really loses work):
+    /// its index in `self.prefill` / `self.decode` and its name as the gateway logs it.
+    async fn busiest(&self, role: &str) -> (usize, String) {
         let (_, metrics) = get(&self.url("/metrics")).await;
-        let (worker, pages) = common::busiest_decode_worker(&metrics);
-        assert!(pages > 0.0, "no decode worker holds KV: {metrics}");
-        // "joined decode decode-PID workers [ID] from ADDR"
+        let (worker, held) = common::busiest_worker(&metrics, role);
+        assert!(held > 0.0, "no {role} worker holds a sequence: {metrics}");
+        // "joined ROLE ROLE-PID workers [ID, ...] from ADDR"
         let line = self
             .joined
             .iter()
-            .find(|l| l.contains(&format!("[{worker}]")))
-            .unwrap();
-        let pid: u32 = line
-            .split("decode-")
-            .nth(1)
-            .and_then(|r| r.split(' ').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap();
-        self.decode
-            .iter()
-            .position(|p| p.child.id() == pid)
+            .find(|l| {
+                l.starts_with(&format!("joined {role} "))
+                    && l.split_once('[')
+                        .and_then(|(_, r)| r.split_once(']'))
+                        .is_some_and(|(ids, _)| ids.split(", ").any(|id| id == worker))
+            })
+            .unwrap_or_else(|| panic!("{role} worker {worker} never joined: {:?}", self.joined));
+        let name = line.split(' ').nth(2).unwrap().to_string();
+        let pid: u32 = name
+            .strip_prefix(&format!("{role}-"))
             .unwrap()
+            .parse()
+            .unwrap();
+        let procs = if role == "prefill" {
+            &self.prefill
+        } else {
+            &self.decode
+        };
+        let i = procs.iter().position(|p| p.child.id() == pid).unwrap();
+        (i, name)
+    }
+
+    /// How many sequences the gateway re-ran because process `name` was lost (its log).
+    fn lost_with(&self, name: &str) -> usize {
+        common::sequences_lost_with(&self.gateway.log(), name)
     }
 
     /// A gateway with no workers yet.
@@ -289,14 +303,76 @@ async fn a_wrong_credential_is_refused_and_the_worker_exits_non_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_another_model_or_dtype_is_refused_at_join() {
+    let _serial = SERIAL.lock().await;
+    // The cluster runs the default model in f32. A worker in BF16 (other KV pages) or with
+    // another model is refused when it joins, exits non-zero saying why, and is never routed to.
+    let c = Cluster::start(1, 1, &["--dtype", "f32"]);
+    let other_model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/fixtures/v2-lite-tiny")
+        .to_str()
+        .unwrap()
+        .to_string();
+    for (role, extra, why) in [
+        ("prefill", vec!["--dtype", "bf16"], "KV pages differ"),
+        (
+            "decode",
+            vec!["--dtype", "f32", "--model", other_model.as_str()],
+            "model differs",
+        ),
+    ] {
+        let mut w = c.worker(role, &extra);
+        let status = w
+            .wait_exit(Duration::from_secs(60))
+            .expect("the refused worker exits");
+        assert!(!status.success(), "{role} {extra:?}");
+        assert!(
+            w.log().contains("refused this process") && w.log().contains(why),
+            "{role} {extra:?}: {}",
+            w.log()
+        );
+    }
+    let (_, h) = get(&c.url("/health")).await;
+    let h: Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(
+        (h["prefill_workers"].clone(), h["decode_groups"].clone()),
+        (json!(1), json!(1)),
+        "only the matching workers are routed to"
+    );
+    let (s, v) = post(
+        &c.url("/v1/completions"),
+        &json!({"prompt": "still serving", "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_cannot_fit_gets_a_clean_error_across_processes() {
     let _serial = SERIAL.lock().await;
     // A decode process with 4 pages (256 tokens) cannot hold a 400-token prompt: the gateway
     // learns the pool from the worker's reports and refuses with a 400, not a retryable 5xx.
     let mut c = Cluster::gateway_only();
+    // A gateway without workers is up but not healthy.
+    let (status, h) = get(&c.url("/health")).await;
+    assert_eq!(status, 503, "{h}");
+    let h: Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(
+        (h["prefill_workers"].clone(), h["decode_groups"].clone()),
+        (json!(0), json!(0))
+    );
     let _p = c.worker("prefill", &["--engine", "echo"]);
     let _d = c.worker("decode", &["--engine", "echo", "--kv-pages", "4"]);
     c.await_joins(2);
+    // Healthy once both joined workers are on the routing board.
+    assert!(
+        common::eventually(Duration::from_secs(30), || async {
+            get(&c.url("/health")).await.0 == 200
+        })
+        .await,
+        "{}",
+        get(&c.url("/health")).await.1
+    );
     let (s, v) = post(
         &c.url("/v1/completions"),
         &json!({"prompt": long_prompt(1, 400), "max_tokens": 4}),
@@ -368,7 +444,7 @@ async fn decode_killed_mid_stream(worker_args: &[&str]) {
         .map(|p| json!({"prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": true}))
         .collect();
     let streams = common::start_streams(&c.url("/v1/completions"), bodies, 4).await;
-    let victim = c.busiest_decode().await;
+    let (victim, name) = c.busiest("decode").await;
     c.decode.remove(victim).kill9();
     let mut results = Vec::new();
     for s in streams {
@@ -380,9 +456,7 @@ async fn decode_killed_mid_stream(worker_args: &[&str]) {
         .expect("the gateway noticed the dead decode process");
     assert!(left.contains("decode-"), "{left}");
     assert!(
-        c.gateway
-            .log()
-            .contains("sequences lost with a worker process"),
+        c.lost_with(&name) > 0,
         "the killed process held sequences that were re-run: {}",
         c.gateway.log()
     );
@@ -427,8 +501,8 @@ async fn a_prefill_process_killed_under_load_has_its_requests_retried() {
         })
         .collect();
     done.notified().await;
-    let mut victim = c.prefill.remove(0);
-    victim.kill9();
+    let (victim, name) = c.busiest("prefill").await;
+    c.prefill.remove(victim).kill9();
     let mut answers = Vec::new();
     for t in tasks {
         let (s, v) = t.await.unwrap();
@@ -442,6 +516,11 @@ async fn a_prefill_process_killed_under_load_has_its_requests_retried() {
                 && l.contains("prefill-"))
             .is_some(),
         "the gateway noticed the dead prefill process"
+    );
+    assert!(
+        c.lost_with(&name) > 0,
+        "the killed prefill process held sequences that were re-run: {}",
+        c.gateway.log()
     );
     for (p, v) in prompts.iter().zip(answers) {
         let (_, again) = post(
@@ -497,20 +576,29 @@ async fn workers_rejoin_a_restarted_gateway_without_restarting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_requests_survive_killed_workers() {
     let _serial = SERIAL.lock().await;
-    // 200 requests at once on 2 prefill and 2 decode processes; one of each is SIGKILLed while
-    // they run. Every request completes with all its tokens: zero lost.
-    let mut c = Cluster::start(2, 2, &[]);
+    // 200 requests at once on 2 prefill and 2 decode processes; the decode and the prefill
+    // process holding the most sequences are SIGKILLed while they run. Every request completes
+    // with exactly the text an undisturbed run gives: nothing lost, nothing repeated. f32: a
+    // re-run recomputes the streamed tokens' KV in MLA's prefill form (serve_lifecycle.rs).
+    let mut c = Cluster::start(2, 2, &["--dtype", "f32"]);
     let prompts: Vec<String> = (0..200)
-        .map(|i| format!("Concurrent request {i}: {}", long_prompt(i, 40)))
+        .map(|i| {
+            format!(
+                "Concurrent request {i}: {}",
+                long_prompt(i, PROMPT_WORDS_200)
+            )
+        })
         .collect();
     let url = c.url("/v1/completions");
+    let body =
+        |p: &str| json!({"prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": true});
     let finished = Arc::new(AtomicUsize::new(0));
     let tasks: Vec<_> = prompts
         .iter()
         .map(|p| {
             let url = url.clone();
             let finished = finished.clone();
-            let body = json!({"prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": true});
+            let body = body(p);
             tokio::spawn(async move {
                 let r = post(&url, &body).await;
                 finished.fetch_add(1, Ordering::Relaxed);
@@ -524,14 +612,41 @@ async fn two_hundred_concurrent_requests_survive_killed_workers() {
         assert!(Instant::now() < end, "requests never finished");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    c.decode.remove(0).kill9();
-    c.prefill.remove(0).kill9();
-    let mut ok = 0;
+    let (d, decode_name) = c.busiest("decode").await;
+    c.decode.remove(d).kill9();
+    let (p, prefill_name) = c.busiest("prefill").await;
+    c.prefill.remove(p).kill9();
+    let mut answers = Vec::new();
     for t in tasks {
         let (s, v) = t.await.unwrap();
         assert_eq!(s, 200, "{v}");
         assert_eq!(v["usage"]["completion_tokens"], 24, "{v}");
-        ok += 1;
+        answers.push(v);
     }
-    assert_eq!(ok, 200);
+    for name in [&decode_name, &prefill_name] {
+        println!(
+            "{} sequences re-run after {name} was killed",
+            c.lost_with(name)
+        );
+        assert!(
+            c.lost_with(name) > 0,
+            "{name} held sequences that were re-run: {}",
+            c.gateway.log()
+        );
+    }
+    // The undisturbed run: the same 200 requests, at once, on the surviving processes.
+    let again = futures::future::join_all(prompts.iter().map(|p| {
+        let url = url.clone();
+        let body = body(p);
+        async move { post(&url, &body).await }
+    }))
+    .await;
+    for ((p, v), (s, want)) in prompts.iter().zip(&answers).zip(again) {
+        assert_eq!(s, 200, "{want}");
+        assert_eq!(v["choices"][0]["text"], want["choices"][0]["text"], "{p}");
+    }
 }
+
+/// Words per prompt in the 200-request test: long enough that prefill is still queued when the
+/// kills come, so the killed prefill process holds sequences.
+const PROMPT_WORDS_200: usize = 200;

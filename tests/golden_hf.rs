@@ -1,9 +1,12 @@
 //! The engine against HF transformers' reference (tests/golden/: fixtures and how they were made).
 //!
-//! Tolerances, from the issue: f32 logits within 1e-3 of HF relative to the largest |logit|
-//! (HF's own float64 reference carries float32 islands worth ~1e-6); the greedy continuation
-//! identical (the absorbed decode path against HF's naive cached path); the BF16 path's top-1
-//! token equal to HF's on ≥ 95 % of positions.
+//! Tolerances, a few times above what is measured (the numbers below; each test prints its own):
+//! f32 logits within [`LOGITS_REL_TOL`] of HF relative to the largest |logit| (HF's own float64
+//! reference carries float32 islands worth ~1e-6); the greedy continuation identical (the
+//! absorbed decode path against HF's naive cached path); BF16 logits within
+//! [`BF16_LOGITS_REL_TOL`] and the BF16 top-1 token equal to HF's on ≥ 95 % of positions.
+//! scripts/test.sh runs this file twice, the second time with `DUET_NO_AVX512=1`, so both BF16
+//! kernels (AVX512-BF16, which rounds activations to BF16, and AVX2) are held to these bounds.
 
 use std::path::{Path, PathBuf};
 
@@ -12,7 +15,15 @@ use duet_model::sampling::SamplingParams;
 use duet_model::{AttentionForm, DType, LogitsMode, Model, SeqInput};
 use serde::Deserialize;
 
-const LOGITS_REL_TOL: f64 = 1e-3;
+/// f32, every fixture and form (prefill, chunked prefill, absorbed). Measured worst case:
+/// 7.4e-7 (v2-tiny-grouped, prefill form; the others 3.6e-7 to 4.7e-7), the same on the
+/// AVX512-BF16 and AVX2 machines' paths (f32 weights never take the BF16 kernel). The README's
+/// "matching HF transformers to 2e-6" is this constant.
+const LOGITS_REL_TOL: f64 = 2e-6;
+/// BF16 weights and KV cache, fixtures stored in BF16, FP8 or F32. Measured worst case: 8.2e-3
+/// (v2-lite-tiny, AVX512-BF16 kernel; 6.6e-3 on the AVX2 kernel; v3-tiny 6.0e-3 / 3.3e-3,
+/// v3-tiny-fp8 8.0e-3 / 5.8e-3).
+const BF16_LOGITS_REL_TOL: f64 = 2e-2;
 const BF16_TOP1_MIN: f64 = 0.95;
 
 #[derive(Deserialize)]
@@ -81,15 +92,17 @@ fn argmax64(row: &[f64]) -> usize {
     (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b })
 }
 
-/// `bf16_top1_min`: BF16_TOP1_MIN for checkpoints stored in BF16, FP8 or F32. An F16 checkpoint
-/// loses three mantissa bits when its weights are stored as BF16, which flips near-tied
-/// group-limited routing decisions (this fixture's smallest expert-score margin is 1.3e-4); the
-/// f32 path still matches it to 1e-6, and users of F16 checkpoints should run `--dtype f32`.
+/// `bf16_top1_min` and `bf16_rel_tol`: BF16_TOP1_MIN and BF16_LOGITS_REL_TOL for checkpoints
+/// stored in BF16, FP8 or F32. An F16 checkpoint loses three mantissa bits when its weights are
+/// stored as BF16, which flips near-tied group-limited routing decisions (this fixture's smallest
+/// expert-score margin is 1.3e-4; measured: 24/24 top-1 and 1.4e-2 on the AVX512-BF16 kernel,
+/// 19/24 and 0.97 on the AVX2 kernel), so there only the top-1 bound holds; the f32 path still
+/// matches it to LOGITS_REL_TOL, and users of F16 checkpoints should run `--dtype f32`.
 fn check_fixture(name: &str) {
-    check_fixture_bf16(name, BF16_TOP1_MIN)
+    check_fixture_bf16(name, BF16_TOP1_MIN, Some(BF16_LOGITS_REL_TOL))
 }
 
-fn check_fixture_bf16(name: &str, bf16_top1_min: f64) {
+fn check_fixture_bf16(name: &str, bf16_top1_min: f64, bf16_rel_tol: Option<f64>) {
     let (dir, g) = fixture(name);
     let model = load(&dir, DType::F32);
 
@@ -105,7 +118,10 @@ fn check_fixture_bf16(name: &str, bf16_top1_min: f64) {
     let chunked = logits_in_chunks(&model, &g.input_ids, &[10, 1, 13]);
     let err_chunked = worst_rel_err(&chunked, &g.logits);
     println!("{name}: chunked prefill (10+1+13) worst relative error: {err_chunked:.3e}");
-    assert!(err_chunked < LOGITS_REL_TOL);
+    assert!(
+        err_chunked < LOGITS_REL_TOL,
+        "{name}: chunked prefill logits off by {err_chunked:e} (tolerance {LOGITS_REL_TOL:e})"
+    );
 
     let mut greedy = GenerateRequest {
         prompt: g.greedy_prompt_ids.clone(),
@@ -129,7 +145,10 @@ fn check_fixture_bf16(name: &str, bf16_top1_min: f64) {
     let a = logits_in_chunks(&absorbed, &g.input_ids, &[g.input_ids.len()]);
     let err_abs = worst_rel_err(&a, &g.logits);
     println!("{name}: absorbed-form logits worst relative error: {err_abs:.3e}");
-    assert!(err_abs < LOGITS_REL_TOL);
+    assert!(
+        err_abs < LOGITS_REL_TOL,
+        "{name}: absorbed-form logits off by {err_abs:e} (tolerance {LOGITS_REL_TOL:e})"
+    );
 
     // BF16 weights and KV cache.
     let bf = load(&dir, DType::BF16);
@@ -141,13 +160,24 @@ fn check_fixture_bf16(name: &str, bf16_top1_min: f64) {
         .filter(|(o, r)| argmax(o) == argmax64(r))
         .count();
     let frac = agree as f64 / g.logits.len() as f64;
+    let err_bf16 = worst_rel_err(&ours, &g.logits);
+    let kernel = if duet_kernels::cpu::matmul::bf16_weights_round_activations() {
+        "AVX512-BF16"
+    } else {
+        "AVX2"
+    };
     println!(
-        "{name}: bf16 top-1 agreement {agree}/{} = {:.1}%, worst relative error {:.3e}",
+        "{name}: bf16 ({kernel} kernel) top-1 agreement {agree}/{} = {:.1}%, worst relative error {err_bf16:.3e}",
         g.logits.len(),
         frac * 100.0,
-        worst_rel_err(&ours, &g.logits)
     );
     assert!(frac >= bf16_top1_min, "{name}: bf16 top-1 agreement {frac}");
+    if let Some(tol) = bf16_rel_tol {
+        assert!(
+            err_bf16 < tol,
+            "{name}: bf16 logits ({kernel} kernel) off by {err_bf16:e} (tolerance {tol:e})"
+        );
+    }
 
     // Batching does not change results: the same prompt twice in one batch, plus a shorter one.
     greedy.max_tokens = 6;
@@ -188,5 +218,5 @@ fn v2_lite_tiny_sharded_matches_hf() {
 
 #[test]
 fn v2_grouped_f16_matches_hf() {
-    check_fixture_bf16("v2-tiny-grouped", 0.75);
+    check_fixture_bf16("v2-tiny-grouped", 0.75, None);
 }

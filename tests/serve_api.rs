@@ -84,7 +84,10 @@ async fn pd_handoff_matches_single_engine_generation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_whole_and_streamed_agree_with_usage() {
     let srv = Server::start(&[]);
-    let req = json!({"model": "default", "messages": [{"role": "user", "content": "Why is the sky blue?"}],
+    // A question long enough (over two KV pages of 64 tokens) that asking it again hits the prefix
+    // cache.
+    let question = "Why is the sky blue? ".repeat(30);
+    let req = json!({"model": "default", "messages": [{"role": "user", "content": question}],
         "max_tokens": 16, "temperature": 0, "separate_reasoning": false});
     let (status, whole) = post(&srv.url("/v1/chat/completions"), &req).await;
     assert_eq!(status, 200, "{whole}");
@@ -96,7 +99,12 @@ async fn chat_whole_and_streamed_agree_with_usage() {
     assert_eq!(whole["usage"]["completion_tokens"], 16);
     assert_eq!(whole["choices"][0]["finish_reason"], "length");
     let prompt_tokens = whole["usage"]["prompt_tokens"].as_u64().unwrap();
-    assert!(prompt_tokens > 5);
+    assert!(prompt_tokens > 128, "{prompt_tokens}");
+    // A fresh server has nothing cached.
+    assert_eq!(
+        whole["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{whole}"
+    );
 
     let mut sreq = req.clone();
     sreq["stream"] = json!(true);
@@ -116,7 +124,13 @@ async fn chat_whole_and_streamed_agree_with_usage() {
     assert_eq!(last["choices"], json!([]));
     assert_eq!(last["usage"]["completion_tokens"], 16);
     assert_eq!(last["usage"]["prompt_tokens"], prompt_tokens);
-    assert!(last["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64());
+    // The same prompt again: every full page but the one holding the last prompt token (which is
+    // always computed) comes from the prefix cache.
+    assert_eq!(
+        last["usage"]["prompt_tokens_details"]["cached_tokens"],
+        (prompt_tokens - 1) / 64 * 64,
+        "{last}"
+    );
     let finishes: Vec<&Value> = events
         .iter()
         .filter_map(|e| e["choices"].get(0)?.get("finish_reason"))
@@ -188,16 +202,129 @@ async fn sampling_parameters_do_what_they_say() {
         assert_eq!(top.len(), 3);
         assert_eq!(top[0]["token"], t["token"]);
         assert!(t["logprob"].as_f64().unwrap() <= 0.0);
-        assert!(top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64());
+        let lp: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(lp[0] >= lp[1] && lp[1] >= lp[2], "{top:?}");
+        assert_eq!(t["logprob"].as_f64().unwrap(), lp[0]);
     }
 
-    // A strong frequency penalty stops greedy decoding from repeating a token.
-    let (_, v) = post(&srv.url("/generate"), &json!({"text": "a a a a", "sampling_params": {"max_new_tokens": 24, "temperature": 0, "frequency_penalty": 2.0, "ignore_eos": true}})).await;
-    let ids = generated_ids(&v);
-    let mut uniq = ids.clone();
-    uniq.sort_unstable();
-    uniq.dedup();
-    assert!(uniq.len() > ids.len() / 2, "{ids:?}");
+    // Frequency and presence penalties reach the sampler with their sign. Greedy decoding on the
+    // tiny random model does not repeat itself (its logits are nearly flat); a negative penalty
+    // (OpenAI's range is [-2, 2]) rewards tokens already generated, so it repeats them.
+    let distinct = |penalty: Value| {
+        let url = srv.url("/generate");
+        async move {
+            let mut sp = json!({"max_new_tokens": 24, "temperature": 0, "ignore_eos": true});
+            if let Value::Object(p) = penalty {
+                sp.as_object_mut().unwrap().extend(p);
+            }
+            let (s, v) = post(&url, &json!({"text": "a a a a", "sampling_params": sp})).await;
+            assert_eq!(s, 200, "{v}");
+            let ids = generated_ids(&v);
+            let mut uniq = ids.clone();
+            uniq.sort_unstable();
+            uniq.dedup();
+            (uniq.len(), ids)
+        }
+    };
+    let (plain, ids) = distinct(Value::Null).await;
+    assert!(plain > 12, "greedy alone hardly repeats: {ids:?}");
+    // Frequency: each repetition raises the token further, so greedy locks onto one or two.
+    let (n, ids) = distinct(json!({"frequency_penalty": -2.0})).await;
+    assert!(
+        n <= 4,
+        "frequency_penalty -2 repeats generated tokens: {ids:?}"
+    );
+    // Presence: a fixed reward for every token seen, so some come back.
+    let (n, ids) = distinct(json!({"presence_penalty": -2.0})).await;
+    assert!(
+        n < plain,
+        "presence_penalty -2 repeats generated tokens: {ids:?}"
+    );
+
+    // top_k, top_p and min_p reach the sampler: a seeded draw at temperature 1.5 differs from
+    // greedy, and becomes greedy when the filter leaves only the most likely token.
+    let sampled = |extra: Value| {
+        let url = url.clone();
+        async move {
+            let mut req = json!({"model": "default", "prompt": "Once upon a time", "max_tokens": 12,
+                "temperature": 1.5, "seed": 7, "ignore_eos": true});
+            if let Value::Object(e) = extra {
+                req.as_object_mut().unwrap().extend(e);
+            }
+            let (s, v) = post(&url, &req).await;
+            assert_eq!(s, 200, "{v}");
+            v["choices"][0]["text"].as_str().unwrap().to_string()
+        }
+    };
+    let mut greedy_req = base.clone();
+    greedy_req["prompt"] = json!("Once upon a time");
+    let (_, g) = post(&url, &greedy_req).await;
+    let greedy = g["choices"][0]["text"].as_str().unwrap().to_string();
+    assert_ne!(
+        sampled(Value::Null).await,
+        greedy,
+        "temperature 1.5 samples"
+    );
+    for filter in [
+        json!({"top_k": 1}),
+        json!({"top_p": 1e-6}),
+        json!({"min_p": 1.0}),
+    ] {
+        assert_eq!(sampled(filter.clone()).await, greedy, "{filter}");
+    }
+    // top_k 3 and min_p 0.5: every sampled token is one the filter keeps, judged by the returned
+    // log-probabilities (of the model's distribution, before temperature); without a filter some
+    // token is not. min_p compares probabilities after temperature 1.5: p ≥ 0.5·p_max there is
+    // logprob ≥ top logprob + 1.5·ln 0.5 here (less 1e-5 for f32 rounding).
+    let chat = srv.url("/v1/chat/completions");
+    let drawn = |extra: Value| {
+        let chat = chat.clone();
+        async move {
+            let mut req = json!({"messages": [{"role": "user", "content": "Tell me a story"}],
+                "max_tokens": 24, "temperature": 1.5, "seed": 11, "logprobs": true,
+                "top_logprobs": 3, "ignore_eos": true});
+            if let Value::Object(e) = extra {
+                req.as_object_mut().unwrap().extend(e);
+            }
+            let (s, v) = post(&chat, &req).await;
+            assert_eq!(s, 200, "{v}");
+            v["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| {
+                    let top: Vec<(String, f64)> = t["top_logprobs"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| {
+                            (
+                                x["token"].as_str().unwrap().to_string(),
+                                x["logprob"].as_f64().unwrap(),
+                            )
+                        })
+                        .collect();
+                    (
+                        t["token"].as_str().unwrap().to_string(),
+                        t["logprob"].as_f64().unwrap(),
+                        top,
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let in_top3 =
+        |(tok, _, top): &(String, f64, Vec<(String, f64)>)| top.iter().any(|t| &t.0 == tok);
+    let above_half = |(_, lp, top): &(String, f64, Vec<(String, f64)>)| {
+        *lp >= top[0].1 + 1.5 * 0.5f64.ln() - 1e-5
+    };
+    let free = drawn(Value::Null).await;
+    assert!(!free.iter().all(in_top3), "{free:?}");
+    assert!(!free.iter().all(above_half), "{free:?}");
+    let k = drawn(json!({"top_k": 3})).await;
+    assert!(k.iter().all(in_top3), "top_k 3: {k:?}");
+    let m = drawn(json!({"min_p": 0.5})).await;
+    assert!(m.iter().all(above_half), "min_p 0.5: {m:?}");
 }
 
 /// R1's template opens `<think>`; with a thinking budget the reasoning is cut off with `\n</think>`

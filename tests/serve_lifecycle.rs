@@ -230,3 +230,52 @@ async fn a_panicking_prefill_worker_loses_no_request() {
     let (status, h) = get(&srv.url("/health")).await;
     assert_eq!(status, 200, "{h}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_applies_flags_override_it_and_its_drain_timeout_cuts_a_request() {
+    // `--config` sets the served name, three decode groups and a 1 s drain timeout; the
+    // `--decode-groups 1` flag overrides the groups.
+    let cfg = common::tmp("cluster.toml");
+    std::fs::write(
+        &cfg,
+        "[model]\nserved_model_name = \"from-config\"\n[decode]\ngroups = 3\n[limits]\ndrain_timeout_s = 1\n",
+    )
+    .unwrap();
+    let mut srv = Server::start(&["--config", cfg.to_str().unwrap(), "--decode-groups", "1"]);
+    let (status, h) = get(&srv.url("/health")).await;
+    assert_eq!(status, 200, "{h}");
+    let h: Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(h["decode_groups"], 1, "the flag overrides the file: {h}");
+    let (_, models) = get(&srv.url("/v1/models")).await;
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["id"], "from-config", "{models}");
+
+    // A request that would run practically forever is cut off by the drain timeout: the server
+    // exits cleanly without it finishing.
+    let req = json!({"model": "from-config", "prompt": "Endless:", "max_tokens": 100000,
+        "stream": true, "ignore_eos": true, "temperature": 0});
+    let resp = common::client()
+        .post(srv.url("/v1/completions"))
+        .json(&req)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut body = resp.bytes_stream();
+    let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+    // SAFETY: kill(2) on our own child's pid with a valid signal number.
+    assert_eq!(unsafe { libc::kill(srv.pid() as i32, libc::SIGTERM) }, 0);
+    while let Some(Ok(chunk)) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let status = srv
+        .wait_exit(Duration::from_secs(60))
+        .expect("exited after the drain timeout");
+    assert!(status.success(), "{status:?}: {}", srv.log());
+    assert!(
+        srv.log().contains("drain deadline of 1s passed"),
+        "the configured drain timeout ended it: {}",
+        srv.log()
+    );
+    assert!(!text.contains("finish_reason\":\"length"), "{text}");
+}

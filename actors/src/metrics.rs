@@ -327,6 +327,9 @@ pub struct Metrics {
     pub kv_pages_used: GaugeVec,
     /// Label `worker`.
     pub kv_pages_free: GaugeVec,
+    /// Sequences a worker holds (running or waiting), label `worker`: which worker a failure
+    /// would cost work.
+    pub worker_sequences: GaugeVec,
     pub prefix_cache_queried_tokens_total: Counter,
     pub prefix_cache_hit_tokens_total: Counter,
     pub generation_tokens_total: Counter,
@@ -384,6 +387,11 @@ impl Metrics {
                 "KV cache pages free, per worker.",
                 "worker",
             ),
+            worker_sequences: GaugeVec::new(
+                "duet_worker_sequences",
+                "Sequences running or waiting, per worker.",
+                "worker",
+            ),
             prefix_cache_queried_tokens_total: Counter::new(
                 "duet_prefix_cache_queried_tokens_total",
                 "Prompt tokens looked up in the prefix cache.",
@@ -435,6 +443,7 @@ impl Metrics {
         self.running_requests.render(&mut out);
         self.kv_pages_used.render(&mut out);
         self.kv_pages_free.render(&mut out);
+        self.worker_sequences.render(&mut out);
         self.prefix_cache_queried_tokens_total.render(&mut out);
         self.prefix_cache_hit_tokens_total.render(&mut out);
         let rate = "duet_prefix_cache_hit_rate";

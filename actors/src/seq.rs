@@ -220,6 +220,10 @@ fn logprob_of(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
 }
 
 #[cfg(test)]
+#[path = "seq_sampling_tests.rs"]
+mod sampling_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -1422,7 +1422,9 @@ mod tests {
             assert!(s.mean_itl_ms >= gap_ms * 0.9, "{endpoint}: {s:?}");
             assert!(s.median_ttft_ms >= gap_ms && s.median_ttft_ms <= s.p99_ttft_ms);
             assert!(s.median_itl_ms <= s.p99_itl_ms && s.p99_itl_ms <= s.max_itl_ms);
-            assert!(s.p99_ttft_ms < s.mean_e2e_latency_ms * 2.0);
+            // Each request's TTFT is at most its e2e latency, so every percentile is too (an
+            // invariant of the summary, not a timing relation).
+            assert!(s.p99_ttft_ms <= s.p99_e2e_latency_ms, "{endpoint}: {s:?}");
             assert!(s.mean_e2e_latency_ms >= 8.0 * gap_ms);
             assert!(s.output_throughput > 0.0 && s.request_throughput > 0.0);
             assert!(s.concurrency <= 4.0 + 1e-9, "{s:?}");

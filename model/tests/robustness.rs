@@ -50,3 +50,38 @@ proptest! {
         prop_assert!(load_catching(tmp.path()).is_ok(), "loading panicked with {} = {}", name, value);
     }
 }
+
+/// `generate` returns every page it took when it fails (ARCHITECTURE.md's invariant): after an
+/// error the same cache serves the next request exactly as a fresh one does.
+#[test]
+fn generate_returns_its_pages_on_error() {
+    use duet_model::generate::{GenerateRequest, generate};
+    use duet_model::sampling::SamplingParams;
+
+    let model = Model::load(&fixture(), DType::F32, &|_| {}).unwrap();
+    let vocab = model.config.vocab_size as u32;
+    let req = |prompt: Vec<u32>, max_tokens: usize| GenerateRequest {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+    };
+    let ok = req((1..40).collect(), 8);
+    let mut cache = model.new_cache(3);
+    let want = generate(&model, &mut cache, std::slice::from_ref(&ok)).unwrap();
+    assert_eq!(cache.pages_free(), 3);
+    let failing = [
+        // An id outside the vocabulary, in the second of two prompts (the first took pages).
+        vec![ok.clone(), req(vec![5, vocab + 3, 7], 4)],
+        // Decoding outgrows the pool: 3 pages hold 192 tokens.
+        vec![ok.clone(), req((1..100).collect(), 200)],
+    ];
+    for reqs in failing {
+        assert!(generate(&model, &mut cache, &reqs).is_err());
+        assert_eq!(cache.pages_free(), 3, "every page came back");
+        assert_eq!(
+            generate(&model, &mut cache, std::slice::from_ref(&ok)).unwrap(),
+            want
+        );
+    }
+}

@@ -326,6 +326,33 @@ pub fn gateway_addrs(line: &str) -> (String, String) {
     (http.to_string(), join.to_string())
 }
 
+/// The `role` worker ("prefill" or "decode") holding the most sequences (running or waiting),
+/// from the gateway's /metrics text: `(worker id, sequences)`.
+pub fn busiest_worker(metrics: &str, role: &str) -> (String, f64) {
+    let prefix = format!("duet_worker_sequences{{worker=\"{role}-");
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let (id, rest) = l.strip_prefix(&prefix)?.split_once("\"}")?;
+            Some((id.to_string(), rest.trim().parse::<f64>().ok()?))
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or_else(|| panic!("no {role} workers in /metrics: {metrics}"))
+}
+
+/// Sequences the gateway re-ran because worker process `name` (e.g. "decode-1234") was lost,
+/// from its log lines "N sequences lost with worker process NAME (why); re-running them".
+pub fn sequences_lost_with(gateway_log: &str, name: &str) -> usize {
+    let needle = format!(" sequences lost with worker process {name} ");
+    gateway_log
+        .lines()
+        .filter_map(|l| {
+            let (before, _) = l.split_once(&needle)?;
+            before.rsplit(' ').next()?.parse::<usize>().ok()
+        })
+        .sum()
+}
+
 /// The decode worker with the most KV pages in use, from the gateway's /metrics text.
 pub fn busiest_decode_worker(metrics: &str) -> (String, f64) {
     metrics

@@ -1051,6 +1051,9 @@ async fn metrics(State(s): State<Shared>) -> Response {
                 m.kv_pages_free
                     .with_label(&label)
                     .set(e.load.pages_free as i64);
+                m.worker_sequences
+                    .with_label(&label)
+                    .set((e.load.running + e.load.waiting) as i64);
                 if role == "decode" {
                     running += e.load.running;
                 }

@@ -482,8 +482,9 @@ impl Hub {
             .collect();
         if !lost.is_empty() {
             tracing::warn!(
-                "{} sequences lost with a worker process ({why}); re-running them",
-                lost.len()
+                "{} sequences lost with worker process {} ({why}); re-running them",
+                lost.len(),
+                p.name
             );
         }
         for (seq, group) in lost {
