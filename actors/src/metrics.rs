@@ -621,7 +621,8 @@ mod tests {
         let text = m.render();
         let (types, samples) = parse(&text);
         check_histograms(&types, &samples);
-        assert_eq!(types.len(), 16);
+        assert_eq!(types.len(), 17);
+        assert_eq!(types["duet_worker_sequences"], "gauge");
         assert_eq!(types["duet_requests_total"], "counter");
         assert_eq!(types["duet_preemptions_total"], "counter");
         assert_eq!(types["duet_queue_depth"], "gauge");
