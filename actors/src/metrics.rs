@@ -610,6 +610,7 @@ mod tests {
         m.kv_pages_used.with_label("1").set(10);
         m.kv_pages_used.with_label("0").set(5);
         m.kv_pages_free.with_label("0").set(-1);
+        m.worker_sequences.with_label("prefill-3").set(4);
         m.prefix_cache_queried_tokens_total.add(200);
         m.prefix_cache_hit_tokens_total.add(50);
         m.generation_tokens_total.add(7);
@@ -623,6 +624,14 @@ mod tests {
         check_histograms(&types, &samples);
         assert_eq!(types.len(), 17);
         assert_eq!(types["duet_worker_sequences"], "gauge");
+        assert_eq!(
+            value(
+                &samples,
+                "duet_worker_sequences",
+                &[("worker", "prefill-3")]
+            ),
+            4.0
+        );
         assert_eq!(types["duet_requests_total"], "counter");
         assert_eq!(types["duet_preemptions_total"], "counter");
         assert_eq!(types["duet_queue_depth"], "gauge");
