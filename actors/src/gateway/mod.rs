@@ -285,8 +285,8 @@ impl GatewayState {
             Some(WorkerRef::Decode(a)) => Some(a.clone()),
             _ => None,
         };
-        let (Some(prefill), Some(decode)) = (prefill, decode) else {
-            if prefill_missing(board, p) {
+        let (Some(prefill), Some(decode)) = (prefill.clone(), decode) else {
+            if prefill.is_none() {
                 self.forget(true, p.group);
             } else {
                 self.forget(false, d.group);
@@ -314,11 +314,4 @@ impl GatewayState {
             }
         }
     }
-}
-
-fn prefill_missing(board: &crate::registry::Board, p: RankId) -> bool {
-    !matches!(
-        board.prefill.get(&WorkerId(p.group)).map(|e| &e.worker),
-        Some(WorkerRef::Prefill(a)) if a.get_status() == ractor::ActorStatus::Running
-    )
 }

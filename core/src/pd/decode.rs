@@ -568,10 +568,6 @@ impl<Q, R> DecodeCore<Q, R> {
         }
     }
 
-    pub fn is_stepping(&self) -> bool {
-        self.stepping
-    }
-
     /// Sequences in the batch (running or preempted, waiting to run again).
     pub fn running(&self) -> usize {
         self.entries

@@ -238,10 +238,6 @@ impl<J> PrefillCore<J> {
         Some(j)
     }
 
-    pub fn is_stepping(&self) -> bool {
-        self.stepping
-    }
-
     pub fn jobs(&self) -> impl Iterator<Item = (&SeqId, &PrefillJobState<J>)> {
         self.jobs.iter()
     }
