@@ -276,8 +276,8 @@ pub fn run_worker(role: Role, a: WorkerArgs) -> Result<()> {
         secret,
         kv_bind: a.kv_addr,
         kv_transport: match a.kv_transport {
-            KvTransportArg::Quic => remote::data::DataKind::Quic,
-            KvTransportArg::Ucx => remote::data::DataKind::Ucx {
+            KvTransportArg::Quic => duet_actors::dataplane::DataKind::Quic,
+            KvTransportArg::Ucx => duet_actors::dataplane::DataKind::Ucx {
                 tls: a.ucx_tls.clone(),
             },
         },

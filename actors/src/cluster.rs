@@ -10,7 +10,8 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, Supervisio
 use crate::decode::DecodeWorker;
 use crate::metrics::Metrics;
 use crate::prefill::PrefillWorker;
-use crate::registry::{Registry, RegistryMsg, SharedBoard};
+use crate::protocol::RegistryMsg;
+use crate::registry::{Registry, SharedBoard};
 use crate::worker::WorkerArgs;
 
 /// Restarts allowed per worker before the supervisor leaves it down: a worker that fails this

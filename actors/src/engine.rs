@@ -4,8 +4,11 @@
 //! path around the model (gateway, actors, streaming) — `duet serve --engine echo` — and is a test
 //! tool, never a way to serve a model: it emits the prompt's own tokens back in a cycle.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use duet_core::sched::StepPlan;
+use duet_core::types::SeqId;
 use duet_model::kv::KvCache;
 use duet_model::{LogitsMode, Model, SeqInput};
 
@@ -71,6 +74,41 @@ impl StepLogits {
             StepLogits::Echo => None,
         }
     }
+}
+
+/// Why a step produced no logits.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Model(#[from] duet_model::Error),
+}
+
+/// Why a sequence's KV did not reach its decode group.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Transport(#[from] duet_transport::TransportError),
+    #[error("layer {layer} not delivered to decode group {group} within {deadline:?}")]
+    Deadline {
+        layer: u32,
+        group: u32,
+        deadline: std::time::Duration,
+    },
+    #[error("reading layer {layer} from the KV pool: {message}")]
+    ReadPages { layer: usize, message: String },
+    #[error("{src} source pages for {dest} destination pages")]
+    PageCount { src: usize, dest: usize },
+    #[error("the KV sender task ended early")]
+    SenderLost,
+}
+
+/// A worker's step came back: the plan it ran, the pool it borrowed, and its logits or why not.
+pub struct StepDone {
+    pub plan: StepPlan,
+    pub kv: WorkerKv,
+    pub result: Result<StepLogits, StepError>,
+    /// Prefill: sequences whose KV could not be delivered, with the first failure of each.
+    pub send_errors: BTreeMap<SeqId, SendError>,
 }
 
 impl Engine {

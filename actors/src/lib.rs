@@ -3,12 +3,15 @@
 //! the supervisor that restarts failed workers. `serve` assembles them into the one-process
 //! cluster of `duet serve`.
 
+pub mod clock;
 pub mod cluster;
+pub mod dataplane;
 pub mod decode;
 pub mod engine;
 pub mod gateway;
 pub mod metrics;
 pub mod prefill;
+pub mod protocol;
 pub mod registry;
 pub mod remote;
 pub mod seq;

@@ -42,7 +42,7 @@ pub struct TokenLogprob {
     pub top: Vec<(u32, f32)>,
 }
 
-pub use duet_core::pd::Finish;
+pub use duet_core::pd::{Finish, SeqFailure};
 
 /// Events a worker sends back for one sequence. At most `max_new_tokens + 1` are sent, so the
 /// channel is bounded by the request's own validated limit.
@@ -56,10 +56,10 @@ pub enum SeqEvent {
         finish: Option<Finish>,
     },
     /// The sequence cannot be served (its KV can never fit, the engine failed); final.
-    Failed(String),
+    Failed(SeqFailure),
     /// This worker cannot go on with the sequence (a corrupt KV transfer, a full group): the
     /// gateway re-runs it elsewhere from the tokens streamed so far.
-    Retry(String),
+    Retry(SeqFailure),
 }
 
 pub type EventTx = mpsc::UnboundedSender<SeqEvent>;

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::serve::ListenerExt;
 use duet_core::config::ClusterConfig;
@@ -16,12 +16,13 @@ use duet_model::{Model, ModelConfig};
 use duet_transport::InProcTransport;
 use ractor::Actor;
 
+use crate::clock::Clock;
 use crate::cluster::{Cluster, Role, new_board};
 use crate::engine::Engine;
 use crate::gateway::http::{self, AppState, HttpLimits, ThinkIds};
 use crate::gateway::{Gateway, GatewayArgs};
 use crate::metrics::Metrics;
-use crate::registry::RegistryMsg;
+use crate::protocol::RegistryMsg;
 use crate::worker::{Fault, KvLink, WorkerArgs};
 
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +141,7 @@ pub async fn start(
         .await
         .map_err(|e| ServeError::Actors(e.to_string()))?;
     let transport = Arc::new(InProcTransport::new());
-    let epoch = Instant::now();
+    let clock = Clock::start();
     let mut workers = Vec::new();
     for i in 0..cfg.prefill.workers {
         workers.push((
@@ -153,7 +154,7 @@ pub async fn start(
                 sched: cfg.prefill_sched(),
                 registry: registry.clone(),
                 kv: KvLink::InProc(transport.clone()),
-                epoch,
+                clock,
                 fault: if i == 0 { opts.prefill_fault } else { None },
                 kv_corrupt: None,
             },
@@ -171,7 +172,7 @@ pub async fn start(
                 sched: cfg.decode_sched(),
                 registry: registry.clone(),
                 kv: KvLink::InProc(transport.clone()),
-                epoch,
+                clock,
                 fault: if g == 0 { opts.fault } else { None },
                 kv_corrupt: None,
             },
@@ -185,7 +186,8 @@ pub async fn start(
     // registry answers this, the board lists all of them.
     ractor::call!(cluster.registry, RegistryMsg::Sync)
         .map_err(|e| ServeError::Actors(e.to_string()))?;
-    let (mut running, server) = start_front(opts, listener, shutdown, board, metrics).await?;
+    let (mut running, server) =
+        start_front(opts, listener, shutdown, board, metrics, clock).await?;
     running.cluster = Some(cluster);
     Ok((running, server))
 }
@@ -198,6 +200,7 @@ pub async fn start_front(
     shutdown: impl Future<Output = ()> + Send + 'static,
     board: crate::registry::SharedBoard,
     metrics: Arc<Metrics>,
+    clock: Clock,
 ) -> Result<(Running, tokio::task::JoinHandle<Result<(), ServeError>>), ServeError> {
     let cfg = &opts.config;
     // A fixed seed: the gateway's choices replay exactly for the same request order.
@@ -220,6 +223,7 @@ pub async fn start_front(
             // setting too).
             prefill_queued_tokens_max: 2 * cfg.prefill.token_budget as u64,
             commit_new_tokens_max: cfg.decode.reserve_new_tokens.unwrap_or(usize::MAX),
+            clock,
         },
     )
     .await
@@ -247,9 +251,7 @@ pub async fn start_front(
         request_ids: AtomicU64::new(1),
         inflight: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
-        started: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        started: Clock::unix_secs(),
     });
     let addr = listener.local_addr().map_err(ServeError::Http)?;
     let app = http::router(state.clone());

@@ -1,7 +1,6 @@
 //! What prefill and decode workers share: their start-up arguments, the clock, load reports.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use duet_core::kv::{KvConfig, KvManager};
 use duet_core::sched::{SchedConfig, Scheduler};
@@ -10,8 +9,9 @@ use duet_transport::{InProcTransport, KvFrame, KvInbox, KvReceiver, KvTransport,
 use ractor::ActorRef;
 use tokio::sync::mpsc;
 
+use crate::clock::Clock;
 use crate::engine::Engine;
-use crate::registry::{RegistryMsg, WorkerLoad};
+use crate::protocol::{RegistryMsg, WorkerLoad};
 
 /// Fault injection for tests of recovery: the worker panics inside its step handler after this
 /// many steps (`duet serve --fault-decode-panic-after-steps N` / `--fault-prefill-panic-after-steps
@@ -30,9 +30,8 @@ pub struct WorkerArgs {
     pub sched: SchedConfig,
     pub registry: ActorRef<RegistryMsg>,
     pub kv: KvLink,
-    /// The process's clock origin: workers report `now_us` relative to it, so core sees one time
-    /// line.
-    pub epoch: Instant,
+    /// The process's clock: every core of the process sees one timeline.
+    pub clock: Clock,
     pub fault: Option<Fault>,
     /// Test tool (`duet prefill --fault-corrupt-kv-frames N`): the next N KV frames this worker
     /// sends get one byte flipped after their checksums were computed, as a bad link would.
@@ -47,7 +46,7 @@ pub enum KvLink {
     InProc(Arc<InProcTransport>),
     Net {
         send: Arc<dyn KvTransport>,
-        recv: Option<Arc<crate::remote::data::DataPlane>>,
+        recv: Option<Arc<crate::dataplane::DataPlane>>,
     },
 }
 
@@ -85,7 +84,7 @@ impl KvLink {
 
 impl WorkerArgs {
     pub fn now_us(&self) -> u64 {
-        self.epoch.elapsed().as_micros() as u64
+        self.clock.now_us()
     }
 
     pub fn kv_manager(&self) -> KvManager {

@@ -8,54 +8,20 @@
 //! writes KV frames into the pool, runs the engine and samples. Failures: actors/SEMANTICS.md.
 
 use duet_core::pd::{DecodeAction, DecodeConfig, DecodeCore, FrameCheck, Held, SeqLimits};
-use duet_core::types::SeqId;
 use duet_transport::KvFrame;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::engine::{StepLogits, WorkerKv, echo_token, plan_rows};
-use crate::prefill::{KvDest, PrefillJob, PrefillMsg};
-use crate::registry::{RegistryMsg, WorkerRef};
+use crate::engine::{StepDone, StepError, StepLogits, WorkerKv, echo_token, plan_rows};
+use crate::protocol::{
+    DecodeMsg, GatewayToDecode, Handoff, KvDest, PrefillJob, PrefillPeer, PrefillToDecode,
+    RegistryMsg, WorkerLoad, WorkerRef,
+};
 use crate::seq::{SeqEvent, SeqJob, SeqSampler};
 use crate::worker::{WorkerArgs, load_of};
 
 /// Reservations waiting for pages before they are refused: a burst beyond this goes to another
 /// group (the gateway retries) instead of queueing here without bound.
 pub const RESERVE_QUEUE_MAX: usize = 1024;
-
-pub enum DecodeMsg {
-    /// Reserve pages for `job`'s tokens, then send the job to `prefill` with the destination.
-    Reserve {
-        job: Box<SeqJob>,
-        prefill: ActorRef<PrefillMsg>,
-    },
-    /// One layer of KV for a reserved sequence (from the transport).
-    Frame(KvFrame),
-    /// A frame for this group arrived but failed verification (corrupt or truncated).
-    BadFrame(duet_transport::TransportError),
-    /// Periodic: enforce the transfer deadlines.
-    Tick,
-    /// The prefill worker is done: first token, sampler state, and the job.
-    Handoff(Box<Handoff>),
-    /// The prefill worker could not compute the sequence; free its reservation.
-    Unreserve(SeqId),
-    /// Client gone, stop string matched, or the gateway re-routed: drop the sequence.
-    Abort(SeqId),
-    StepDone(Box<StepDone>),
-}
-
-pub struct Handoff {
-    pub job: SeqJob,
-    pub first_token: u32,
-    pub sampler: SeqSampler,
-    /// Layers of KV the prefill worker sent (0 for the echo engine).
-    pub layers: usize,
-}
-
-pub struct StepDone {
-    plan: duet_core::sched::StepPlan,
-    kv: WorkerKv,
-    result: Result<StepLogits, String>,
-}
 
 /// Once the handoff arrived, every layer must be in within this time, or the sequence goes back to
 /// the gateway for a re-run (a frame lost with a cut link; the sender's own deadline is shorter).
@@ -66,7 +32,7 @@ pub const RESERVATION_TTL: std::time::Duration = std::time::Duration::from_secs(
 const DEADLINE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A queued reservation: the job and the prefill worker it goes to once pages are reserved.
-type Queued = (Box<SeqJob>, ActorRef<PrefillMsg>);
+type Queued = (Box<SeqJob>, PrefillPeer);
 
 /// A handed-off sequence: the job and its sampler.
 pub struct DecodeRun {
@@ -145,7 +111,7 @@ impl Actor for DecodeWorker {
         state.reported = Some(state.load_key());
         state.args.registry.cast(RegistryMsg::Register {
             id: state.args.id,
-            worker: WorkerRef::Decode(myself),
+            worker: WorkerRef::decode(&myself),
             load,
         })?;
         Ok(state)
@@ -159,7 +125,7 @@ impl Actor for DecodeWorker {
     ) -> Result<(), ActorProcessingErr> {
         let now = st.now();
         match msg {
-            DecodeMsg::Reserve { job, prefill } => {
+            DecodeMsg::Gateway(GatewayToDecode::Reserve { job, prefill }) => {
                 let (id, len) = (job.id, job.tokens.len());
                 st.core.handle_reserve(now, id, len, (job, prefill));
             }
@@ -170,7 +136,7 @@ impl Actor for DecodeWorker {
                     st.pending_frames.push(frame);
                 }
             }
-            DecodeMsg::Handoff(h) => {
+            DecodeMsg::Prefill(PrefillToDecode::Handoff(h)) => {
                 let Handoff {
                     job,
                     first_token,
@@ -194,11 +160,11 @@ impl Actor for DecodeWorker {
                     DecodeRun { job, sampler },
                 );
             }
-            DecodeMsg::Unreserve(id) => st.core.handle_unreserve(now, id),
+            DecodeMsg::Prefill(PrefillToDecode::Unreserve(id)) => st.core.handle_unreserve(now, id),
             DecodeMsg::BadFrame(e) => st.bad_frame(e),
             DecodeMsg::Tick => st.core.handle_tick(now),
             // Whatever the sequence held comes back and is dropped here.
-            DecodeMsg::Abort(id) => drop(st.core.handle_abort(now, id)),
+            DecodeMsg::Gateway(GatewayToDecode::Abort(id)) => drop(st.core.handle_abort(now, id)),
             DecodeMsg::StepDone(done) => st.step_done(*done)?,
         }
         st.carry_out(&myself);
@@ -214,7 +180,7 @@ impl DecodeState {
         self.args.now_us()
     }
 
-    fn load(&self) -> crate::registry::WorkerLoad {
+    fn load(&self) -> WorkerLoad {
         let mut load = load_of(
             self.core.sched(),
             self.core.kv(),
@@ -259,13 +225,19 @@ impl DecodeState {
                 } => {
                     let dest = KvDest {
                         group: self.args.id,
-                        decode: myself.clone(),
+                        decode: myself.get_derived(),
                         pages,
                     };
-                    if let Err(e) = prefill.cast(PrefillMsg::Prefill(Box::new(PrefillJob {
-                        job: *job,
-                        dest,
-                    }))) {
+                    let sent = match &prefill.jobs {
+                        Some(jobs) => jobs
+                            .send_message(Box::new(PrefillJob { job: *job, dest }))
+                            .map_err(|e| e.to_string()),
+                        None => Err(format!(
+                            "prefill worker {} has no route from here",
+                            prefill.id.0
+                        )),
+                    };
+                    if let Err(e) = sent {
                         // The prefill worker is gone: free the pages; dropping the job closes the
                         // client's channel and the gateway re-routes.
                         tracing::warn!(seq, "prefill worker gone before prefill: {e}");
@@ -274,10 +246,10 @@ impl DecodeState {
                     }
                 }
                 DecodeAction::Retry { reason, job, .. } => {
-                    send_to(&job, SeqEvent::Retry(reason.to_string()));
+                    send_to(&job, SeqEvent::Retry(reason));
                 }
                 DecodeAction::Fail { reason, job, .. } => {
-                    send_to(&job, SeqEvent::Failed(reason.to_string()));
+                    send_to(&job, SeqEvent::Failed(reason));
                 }
             }
         }
@@ -340,19 +312,27 @@ impl DecodeState {
                 plan,
                 kv,
                 result: Ok(StepLogits::Echo),
+                send_errors: Default::default(),
             })));
             return;
         }
         tokio::task::spawn_blocking(move || {
             let result = engine
                 .step(&mut kv, &rows, &mut |_, _| Ok(()))
-                .map_err(|e| e.to_string());
-            let _ = me.cast(DecodeMsg::StepDone(Box::new(StepDone { plan, kv, result })));
+                .map_err(StepError::from);
+            let _ = me.cast(DecodeMsg::StepDone(Box::new(StepDone {
+                plan,
+                kv,
+                result,
+                send_errors: Default::default(),
+            })));
         });
     }
 
     fn step_done(&mut self, done: StepDone) -> Result<(), ActorProcessingErr> {
-        let StepDone { plan, kv, result } = done;
+        let StepDone {
+            plan, kv, result, ..
+        } = done;
         self.kv = Some(kv);
         self.steps += 1;
         if let Some(f) = self.args.fault
@@ -369,7 +349,7 @@ impl DecodeState {
             Err(e) => {
                 // The engine refused the batch (a bug or a corrupt pool): its sequences fail with
                 // the reason rather than retry forever.
-                self.core.handle_step_failed(now, &plan, e);
+                self.core.handle_step_failed(now, &plan, e.to_string());
                 return Ok(());
             }
         };

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -22,6 +22,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use crate::clock::Clock;
 use crate::gateway::GatewayMsg;
 use crate::gateway::stream::{ChoiceDelta, ChoiceFinish, ChoiceRun, Matched, TextOptions};
 use crate::metrics::Metrics;
@@ -96,9 +97,7 @@ pub fn router(state: Shared) -> Router {
 }
 
 fn now_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    Clock::unix_secs()
 }
 
 fn error_response(e: ApiError) -> Response {
@@ -319,7 +318,7 @@ struct Timing {
 
 impl Timing {
     fn new() -> Self {
-        let now = Instant::now();
+        let now = Clock::instant();
         Self {
             start: now,
             first: true,
@@ -331,7 +330,7 @@ impl Timing {
         if n == 0 {
             return;
         }
-        let now = Instant::now();
+        let now = Clock::instant();
         if self.first {
             m.time_to_first_token_seconds
                 .observe((now - self.start).as_secs_f64());

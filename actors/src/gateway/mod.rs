@@ -14,10 +14,12 @@ use duet_core::route::{BalancePolicy, PrefillRouterConfig, page_chain_hashes};
 use duet_core::types::{SeqId, WorkerId};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::decode::DecodeMsg;
-use crate::prefill::PrefillMsg;
-use crate::registry::{SharedBoard, WorkerLoad, WorkerRef};
-use crate::seq::{SeqEvent, SeqJob};
+use crate::clock::Clock;
+use crate::protocol::{
+    DecodeRef, GatewayToDecode, GatewayToPrefill, PrefillPeer, PrefillRef, WorkerLoad, WorkerRef,
+};
+use crate::registry::{Board, SharedBoard, WorkerEntry};
+use crate::seq::{SeqEvent, SeqFailure, SeqJob};
 
 pub enum GatewayMsg {
     /// Route a sequence (new, or re-run after a worker loss).
@@ -45,6 +47,7 @@ pub struct GatewayArgs {
     pub prefill_queued_tokens_max: u64,
     /// New tokens a sequence commits on its decode group (`decode.reserve_new_tokens`).
     pub commit_new_tokens_max: usize,
+    pub clock: Clock,
 }
 
 pub struct GatewayState {
@@ -53,11 +56,11 @@ pub struct GatewayState {
     /// Sequences waiting in the core's queue.
     waiting: BTreeMap<SeqId, Box<SeqJob>>,
     /// Where each placed sequence was sent.
-    routes: BTreeMap<SeqId, (ActorRef<PrefillMsg>, ActorRef<DecodeMsg>)>,
+    routes: BTreeMap<SeqId, (PrefillRef, DecodeRef)>,
     /// The last load applied per worker: a report is applied once, so the core's own count of
     /// what it placed since is not overwritten by a stale copy.
     applied: BTreeMap<(bool, WorkerId), WorkerLoad>,
-    epoch: std::time::Instant,
+    clock: Clock,
 }
 
 pub struct Gateway;
@@ -89,7 +92,7 @@ impl Actor for Gateway {
             waiting: BTreeMap::new(),
             routes: BTreeMap::new(),
             applied: BTreeMap::new(),
-            epoch: std::time::Instant::now(),
+            clock: args.clock,
         })
     }
 
@@ -113,8 +116,8 @@ impl Actor for Gateway {
             }
             GatewayMsg::Abort(id) => {
                 if let Some((p, d)) = st.routes.remove(&id) {
-                    let _ = p.cast(PrefillMsg::Abort(id));
-                    let _ = d.cast(DecodeMsg::Abort(id));
+                    let _ = p.send_message(GatewayToPrefill::Abort(id));
+                    let _ = d.send_message(GatewayToDecode::Abort(id));
                 }
                 st.waiting.remove(&id);
                 st.core.handle_done(id);
@@ -145,16 +148,13 @@ impl Actor for Gateway {
 
 impl GatewayState {
     fn now(&self) -> u64 {
-        self.epoch.elapsed().as_micros() as u64
+        self.clock.now_us()
     }
 
     /// Tells the core which workers are alive and how loaded (new reports only). A worker whose
     /// actor stopped is gone even while the registry still lists it.
-    fn sync(&mut self, board: &crate::registry::Board) {
-        let live = |e: &crate::registry::WorkerEntry| match &e.worker {
-            WorkerRef::Prefill(a) => a.get_status() == ractor::ActorStatus::Running,
-            WorkerRef::Decode(a) => a.get_status() == ractor::ActorStatus::Running,
-        };
+    fn sync(&mut self, board: &Board) {
+        let live = |e: &WorkerEntry| e.worker.is_running();
         let prefill: Vec<u32> = self.core.prefill_groups().collect();
         for g in prefill {
             if !board.prefill.get(&WorkerId(g)).is_some_and(live) {
@@ -231,17 +231,14 @@ impl GatewayState {
                     GatewayAction::Refuse { req, pool_pages } => {
                         self.fail(
                             req.seq,
-                            format!(
-                                "sequence of {} tokens (prompt and max_tokens) does not fit the \
-                                 KV pool of any decode group ({pool_pages} pages)",
-                                req.prompt_len + req.max_new_tokens
-                            ),
+                            SeqFailure::TooLong {
+                                tokens: req.prompt_len + req.max_new_tokens,
+                                what: "any decode group (prompt and max_tokens)".into(),
+                                pages: pool_pages,
+                            },
                         );
                     }
-                    GatewayAction::Expire { req } => self.fail(
-                        req.seq,
-                        "no live prefill worker and decode group to serve the request".into(),
-                    ),
+                    GatewayAction::Expire { req } => self.fail(req.seq, SeqFailure::NoLiveWorkers),
                 }
             }
             if !undelivered {
@@ -250,7 +247,7 @@ impl GatewayState {
         }
     }
 
-    fn fail(&mut self, seq: SeqId, why: String) {
+    fn fail(&mut self, seq: SeqId, why: SeqFailure) {
         if let Some(job) = self.waiting.remove(&seq) {
             let _ = job.events.send(SeqEvent::Failed(why));
         }
@@ -258,13 +255,7 @@ impl GatewayState {
 
     /// Sends a placed sequence's reservation to its decode group; false (and the placement undone)
     /// when a chosen worker is gone.
-    fn deliver(
-        &mut self,
-        board: &crate::registry::Board,
-        req: PdRequest,
-        p: RankId,
-        d: RankId,
-    ) -> bool {
+    fn deliver(&mut self, board: &Board, req: PdRequest, p: RankId, d: RankId) -> bool {
         let id = req.seq;
         let Some(job) = self.waiting.remove(&id) else {
             // Aborted while it waited.
@@ -275,17 +266,18 @@ impl GatewayState {
             self.core.handle_done(id);
             return true; // the client went away while it waited
         }
-        let prefill = match board.prefill.get(&WorkerId(p.group)).map(|e| &e.worker) {
-            Some(WorkerRef::Prefill(a)) if a.get_status() == ractor::ActorStatus::Running => {
-                Some(a.clone())
-            }
-            _ => None,
-        };
+        let prefill: Option<(PrefillRef, PrefillPeer)> =
+            match board.prefill.get(&WorkerId(p.group)).map(|e| &e.worker) {
+                Some(w @ WorkerRef::Prefill { abort, peer }) if w.is_running() => {
+                    Some((abort.clone(), peer.clone()))
+                }
+                _ => None,
+            };
         let decode = match board.decode.get(&WorkerId(d.group)).map(|e| &e.worker) {
-            Some(WorkerRef::Decode(a)) => Some(a.clone()),
+            Some(WorkerRef::Decode { gateway, .. }) => Some(gateway.clone()),
             _ => None,
         };
-        let (Some(prefill), Some(decode)) = (prefill.clone(), decode) else {
+        let (Some((prefill, peer)), Some(decode)) = (prefill.clone(), decode) else {
             if prefill.is_none() {
                 self.forget(true, p.group);
             } else {
@@ -295,10 +287,10 @@ impl GatewayState {
             self.core.handle_undelivered(self.now(), req);
             return false;
         };
-        self.routes.insert(id, (prefill.clone(), decode.clone()));
-        match decode.cast(DecodeMsg::Reserve { job, prefill }) {
+        self.routes.insert(id, (prefill, decode.clone()));
+        match decode.send_message(GatewayToDecode::Reserve { job, prefill: peer }) {
             Ok(()) => true,
-            Err(ractor::MessagingErr::SendErr(DecodeMsg::Reserve { job: back, .. })) => {
+            Err(ractor::MessagingErr::SendErr(GatewayToDecode::Reserve { job: back, .. })) => {
                 self.routes.remove(&id);
                 self.forget(false, d.group);
                 self.waiting.insert(id, back);

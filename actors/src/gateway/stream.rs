@@ -15,6 +15,7 @@ use duet_model::tokenizer::TextTokenizer;
 use ractor::ActorRef;
 use tokio::sync::mpsc;
 
+use crate::clock::Clock;
 use crate::gateway::GatewayMsg;
 use crate::seq::{Finish, SeqEvent, SeqJob, SeqParams, TokenLogprob};
 use duet_openai::detok::Detokenizer;
@@ -115,7 +116,7 @@ impl ChoiceRun {
             stop: StopMatcher::new(text.stop),
             reasoning: text.reasoning.map(ReasoningParser::new),
             tools: text.tools.map(ToolCallParser::new),
-            deadline: Instant::now() + timeout,
+            deadline: Clock::deadline(timeout),
             text: String::new(),
         };
         run.submit(tx);
@@ -204,8 +205,8 @@ impl ChoiceRun {
                     }
                     return Some(self.on_token(token, logprob, finish));
                 }
-                Some(SeqEvent::Failed(e)) => return Some(self.fail(e)),
-                Some(SeqEvent::Retry(why)) => self.resubmit(&why),
+                Some(SeqEvent::Failed(e)) => return Some(self.fail(e.to_string())),
+                Some(SeqEvent::Retry(why)) => self.resubmit(&why.to_string()),
                 // Every sender dropped without a final event: the worker holding the sequence
                 // was lost. Re-run it from what was streamed.
                 None => self.resubmit("worker lost"),

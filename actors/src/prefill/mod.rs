@@ -12,16 +12,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use duet_core::pd::{FirstToken, PrefillCore, SeqLimits};
-use duet_core::sched::StepPlan;
-use duet_core::types::{SeqId, WorkerId};
+use duet_core::types::SeqId;
 use duet_model::kv::KvCache;
 use duet_transport::{KvFrame, KvTransport};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 
-use crate::decode::{DecodeMsg, Handoff};
-use crate::engine::{StepLogits, WorkerKv, echo_token, plan_rows};
-use crate::registry::{RegistryMsg, WorkerRef};
+use crate::engine::{SendError, StepDone, StepError, StepLogits, WorkerKv, echo_token, plan_rows};
+use crate::protocol::{
+    GatewayToPrefill, Handoff, KvDest, PrefillJob, PrefillMsg, PrefillToDecode, RegistryMsg,
+    WorkerLoad, WorkerRef,
+};
 use crate::seq::{SeqEvent, SeqJob, SeqSampler};
 use crate::worker::{WorkerArgs, load_of};
 
@@ -35,33 +36,6 @@ pub const KV_SEND_DEADLINE: std::time::Duration = std::time::Duration::from_secs
 /// back the compute instead of queueing the whole prompt's KV in memory.
 pub const KV_FRAMES_IN_FLIGHT: usize = 4;
 
-/// Where a sequence's KV goes: the decode group, its actor, and the pages it reserved.
-#[derive(Clone)]
-pub struct KvDest {
-    pub group: WorkerId,
-    pub decode: ActorRef<DecodeMsg>,
-    pub pages: Vec<u32>,
-}
-
-pub struct PrefillJob {
-    pub job: SeqJob,
-    pub dest: KvDest,
-}
-
-pub enum PrefillMsg {
-    Prefill(Box<PrefillJob>),
-    Abort(SeqId),
-    StepDone(Box<StepDone>),
-}
-
-pub struct StepDone {
-    plan: StepPlan,
-    kv: WorkerKv,
-    result: Result<StepLogits, String>,
-    /// Sequences whose KV could not be delivered, with the reason.
-    send_errors: BTreeMap<SeqId, String>,
-}
-
 /// What this worker keeps with a sequence.
 struct Job {
     job: SeqJob,
@@ -72,7 +46,10 @@ struct Job {
 impl Job {
     /// Frees the sequence's reservation at its decode group.
     fn unreserve(&self) {
-        let _ = self.dest.decode.cast(DecodeMsg::Unreserve(self.job.id));
+        let _ = self
+            .dest
+            .decode
+            .send_message(PrefillToDecode::Unreserve(self.job.id));
     }
 }
 
@@ -108,7 +85,7 @@ impl Actor for PrefillWorker {
         };
         st.args.registry.cast(RegistryMsg::Register {
             id: st.args.id,
-            worker: WorkerRef::Prefill(myself),
+            worker: WorkerRef::prefill(st.args.id, &myself),
             load: st.load(),
         })?;
         Ok(st)
@@ -122,7 +99,7 @@ impl Actor for PrefillWorker {
     ) -> Result<(), ActorProcessingErr> {
         let now = st.now();
         match msg {
-            PrefillMsg::Prefill(p) => {
+            PrefillMsg::Job(p) => {
                 let PrefillJob { job, dest } = *p;
                 let limits = SeqLimits {
                     max_new_tokens: job.params.max_new_tokens,
@@ -133,7 +110,7 @@ impl Actor for PrefillWorker {
                 st.core
                     .handle_submit(now, id, tokens, limits, Job { job, dest, sampler });
             }
-            PrefillMsg::Abort(id) => {
+            PrefillMsg::Gateway(GatewayToPrefill::Abort(id)) => {
                 if let Some(j) = st.core.handle_abort(now, id) {
                     j.unreserve();
                 }
@@ -152,7 +129,7 @@ impl PrefillState {
         self.args.now_us()
     }
 
-    fn load(&self) -> crate::registry::WorkerLoad {
+    fn load(&self) -> WorkerLoad {
         let queued: u64 = self
             .core
             .jobs()
@@ -179,9 +156,9 @@ impl PrefillState {
         while let Some(r) = self.core.poll_refused() {
             r.job.unreserve();
             let ev = if r.reason.retryable() {
-                SeqEvent::Retry(r.reason.to_string())
+                SeqEvent::Retry(r.reason)
             } else {
-                SeqEvent::Failed(r.reason.to_string())
+                SeqEvent::Failed(r.reason)
             };
             let _ = r.job.job.events.send(ev);
         }
@@ -236,8 +213,10 @@ impl PrefillState {
                     }
                     Ok(())
                 })
-                .map_err(|e| e.to_string());
-            let mut send_errors = handle.block_on(sender.finish());
+                .map_err(StepError::from);
+            let mut send_errors = handle
+                .block_on(sender.finish())
+                .unwrap_or_else(|lost| targets.iter().map(|t| (t.seq, lost.clone())).collect());
             send_errors.extend(local_errors);
             let _ = me.cast(PrefillMsg::StepDone(Box::new(StepDone {
                 plan,
@@ -273,7 +252,7 @@ impl PrefillState {
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
-                self.core.handle_step_failed(now, &plan, e);
+                self.core.handle_step_failed(now, &plan, e.to_string());
                 return;
             }
         };
@@ -291,7 +270,7 @@ impl PrefillState {
                 None => (echo_token(toks, prompt_len), None),
             };
             let transfer = match send_errors.get(&it.seq) {
-                Some(e) => Err(e.clone()),
+                Some(e) => Err(e.to_string()),
                 None => Ok(()),
             };
             let Some(out) = self.core.handle_first_token(now, it.seq, token, transfer) else {
@@ -300,7 +279,7 @@ impl PrefillState {
             match out {
                 FirstToken::Retry { reason, job } => {
                     job.unreserve();
-                    let _ = job.job.events.send(SeqEvent::Retry(reason.to_string()));
+                    let _ = job.job.events.send(SeqEvent::Retry(reason));
                 }
                 FirstToken::Finished {
                     finish,
@@ -335,7 +314,10 @@ impl PrefillState {
                         sampler,
                         layers,
                     };
-                    if let Err(e) = dest.decode.cast(DecodeMsg::Handoff(Box::new(handoff))) {
+                    let sent = dest
+                        .decode
+                        .send_message(PrefillToDecode::Handoff(Box::new(handoff)));
+                    if let Err(e) = sent {
                         // The decode group died: dropping the handoff closes the client's channel
                         // (if no one else holds it) and the gateway re-runs from the tokens
                         // streamed so far.
@@ -363,7 +345,7 @@ fn layer_frames(
     targets: &[LayerTarget],
     layer: usize,
     cache: &KvCache,
-    errors: &mut BTreeMap<SeqId, String>,
+    errors: &mut BTreeMap<SeqId, SendError>,
 ) -> Vec<(u32, KvFrame)> {
     let mut out = Vec::with_capacity(targets.len());
     for t in targets {
@@ -373,17 +355,22 @@ fn layer_frames(
         let Some(src) = t.src.get(..t.dest.len()) else {
             errors.insert(
                 t.seq,
-                format!(
-                    "{} source pages for {} destination pages",
-                    t.src.len(),
-                    t.dest.len()
-                ),
+                SendError::PageCount {
+                    src: t.src.len(),
+                    dest: t.dest.len(),
+                },
             );
             continue;
         };
         let mut bytes = Vec::with_capacity(src.len() * cache.page_bytes());
         if let Err(e) = cache.read_pages(layer, src, &mut bytes) {
-            errors.insert(t.seq, e.to_string());
+            errors.insert(
+                t.seq,
+                SendError::ReadPages {
+                    layer,
+                    message: e.to_string(),
+                },
+            );
             continue;
         }
         out.push((
@@ -412,7 +399,7 @@ fn corrupt_for_test(corrupt: Option<&std::sync::atomic::AtomicU64>, frame: &mut 
 /// sent; the first failure per sequence is reported by [`LayerSender::finish`].
 pub struct LayerSender {
     tx: mpsc::Sender<(u32, KvFrame)>,
-    task: tokio::task::JoinHandle<BTreeMap<SeqId, String>>,
+    task: tokio::task::JoinHandle<BTreeMap<SeqId, SendError>>,
 }
 
 impl LayerSender {
@@ -433,15 +420,16 @@ impl LayerSender {
                 {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
-                        errors.insert(seq, e.to_string());
+                        errors.insert(seq, SendError::Transport(e));
                     }
                     Err(_) => {
                         errors.insert(
                             seq,
-                            format!(
-                                "layer {layer} not delivered to decode group {endpoint} within \
-                                 {KV_SEND_DEADLINE:?}"
-                            ),
+                            SendError::Deadline {
+                                layer,
+                                group: endpoint,
+                                deadline: KV_SEND_DEADLINE,
+                            },
                         );
                     }
                 }
@@ -463,9 +451,10 @@ impl LayerSender {
     }
 
     /// Waits until every queued frame was sent; the first error of each failed sequence.
-    pub async fn finish(self) -> BTreeMap<SeqId, String> {
+    /// `Err` when the sending task itself ended early: then no frame is known to have landed.
+    pub async fn finish(self) -> Result<BTreeMap<SeqId, SendError>, SendError> {
         drop(self.tx);
-        self.task.await.unwrap_or_default()
+        self.task.await.map_err(|_| SendError::SenderLost)
     }
 }
 

@@ -43,14 +43,17 @@ const LAYER: Duration = Duration::from_millis(10);
 async fn prefill_over(
     link: Arc<SlowLink>,
     in_flight: usize,
-) -> (Duration, BTreeMap<SeqId, String>) {
+) -> (Duration, BTreeMap<SeqId, SendError>) {
     let start = tokio::time::Instant::now();
     let sender = LayerSender::start(&tokio::runtime::Handle::current(), link, in_flight);
     for layer in 0..LAYERS {
         tokio::time::sleep(LAYER).await; // the layer's compute
         sender.push(1, frame(7, layer)).await;
     }
-    let errors = sender.finish().await;
+    let errors = sender
+        .finish()
+        .await
+        .expect("the sender task ends normally");
     (start.elapsed(), errors)
 }
 
@@ -96,7 +99,10 @@ async fn a_failed_frame_is_reported_once_and_the_sequence_s_later_frames_are_not
     });
     let (took, errors) = prefill_over(link.clone(), KV_FRAMES_IN_FLIGHT).await;
     assert_eq!(errors.len(), 1);
-    assert!(errors[&7].contains("endpoint 99 closed"), "{errors:?}");
+    assert!(
+        errors[&7].to_string().contains("endpoint 99 closed"),
+        "{errors:?}"
+    );
     assert!(link.sent.lock().unwrap().is_empty());
     // Only the first frame went to the link; the rest were dropped at once, so the compute
     // alone sets the time.

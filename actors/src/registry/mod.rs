@@ -8,32 +8,7 @@ use duet_core::route::{GroupLoad, PrefillLoad};
 use duet_core::types::WorkerId;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::decode::DecodeMsg;
-use crate::prefill::PrefillMsg;
-
-/// A worker's handle as the gateway sees it.
-#[derive(Clone)]
-pub enum WorkerRef {
-    Prefill(ActorRef<PrefillMsg>),
-    Decode(ActorRef<DecodeMsg>),
-}
-
-/// Load a worker reports after each step.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct WorkerLoad {
-    pub running: usize,
-    pub waiting: usize,
-    /// Prompt tokens queued and not yet computed (prefill) / tokens left to generate (decode).
-    pub outstanding_tokens: u64,
-    pub pages_free: usize,
-    pub pages_used: usize,
-    pub pages_total: usize,
-    pub max_running: usize,
-    pub prefix_queried_tokens: u64,
-    pub prefix_hit_tokens: u64,
-    /// Sequences this incarnation preempted so far.
-    pub preemptions: u64,
-}
+use crate::protocol::{RegistryMsg, WorkerLoad, WorkerRef};
 
 #[derive(Clone)]
 pub struct WorkerEntry {
@@ -78,25 +53,6 @@ impl Board {
 
 pub type SharedBoard = Arc<RwLock<Board>>;
 
-pub enum RegistryMsg {
-    Register {
-        id: WorkerId,
-        worker: WorkerRef,
-        load: WorkerLoad,
-    },
-    Load {
-        id: WorkerId,
-        load: WorkerLoad,
-    },
-    /// The worker stopped or failed; it is no longer routed to until it registers again.
-    Gone {
-        id: WorkerId,
-    },
-    /// Replies once every message sent before it was applied (start-up waits on it, so the
-    /// server reports ready only when the board lists every worker).
-    Sync(ractor::RpcReplyPort<()>),
-}
-
 pub struct Registry;
 
 impl Actor for Registry {
@@ -122,8 +78,8 @@ impl Actor for Registry {
         match msg {
             RegistryMsg::Register { id, worker, load } => {
                 let map = match worker {
-                    WorkerRef::Prefill(_) => &mut b.prefill,
-                    WorkerRef::Decode(_) => &mut b.decode,
+                    WorkerRef::Prefill { .. } => &mut b.prefill,
+                    WorkerRef::Decode { .. } => &mut b.decode,
                 };
                 map.insert(id, WorkerEntry { worker, load });
             }

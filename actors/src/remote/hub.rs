@@ -21,15 +21,16 @@ use std::time::Duration;
 use dashmap::DashMap;
 use duet_core::types::{SeqId, WorkerId};
 use duet_transport::control::{ControlConn, ControlListener, ControlTx};
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef};
+use ractor::{ActorProcessingErr, ActorRef};
 
+use super::forward::{Forward, Forwarder};
 use super::wire::{
     self, Hello, ModelShape, ToGateway, ToWorker, WireJob, WireKvTransport, WireLoad,
     WireParallelism, WireRole,
 };
-use crate::decode::DecodeMsg;
-use crate::prefill::PrefillMsg;
-use crate::registry::{RegistryMsg, WorkerLoad, WorkerRef};
+use crate::protocol::{
+    GatewayToDecode, GatewayToPrefill, PrefillPeer, RegistryMsg, WorkerLoad, WorkerRef,
+};
 use crate::seq::{EventTx, SeqEvent};
 
 /// A worker process that sends nothing for this long (not even its load heartbeat, sent every
@@ -68,7 +69,6 @@ pub struct Hub {
     shape: ModelShape,
     peers: Mutex<BTreeMap<PeerId, Peer>>,
     owner: DashMap<u32, PeerId>,
-    proxies: DashMap<ActorId, u32>,
     seqs: DashMap<SeqId, Held>,
     next_peer: AtomicU64,
     /// Called with one line per join and leave (the CLI prints them; tests wait on them).
@@ -88,7 +88,6 @@ impl Hub {
             shape,
             peers: Mutex::default(),
             owner: DashMap::new(),
-            proxies: DashMap::new(),
             seqs: DashMap::new(),
             next_peer: AtomicU64::new(1),
             announce,
@@ -107,6 +106,16 @@ impl Hub {
         p.workers
             .contains_key(&worker)
             .then(|| (peer, p.tx.clone(), p.kv_addr.clone()))
+    }
+
+    /// Stops `seq` at the remote worker `via` stands for; the sequence is no longer held there.
+    async fn abort(&self, via: &ProxyArgs, seq: SeqId) {
+        self.seqs.remove(&seq);
+        let msg = ToWorker::Abort {
+            worker: via.worker,
+            seq,
+        };
+        Self::send(&via.tx, &msg).await;
     }
 
     async fn send(tx: &ControlTx, msg: &ToWorker) -> bool {
@@ -409,19 +418,21 @@ impl Hub {
             worker,
             tx,
         };
-        let r = match role {
-            WireRole::Prefill => {
-                let (a, _) = Actor::spawn(None, PrefillProxy, args).await?;
-                self.proxies.insert(a.get_id(), worker);
-                WorkerRef::Prefill(a)
-            }
-            WireRole::Decode => {
-                let (a, _) = Actor::spawn(None, DecodeProxy, args).await?;
-                self.proxies.insert(a.get_id(), worker);
-                WorkerRef::Decode(a)
-            }
-        };
-        Ok(r)
+        // Jobs and KV handoffs go between the worker processes (relayed by `dispatch`), never
+        // from this process's actors: the stand-ins take only the gateway's messages.
+        Ok(match role {
+            WireRole::Prefill => WorkerRef::Prefill {
+                abort: Forwarder::<GatewayToPrefill>::spawn(args).await?,
+                peer: PrefillPeer {
+                    id: WorkerId(worker),
+                    jobs: None,
+                },
+            },
+            WireRole::Decode => WorkerRef::Decode {
+                gateway: Forwarder::<GatewayToDecode>::spawn(args).await?,
+                kv: None,
+            },
+        })
     }
 
     fn drop_worker(&self, peer: PeerId, w: u32) {
@@ -438,12 +449,7 @@ impl Hub {
     }
 
     fn stop_proxy(&self, r: WorkerRef) {
-        let cell = match r {
-            WorkerRef::Prefill(a) => a.get_cell(),
-            WorkerRef::Decode(a) => a.get_cell(),
-        };
-        self.proxies.remove(&cell.get_id());
-        cell.stop(None);
+        r.cell().stop(None);
     }
 
     /// Whether `peer` is still connected. A relay sets a sequence's holder first and checks this
@@ -496,42 +502,26 @@ impl Hub {
     }
 }
 
+/// What the gateway's stand-in for a remote worker forwards through.
 pub struct ProxyArgs {
     hub: Arc<Hub>,
     worker: u32,
     tx: ControlTx,
 }
 
-/// Stands for a remote decode group in the gateway process.
-pub struct DecodeProxy;
+/// The gateway's messages to a remote decode group.
+impl Forward for GatewayToDecode {
+    type Via = ProxyArgs;
 
-impl Actor for DecodeProxy {
-    type Msg = DecodeMsg;
-    type State = ProxyArgs;
-    type Arguments = ProxyArgs;
-
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        args: ProxyArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(args)
-    }
-
-    async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        st: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            DecodeMsg::Reserve { job, prefill } => {
-                let Some(pid) = st.hub.proxies.get(&prefill.get_id()).map(|p| *p) else {
-                    // The prefill proxy stopped meanwhile: dropping the job re-runs it.
-                    return Ok(());
-                };
+    async fn forward(self, st: &ProxyArgs) {
+        match self {
+            GatewayToDecode::Reserve { job, prefill } => {
+                // The prefill worker left meanwhile: dropping the job re-runs it.
+                if !st.hub.owner.contains_key(&prefill.id.0) {
+                    return;
+                }
                 let Some(holder) = st.hub.owner.get(&st.worker).map(|p| *p) else {
-                    return Ok(());
+                    return;
                 };
                 let seq = job.id;
                 let wire_job = WireJob::of(&job);
@@ -545,64 +535,25 @@ impl Actor for DecodeProxy {
                 );
                 let msg = ToWorker::Reserve {
                     group: st.worker,
-                    prefill: pid,
+                    prefill: prefill.id.0,
                     job: wire_job,
                 };
                 if !st.hub.alive(holder) || !Hub::send(&st.tx, &msg).await {
                     st.hub.seqs.remove(&seq);
                 }
             }
-            DecodeMsg::Abort(seq) => {
-                st.hub.seqs.remove(&seq);
-                Hub::send(
-                    &st.tx,
-                    &ToWorker::Abort {
-                        worker: st.worker,
-                        seq,
-                    },
-                )
-                .await;
-            }
-            // Only the gateway actor talks to a proxy, and it sends only the two above.
-            _ => tracing::debug!("decode proxy {}: unexpected message", st.worker),
+            GatewayToDecode::Abort(seq) => st.hub.abort(st, seq).await,
         }
-        Ok(())
     }
 }
 
-/// Stands for a remote prefill worker in the gateway process.
-pub struct PrefillProxy;
+/// The gateway's messages to a remote prefill worker.
+impl Forward for GatewayToPrefill {
+    type Via = ProxyArgs;
 
-impl Actor for PrefillProxy {
-    type Msg = PrefillMsg;
-    type State = ProxyArgs;
-    type Arguments = ProxyArgs;
-
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        args: ProxyArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(args)
-    }
-
-    async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        st: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        if let PrefillMsg::Abort(seq) = msg {
-            st.hub.seqs.remove(&seq);
-            Hub::send(
-                &st.tx,
-                &ToWorker::Abort {
-                    worker: st.worker,
-                    seq,
-                },
-            )
-            .await;
+    async fn forward(self, st: &ProxyArgs) {
+        match self {
+            GatewayToPrefill::Abort(seq) => st.hub.abort(st, seq).await,
         }
-        Ok(())
     }
 }

@@ -18,24 +18,28 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use duet_core::types::{SeqId, WorkerId};
 use duet_transport::TransportError;
 use duet_transport::control::{self, ControlTx};
 use duet_transport::quic::ClusterSecret;
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::DerivedActorRef;
 use tokio::sync::mpsc;
 
+use super::forward::{Forward, Forwarder};
 use super::wire::{
     self, Hello, PROTOCOL_VERSION, ToGateway, ToWorker, WireEvent, WireHandoff, WireJob, WireLoad,
     WireRole,
 };
 use super::{HEARTBEAT_INTERVAL, LOAD_POLL_INTERVAL};
-use crate::decode::{DecodeMsg, Handoff};
-use crate::prefill::{KvDest, PrefillJob, PrefillMsg};
-use crate::registry::{SharedBoard, WorkerRef};
+use crate::clock::Clock;
+use crate::protocol::{
+    DecodeRef, GatewayToDecode, GatewayToPrefill, Handoff, JobRef, KvDest, KvOwnerRef, PrefillJob,
+    PrefillPeer, PrefillRef, PrefillToDecode, WorkerRef,
+};
+use crate::registry::SharedBoard;
 use crate::seq::SeqEvent;
 
 /// Back-off between attempts to reach the gateway: from the first to the last, doubling.
@@ -62,14 +66,14 @@ pub struct LinkArgs {
     pub hello: Hello,
     pub board: SharedBoard,
     /// The process's KV data plane (grants on decode, routes on prefill).
-    pub data: Arc<super::data::DataPlane>,
+    pub data: Arc<crate::dataplane::DataPlane>,
     /// Called with one line when the process joins or loses the gateway.
     pub announce: Box<dyn Fn(String) + Send + Sync>,
 }
 
 struct Shared {
     tx: RwLock<Option<ControlTx>>,
-    data: Arc<super::data::DataPlane>,
+    data: Arc<crate::dataplane::DataPlane>,
     /// Sequences handed to another process: their forwarder must not report them lost.
     handed: DashMap<SeqId, ()>,
     /// Each job's forwarder, with a generation so a finished one removes only itself.
@@ -223,7 +227,7 @@ async fn session(
     let mut poll = tokio::time::interval(LOAD_POLL_INTERVAL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<Vec<(u32, WireLoad)>> = None;
-    let mut last_sent = Instant::now();
+    let mut last_sent = Clock::instant();
     loop {
         tokio::select! {
             msg = rx.recv() => {
@@ -244,7 +248,7 @@ async fn session(
                         return "control connection closed".into();
                     }
                     last = Some(now);
-                    last_sent = Instant::now();
+                    last_sent = Clock::instant();
                 }
             }
         }
@@ -262,38 +266,38 @@ fn workers_of(board: &SharedBoard, role: WireRole) -> Vec<(u32, WireLoad)> {
         .collect()
 }
 
-fn local_decode(board: &SharedBoard, id: u32) -> Option<ActorRef<DecodeMsg>> {
-    match board
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .decode
-        .get(&WorkerId(id))
-        .map(|e| e.worker.clone())
-    {
-        Some(WorkerRef::Decode(a)) => Some(a),
+/// Local decode group `id`: what the gateway and what prefill workers send it.
+fn local_decode(board: &SharedBoard, id: u32) -> Option<(DecodeRef, KvOwnerRef)> {
+    let b = board.read().unwrap_or_else(|e| e.into_inner());
+    match b.decode.get(&WorkerId(id)).map(|e| &e.worker) {
+        Some(WorkerRef::Decode {
+            gateway,
+            kv: Some(kv),
+        }) => Some((gateway.clone(), kv.clone())),
         _ => None,
     }
 }
 
-fn local_prefill(board: &SharedBoard, id: u32) -> Option<ActorRef<PrefillMsg>> {
-    match board
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .prefill
-        .get(&WorkerId(id))
-        .map(|e| e.worker.clone())
-    {
-        Some(WorkerRef::Prefill(a)) => Some(a),
+/// Local prefill worker `id`: what the gateway and what decode groups send it.
+fn local_prefill(board: &SharedBoard, id: u32) -> Option<(PrefillRef, JobRef)> {
+    let b = board.read().unwrap_or_else(|e| e.into_inner());
+    match b.prefill.get(&WorkerId(id)).map(|e| &e.worker) {
+        Some(WorkerRef::Prefill {
+            abort,
+            peer: PrefillPeer {
+                jobs: Some(jobs), ..
+            },
+        }) => Some((abort.clone(), jobs.clone())),
         _ => None,
     }
 }
 
 fn abort_local(board: &SharedBoard, worker: u32, seq: SeqId) {
-    if let Some(d) = local_decode(board, worker) {
-        let _ = d.cast(DecodeMsg::Abort(seq));
+    if let Some((d, _)) = local_decode(board, worker) {
+        let _ = d.send_message(GatewayToDecode::Abort(seq));
     }
-    if let Some(p) = local_prefill(board, worker) {
-        let _ = p.cast(PrefillMsg::Abort(seq));
+    if let Some((p, _)) = local_prefill(board, worker) {
+        let _ = p.send_message(GatewayToPrefill::Abort(seq));
     }
 }
 
@@ -309,11 +313,14 @@ async fn handle(args: &LinkArgs, shared: &Arc<Shared>, proxies: &Proxies, msg: T
             let job = job.into_job(shared.events_for(seq, group));
             let p = proxies.prefill(shared, prefill).await;
             match (local_decode(&args.board, group), p) {
-                (Some(d), Some(p)) => {
-                    // A failed cast drops the job: its forwarder reports it lost.
-                    let _ = d.cast(DecodeMsg::Reserve {
+                (Some((d, _)), Some(p)) => {
+                    // A failed send drops the job: its forwarder reports it lost.
+                    let _ = d.send_message(GatewayToDecode::Reserve {
                         job: Box::new(job),
-                        prefill: p,
+                        prefill: PrefillPeer {
+                            id: WorkerId(prefill),
+                            jobs: Some(p),
+                        },
                     });
                 }
                 _ => drop(job),
@@ -336,13 +343,13 @@ async fn handle(args: &LinkArgs, shared: &Arc<Shared>, proxies: &Proxies, msg: T
             let job = job.into_job(shared.events_for(seq, prefill));
             let d = proxies.decode(shared, group).await;
             match (local_prefill(&args.board, prefill), d, routed) {
-                (Some(p), Some(decode), Ok(())) => {
+                (Some((_, p)), Some(decode), Ok(())) => {
                     let dest = KvDest {
                         group: WorkerId(group),
                         decode,
                         pages,
                     };
-                    let _ = p.cast(PrefillMsg::Prefill(Box::new(PrefillJob { job, dest })));
+                    let _ = p.send_message(Box::new(PrefillJob { job, dest }));
                 }
                 _ => {
                     shared.send(&ToGateway::Unreserve { group, seq }).await;
@@ -362,8 +369,8 @@ async fn handle(args: &LinkArgs, shared: &Arc<Shared>, proxies: &Proxies, msg: T
             } = h;
             let job = job.into_job(shared.events_for(seq, group));
             match local_decode(&args.board, group) {
-                Some(d) => {
-                    let _ = d.cast(DecodeMsg::Handoff(Box::new(Handoff {
+                Some((_, d)) => {
+                    let _ = d.send_message(PrefillToDecode::Handoff(Box::new(Handoff {
                         job,
                         first_token,
                         sampler,
@@ -374,8 +381,8 @@ async fn handle(args: &LinkArgs, shared: &Arc<Shared>, proxies: &Proxies, msg: T
             }
         }
         ToWorker::Unreserve { group, seq } => {
-            if let Some(d) = local_decode(&args.board, group) {
-                let _ = d.cast(DecodeMsg::Unreserve(seq));
+            if let Some((_, d)) = local_decode(&args.board, group) {
+                let _ = d.send_message(PrefillToDecode::Unreserve(seq));
             }
         }
         ToWorker::Abort { worker, seq } => {
@@ -388,30 +395,26 @@ async fn handle(args: &LinkArgs, shared: &Arc<Shared>, proxies: &Proxies, msg: T
 /// The other role's workers, as local actors that relay through the gateway.
 #[derive(Default)]
 struct Proxies {
-    prefill: Mutex<BTreeMap<u32, ActorRef<PrefillMsg>>>,
-    decode: Mutex<BTreeMap<u32, ActorRef<DecodeMsg>>>,
+    prefill: Mutex<BTreeMap<u32, JobRef>>,
+    decode: Mutex<BTreeMap<u32, KvOwnerRef>>,
 }
 
 impl Proxies {
-    async fn prefill(&self, shared: &Arc<Shared>, id: u32) -> Option<ActorRef<PrefillMsg>> {
-        get_or_spawn(&self.prefill, RelayToPrefill, shared, id).await
+    async fn prefill(&self, shared: &Arc<Shared>, id: u32) -> Option<JobRef> {
+        get_or_spawn(&self.prefill, shared, id).await
     }
 
-    async fn decode(&self, shared: &Arc<Shared>, id: u32) -> Option<ActorRef<DecodeMsg>> {
-        get_or_spawn(&self.decode, RelayToDecode, shared, id).await
+    async fn decode(&self, shared: &Arc<Shared>, id: u32) -> Option<KvOwnerRef> {
+        get_or_spawn(&self.decode, shared, id).await
     }
 }
 
 /// The relay for remote worker `id`, spawned the first time it is needed.
-async fn get_or_spawn<A>(
-    map: &Mutex<BTreeMap<u32, ActorRef<A::Msg>>>,
-    actor: A,
+async fn get_or_spawn<M: Forward<Via = Relay>>(
+    map: &Mutex<BTreeMap<u32, DerivedActorRef<M>>>,
     shared: &Arc<Shared>,
     id: u32,
-) -> Option<ActorRef<A::Msg>>
-where
-    A: Actor<Arguments = Relay>,
-{
+) -> Option<DerivedActorRef<M>> {
     if let Some(a) = map.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
         return Some(a.clone());
     }
@@ -419,92 +422,56 @@ where
         shared: shared.clone(),
         worker: id,
     };
-    let (a, _) = Actor::spawn(None, actor, relay).await.ok()?;
+    let a = Forwarder::<M>::spawn(relay).await.ok()?;
     map.lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(id, a.clone());
     Some(a)
 }
 
+/// What a stand-in for a worker of another process forwards through: the link to the gateway.
 pub struct Relay {
     shared: Arc<Shared>,
     worker: u32,
 }
 
-/// A prefill worker of another process, as decode's reservation path sees it.
-pub struct RelayToPrefill;
+/// A decode group's job for a prefill worker of another process.
+impl Forward for Box<PrefillJob> {
+    type Via = Relay;
 
-impl Actor for RelayToPrefill {
-    type Msg = PrefillMsg;
-    type State = Relay;
-    type Arguments = Relay;
-
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        r: Relay,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(r)
-    }
-
-    async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        st: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        if let PrefillMsg::Prefill(pj) = msg {
-            let PrefillJob { job, dest } = *pj;
-            let wire_job = WireJob::of(&job);
-            let grant = match st.shared.data.grant_for(dest.group.0, st.worker).await {
-                Ok(g) => g,
-                Err(e) => {
-                    // Without a grant the prefill worker cannot write here: free the pages and
-                    // let the job's channel close (re-run elsewhere).
-                    tracing::warn!(group = dest.group.0, "UCX grant: {e}");
-                    let _ = dest.decode.cast(DecodeMsg::Unreserve(job.id));
-                    return Ok(());
-                }
-            };
-            st.shared.hand_over(job).await;
-            st.shared
-                .send(&ToGateway::Prefill {
-                    prefill: st.worker,
-                    group: dest.group.0,
-                    pages: dest.pages,
-                    job: wire_job,
-                    grant,
-                })
-                .await;
-        }
-        Ok(())
+    async fn forward(self, st: &Relay) {
+        let PrefillJob { job, dest } = *self;
+        let wire_job = WireJob::of(&job);
+        let grant = match st.shared.data.grant_for(dest.group.0, st.worker).await {
+            Ok(g) => g,
+            Err(e) => {
+                // Without a grant the prefill worker cannot write here: free the pages and let
+                // the job's channel close (re-run elsewhere).
+                tracing::warn!(group = dest.group.0, "UCX grant: {e}");
+                let _ = dest.decode.send_message(PrefillToDecode::Unreserve(job.id));
+                return;
+            }
+        };
+        st.shared.hand_over(job).await;
+        st.shared
+            .send(&ToGateway::Prefill {
+                prefill: st.worker,
+                group: dest.group.0,
+                pages: dest.pages,
+                job: wire_job,
+                grant,
+            })
+            .await;
     }
 }
 
-/// A decode group of another process, as prefill's handoff path sees it.
-pub struct RelayToDecode;
+/// A prefill worker's messages for a decode group of another process.
+impl Forward for PrefillToDecode {
+    type Via = Relay;
 
-impl Actor for RelayToDecode {
-    type Msg = DecodeMsg;
-    type State = Relay;
-    type Arguments = Relay;
-
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        r: Relay,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(r)
-    }
-
-    async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        st: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            DecodeMsg::Handoff(h) => {
+    async fn forward(self, st: &Relay) {
+        match self {
+            PrefillToDecode::Handoff(h) => {
                 let Handoff {
                     job,
                     first_token,
@@ -523,7 +490,7 @@ impl Actor for RelayToDecode {
                     }))
                     .await;
             }
-            DecodeMsg::Unreserve(seq) => {
+            PrefillToDecode::Unreserve(seq) => {
                 st.shared
                     .send(&ToGateway::Unreserve {
                         group: st.worker,
@@ -531,8 +498,6 @@ impl Actor for RelayToDecode {
                     })
                     .await;
             }
-            _ => tracing::debug!("relay to decode {}: unexpected message", st.worker),
         }
-        Ok(())
     }
 }

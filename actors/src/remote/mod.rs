@@ -5,24 +5,26 @@
 //! (`duet_transport::control`); KV goes from prefill to decode directly over QUIC
 //! (`duet_transport::quic`). The gateway side is `hub.rs`, the worker side `link.rs`.
 
-pub mod data;
+pub mod forward;
 pub mod hub;
 pub mod link;
 pub mod wire;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use duet_core::config::ClusterConfig;
 use duet_core::types::WorkerId;
 use duet_transport::control::ControlListener;
 use duet_transport::quic::ClusterSecret;
 
+use crate::clock::Clock;
 use crate::cluster::{Cluster, Role, new_board};
+use crate::dataplane::{DataKind, DataPlane};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
-use crate::registry::RegistryMsg;
+use crate::protocol::RegistryMsg;
 use crate::serve::{Running, ServeError, ServeOptions, start_front};
 use crate::worker::{KvLink, WorkerArgs};
 pub use hub::Hub;
@@ -73,7 +75,8 @@ pub async fn start_gateway(
     let hub = Hub::new(registry, shape, announce);
     tokio::spawn(hub.clone().serve(control));
     let metrics = Arc::new(Metrics::new());
-    let (running, server) = start_front(opts, listener, shutdown, board, metrics).await?;
+    let (running, server) =
+        start_front(opts, listener, shutdown, board, metrics, Clock::start()).await?;
     Ok(GatewayProcess {
         running,
         server,
@@ -94,7 +97,7 @@ pub struct WorkerProcessOptions {
     /// Decode: where to receive KV (an unspecified IP listens everywhere and advertises the
     /// address this host uses to reach the gateway).
     pub kv_bind: SocketAddr,
-    pub kv_transport: data::DataKind,
+    pub kv_transport: DataKind,
     /// Test tool: corrupt this many of the KV frames the process sends (see `WorkerArgs`).
     pub kv_corrupt_frames: u64,
     pub name: String,
@@ -106,13 +109,10 @@ pub struct WorkerProcessOptions {
 fn random_id(i: usize) -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    // RandomState's keys come from the OS's randomness once per process (then vary per
+    // instance): enough to tell processes apart without reading the clock.
     h.write_u32(std::process::id());
     h.write_usize(i);
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
     // Above the ids `duet serve` uses, so logs never confuse the two.
     (h.finish() as u32) | 0x1000_0000
 }
@@ -142,49 +142,50 @@ pub async fn start_worker(
     let registry = Cluster::spawn_registry(board.clone())
         .await
         .map_err(|e| setup(&e))?;
-    let (kv, data, kv_addr) = match o.role {
-        Role::Decode => {
-            let plane = data::DataPlane::receiver(&o.kv_transport, o.kv_bind, o.secret.clone())
-                .map_err(|e| ServeError::Bind {
-                    addr: o.kv_bind.to_string(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-            let kv_addr = match plane.quic_port() {
-                Some(port) => {
-                    let ip = if o.kv_bind.ip().is_unspecified() {
-                        local_ip_towards(o.join).map_err(|e| setup(&e))?
-                    } else {
-                        o.kv_bind.ip()
-                    };
-                    Some(SocketAddr::new(ip, port).to_string())
-                }
-                None => None,
-            };
-            let plane = Arc::new(plane);
-            let link = KvLink::Net {
-                send: plane.transport(),
-                recv: Some(plane.clone()),
-            };
-            (link, plane, kv_addr)
-        }
-        Role::Prefill => {
-            let local: SocketAddr = if o.join.is_ipv4() {
-                "0.0.0.0:0".parse().expect("literal")
-            } else {
-                "[::]:0".parse().expect("literal")
-            };
-            let plane = Arc::new(
-                data::DataPlane::sender(&o.kv_transport, local, o.secret.clone())
-                    .map_err(|e| setup(&e))?,
-            );
-            let link = KvLink::Net {
-                send: plane.transport(),
-                recv: None,
-            };
-            (link, plane, None)
-        }
-    };
-    let epoch = Instant::now();
+    let (kv, data, kv_addr) =
+        match o.role {
+            Role::Decode => {
+                let plane = DataPlane::receiver(&o.kv_transport, o.kv_bind, o.secret.clone())
+                    .map_err(|e| ServeError::Bind {
+                        addr: o.kv_bind.to_string(),
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                let kv_addr = match plane.quic_port() {
+                    Some(port) => {
+                        let ip = if o.kv_bind.ip().is_unspecified() {
+                            local_ip_towards(o.join).map_err(|e| setup(&e))?
+                        } else {
+                            o.kv_bind.ip()
+                        };
+                        Some(SocketAddr::new(ip, port).to_string())
+                    }
+                    None => None,
+                };
+                let plane = Arc::new(plane);
+                let link = KvLink::Net {
+                    send: plane.transport(),
+                    recv: Some(plane.clone()),
+                };
+                (link, plane, kv_addr)
+            }
+            Role::Prefill => {
+                let local: SocketAddr = if o.join.is_ipv4() {
+                    "0.0.0.0:0".parse().expect("literal")
+                } else {
+                    "[::]:0".parse().expect("literal")
+                };
+                let plane = Arc::new(
+                    DataPlane::sender(&o.kv_transport, local, o.secret.clone())
+                        .map_err(|e| setup(&e))?,
+                );
+                let link = KvLink::Net {
+                    send: plane.transport(),
+                    recv: None,
+                };
+                (link, plane, None)
+            }
+        };
+    let clock = Clock::start();
     let kv_corrupt = (o.kv_corrupt_frames > 0)
         .then(|| Arc::new(std::sync::atomic::AtomicU64::new(o.kv_corrupt_frames)));
     let ids: Vec<u32> = (0..o.workers).map(random_id).collect();
@@ -209,7 +210,7 @@ pub async fn start_worker(
                     sched,
                     registry: registry.clone(),
                     kv: kv.clone(),
-                    epoch,
+                    clock,
                     fault: None,
                     kv_corrupt: kv_corrupt.clone(),
                 },
@@ -228,8 +229,8 @@ pub async fn start_worker(
         workers: ids,
         kv_addr,
         kv_transport: match o.kv_transport {
-            data::DataKind::Quic => wire::WireKvTransport::Quic,
-            data::DataKind::Ucx { .. } => wire::WireKvTransport::Ucx,
+            DataKind::Quic => wire::WireKvTransport::Quic,
+            DataKind::Ucx { .. } => wire::WireKvTransport::Ucx,
         },
         parallelism: wire::WireParallelism::default(),
         shape: o.shape,

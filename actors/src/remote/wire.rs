@@ -10,9 +10,10 @@ use std::sync::Arc;
 use duet_model::sampling::SamplingParams;
 use rkyv::{Archive, Deserialize, Serialize};
 
-use crate::registry::WorkerLoad;
+use crate::protocol::WorkerLoad;
 use crate::seq::{
-    EventTx, Finish, SeqEvent, SeqJob, SeqParams, SeqSampler, ThinkingBudgetSpec, TokenLogprob,
+    EventTx, Finish, SeqEvent, SeqFailure, SeqJob, SeqParams, SeqSampler, ThinkingBudgetSpec,
+    TokenLogprob,
 };
 
 /// Bumped on any change to the messages below.
@@ -392,8 +393,8 @@ impl From<&SeqEvent> for WireEvent {
                     Finish::Length => WireFinish::Length,
                 }),
             },
-            SeqEvent::Failed(m) => WireEvent::Failed(m.clone()),
-            SeqEvent::Retry(m) => WireEvent::Retry(m.clone()),
+            SeqEvent::Failed(m) => WireEvent::Failed(m.to_string()),
+            SeqEvent::Retry(m) => WireEvent::Retry(m.to_string()),
         }
     }
 }
@@ -415,8 +416,8 @@ impl From<WireEvent> for SeqEvent {
                     WireFinish::Length => Finish::Length,
                 }),
             },
-            WireEvent::Failed(m) => SeqEvent::Failed(m),
-            WireEvent::Retry(m) => SeqEvent::Retry(m),
+            WireEvent::Failed(m) => SeqEvent::Failed(SeqFailure::Remote(m)),
+            WireEvent::Retry(m) => SeqEvent::Retry(SeqFailure::Remote(m)),
         }
     }
 }

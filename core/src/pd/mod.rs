@@ -64,8 +64,13 @@ pub enum SeqFailure {
     },
     #[error("engine: {0}")]
     Engine(String),
+    #[error("no live prefill worker and decode group to serve the request")]
+    NoLiveWorkers,
     #[error("{0}")]
     Internal(String),
+    /// What a worker process reported, as it said it (the control connection carries the text).
+    #[error("{0}")]
+    Remote(String),
 }
 
 impl SeqFailure {
