@@ -112,3 +112,27 @@ async fn a_small_pool_is_advertised_refused_honestly_and_shared_without_losing_o
     .await;
     assert!(idle, "{:?}", pages_and_running(&srv).await);
 }
+
+#[test]
+fn a_config_asking_for_expert_parallelism_is_refused_until_the_server_runs_it() {
+    // `duet plan` writes each role's ep_size/tp_size; a server that holds every expert on every
+    // worker must say it cannot run that, not serve a different topology silently.
+    let cfg = tmp("ep2.toml");
+    std::fs::write(&cfg, "[decode]\ngroups = 2\nep_size = 2\n").unwrap();
+    let mut p = Proc::spawn(&[
+        "serve",
+        "--engine",
+        "echo",
+        "--port",
+        "0",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    let status = p.wait_exit(Duration::from_secs(60));
+    let err = p.log();
+    assert!(status.is_some_and(|s| !s.success()), "{status:?} {err}");
+    assert!(
+        err.contains("decode.ep_size = 2") && !err.contains("panicked"),
+        "{err}"
+    );
+}

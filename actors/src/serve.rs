@@ -136,6 +136,18 @@ pub async fn start(
     let cfg = &opts.config;
     cfg.validate()
         .map_err(|e| ServeError::Config(e.to_string()))?;
+    for (role, ep, tp) in [
+        ("prefill", cfg.prefill.ep_size, cfg.prefill.tp_size),
+        ("decode", cfg.decode.ep_size, cfg.decode.tp_size),
+    ] {
+        if (ep, tp) != (1, 1) {
+            return Err(ServeError::Config(format!(
+                "{role}.ep_size = {ep}, {role}.tp_size = {tp}: this server runs every worker with \
+                 every expert on one device (ep_size = tp_size = 1); expert and tensor \
+                 parallelism are not implemented yet"
+            )));
+        }
+    }
     let board = new_board();
     let registry = Cluster::spawn_registry(board.clone())
         .await

@@ -105,6 +105,11 @@ pub struct PrefillSection {
     /// Most sequences prefilling at once.
     pub max_running: usize,
     pub prefix_cache: bool,
+    /// GPUs of one expert-parallel instance; `workers` form instances of `ep_size / tp_size`
+    /// attention ranks. The server runs 1 today (every worker holds every expert).
+    pub ep_size: usize,
+    /// GPUs one attention rank (one worker) spans with tensor parallelism.
+    pub tp_size: usize,
 }
 
 impl Default for PrefillSection {
@@ -122,6 +127,8 @@ impl Default for PrefillSection {
             max_running: 32,
             // Chat traffic repeats system prompts and history; caching them is nearly free.
             prefix_cache: true,
+            ep_size: 1,
+            tp_size: 1,
         }
     }
 }
@@ -144,6 +151,11 @@ pub struct DecodeSection {
     /// sequences per group, and a group that runs out preempts and recomputes
     /// (`pd::GatewayConfig::commit_new_tokens_max`).
     pub reserve_new_tokens: Option<usize>,
+    /// GPUs of one expert-parallel instance; `groups` form instances of `ep_size / tp_size`
+    /// DP-attention ranks. The server runs 1 today (every group holds every expert).
+    pub ep_size: usize,
+    /// GPUs one DP-attention group spans with tensor parallelism.
+    pub tp_size: usize,
 }
 
 impl Default for DecodeSection {
@@ -160,6 +172,8 @@ impl Default for DecodeSection {
             // Measured in core/examples/balance.rs; see BalancePolicy's doc.
             balance: Balance::ExactMin,
             reserve_new_tokens: None,
+            ep_size: 1,
+            tp_size: 1,
         }
     }
 }
@@ -246,8 +260,21 @@ impl ClusterConfig {
             );
         }
 
+        parallelism(
+            ("prefill.ep_size", "prefill.tp_size"),
+            p.workers,
+            p.ep_size,
+            p.tp_size,
+        )?;
+
         let d = &self.decode;
         at_least_1("decode.groups", d.groups as u64)?;
+        parallelism(
+            ("decode.ep_size", "decode.tp_size"),
+            d.groups,
+            d.ep_size,
+            d.tp_size,
+        )?;
         at_least_1("decode.kv_pages", d.kv_pages as u64)?;
         at_least_1("decode.max_running", d.max_running as u64)?;
         if d.token_budget < d.max_running {
@@ -315,6 +342,34 @@ impl ClusterConfig {
 
 fn invalid(field: &'static str, reason: String) -> Result<(), ConfigError> {
     Err(ConfigError::Invalid { field, reason })
+}
+
+/// A role's parallelism: whole attention ranks per EP instance, whole instances.
+fn parallelism(
+    (ep_field, tp_field): (&'static str, &'static str),
+    ranks: usize,
+    ep: usize,
+    tp: usize,
+) -> Result<(), ConfigError> {
+    at_least_1(ep_field, ep as u64)?;
+    at_least_1(tp_field, tp as u64)?;
+    if ep % tp != 0 {
+        return invalid(
+            ep_field,
+            format!("{ep} is not a multiple of {tp_field} ({tp})"),
+        );
+    }
+    let per_instance = ep / tp;
+    if ranks % per_instance != 0 {
+        return invalid(
+            ep_field,
+            format!(
+                "an instance of EP{ep} / TP{tp} has {per_instance} attention ranks, which do not \
+                 divide the role's {ranks}"
+            ),
+        );
+    }
+    Ok(())
 }
 
 fn at_least_1(field: &'static str, v: u64) -> Result<(), ConfigError> {
@@ -405,6 +460,12 @@ mod tests {
                 "[limits]\nrequest_timeout_s = 0",
                 "limits.request_timeout_s",
             ),
+            ("[prefill]\nep_size = 0", "prefill.ep_size"),
+            ("[decode]\ntp_size = 0", "decode.tp_size"),
+            // EP4 over TP8 is no whole number of ranks.
+            ("[decode]\nep_size = 4\ntp_size = 8", "decode.ep_size"),
+            // Two groups cannot form an instance of four DP ranks.
+            ("[decode]\ngroups = 2\nep_size = 4", "decode.ep_size"),
         ];
         for (text, field) in cases {
             match ClusterConfig::from_toml(text) {
@@ -423,6 +484,18 @@ mod tests {
             matches!(&err, ConfigError::Parse(m) if m.contains("workers")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn parallelism_is_whole_instances_of_whole_ranks() {
+        let c = ClusterConfig::from_toml(
+            "[prefill]\nworkers = 8\nep_size = 32\ntp_size = 4\n\
+             [decode]\ngroups = 144\nep_size = 72\ntp_size = 1",
+        )
+        .unwrap();
+        assert_eq!((c.prefill.ep_size, c.prefill.tp_size), (32, 4));
+        assert_eq!((c.decode.ep_size, c.decode.tp_size), (72, 1));
+        assert_eq!(ClusterConfig::from_toml(&c.to_toml()), Ok(c));
     }
 
     #[test]

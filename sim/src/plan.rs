@@ -16,9 +16,8 @@
 //!    A combination missing TTFT gets another prefill group, one missing TPOT another decode group,
 //!    a bounded number of times. Passing clusters are ranked by GPUs or by cost per hour.
 //!
-//! The winner is written as core's cluster TOML (`duet_core::config::ClusterConfig`, with the
-//! parallelism the schema has no field for in a comment header) and as an ansible inventory (YAML)
-//! for deploy/.
+//! The winner is written as core's cluster TOML (`duet_core::config::ClusterConfig`, its
+//! parallelism in each role's `ep_size`/`tp_size`) and as an ansible inventory (YAML) for deploy/.
 
 use duet_core::config::ClusterConfig;
 use duet_core::pages_for;
@@ -403,13 +402,17 @@ pub fn cluster_toml(c: &Candidate, req: &PlanRequest, model_dir: &str) -> Result
     cfg.decode.max_running = c.decode_batch_per_gpu * c.decode_tp;
     cfg.decode.token_budget =
         c.decode_batch_per_gpu * c.decode_tp * (1 + usize::from(req.mtp_accept.is_some())) + 512;
+    cfg.prefill.ep_size = c.prefill_ep;
+    cfg.prefill.tp_size = c.prefill_tp;
+    cfg.decode.ep_size = c.decode_ep;
+    cfg.decode.tp_size = c.decode_tp;
     cfg.validate()
         .map_err(|e| SimError::Invalid(format!("planned config: {e}")))?;
     let header = format!(
         "# Written by `duet plan` for {gpu} × {gpus} ({pn} prefill + {dn} decode nodes of {g}).\n\
-         # Parallelism (not in the schema yet): prefill EP{pep} with DP{pdp} × TP{ptp} attention per\n\
-         # instance, decode EP{dep} with DP{ddp} × TP{dtp}; one prefill worker and one decode group\n\
-         # per attention rank.\n\
+         # Parallelism: prefill EP{pep} with DP{pdp} × TP{ptp} attention per instance, decode\n\
+         # EP{dep} with DP{ddp} × TP{dtp}; one prefill worker and one decode group per attention\n\
+         # rank (`ep_size`/`tp_size` below).\n\
          # Predicted at {rate} req/s: TTFT p99 {ttft:.0} ms, TPOT p99 {tpot:.1} ms, \
          {out:.0} output tok/s per decode node.\n\n",
         gpu = req.gpu.name,

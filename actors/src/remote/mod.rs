@@ -232,7 +232,17 @@ pub async fn start_worker(
             DataKind::Quic => wire::WireKvTransport::Quic,
             DataKind::Ucx { .. } => wire::WireKvTransport::Ucx,
         },
-        parallelism: wire::WireParallelism::default(),
+        parallelism: {
+            let (ep, tp) = match o.role {
+                Role::Prefill => (o.config.prefill.ep_size, o.config.prefill.tp_size),
+                Role::Decode => (o.config.decode.ep_size, o.config.decode.tp_size),
+            };
+            wire::WireParallelism {
+                ep_group: 0,
+                ep_size: u32::try_from(ep).unwrap_or(u32::MAX),
+                tp_size: u32::try_from(tp).unwrap_or(u32::MAX),
+            }
+        },
         shape: o.shape,
         name: o.name,
     };
