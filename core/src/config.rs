@@ -353,14 +353,14 @@ fn parallelism(
 ) -> Result<(), ConfigError> {
     at_least_1(ep_field, ep as u64)?;
     at_least_1(tp_field, tp as u64)?;
-    if ep % tp != 0 {
+    if !ep.is_multiple_of(tp) {
         return invalid(
             ep_field,
             format!("{ep} is not a multiple of {tp_field} ({tp})"),
         );
     }
     let per_instance = ep / tp;
-    if ranks % per_instance != 0 {
+    if !ranks.is_multiple_of(per_instance) {
         return invalid(
             ep_field,
             format!(
