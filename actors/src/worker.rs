@@ -87,6 +87,19 @@ impl WorkerArgs {
         self.clock.now_us()
     }
 
+    /// Test tool (`Fault`): panics, as a bug in a step would, once this incarnation of `role`
+    /// finished `steps` steps.
+    pub fn inject_fault(&self, steps: u64, role: &str) {
+        if let Some(f) = self.fault
+            && steps >= f.panic_after_steps
+        {
+            panic!(
+                "fault injected: {role} {} panics after {steps} steps",
+                self.id.0
+            );
+        }
+    }
+
     pub fn kv_manager(&self) -> KvManager {
         KvManager::new(KvConfig {
             pages_total: self.kv_pages,

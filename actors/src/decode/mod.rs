@@ -335,14 +335,7 @@ impl DecodeState {
         } = done;
         self.kv = Some(kv);
         self.steps += 1;
-        if let Some(f) = self.args.fault
-            && self.steps >= f.panic_after_steps
-        {
-            panic!(
-                "fault injected: decode group {} panics after {} steps",
-                self.args.id.0, self.steps
-            );
-        }
+        self.args.inject_fault(self.steps, "decode group");
         let now = self.now();
         let logits = match result {
             Ok(l) => l,

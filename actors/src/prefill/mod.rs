@@ -240,14 +240,7 @@ impl PrefillState {
         };
         self.kv = Some(kv);
         self.steps += 1;
-        if let Some(f) = self.args.fault
-            && self.steps >= f.panic_after_steps
-        {
-            panic!(
-                "fault injected: prefill worker {} panics after {} steps",
-                self.args.id.0, self.steps
-            );
-        }
+        self.args.inject_fault(self.steps, "prefill worker");
         let now = self.now();
         let logits = match result {
             Ok(l) => l,
