@@ -395,3 +395,6 @@ fn send_to(job: &Held<Queued, DecodeRun>, ev: SeqEvent) {
     };
     let _ = tx.send(ev);
 }
+
+#[cfg(test)]
+mod tests;
