@@ -31,6 +31,12 @@ if ! command -v ip >/dev/null; then
     apt_install iproute2
 fi
 
+# Every /metrics endpoint is checked with Prometheus's own `promtool check metrics`.
+if ! command -v promtool >/dev/null; then
+    echo "installing Prometheus (promtool) for the metrics checks" >&2
+    apt_install prometheus
+fi
+
 # The openai-client tests need Python 3 with venv, and the official `openai` package from PyPI,
 # installed into a venv under target/ (never into the system Python).
 VENV=target/venv-openai

@@ -91,6 +91,11 @@ pub struct WorkerArgs {
     /// UCX transports to use (as UCX_TLS, e.g. "rc,sm,self" or "tcp"); UCX's own choice if unset.
     #[arg(long)]
     ucx_tls: Option<String>,
+    /// Serve this process's `/health` and `/metrics` on this port, on every interface (for
+    /// Prometheus and service checks; 0 picks a free port). Overrides `metrics_port` of the
+    /// role's section in `--config`; unset in both: not served.
+    #[arg(long)]
+    metrics_port: Option<u16>,
     /// Test tool: flip a byte in the next N KV frames sent, after checksumming (recovery tests).
     #[arg(long, hide = true, default_value_t = 0)]
     fault_corrupt_kv_frames: u64,
@@ -266,7 +271,12 @@ pub fn run_worker(role: Role, a: WorkerArgs) -> Result<()> {
         },
         std::process::id()
     );
+    let metrics_port = a.metrics_port.or(match role {
+        Role::Prefill => cfg.prefill.metrics_port,
+        Role::Decode => cfg.decode.metrics_port,
+    });
     let opts = WorkerProcessOptions {
+        metrics_addr: metrics_port.map(|p| SocketAddr::from(([0, 0, 0, 0], p))),
         role,
         engine,
         shape: shape(&model_cfg, page_bytes),
@@ -286,9 +296,13 @@ pub fn run_worker(role: Role, a: WorkerArgs) -> Result<()> {
         announce: announce(),
     };
     runtime()?.block_on(async move {
-        let link = remote::start_worker(opts).await?;
+        let process = remote::start_worker(opts).await?;
+        if let Some(addr) = process.endpoint {
+            println!("health and metrics: http://{addr}/health http://{addr}/metrics");
+            let _ = std::io::stdout().flush();
+        }
         tokio::select! {
-            r = link => match r {
+            r = process.link => match r {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(anyhow::anyhow!("{e}")),
                 Err(e) => Err(anyhow::anyhow!("worker link task: {e}")),

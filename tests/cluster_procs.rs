@@ -204,11 +204,28 @@ async fn ucx_a_decode_process_killed_mid_stream_loses_no_token() {
     .await;
 }
 
+/// The `/health` and `/metrics` base URL a worker started with `--metrics-port 0` printed.
+fn endpoint_of(p: &Proc) -> String {
+    let line = p
+        .wait_line(JOIN_DEADLINE, |l| l.starts_with("health and metrics: "))
+        .unwrap_or_else(|| panic!("no endpoint line: {}", p.log()));
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|a| a.strip_suffix("/health "))
+        .unwrap_or_else(|| panic!("{line}"));
+    let port = addr.rsplit(':').next().unwrap();
+    format!("http://127.0.0.1:{port}")
+}
+
 async fn same_tokens_as_one_process(worker_args: &[&str]) {
     // KV crosses from the prefill process to the decode process, layer by layer, and the
     // sequence's sampler over the control plane: any lost page or misplaced layer would change
     // the greedy continuation.
-    let c = Cluster::start(1, 1, worker_args);
+    let mut args = worker_args.to_vec();
+    args.extend_from_slice(&["--metrics-port", "0"]);
+    let c = Cluster::start(1, 1, &args);
+    let endpoints = (endpoint_of(&c.prefill[0]), endpoint_of(&c.decode[0]));
     let one = Server::start(&["--dtype", "f32"]);
     let prompt = long_prompt(0, 150);
     let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": true});
@@ -246,6 +263,41 @@ async fn same_tokens_as_one_process(worker_args: &[&str]) {
     assert_eq!(
         (h["prefill_workers"].clone(), h["decode_groups"].clone()),
         (json!(1), json!(1))
+    );
+    // Each worker process's own endpoint: healthy, valid exposition, and the KV the prefill
+    // process sent is exactly what the decode process verified and wrote.
+    let (_, gateway_metrics) = get(&c.url("/metrics")).await;
+    common::promtool_check(&gateway_metrics);
+    let mut seen = Vec::new();
+    for (role, base) in [("prefill", &endpoints.0), ("decode", &endpoints.1)] {
+        let (status, h) = get(&format!("{base}/health")).await;
+        assert_eq!(status, 200, "{role}: {h}");
+        let h: Value = serde_json::from_str(&h).unwrap();
+        assert_eq!(
+            (h["role"].as_str(), h["live_workers"].as_u64()),
+            (Some(role), Some(1))
+        );
+        let (status, m) = get(&format!("{base}/metrics")).await;
+        assert_eq!(status, 200);
+        common::promtool_check(&m);
+        let value = |name: &str| common::metric(&m, name).unwrap_or_else(|| panic!("{name}: {m}"));
+        assert!(m.contains("duet_build_info{version=\""), "{m}");
+        assert!(
+            value(&format!("duet_{role}_step_seconds_count")) >= 1.0,
+            "{m}"
+        );
+        assert_eq!(value("duet_worker_restarts_total"), 0.0);
+        seen.push(m);
+    }
+    let sent = common::metric(&seen[0], "duet_kv_sent_bytes_total").unwrap();
+    let received = common::metric(&seen[1], "duet_kv_received_bytes_total").unwrap();
+    assert!(
+        sent > 0.0 && sent == received,
+        "sent {sent}, received {received}"
+    );
+    assert_eq!(
+        common::metric(&seen[1], "duet_kv_rejected_frames_total"),
+        Some(0.0)
     );
 }
 

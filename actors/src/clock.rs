@@ -28,6 +28,11 @@ impl Clock {
         Instant::now()
     }
 
+    /// Time since `t` (an [`Clock::instant`]).
+    pub fn since(t: Instant) -> Duration {
+        t.elapsed()
+    }
+
     /// `d` from now.
     pub fn deadline(d: Duration) -> Instant {
         Instant::now() + d

@@ -341,6 +341,8 @@ pub struct Metrics {
     pub preemptions_total: Counter,
     /// Workers the supervisor restarted after a failure.
     pub worker_restarts_total: Counter,
+    /// What this process's own workers measured (`duet serve`; none in `duet gateway`).
+    pub workers: Arc<WorkerStats>,
 }
 
 impl Default for Metrics {
@@ -421,6 +423,7 @@ impl Metrics {
                 "duet_worker_restarts_total",
                 "Workers restarted by the supervisor after a failure.",
             ),
+            workers: Arc::new(WorkerStats::new()),
         }
     }
 
@@ -463,8 +466,166 @@ impl Metrics {
         self.requests_rejected_total.render(&mut out);
         self.preemptions_total.render(&mut out);
         self.worker_restarts_total.render(&mut out);
+        render_build_info(&mut out);
+        self.workers.render(&mut out);
         out
     }
+}
+
+/// Step time of a worker: 0.5 ms (a small decode batch on a GPU) to 60 s (a long prompt's
+/// chunk on a CPU).
+pub const STEP_BUCKETS_S: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// What the workers of one process measure about themselves: their steps and the KV they moved
+/// or refused. Shared by every worker of the process (a worker process hosts one role).
+#[derive(Debug)]
+pub struct WorkerStats {
+    pub prefill_step_seconds: Histogram,
+    pub decode_step_seconds: Histogram,
+    /// Prefill: KV frame bytes the transport accepted.
+    pub kv_sent_bytes_total: Counter,
+    /// Prefill: sequences whose KV could not be delivered (each is re-run elsewhere).
+    pub kv_send_failures_total: Counter,
+    /// Decode: KV frame bytes verified and written into the pool.
+    pub kv_received_bytes_total: Counter,
+    /// Decode: frames refused (corrupt, truncated, or for pages the sequence does not hold).
+    pub kv_rejected_frames_total: Counter,
+}
+
+impl Default for WorkerStats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl WorkerStats {
+    pub fn new() -> Self {
+        Self {
+            prefill_step_seconds: Histogram::new(
+                "duet_prefill_step_seconds",
+                "Time of one prefill worker step (forward pass and KV hand-off).",
+                STEP_BUCKETS_S,
+            ),
+            decode_step_seconds: Histogram::new(
+                "duet_decode_step_seconds",
+                "Time of one decode group step (forward pass of the batch).",
+                STEP_BUCKETS_S,
+            ),
+            kv_sent_bytes_total: Counter::new(
+                "duet_kv_sent_bytes_total",
+                "KV bytes prefill workers sent that the transport accepted.",
+            ),
+            kv_send_failures_total: Counter::new(
+                "duet_kv_send_failures_total",
+                "Sequences whose KV a prefill worker could not deliver.",
+            ),
+            kv_received_bytes_total: Counter::new(
+                "duet_kv_received_bytes_total",
+                "KV bytes decode groups verified and wrote into their pools.",
+            ),
+            kv_rejected_frames_total: Counter::new(
+                "duet_kv_rejected_frames_total",
+                "KV frames decode groups refused (corrupt, truncated or misaddressed).",
+            ),
+        }
+    }
+
+    pub fn render(&self, out: &mut String) {
+        self.prefill_step_seconds.render(out);
+        self.decode_step_seconds.render(out);
+        self.kv_sent_bytes_total.render(out);
+        self.kv_send_failures_total.render(out);
+        self.kv_received_bytes_total.render(out);
+        self.kv_rejected_frames_total.render(out);
+    }
+}
+
+/// `duet_build_info{version="…"} 1`: which build a process runs (for rolling upgrades).
+pub fn render_build_info(out: &mut String) {
+    let name = "duet_build_info";
+    header(out, name, "The duet build this process runs.", "gauge");
+    let _ = writeln!(out, "{name}{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+}
+
+/// One worker's load as a worker process reports it on its own `/metrics`.
+pub struct WorkerSample {
+    pub label: String,
+    pub pages_used: u64,
+    pub pages_free: u64,
+    pub running: u64,
+    pub waiting: u64,
+    pub preemptions: u64,
+    pub prefix_queried_tokens: u64,
+    pub prefix_hit_tokens: u64,
+}
+
+/// A worker process's exposition: its build, each of its workers' pools and batches, and what
+/// they measured.
+pub fn render_worker_process(
+    workers: &[WorkerSample],
+    stats: &WorkerStats,
+    restarts: &Counter,
+) -> String {
+    let mut out = String::with_capacity(4 << 10);
+    render_build_info(&mut out);
+    type Field = fn(&WorkerSample) -> u64;
+    let per_worker: [(&str, &str, &str, Field); 7] = [
+        (
+            "duet_kv_pages_used",
+            "KV cache pages in use, per worker.",
+            "gauge",
+            |w| w.pages_used,
+        ),
+        (
+            "duet_kv_pages_free",
+            "KV cache pages free, per worker.",
+            "gauge",
+            |w| w.pages_free,
+        ),
+        (
+            "duet_worker_running",
+            "Sequences in the worker's running batch.",
+            "gauge",
+            |w| w.running,
+        ),
+        (
+            "duet_worker_waiting",
+            "Sequences waiting at the worker.",
+            "gauge",
+            |w| w.waiting,
+        ),
+        (
+            "duet_worker_preemptions_total",
+            "Sequences the worker preempted since it (re)started.",
+            "counter",
+            |w| w.preemptions,
+        ),
+        (
+            "duet_worker_prefix_cache_queried_tokens_total",
+            "Prompt tokens looked up in the worker's prefix cache since it (re)started.",
+            "counter",
+            |w| w.prefix_queried_tokens,
+        ),
+        (
+            "duet_worker_prefix_cache_hit_tokens_total",
+            "Prompt tokens found in the worker's prefix cache since it (re)started.",
+            "counter",
+            |w| w.prefix_hit_tokens,
+        ),
+    ];
+    for (name, help, kind, field) in per_worker {
+        header(&mut out, name, help, kind);
+        for w in workers {
+            let _ = write!(out, "{name}{{worker=\"");
+            push_label_value(&mut out, &w.label);
+            let _ = writeln!(out, "\"}} {}", field(w));
+        }
+    }
+    stats.render(&mut out);
+    restarts.render(&mut out);
+    out
 }
 
 /// The content type of [`Metrics::render`]'s output.
@@ -622,7 +783,10 @@ mod tests {
         let text = m.render();
         let (types, samples) = parse(&text);
         check_histograms(&types, &samples);
-        assert_eq!(types.len(), 17);
+        // 17 serving families, the build, and the workers' 6 (step times, KV moved).
+        assert_eq!(types.len(), 24);
+        assert_eq!(types["duet_build_info"], "gauge");
+        assert_eq!(types["duet_decode_step_seconds"], "histogram");
         assert_eq!(types["duet_worker_sequences"], "gauge");
         assert_eq!(
             value(
@@ -742,6 +906,44 @@ mod tests {
         let mut out = String::new();
         h.render(&mut out);
         assert!(out.contains("h_bucket{le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 2\nh_sum +Inf\n"));
+    }
+
+    #[test]
+    fn a_worker_process_exposition_parses_and_says_what_each_worker_holds() {
+        let stats = WorkerStats::new();
+        stats.decode_step_seconds.observe(0.003);
+        stats.kv_received_bytes_total.add(4096);
+        let restarts = Counter::new("duet_worker_restarts_total", "Restarts.");
+        restarts.inc();
+        let w = |label: &str, used| WorkerSample {
+            label: label.into(),
+            pages_used: used,
+            pages_free: 10 - used,
+            running: 2,
+            waiting: 1,
+            preemptions: 0,
+            prefix_queried_tokens: 0,
+            prefix_hit_tokens: 0,
+        };
+        let text = render_worker_process(&[w("decode-7", 3), w("decode-9", 4)], &stats, &restarts);
+        let (types, samples) = parse(&text);
+        check_histograms(&types, &samples);
+        assert_eq!(types["duet_kv_pages_used"], "gauge");
+        assert_eq!(
+            value(&samples, "duet_kv_pages_free", &[("worker", "decode-9")]),
+            6.0
+        );
+        assert_eq!(value(&samples, "duet_kv_received_bytes_total", &[]), 4096.0);
+        assert_eq!(value(&samples, "duet_decode_step_seconds_count", &[]), 1.0);
+        assert_eq!(value(&samples, "duet_worker_restarts_total", &[]), 1.0);
+        assert_eq!(
+            value(
+                &samples,
+                "duet_build_info",
+                &[("version", env!("CARGO_PKG_VERSION"))]
+            ),
+            1.0
+        );
     }
 
     #[test]

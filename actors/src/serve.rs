@@ -154,6 +154,7 @@ pub async fn start(
         .map_err(|e| ServeError::Actors(e.to_string()))?;
     let transport = Arc::new(InProcTransport::new());
     let clock = Clock::start();
+    let metrics = Arc::new(Metrics::new());
     let mut workers = Vec::new();
     for i in 0..cfg.prefill.workers {
         workers.push((
@@ -167,6 +168,7 @@ pub async fn start(
                 registry: registry.clone(),
                 kv: KvLink::InProc(transport.clone()),
                 clock,
+                stats: metrics.workers.clone(),
                 fault: if i == 0 { opts.prefill_fault } else { None },
                 kv_corrupt: None,
             },
@@ -185,12 +187,12 @@ pub async fn start(
                 registry: registry.clone(),
                 kv: KvLink::InProc(transport.clone()),
                 clock,
+                stats: metrics.workers.clone(),
                 fault: if g == 0 { opts.fault } else { None },
                 kv_corrupt: None,
             },
         ));
     }
-    let metrics = Arc::new(Metrics::new());
     let cluster = Cluster::start(workers, registry, metrics.clone())
         .await
         .map_err(|e| ServeError::Actors(e.to_string()))?;

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::clock::Clock;
 use crate::engine::Engine;
+use crate::metrics::WorkerStats;
 use crate::protocol::{RegistryMsg, WorkerLoad};
 
 /// Fault injection for tests of recovery: the worker panics inside its step handler after this
@@ -32,6 +33,8 @@ pub struct WorkerArgs {
     pub kv: KvLink,
     /// The process's clock: every core of the process sees one timeline.
     pub clock: Clock,
+    /// What the process's workers measure (step times, KV moved).
+    pub stats: Arc<WorkerStats>,
     pub fault: Option<Fault>,
     /// Test tool (`duet prefill --fault-corrupt-kv-frames N`): the next N KV frames this worker
     /// sends get one byte flipped after their checksums were computed, as a bad link would.

@@ -110,6 +110,9 @@ pub struct PrefillSection {
     pub ep_size: usize,
     /// GPUs one attention rank (one worker) spans with tensor parallelism.
     pub tp_size: usize,
+    /// `duet prefill`: serve the process's `/health` and `/metrics` on this port (all
+    /// interfaces, for Prometheus); unset: not served.
+    pub metrics_port: Option<u16>,
 }
 
 impl Default for PrefillSection {
@@ -129,6 +132,7 @@ impl Default for PrefillSection {
             prefix_cache: true,
             ep_size: 1,
             tp_size: 1,
+            metrics_port: None,
         }
     }
 }
@@ -156,6 +160,9 @@ pub struct DecodeSection {
     pub ep_size: usize,
     /// GPUs one DP-attention group spans with tensor parallelism.
     pub tp_size: usize,
+    /// `duet decode`: serve the process's `/health` and `/metrics` on this port (all
+    /// interfaces, for Prometheus); unset: not served.
+    pub metrics_port: Option<u16>,
 }
 
 impl Default for DecodeSection {
@@ -174,6 +181,7 @@ impl Default for DecodeSection {
             reserve_new_tokens: None,
             ep_size: 1,
             tp_size: 1,
+            metrics_port: None,
         }
     }
 }

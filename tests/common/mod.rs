@@ -391,3 +391,37 @@ where
     }
     false
 }
+
+/// Checks a Prometheus exposition with Prometheus's own `promtool check metrics`. Where promtool
+/// is missing the check is skipped with a note, except under CI (scripts/test.sh installs it),
+/// where that is a failure.
+pub fn promtool_check(text: &str) {
+    use std::io::Write as _;
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("promtool not run ({e}): install Debian's prometheus package");
+            return;
+        }
+        Err(e) => panic!("promtool is needed under CI (scripts/test.sh installs it): {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -11,6 +11,7 @@ use duet_core::pd::{DecodeAction, DecodeConfig, DecodeCore, FrameCheck, Held, Se
 use duet_transport::KvFrame;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
+use crate::clock::Clock;
 use crate::engine::{StepDone, StepError, StepLogits, WorkerKv, echo_token, plan_rows};
 use crate::protocol::{
     DecodeMsg, GatewayToDecode, Handoff, KvDest, PrefillJob, PrefillPeer, PrefillToDecode,
@@ -262,7 +263,10 @@ impl DecodeState {
             .check_frame(now, frame.seq, frame.layer, &frame.pages)
         {
             FrameCheck::Write => {}
-            FrameCheck::Unknown | FrameCheck::Rejected => return,
+            FrameCheck::Unknown | FrameCheck::Rejected => {
+                self.args.stats.kv_rejected_frames_total.inc();
+                return;
+            }
         }
         let written = frame
             .verify(self.page_bytes)
@@ -274,8 +278,15 @@ impl DecodeState {
                 _ => Err("no KV pool to write into".into()),
             });
         match written {
-            Ok(()) => self.core.handle_layer_written(now, frame.seq, frame.layer),
-            Err(e) => self.core.handle_bad_transfer(now, frame.seq, e),
+            Ok(()) => {
+                let s = &self.args.stats;
+                s.kv_received_bytes_total.add(frame.bytes.len() as u64);
+                self.core.handle_layer_written(now, frame.seq, frame.layer);
+            }
+            Err(e) => {
+                self.args.stats.kv_rejected_frames_total.inc();
+                self.core.handle_bad_transfer(now, frame.seq, e);
+            }
         }
     }
 
@@ -283,6 +294,7 @@ impl DecodeState {
     /// decoded from bad KV.
     fn bad_frame(&mut self, e: duet_transport::TransportError) {
         use duet_transport::TransportError as E;
+        self.args.stats.kv_rejected_frames_total.inc();
         let seq = match &e {
             E::Corrupt { seq, .. } | E::Truncated { seq, .. } => *seq,
             _ => {
@@ -316,10 +328,15 @@ impl DecodeState {
             })));
             return;
         }
+        let stats = self.args.stats.clone();
         tokio::task::spawn_blocking(move || {
+            let started = Clock::instant();
             let result = engine
                 .step(&mut kv, &rows, &mut |_, _| Ok(()))
                 .map_err(StepError::from);
+            stats
+                .decode_step_seconds
+                .observe(Clock::since(started).as_secs_f64());
             let _ = me.cast(DecodeMsg::StepDone(Box::new(StepDone {
                 plan,
                 kv,

@@ -80,6 +80,7 @@ async fn reservations_beyond_the_queue_bound_go_back_to_the_gateway_at_once() {
         registry,
         kv: KvLink::InProc(Arc::new(InProcTransport::new())),
         clock: Clock::start(),
+        stats: Default::default(),
         fault: None,
         kv_corrupt: None,
     };

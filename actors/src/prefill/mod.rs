@@ -18,7 +18,9 @@ use duet_transport::{KvFrame, KvTransport};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 
+use crate::clock::Clock;
 use crate::engine::{SendError, StepDone, StepError, StepLogits, WorkerKv, echo_token, plan_rows};
+use crate::metrics::WorkerStats;
 use crate::protocol::{
     GatewayToPrefill, Handoff, KvDest, PrefillJob, PrefillMsg, PrefillToDecode, RegistryMsg,
     WorkerLoad, WorkerRef,
@@ -201,8 +203,10 @@ impl PrefillState {
         let transport = self.args.kv.sender();
         let corrupt = self.args.kv_corrupt.clone();
         let handle = tokio::runtime::Handle::current();
+        let stats = self.args.stats.clone();
         tokio::task::spawn_blocking(move || {
-            let sender = LayerSender::start(&handle, transport, KV_FRAMES_IN_FLIGHT);
+            let started = Clock::instant();
+            let sender = LayerSender::start(&handle, transport, KV_FRAMES_IN_FLIGHT, stats.clone());
             let mut local_errors = BTreeMap::new();
             let result = engine
                 .step(&mut kv, &rows, &mut |layer, cache| {
@@ -218,6 +222,10 @@ impl PrefillState {
                 .block_on(sender.finish())
                 .unwrap_or_else(|lost| targets.iter().map(|t| (t.seq, lost.clone())).collect());
             send_errors.extend(local_errors);
+            stats
+                .prefill_step_seconds
+                .observe(Clock::since(started).as_secs_f64());
+            stats.kv_send_failures_total.add(send_errors.len() as u64);
             let _ = me.cast(PrefillMsg::StepDone(Box::new(StepDone {
                 plan,
                 kv,
@@ -400,6 +408,7 @@ impl LayerSender {
         handle: &tokio::runtime::Handle,
         transport: Arc<dyn KvTransport>,
         in_flight: usize,
+        stats: Arc<WorkerStats>,
     ) -> Self {
         let (tx, mut rx) = mpsc::channel::<(u32, KvFrame)>(in_flight.max(1));
         let task = handle.spawn(async move {
@@ -408,10 +417,10 @@ impl LayerSender {
                 if errors.contains_key(&frame.seq) {
                     continue;
                 }
-                let (seq, layer) = (frame.seq, frame.layer);
+                let (seq, layer, bytes) = (frame.seq, frame.layer, frame.bytes.len() as u64);
                 match tokio::time::timeout(KV_SEND_DEADLINE, transport.send(endpoint, frame)).await
                 {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => stats.kv_sent_bytes_total.add(bytes),
                     Ok(Err(e)) => {
                         errors.insert(seq, SendError::Transport(e));
                     }

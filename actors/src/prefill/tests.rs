@@ -45,7 +45,13 @@ async fn prefill_over(
     in_flight: usize,
 ) -> (Duration, BTreeMap<SeqId, SendError>) {
     let start = tokio::time::Instant::now();
-    let sender = LayerSender::start(&tokio::runtime::Handle::current(), link, in_flight);
+    let stats = Arc::new(WorkerStats::new());
+    let sender = LayerSender::start(
+        &tokio::runtime::Handle::current(),
+        link,
+        in_flight,
+        stats.clone(),
+    );
     for layer in 0..LAYERS {
         tokio::time::sleep(LAYER).await; // the layer's compute
         sender.push(1, frame(7, layer)).await;

@@ -5,6 +5,7 @@
 //! (`duet_transport::control`); KV goes from prefill to decode directly over QUIC
 //! (`duet_transport::quic`). The gateway side is `hub.rs`, the worker side `link.rs`.
 
+pub mod endpoint;
 pub mod forward;
 pub mod hub;
 pub mod link;
@@ -98,6 +99,8 @@ pub struct WorkerProcessOptions {
     /// address this host uses to reach the gateway).
     pub kv_bind: SocketAddr,
     pub kv_transport: DataKind,
+    /// Where to serve this process's `/health` and `/metrics` (none: not served).
+    pub metrics_addr: Option<SocketAddr>,
     /// Test tool: corrupt this many of the KV frames the process sends (see `WorkerArgs`).
     pub kv_corrupt_frames: u64,
     pub name: String,
@@ -131,9 +134,7 @@ fn local_ip_towards(peer: SocketAddr) -> std::io::Result<IpAddr> {
 
 /// Starts a worker process's workers and its link to the gateway. The returned task ends only
 /// with a fatal refusal (wrong credential, another model).
-pub async fn start_worker(
-    o: WorkerProcessOptions,
-) -> Result<tokio::task::JoinHandle<Result<(), LinkError>>, ServeError> {
+pub async fn start_worker(o: WorkerProcessOptions) -> Result<WorkerProcess, ServeError> {
     o.config
         .validate()
         .map_err(|e| ServeError::Config(e.to_string()))?;
@@ -186,6 +187,7 @@ pub async fn start_worker(
             }
         };
     let clock = Clock::start();
+    let metrics = Arc::new(Metrics::new());
     let kv_corrupt = (o.kv_corrupt_frames > 0)
         .then(|| Arc::new(std::sync::atomic::AtomicU64::new(o.kv_corrupt_frames)));
     let ids: Vec<u32> = (0..o.workers).map(random_id).collect();
@@ -211,16 +213,30 @@ pub async fn start_worker(
                     registry: registry.clone(),
                     kv: kv.clone(),
                     clock,
+                    stats: metrics.workers.clone(),
                     fault: None,
                     kv_corrupt: kv_corrupt.clone(),
                 },
             )
         })
         .collect();
-    let cluster = Cluster::start(workers, registry, Arc::new(Metrics::new()))
+    let cluster = Cluster::start(workers, registry, metrics.clone())
         .await
         .map_err(|e| setup(&e))?;
     ractor::call!(cluster.registry, RegistryMsg::Sync).map_err(|e| setup(&e))?;
+    let endpoint = match o.metrics_addr {
+        Some(addr) => {
+            let bind = |e: std::io::Error| ServeError::Bind {
+                addr: addr.to_string(),
+                source: e,
+            };
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind)?;
+            let bound = endpoint::spawn(listener, o.role, o.workers, board.clone(), metrics)
+                .map_err(bind)?;
+            Some(bound)
+        }
+        None => None,
+    };
     let hello = wire::Hello {
         role: match o.role {
             Role::Prefill => wire::WireRole::Prefill,
@@ -254,9 +270,18 @@ pub async fn start_worker(
         data,
         announce: o.announce,
     };
-    Ok(tokio::spawn(async move {
+    let link = tokio::spawn(async move {
         // The supervisor lives as long as the link.
         let _cluster = cluster;
         link::run(args).await
-    }))
+    });
+    Ok(WorkerProcess { link, endpoint })
+}
+
+/// A running `duet prefill` / `duet decode`.
+pub struct WorkerProcess {
+    /// Ends only with a fatal refusal (wrong credential, another model).
+    pub link: tokio::task::JoinHandle<Result<(), LinkError>>,
+    /// Where `/health` and `/metrics` are served, if they are.
+    pub endpoint: Option<SocketAddr>,
 }
