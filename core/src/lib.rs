@@ -11,6 +11,7 @@
 //! - [`rng`]: the seeded generator every crate draws from (sampling, checkpoints, simulation).
 
 pub mod config;
+pub mod ep;
 pub mod eplb;
 pub mod kv;
 pub mod pd;
