@@ -404,11 +404,11 @@ mod tests {
         assert_eq!(d.to_rank[0].len(), 4);
         assert_eq!(rows, vec![0, 4, 0, 0]);
         assert!(matches!(
-            plan_dispatch(&m, 0, &[9], 1, &mut vec![0; 4]),
+            plan_dispatch(&m, 0, &[9], 1, &mut [0; 4]),
             Err(EpError::UnknownExpert { expert: 9, .. })
         ));
         assert!(matches!(
-            plan_dispatch(&m, 0, &[0, 1, 2], 2, &mut vec![0; 4]),
+            plan_dispatch(&m, 0, &[0, 1, 2], 2, &mut [0; 4]),
             Err(EpError::Routing { .. })
         ));
     }

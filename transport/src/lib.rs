@@ -20,6 +20,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::mpsc;
 
+pub mod a2a;
 pub mod control;
 pub mod quic;
 #[cfg(feature = "ucx")]
