@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use duet_core::pd::Context;
@@ -95,9 +95,12 @@ pub fn router(state: Shared) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -127,6 +130,10 @@ async fn not_found() -> Response {
     })
 }
 
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    error_response(ApiError::method_not_allowed(method.as_str(), uri.path()))
+}
+
 /// Reads the body within the size limit.
 async fn read_body(s: &AppState, body: Body) -> Result<axum::body::Bytes, ApiError> {
     // A Content-Length over the limit is refused before a byte of the body is read.
@@ -149,6 +156,7 @@ impl Drop for Admission {
 
 fn admit(s: &Shared) -> Result<Admission, ApiError> {
     if s.draining.load(Ordering::Acquire) {
+        s.metrics.requests_rejected_total.inc();
         return Err(ApiError::unavailable("server is shutting down"));
     }
     let prev = s.inflight.fetch_add(1, Ordering::AcqRel);
@@ -325,6 +333,7 @@ async fn tokenize(State(s): State<Shared>, body: Body) -> Response {
         let bytes = read_body(&s, body).await?;
         let req: p::TokenizeRequest = p::parse_json(&bytes)?;
         s.check_model(req.model.as_deref())?;
+        let token_strs = req.return_token_strs.unwrap_or(false);
         let ids = match p::validate_tokenize(req)? {
             p::TokenizeInput::Prompt {
                 text,
@@ -347,10 +356,14 @@ async fn tokenize(State(s): State<Shared>, body: Body) -> Response {
                     .map_err(|e| ApiError::invalid("messages", e.to_string()))?
             }
         };
-        Ok::<_, ApiError>(axum::Json(p::TokenizeResponse::new(
-            ids,
-            s.context().max_model_len,
-        )))
+        let strs = token_strs.then(|| {
+            ids.iter()
+                .map(|&id| s.tokenizer.id_to_token(id).unwrap_or_default())
+                .collect()
+        });
+        let mut r = p::TokenizeResponse::new(ids, s.context().max_model_len);
+        r.token_strs = strs;
+        Ok::<_, ApiError>(axum::Json(r))
     }
     .await;
     r.map_or_else(error_response, IntoResponse::into_response)
@@ -372,15 +385,43 @@ async fn detokenize(State(s): State<Shared>, body: Body) -> Response {
     r.map_or_else(error_response, IntoResponse::into_response)
 }
 
+impl AppState {
+    fn model_card(&self) -> p::ModelCard {
+        p::ModelCard {
+            id: self.served_model_name.clone(),
+            object: "model",
+            created: self.started,
+            owned_by: "duet".into(),
+            max_model_len: Some(self.context().max_model_len),
+        }
+    }
+}
+
 async fn models(State(s): State<Shared>) -> Response {
-    axum::Json(p::ModelList::new(vec![p::ModelCard {
-        id: s.served_model_name.clone(),
-        object: "model",
-        created: s.started,
-        owned_by: "duet".into(),
-        max_model_len: Some(s.context().max_model_len),
-    }]))
-    .into_response()
+    axum::Json(p::ModelList::new(vec![s.model_card()])).into_response()
+}
+
+/// `GET /v1/models/{id}` (`client.models.retrieve`); ids may contain `/` (`deepseek-ai/...`).
+async fn model(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+    match s.check_model(Some(&id)) {
+        Ok(()) => axum::Json(s.model_card()).into_response(),
+        Err(e) => error_response(e),
+    }
+}
+
+/// The OpenAPI 3.1 description of every endpoint (`openapi.json`, written by hand; a test holds it
+/// to the router, and the schema fuzz test holds the server to it).
+pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        OPENAPI_JSON,
+    )
+        .into_response()
 }
 
 /// 200 once every role has a live worker; 503 while starting, draining or degraded.

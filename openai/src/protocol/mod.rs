@@ -49,6 +49,17 @@ impl ApiError {
         }
     }
 
+    /// 405: the path exists, the method does not.
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self {
+            status: 405,
+            message: format!("Method {method} is not allowed on {path}."),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("method_not_allowed".into()),
+        }
+    }
+
     pub fn not_found_model(name: &str) -> Self {
         Self {
             status: 404,
@@ -146,7 +157,13 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if path == "." || path.is_empty() {
+        // Malformed JSON is the body's fault wherever the parser stopped; serde's message says
+        // what it found and where (line and column).
+        let syntax = matches!(
+            inner.classify(),
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof
+        );
+        if syntax || path == "." || path.is_empty() {
             ApiError::invalid("body", format!("Invalid JSON body: {inner}"))
         } else {
             ApiError::invalid(path.clone(), format!("Invalid value for `{path}`: {inner}"))

@@ -255,6 +255,8 @@ pub struct TokenizeRequest {
     pub messages: Option<Vec<ChatMessage>>,
     pub add_generation_prompt: Option<bool>,
     pub add_special_tokens: Option<bool>,
+    /// vLLM's: also return each token's vocabulary string.
+    pub return_token_strs: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

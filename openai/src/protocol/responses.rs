@@ -383,6 +383,9 @@ pub struct TokenizeResponse {
     pub tokens: Vec<u32>,
     pub count: usize,
     pub max_model_len: usize,
+    /// With `return_token_strs`: each token's vocabulary string (vLLM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_strs: Option<Vec<String>>,
 }
 
 impl TokenizeResponse {
@@ -391,6 +394,7 @@ impl TokenizeResponse {
             count: tokens.len(),
             tokens,
             max_model_len,
+            token_strs: None,
         }
     }
 }

@@ -73,6 +73,13 @@ fn wrong_types_name_the_field() {
     assert_eq!(err_param(chat("[1, 2]")), "body");
     assert_eq!(err_param(chat("{\"messages\": [] } x")), "body");
     assert_eq!(err_param(chat("not json")), "body");
+    // A syntax error inside `messages` is the body's, and says where it is.
+    let e = chat("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"},]}").unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("body"));
+    assert!(e.message.contains("line 1 column"), "{}", e.message);
+    let e = chat("{\"messages\": [{\"role\": \"user\"").unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("body"));
+    assert!(e.message.contains("EOF"), "{}", e.message);
 }
 
 #[test]

@@ -21,27 +21,34 @@ use crate::metrics::Metrics;
 use crate::seq::TokenLogprob;
 use duet_openai::protocol::{self as p, ApiError, GenParams};
 
-/// Latency bookkeeping for one request.
+/// Latency bookkeeping for one choice, and its count in `duet_requests_total` by how it ended.
+/// Dropped before [`Timing::finish`] (the client went away: the handler's future or the stream's
+/// task ended early), it counts the choice as `abort`, so every choice is counted exactly once.
 pub(super) struct Timing {
-    pub(super) start: Instant,
-    pub(super) first: bool,
-    pub(super) last: Instant,
+    metrics: Arc<Metrics>,
+    start: Instant,
+    first: bool,
+    last: Instant,
+    finished: bool,
 }
 
 impl Timing {
-    fn new() -> Self {
+    fn new(metrics: Arc<Metrics>) -> Self {
         let now = Instant::now();
         Self {
+            metrics,
             start: now,
             first: true,
             last: now,
+            finished: false,
         }
     }
 
-    fn on_tokens(&mut self, m: &Metrics, n: usize) {
+    fn on_tokens(&mut self, n: usize) {
         if n == 0 {
             return;
         }
+        let m = &self.metrics;
         let now = Instant::now();
         if self.first {
             m.time_to_first_token_seconds
@@ -55,10 +62,20 @@ impl Timing {
         m.generation_tokens_total.add(n as u64);
     }
 
-    fn finish(&self, m: &Metrics, reason: &str) {
-        m.e2e_request_latency_seconds
+    fn finish(&mut self, reason: &str) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        self.metrics
+            .e2e_request_latency_seconds
             .observe(self.start.elapsed().as_secs_f64());
-        m.requests_total.with_label(reason).inc();
+        self.metrics.requests_total.with_label(reason).inc();
+    }
+}
+
+impl Drop for Timing {
+    fn drop(&mut self) {
+        self.finish("abort");
     }
 }
 
@@ -100,20 +117,23 @@ pub(super) async fn run_all(
     runs: &mut [ChoiceRun],
 ) -> Vec<(Vec<ChoiceDelta>, ChoiceFinish)> {
     let futs = runs.iter_mut().map(|r| async {
-        let mut timing = Timing::new();
+        let mut timing = Timing::new(s.metrics.clone());
         let mut deltas = Vec::new();
         loop {
             match r.next().await {
                 Some(mut d) => {
-                    timing.on_tokens(&s.metrics, d.tokens.len());
+                    timing.on_tokens(d.tokens.len());
                     if let Some(f) = d.finish.take() {
-                        timing.finish(&s.metrics, finish_label(&f));
+                        timing.finish(finish_label(&f));
                         deltas.push(d);
                         return (deltas, f);
                     }
                     deltas.push(d);
                 }
-                None => return (deltas, ChoiceFinish::Error("stream ended".into())),
+                None => {
+                    timing.finish("error");
+                    return (deltas, ChoiceFinish::Error("stream ended".into()));
+                }
             }
         }
     });
@@ -146,26 +166,32 @@ pub(super) fn stream_error(d: &ChoiceDelta) -> Option<axum::response::sse::Event
     }
 }
 
-/// Drives one choice, sending its events; stops early when the client is gone.
+/// Drives one choice, sending `opening` and then its events; stops early when the client is gone.
 pub(super) async fn pump<F>(
     mut run: ChoiceRun,
-    tx: mpsc::Sender<axum::response::sse::Event>,
+    opening: Option<Event>,
+    tx: mpsc::Sender<Event>,
     s: Shared,
     mut to_events: F,
 ) -> ChoiceRun
 where
-    F: FnMut(&mut ChoiceRun, ChoiceDelta) -> Vec<axum::response::sse::Event>,
+    F: FnMut(&mut ChoiceRun, ChoiceDelta) -> Vec<Event>,
 {
-    let mut timing = Timing::new();
+    let mut timing = Timing::new(s.metrics.clone());
+    if let Some(e) = opening
+        && tx.send(e).await.is_err()
+    {
+        return run;
+    }
     loop {
         let d = tokio::select! {
             d = run.next() => d,
             () = tx.closed() => return run,
         };
         let Some(d) = d else { return run };
-        timing.on_tokens(&s.metrics, d.tokens.len());
+        timing.on_tokens(d.tokens.len());
         if let Some(f) = &d.finish {
-            timing.finish(&s.metrics, finish_label(f));
+            timing.finish(finish_label(f));
         }
         let events = match stream_error(&d) {
             Some(e) => vec![e],
@@ -300,21 +326,27 @@ pub(super) type Event = axum::response::sse::Event;
 
 /// The handler of every generating endpoint.
 pub(super) async fn generating<E: Endpoint>(State(s): State<Shared>, body: Body) -> Response {
-    let r = async {
-        let bytes = read_body(&s, body).await?;
-        let g = E::prepare(&s, p::parse_json(&bytes)?)?;
-        answer(s, g).await
-    }
-    .await;
-    r.unwrap_or_else(error_response)
+    let prepared = match read_body(&s, body).await {
+        Ok(bytes) => p::parse_json(&bytes).and_then(|req| E::prepare(&s, req)),
+        Err(e) => Err(e),
+    };
+    let g = match prepared {
+        Ok(g) => g,
+        Err(e) => {
+            // Invalid requests are refusals too (`admit` counts the ones it refuses).
+            s.metrics.requests_rejected_total.inc();
+            return error_response(e);
+        }
+    };
+    answer(s, g).await.unwrap_or_else(error_response)
 }
 
 pub(super) async fn answer<E: Endpoint>(s: Shared, g: Generation<E>) -> Result<Response, ApiError> {
     let admission = admit(&s)?;
     let n = g.params.n;
-    let prompt_tokens_once = g.prompts.iter().map(|p| p.len()).sum::<usize>();
-    s.metrics.prompt_tokens_total.add(prompt_tokens_once as u64);
-    let prompt_tokens = prompt_tokens_once * n;
+    // Each prompt counts once however many choices share it (OpenAI's `usage`).
+    let prompt_tokens = g.prompts.iter().map(|p| p.len()).sum::<usize>();
+    s.metrics.prompt_tokens_total.add(prompt_tokens as u64);
     let runs: Vec<ChoiceRun> = g
         .prompts
         .iter()
@@ -352,14 +384,10 @@ pub(super) async fn answer<E: Endpoint>(s: Shared, g: Generation<E>) -> Result<R
         .map(|(index, run)| {
             let (s, shape, tx) = (s.clone(), shape.clone(), tx.clone());
             tokio::spawn(async move {
-                if let Some(e) = shape.0.opening(&shape.1, index)
-                    && tx.send(e).await.is_err()
-                {
-                    return (0, None);
-                }
+                let opening = shape.0.opening(&shape.1, index);
                 let mut st = ChoiceStream::default();
                 let s2 = s.clone();
-                let run = pump(run, tx, s, move |run, d| {
+                let run = pump(run, opening, tx, s, move |run, d| {
                     shape.0.delta(&s2, &shape.1, index, run, d, &mut st)
                 })
                 .await;
