@@ -53,6 +53,8 @@ pub struct AppState {
     pub board: SharedBoard,
     pub limits: HttpLimits,
     pub served_model_name: String,
+    /// Who may call: `Authorization: Bearer` keys and the paths that need none.
+    pub api_keys: crate::gateway::auth::ApiKeys,
     /// The model's positions; the advertised context is [`AppState::context`].
     pub max_positions: usize,
     /// KV pages of a prefill worker's and a decode group's pool as configured, until the workers
@@ -101,6 +103,10 @@ pub fn router(state: Shared) -> Router {
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::gateway::auth::require_key,
+        ))
         .with_state(state)
 }
 
@@ -110,7 +116,7 @@ fn now_s() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn error_response(e: ApiError) -> Response {
+pub(crate) fn error_response(e: ApiError) -> Response {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
     let mut r = (status, axum::Json(e.to_json())).into_response();
     if e.status == 429 || e.status == 503 {
