@@ -49,6 +49,14 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40"
 fi
+# The schema fuzz test (tests/serve_conformance.rs) runs schemathesis from PyPI against
+# /openapi.json; it lives in its own venv under target/, which the test finds.
+ST_VENV=target/venv-schemathesis
+if [ ! -x "$ST_VENV/bin/st" ]; then
+    rm -rf "$ST_VENV"
+    python3 -m venv "$ST_VENV"
+    "$ST_VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis>=4.3,<5"
+fi
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -48,6 +48,8 @@ pub struct Common {
 pub struct GatewayArgs {
     #[command(flatten)]
     common: Common,
+    /// Address to bind the HTTP API and the cluster port; 127.0.0.1 by default, so workers on
+    /// other hosts need `--host` (e.g. `0.0.0.0`).
     #[arg(long)]
     host: Option<String>,
     /// HTTP port (9965 by default).
@@ -61,6 +63,8 @@ pub struct GatewayArgs {
     queue_max: Option<usize>,
     #[arg(long)]
     served_model_name: Option<String>,
+    #[command(flatten)]
+    api_keys: crate::serve::ApiKeyArgs,
 }
 
 #[derive(clap::Args)]
@@ -173,6 +177,7 @@ pub fn run_gateway(a: GatewayArgs) -> Result<()> {
         cfg.limits.queue_max = n;
     }
     cfg.validate().context("invalid cluster configuration")?;
+    let api_keys = a.api_keys.keys(&cfg)?;
     let secret = read_secret(&a.common.secret_file)?;
     let dir = model_dir(&a.common, &cfg)?;
     let model = ModelConfig::from_file(&dir.join("config.json"))
@@ -190,7 +195,8 @@ pub fn run_gateway(a: GatewayArgs) -> Result<()> {
                 .map_or("default".into(), |n| n.to_string_lossy().into_owned())
         });
     // The gateway never runs the model: it renders, tokenizes, routes and streams.
-    let opts = ServeOptions::for_model_config(cfg.clone(), &model, tokenizer, served);
+    let mut opts = ServeOptions::for_model_config(cfg.clone(), &model, tokenizer, served);
+    opts.api_keys = api_keys;
     let shape = shape(&model, 0);
     runtime()?.block_on(async move {
         let addr = format!("{}:{}", cfg.gateway.host, cfg.gateway.port);
@@ -212,16 +218,10 @@ pub fn run_gateway(a: GatewayArgs) -> Result<()> {
             announce(),
         )
         .await?;
-        let host = match cfg.gateway.host.as_str() {
-            "0.0.0.0" | "::" => "127.0.0.1".to_string(),
-            h => h.to_string(),
-        };
+        // The addresses actually bound (the OS's ports for `--port 0`).
         println!(
-            "duet gateway serving {} at http://{host}:{} ; workers join at {}:{}",
-            g.running.state.served_model_name,
-            g.running.addr.port(),
-            host,
-            g.cluster_addr.port()
+            "duet gateway serving {} at http://{} ; workers join at {}",
+            g.running.state.served_model_name, g.running.addr, g.cluster_addr
         );
         let _ = std::io::stdout().flush();
         g.server.await.context("server task")??;

@@ -30,6 +30,7 @@ pub struct Args {
     /// Cluster config (TOML, core's schema); flags below override it.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Address to bind; 127.0.0.1 by default (`0.0.0.0` for every interface).
     #[arg(long)]
     host: Option<String>,
     /// 9965 by default, as in the PaddleNLP guide.
@@ -53,6 +54,8 @@ pub struct Args {
     served_model_name: Option<String>,
     #[arg(long, value_enum, default_value = "model")]
     engine: EngineArg,
+    #[command(flatten)]
+    api_keys: ApiKeyArgs,
     /// Compute dtype; overrides `[model] dtype` of `--config` (bf16 when neither says).
     #[arg(long, value_enum)]
     dtype: Option<DTypeArg>,
@@ -62,6 +65,57 @@ pub struct Args {
     /// Test tool: the first prefill worker panics after this many steps (recovery tests).
     #[arg(long, hide = true)]
     fault_prefill_panic_after_steps: Option<u64>,
+}
+
+/// Who may call the HTTP API, shared by `duet serve` and `duet gateway`.
+#[derive(clap::Args)]
+pub(crate) struct ApiKeyArgs {
+    /// A key clients must send as `Authorization: Bearer KEY` (repeatable). Keys also come from
+    /// `--api-key-file`, `[gateway] api_key_file` and the DUET_API_KEY environment variable; with
+    /// none the API is open to every caller that can reach it.
+    #[arg(long = "api-key", value_name = "KEY")]
+    api_key: Vec<String>,
+    /// A file of API keys, one per line (blank lines and lines starting with `#` are skipped).
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<PathBuf>,
+}
+
+impl ApiKeyArgs {
+    /// Every key from the flags, the key files and DUET_API_KEY.
+    pub(crate) fn keys(&self, cfg: &ClusterConfig) -> Result<Vec<String>> {
+        let mut keys = self.api_key.clone();
+        let files = self
+            .api_key_file
+            .iter()
+            .cloned()
+            .chain(cfg.gateway.api_key_file.iter().map(PathBuf::from));
+        for f in files {
+            let text = std::fs::read_to_string(&f)
+                .with_context(|| format!("reading API keys from {}", f.display()))?;
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from),
+            );
+        }
+        if let Ok(k) = std::env::var("DUET_API_KEY")
+            && !k.trim().is_empty()
+        {
+            keys.push(k.trim().to_string());
+        }
+        // A key a client cannot send in a header would lock everyone out without a word.
+        if let Some(bad) = keys
+            .iter()
+            .find(|k| k.is_empty() || k.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            anyhow::bail!(
+                "API key {:?} is empty or contains whitespace or control characters",
+                bad.chars().take(4).collect::<String>() + "…"
+            );
+        }
+        Ok(keys)
+    }
 }
 
 /// The cluster config from `--config`, or the defaults.
@@ -117,6 +171,7 @@ fn config(a: &Args) -> Result<ClusterConfig> {
 
 pub fn run(a: Args) -> Result<()> {
     let cfg = config(&a)?;
+    let api_keys = a.api_keys.keys(&cfg)?;
     let dir = match a
         .model
         .clone()
@@ -153,6 +208,7 @@ pub fn run(a: Args) -> Result<()> {
         }
     };
     let opts = ServeOptions {
+        api_keys,
         prefill_fault: a.fault_prefill_panic_after_steps.map(|n| Fault {
             panic_after_steps: n,
         }),
@@ -171,14 +227,16 @@ pub fn run(a: Args) -> Result<()> {
             .await
             .with_context(|| format!("binding {addr}"))?;
         let (running, server) = start(opts, listener, shutdown_signal()).await?;
-        let port = running.addr.port();
-        let host = match cfg.gateway.host.as_str() {
-            "0.0.0.0" | "::" => "127.0.0.1".to_string(),
-            h => h.to_string(),
+        // The address actually bound (the OS's port for `--port 0`).
+        let addr = running.addr;
+        println!("duet serving {} at http://{addr}", running.state.served_model_name);
+        let auth = if running.state.api_keys.enabled() {
+            " -H 'Authorization: Bearer <key>'"
+        } else {
+            ""
         };
-        println!("duet serving {} at http://{host}:{port}", running.state.served_model_name);
         println!(
-            "try: curl http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\": \"default\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'"
+            "try: curl http://{addr}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{{\"model\": \"default\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'"
         );
         use std::io::Write;
         let _ = std::io::stdout().flush();

@@ -209,15 +209,23 @@ async fn sampling_parameters_do_what_they_say() {
 
     // Frequency and presence penalties reach the sampler with their sign. Greedy decoding on the
     // tiny random model does not repeat itself (its logits are nearly flat); a negative penalty
-    // (OpenAI's range is [-2, 2]) rewards tokens already generated, so it repeats them.
+    // (OpenAI's range is [-2, 2]) rewards tokens already generated, so it repeats them. The
+    // prompt is "a a a a" without BOS (the case this was measured on), sent as token ids.
+    let (_, t) = post(
+        &srv.url("/tokenize"),
+        &json!({"prompt": "a a a a", "add_special_tokens": false}),
+    )
+    .await;
+    let prompt = t["tokens"].clone();
     let distinct = |penalty: Value| {
         let url = srv.url("/generate");
+        let prompt = prompt.clone();
         async move {
             let mut sp = json!({"max_new_tokens": 24, "temperature": 0, "ignore_eos": true});
             if let Value::Object(p) = penalty {
                 sp.as_object_mut().unwrap().extend(p);
             }
-            let (s, v) = post(&url, &json!({"text": "a a a a", "sampling_params": sp})).await;
+            let (s, v) = post(&url, &json!({"input_ids": prompt, "sampling_params": sp})).await;
             assert_eq!(s, 200, "{v}");
             let ids = generated_ids(&v);
             let mut uniq = ids.clone();

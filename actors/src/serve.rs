@@ -49,6 +49,8 @@ pub struct ServeOptions {
     /// also bounded by the KV pools.
     pub max_positions: usize,
     pub eos_ids: Vec<u32>,
+    /// `Authorization: Bearer` keys the HTTP API accepts; empty: open to every caller.
+    pub api_keys: Vec<String>,
     /// Fault injection (tests): the first decode group panics after this many steps.
     pub fault: Option<Fault>,
     /// Fault injection (tests): the first prefill worker panics after this many steps.
@@ -111,6 +113,7 @@ impl ServeOptions {
             tokenizer,
             served_model_name,
             eos_ids,
+            api_keys: Vec::new(),
             fault: None,
             prefill_fault: None,
         }
@@ -256,6 +259,10 @@ pub async fn start_front(
             request_timeout: Duration::from_secs(cfg.limits.request_timeout_s),
         },
         served_model_name: opts.served_model_name,
+        api_keys: crate::gateway::auth::ApiKeys::new(
+            opts.api_keys,
+            cfg.gateway.auth_exempt_paths.clone(),
+        ),
         max_positions: opts.max_positions,
         pool_pages: (cfg.prefill.kv_pages as usize, cfg.decode.kv_pages as usize),
         vocab_size: opts.engine.vocab_size(),

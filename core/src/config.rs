@@ -78,16 +78,24 @@ pub struct GatewaySection {
     pub port: u16,
     /// Where workers join the cluster (control messages over QUIC).
     pub cluster_port: u16,
+    /// A file of API keys, one per line, added to `--api-key` and `DUET_API_KEY`; with any key
+    /// set, requests need `Authorization: Bearer <key>`.
+    pub api_key_file: Option<String>,
+    /// Paths that need no API key: probes and scrapers carry none.
+    pub auth_exempt_paths: Vec<String>,
 }
 
 impl Default for GatewaySection {
     fn default() -> Self {
         GatewaySection {
-            // All interfaces: a serving process is meant to be reached.
-            host: "0.0.0.0".into(),
+            // Loopback: reachable from other hosts only when `--host` says so (and then, with
+            // API keys, only by those who hold one).
+            host: "127.0.0.1".into(),
             // Unassigned by IANA and unlikely to clash with other local servers.
             port: 9965,
             cluster_port: 9966,
+            api_key_file: None,
+            auth_exempt_paths: vec!["/health".into(), "/metrics".into()],
         }
     }
 }

@@ -12,6 +12,10 @@ pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
+    /// `add_bos_token` of tokenizer_config.json: `encode(.., add_special_tokens: true)` starts
+    /// with BOS, as HF's tokenizer does (DeepSeek's tokenizer.json has no post-processor that
+    /// would add it).
+    pub bos_id: Option<u32>,
     pub chat: Option<ChatTemplate>,
 }
 
@@ -53,9 +57,16 @@ impl TextTokenizer {
                 path: origin.to_path_buf(),
                 detail: e.to_string(),
             })?;
+        let bos_token = special_token(cfg, "bos_token");
+        let add_bos = cfg.get("add_bos_token").and_then(Json::as_bool) == Some(true);
+        let bos_id = bos_token
+            .as_deref()
+            .and_then(|b| inner.token_to_id(b))
+            .filter(|_| add_bos);
         Ok(Self {
             inner,
-            bos_token: special_token(cfg, "bos_token"),
+            bos_token,
+            bos_id,
             eos_token: special_token(cfg, "eos_token"),
             chat: ChatTemplate::from_tokenizer_config(cfg)?,
         })
@@ -69,7 +80,21 @@ impl TextTokenizer {
                 path: "tokenizer.json".into(),
                 detail: e.to_string(),
             })?;
-        Ok(enc.get_ids().to_vec())
+        let ids = enc.get_ids();
+        match self.bos_id {
+            Some(bos) if add_special_tokens && ids.first() != Some(&bos) => {
+                let mut out = Vec::with_capacity(ids.len() + 1);
+                out.push(bos);
+                out.extend_from_slice(ids);
+                Ok(out)
+            }
+            _ => Ok(ids.to_vec()),
+        }
+    }
+
+    /// The token's string in the vocabulary (`Ġhello`), as vLLM's `return_token_strs` gives it.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, Error> {

@@ -117,6 +117,19 @@ class ModelServerTest(unittest.TestCase):
     def test_models(self):
         ids = [m.id for m in self.client.models.list()]
         self.assertEqual(len(ids), 1)
+        m = self.client.models.retrieve(ids[0])
+        self.assertEqual((m.id, m.object), (ids[0], "model"))
+        with self.assertRaises(openai.NotFoundError):
+            self.client.models.retrieve("no-such-model")
+
+    def test_n_counts_the_prompt_once(self):
+        msgs = [{"role": "user", "content": "Count me once."}]
+        one = self.client.chat.completions.create(model="default", messages=msgs, max_tokens=2)
+        three = self.client.chat.completions.create(
+            model="default", messages=msgs, max_tokens=2, n=3
+        )
+        self.assertEqual(len(three.choices), 3)
+        self.assertEqual(three.usage.prompt_tokens, one.usage.prompt_tokens)
 
     def test_errors_are_4xx(self):
         with self.assertRaises(openai.BadRequestError) as e:
@@ -134,6 +147,38 @@ class ModelServerTest(unittest.TestCase):
             )
         with self.assertRaises(openai.BadRequestError):
             self.client.completions.create(model="default", prompt=[5] * 200_000, max_tokens=1)
+
+
+class ApiKeyTest(unittest.TestCase):
+    """`--api-key`: the client without the key gets AuthenticationError (401); with it, answers."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server("--engine", "echo", "--api-key", "sk-duet-test")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+
+    def client(self, key):
+        return openai.OpenAI(base_url=self.server.url + "/v1", api_key=key, max_retries=0)
+
+    def test_401_without_the_key_and_answers_with_it(self):
+        for key in ("none", "sk-duet-tes", "sk-duet-test2"):
+            with self.assertRaises(openai.AuthenticationError) as e:
+                self.client(key).chat.completions.create(
+                    model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+                )
+            self.assertEqual(e.exception.status_code, 401)
+            self.assertEqual(e.exception.code, "invalid_api_key")
+        with self.assertRaises(openai.AuthenticationError):
+            self.client("none").models.list()
+        ok = self.client("sk-duet-test")
+        r = ok.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        self.assertEqual(r.object, "chat.completion")
+        self.assertEqual(len(ok.models.list().data), 1)
 
 
 class EchoServerTest(unittest.TestCase):

@@ -67,7 +67,7 @@ fn job(id: u64) -> (Box<SeqJob>, EventRx) {
 
 #[tokio::test]
 async fn reservations_beyond_the_queue_bound_go_back_to_the_gateway_at_once() {
-    let (registry, _) = Actor::spawn(None, Registry, crate::cluster::new_board())
+    let (registry, _) = Actor::spawn(None, Registry, crate::registry::SharedBoard::default())
         .await
         .unwrap();
     let args = WorkerArgs {

@@ -1,36 +1,36 @@
 //! The HTTP API (axum): OpenAI-compatible chat and text completions, SGLang's `/generate`,
 //! vLLM's `/tokenize` and `/detokenize`, `/v1/models`, `/health` and Prometheus `/metrics`.
 //!
-//! A handler validates and tokenizes, takes an admission slot (or answers 429), starts one
-//! [`ChoiceRun`] per choice and turns their deltas into a JSON body or an SSE stream. Every body,
-//! queue and choice count has a bound from [`HttpLimits`].
+//! The generating endpoints share one handler (`generating.rs`): it validates and tokenizes
+//! through the endpoint's [`Endpoint`](generating::Endpoint) implementation (`endpoints.rs`),
+//! takes an admission slot (or answers 429), starts one [`ChoiceRun`] per choice and turns their
+//! deltas into a JSON body or an SSE stream shaped by the endpoint. Every body, queue and choice
+//! count has a bound from [`HttpLimits`]. This file holds the shared state, the router and the
+//! endpoints that do not generate.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use duet_core::pd::Context;
 use duet_model::tokenizer::TextTokenizer;
 use ractor::ActorRef;
-use serde::Serialize;
-use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use serde_json::json;
 
 use crate::clock::Clock;
 use crate::gateway::GatewayMsg;
-use crate::gateway::stream::{ChoiceDelta, ChoiceFinish, ChoiceRun, Matched, TextOptions};
+use crate::gateway::stream::{ChoiceRun, TextOptions};
 use crate::metrics::Metrics;
 use crate::registry::SharedBoard;
 use crate::seq::{SeqParams, ThinkingBudgetSpec, TokenLogprob};
 use duet_model::sampling::SamplingParams;
 use duet_openai::protocol::{self as p, ApiError, GenParams, RequestLimits};
-use duet_openai::tools::ToolEvent;
 
 /// Limits of the HTTP layer, from the cluster config's `[limits]`.
 #[derive(Debug, Clone)]
@@ -54,6 +54,8 @@ pub struct AppState {
     pub board: SharedBoard,
     pub limits: HttpLimits,
     pub served_model_name: String,
+    /// Who may call: `Authorization: Bearer` keys and the paths that need none.
+    pub api_keys: crate::gateway::auth::ApiKeys,
     /// The model's positions; the advertised context is [`AppState::context`].
     pub max_positions: usize,
     /// KV pages of a prefill worker's and a decode group's pool as configured, until the workers
@@ -82,17 +84,30 @@ pub struct ThinkIds {
 
 pub type Shared = Arc<AppState>;
 
+mod endpoints;
+mod generating;
+
+use endpoints::{Chat, Completions, Generate};
+use generating::generating;
+
 pub fn router(state: Shared) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/completions", post(completions))
-        .route("/generate", post(generate))
+        .route("/v1/chat/completions", post(generating::<Chat>))
+        .route("/v1/completions", post(generating::<Completions>))
+        .route("/generate", post(generating::<Generate>))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::gateway::auth::require_key,
+        ))
         .with_state(state)
 }
 
@@ -100,7 +115,7 @@ fn now_s() -> u64 {
     Clock::unix_secs()
 }
 
-fn error_response(e: ApiError) -> Response {
+pub(crate) fn error_response(e: ApiError) -> Response {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
     let mut r = (status, axum::Json(e.to_json())).into_response();
     if e.status == 429 || e.status == 503 {
@@ -118,6 +133,10 @@ async fn not_found() -> Response {
         param: None,
         code: Some("not_found".into()),
     })
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    error_response(ApiError::method_not_allowed(method.as_str(), uri.path()))
 }
 
 /// Reads the body within the size limit.
@@ -142,6 +161,7 @@ impl Drop for Admission {
 
 fn admit(s: &Shared) -> Result<Admission, ApiError> {
     if s.draining.load(Ordering::Acquire) {
+        s.metrics.requests_rejected_total.inc();
         return Err(ApiError::unavailable("server is shutting down"));
     }
     let prev = s.inflight.fetch_add(1, Ordering::AcqRel);
@@ -309,649 +329,6 @@ impl AppState {
     }
 }
 
-/// Latency bookkeeping for one request.
-struct Timing {
-    start: Instant,
-    first: bool,
-    last: Instant,
-}
-
-impl Timing {
-    fn new() -> Self {
-        let now = Clock::instant();
-        Self {
-            start: now,
-            first: true,
-            last: now,
-        }
-    }
-
-    fn on_tokens(&mut self, m: &Metrics, n: usize) {
-        if n == 0 {
-            return;
-        }
-        let now = Clock::instant();
-        if self.first {
-            m.time_to_first_token_seconds
-                .observe((now - self.start).as_secs_f64());
-            self.first = false;
-        } else {
-            m.inter_token_latency_seconds
-                .observe((now - self.last).as_secs_f64());
-        }
-        self.last = now;
-        m.generation_tokens_total.add(n as u64);
-    }
-
-    fn finish(&self, m: &Metrics, reason: &str) {
-        m.e2e_request_latency_seconds
-            .observe(self.start.elapsed().as_secs_f64());
-        m.requests_total.with_label(reason).inc();
-    }
-}
-
-fn finish_label(f: &ChoiceFinish) -> &'static str {
-    match f {
-        ChoiceFinish::Done { reason, .. } => match reason {
-            p::FinishReason::Stop => "stop",
-            p::FinishReason::Length => "length",
-            p::FinishReason::ToolCalls => "tool_calls",
-        },
-        ChoiceFinish::Error(_) => "error",
-    }
-}
-
-fn matched_stop(f: &ChoiceFinish) -> Option<p::MatchedStop> {
-    match f {
-        ChoiceFinish::Done {
-            matched: Some(Matched::Text(s)),
-            ..
-        } => Some(p::MatchedStop::Text(s.clone())),
-        ChoiceFinish::Done {
-            matched: Some(Matched::Token(t)),
-            ..
-        } => Some(p::MatchedStop::Token(*t)),
-        _ => None,
-    }
-}
-
-fn finish_reason(f: &ChoiceFinish) -> Option<p::FinishReason> {
-    match f {
-        ChoiceFinish::Done { reason, .. } => Some(*reason),
-        ChoiceFinish::Error(_) => None,
-    }
-}
-
-/// Runs every choice to the end (non-streaming responses).
-async fn run_all(s: &Shared, runs: &mut [ChoiceRun]) -> Vec<(Vec<ChoiceDelta>, ChoiceFinish)> {
-    let futs = runs.iter_mut().map(|r| async {
-        let mut timing = Timing::new();
-        let mut deltas = Vec::new();
-        loop {
-            match r.next().await {
-                Some(mut d) => {
-                    timing.on_tokens(&s.metrics, d.tokens.len());
-                    if let Some(f) = d.finish.take() {
-                        timing.finish(&s.metrics, finish_label(&f));
-                        deltas.push(d);
-                        return (deltas, f);
-                    }
-                    deltas.push(d);
-                }
-                None => return (deltas, ChoiceFinish::Error("stream ended".into())),
-            }
-        }
-    });
-    futures::future::join_all(futs).await
-}
-
-fn sse_event<T: Serialize>(v: &T) -> axum::response::sse::Event {
-    axum::response::sse::Event::default().data(serde_json::to_string(v).unwrap_or_default())
-}
-
-/// Streams SSE events produced by `produce` (one task per choice feeding one bounded queue).
-/// The client going away closes the queue, which ends the tasks and aborts their sequences.
-fn sse_response(rx: mpsc::Receiver<axum::response::sse::Event>) -> Response {
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|e| (Ok::<_, std::convert::Infallible>(e), rx))
-    });
-    axum::response::sse::Sse::new(stream).into_response()
-}
-
-/// A failure after the response started cannot change the status code: vLLM's and SGLang's
-/// streams carry it as an `{"error": ...}` event, and so does this one.
-fn stream_error(d: &ChoiceDelta) -> Option<axum::response::sse::Event> {
-    match &d.finish {
-        Some(ChoiceFinish::Error(e)) => {
-            Some(sse_event(&ApiError::unavailable(e.clone()).to_json()))
-        }
-        _ => None,
-    }
-}
-
-/// Drives one choice, sending its events; stops early when the client is gone.
-async fn pump<F>(
-    mut run: ChoiceRun,
-    tx: mpsc::Sender<axum::response::sse::Event>,
-    s: Shared,
-    mut to_events: F,
-) -> ChoiceRun
-where
-    F: FnMut(&mut ChoiceRun, ChoiceDelta) -> Vec<axum::response::sse::Event>,
-{
-    let mut timing = Timing::new();
-    loop {
-        let d = tokio::select! {
-            d = run.next() => d,
-            () = tx.closed() => return run,
-        };
-        let Some(d) = d else { return run };
-        timing.on_tokens(&s.metrics, d.tokens.len());
-        if let Some(f) = &d.finish {
-            timing.finish(&s.metrics, finish_label(f));
-        }
-        let events = match stream_error(&d) {
-            Some(e) => vec![e],
-            None => to_events(&mut run, d),
-        };
-        for e in events {
-            if tx.send(e).await.is_err() {
-                return run;
-            }
-        }
-    }
-}
-
-/// Once every choice's task ended: the usage event (if asked for), `[DONE]`, and the admission
-/// slot back. `usage` gets the completion tokens of all choices and the prompt's cached tokens.
-fn close_stream(
-    tasks: Vec<tokio::task::JoinHandle<(usize, Option<usize>)>>,
-    admission: Admission,
-    tx: mpsc::Sender<axum::response::sse::Event>,
-    usage: impl FnOnce(usize, usize) -> Option<axum::response::sse::Event> + Send + 'static,
-) {
-    tokio::spawn(async move {
-        let _admission = admission;
-        let mut completion = 0;
-        let mut cached = None;
-        for t in tasks {
-            if let Ok((c, k)) = t.await {
-                completion += c;
-                cached = cached.or(k);
-            }
-        }
-        if let Some(e) = usage(completion, cached.unwrap_or(0)) {
-            let _ = tx.send(e).await;
-        }
-        let _ = tx
-            .send(axum::response::sse::Event::default().data("[DONE]"))
-            .await;
-    });
-}
-
-// ---------------------------------------------------------------------------------------------
-// /v1/chat/completions
-// ---------------------------------------------------------------------------------------------
-
-async fn chat(State(s): State<Shared>, body: Body) -> Response {
-    match chat_inner(s, body).await {
-        Ok(r) => r,
-        Err(e) => error_response(e),
-    }
-}
-
-async fn chat_inner(s: Shared, body: Body) -> Result<Response, ApiError> {
-    let bytes = read_body(&s, body).await?;
-    let req: p::ChatCompletionRequest = p::parse_json(&bytes)?;
-    let mut v = p::validate_chat(req, &s.request_limits())?;
-    s.check_model(v.model.as_deref())?;
-    let tools_json = v
-        .tools
-        .as_ref()
-        .map(|t| serde_json::to_value(t).unwrap_or(Value::Null));
-    let (text, ids) = s
-        .tokenizer
-        .apply_chat_template_with(
-            &v.messages,
-            tools_json.as_ref(),
-            true,
-            &v.chat_template_kwargs,
-        )
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    s.fit(ids.len(), &mut v.params)?;
-    let admission = admit(&s)?;
-    s.metrics.prompt_tokens_total.add(ids.len() as u64);
-    let request_id = s.next_request_id("chatcmpl");
-    let reasoning = (v.separate_reasoning && s.think.is_some())
-        .then(|| text.trim_end_matches('\n').ends_with("<think>"));
-    let text_opts = TextOptions {
-        stop: v.params.stop.clone(),
-        reasoning,
-        tools: v.tools.as_ref().map(|_| format!("call_{request_id}_")),
-        skip_special_tokens: v.params.skip_special_tokens,
-    };
-    let prompt = Arc::new(ids);
-    let runs: Vec<ChoiceRun> = (0..v.params.n)
-        .map(|_| s.start_choice(prompt.clone(), &v.params, text_opts.clone()))
-        .collect();
-    let created = now_s();
-    let model = s.served_model_name.clone();
-    if !v.stream {
-        return Ok(chat_whole(&s, runs, request_id, created, model, &v).await);
-    }
-    let (tx, rx) = mpsc::channel(SSE_QUEUE_EVENTS);
-    let include_usage = v.include_usage;
-    let logprobs = v.params.logprobs;
-    let n = runs.len();
-    let prompt_len = prompt.len();
-    let mut tasks = Vec::with_capacity(n);
-    for (index, run) in runs.into_iter().enumerate() {
-        let s2 = s.clone();
-        let (id, model) = (request_id.clone(), model.clone());
-        let chunk = move |choices| {
-            let mut c = p::ChatCompletionChunk::new(id.clone(), created, model.clone(), choices);
-            if include_usage {
-                c.usage = Some(None);
-            }
-            c
-        };
-        let first = chunk(vec![p::ChunkChoice {
-            index,
-            delta: p::Delta {
-                role: Some("assistant"),
-                content: Some(String::new()),
-                ..Default::default()
-            },
-            logprobs: None,
-            finish_reason: None,
-            matched_stop: None,
-        }]);
-        let tx2 = tx.clone();
-        tasks.push(tokio::spawn(async move {
-            if tx2.send(sse_event(&first)).await.is_err() {
-                return (0, None);
-            }
-            let s3 = s2.clone();
-            let run = pump(run, tx2, s2, move |_, d| {
-                chat_chunks(&s3, index, d, logprobs)
-                    .into_iter()
-                    .map(|c| sse_event(&chunk(vec![c])))
-                    .collect()
-            })
-            .await;
-            (run.generated().len(), run.cached_tokens)
-        }));
-    }
-    close_stream(tasks, admission, tx, move |completion, cached| {
-        include_usage.then(|| {
-            let mut c = p::ChatCompletionChunk::new(request_id, created, model, vec![]);
-            c.usage = Some(Some(p::Usage::new(
-                prompt_len * n,
-                completion,
-                Some(cached),
-            )));
-            sse_event(&c)
-        })
-    });
-    Ok(sse_response(rx))
-}
-
-/// One delta as chat chunk choices (content, reasoning and tool calls in one chunk; the finish in
-/// its own chunk, as OpenAI streams).
-fn chat_chunks(s: &AppState, index: usize, d: ChoiceDelta, logprobs: bool) -> Vec<p::ChunkChoice> {
-    let mut out = Vec::new();
-    let tool_calls: Vec<p::ToolCallDelta> = d
-        .tool_events
-        .into_iter()
-        .filter_map(|e| match e {
-            ToolEvent::Start { index, id, name } => Some(p::ToolCallDelta::start(index, id, name)),
-            ToolEvent::Args { index, delta } => Some(p::ToolCallDelta::args(index, delta)),
-            ToolEvent::Content(_) => None,
-        })
-        .collect();
-    let lp = if logprobs {
-        s.chat_logprobs(&d.tokens)
-    } else {
-        None
-    };
-    if !d.content.is_empty() || !d.reasoning.is_empty() || !tool_calls.is_empty() || lp.is_some() {
-        out.push(p::ChunkChoice {
-            index,
-            delta: p::Delta {
-                role: None,
-                content: (!d.content.is_empty()).then_some(d.content),
-                reasoning_content: (!d.reasoning.is_empty()).then_some(d.reasoning),
-                tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
-            },
-            logprobs: lp,
-            finish_reason: None,
-            matched_stop: None,
-        });
-    }
-    if let Some(f) = d.finish {
-        out.push(p::ChunkChoice {
-            index,
-            delta: p::Delta::default(),
-            logprobs: None,
-            finish_reason: finish_reason(&f),
-            matched_stop: matched_stop(&f),
-        });
-    }
-    out
-}
-
-async fn chat_whole(
-    s: &Shared,
-    mut runs: Vec<ChoiceRun>,
-    id: String,
-    created: u64,
-    model: String,
-    v: &p::ValidatedChat,
-) -> Response {
-    let results = run_all(s, &mut runs).await;
-    let mut choices = Vec::new();
-    let mut completion = 0;
-    for (index, ((deltas, finish), run)) in results.into_iter().zip(&runs).enumerate() {
-        if let ChoiceFinish::Error(e) = &finish {
-            return error_response(ApiError::unavailable(e.clone()));
-        }
-        completion += run.generated().len();
-        let mut content = String::new();
-        let mut reasoning = String::new();
-        let mut tokens = Vec::new();
-        for d in deltas {
-            content.push_str(&d.content);
-            reasoning.push_str(&d.reasoning);
-            tokens.extend(d.tokens);
-        }
-        let calls: Vec<p::ToolCallOut> = run
-            .tool_calls()
-            .into_iter()
-            .map(|c| p::ToolCallOut::function(c.id, c.name, c.arguments))
-            .collect();
-        choices.push(p::ChatChoice {
-            index,
-            message: p::ChatResponseMessage {
-                role: "assistant",
-                content: (!content.is_empty() || calls.is_empty()).then_some(content),
-                reasoning_content: (!reasoning.is_empty()).then_some(reasoning),
-                tool_calls: (!calls.is_empty()).then_some(calls),
-            },
-            logprobs: if v.params.logprobs {
-                s.chat_logprobs(&tokens)
-            } else {
-                None
-            },
-            finish_reason: finish_reason(&finish),
-            matched_stop: matched_stop(&finish),
-        });
-    }
-    let prompt_len = runs.first().map_or(0, ChoiceRun::prompt_len);
-    let cached = runs.iter().find_map(|r| r.cached_tokens).unwrap_or(0);
-    let usage = p::Usage::new(prompt_len * runs.len(), completion, Some(cached));
-    axum::Json(p::ChatCompletion::new(id, created, model, choices, usage)).into_response()
-}
-
-// ---------------------------------------------------------------------------------------------
-// /v1/completions
-// ---------------------------------------------------------------------------------------------
-
-async fn completions(State(s): State<Shared>, body: Body) -> Response {
-    match completions_inner(s, body).await {
-        Ok(r) => r,
-        Err(e) => error_response(e),
-    }
-}
-
-fn encode_prompt(
-    s: &AppState,
-    prompt: &p::Prompt,
-    add_special: bool,
-) -> Result<Vec<u32>, ApiError> {
-    match prompt {
-        p::Prompt::Ids(ids) => Ok(ids.clone()),
-        p::Prompt::Text(t) => s
-            .tokenizer
-            .encode(t, add_special)
-            .map_err(|e| ApiError::invalid("prompt", e.to_string())),
-    }
-}
-
-async fn completions_inner(s: Shared, body: Body) -> Result<Response, ApiError> {
-    let bytes = read_body(&s, body).await?;
-    let req: p::CompletionRequest = p::parse_json(&bytes)?;
-    let mut v = p::validate_completion(req, &s.request_limits())?;
-    s.check_model(v.model.as_deref())?;
-    let mut prompts = Vec::with_capacity(v.prompts.len());
-    let mut max_tokens = v.params.max_tokens;
-    for pr in &v.prompts {
-        let ids = encode_prompt(&s, pr, true)?;
-        let mut g = v.params.clone();
-        s.fit(ids.len(), &mut g)?;
-        max_tokens = max_tokens.min(g.max_tokens);
-        prompts.push(Arc::new(ids));
-    }
-    v.params.max_tokens = max_tokens;
-    let admission = admit(&s)?;
-    let prompt_tokens: usize = prompts.iter().map(|p| p.len()).sum::<usize>() * v.params.n;
-    s.metrics.prompt_tokens_total.add(prompt_tokens as u64);
-    let text_opts = TextOptions {
-        stop: v.params.stop.clone(),
-        reasoning: None,
-        tools: None,
-        skip_special_tokens: v.params.skip_special_tokens,
-    };
-    let runs: Vec<ChoiceRun> = prompts
-        .iter()
-        .flat_map(|pr| (0..v.params.n).map(move |_| pr.clone()))
-        .map(|pr| s.start_choice(pr, &v.params, text_opts.clone()))
-        .collect();
-    let id = s.next_request_id("cmpl");
-    let created = now_s();
-    let model = s.served_model_name.clone();
-    let logprobs = v.params.logprobs;
-    if !v.stream {
-        let mut runs = runs;
-        let results = run_all(&s, &mut runs).await;
-        let mut choices = Vec::new();
-        let mut completion = 0;
-        for (index, ((deltas, finish), run)) in results.into_iter().zip(&runs).enumerate() {
-            if let ChoiceFinish::Error(e) = &finish {
-                return Err(ApiError::unavailable(e.clone()));
-            }
-            completion += run.generated().len();
-            let text: String = deltas.iter().map(|d| d.content.as_str()).collect();
-            let tokens: Vec<_> = deltas.into_iter().flat_map(|d| d.tokens).collect();
-            let mut offset = 0;
-            choices.push(p::CompletionChoice {
-                index,
-                text,
-                logprobs: if logprobs {
-                    s.completion_logprobs(&tokens, &mut offset)
-                } else {
-                    None
-                },
-                finish_reason: finish_reason(&finish),
-                matched_stop: matched_stop(&finish),
-            });
-        }
-        let cached = runs.iter().find_map(|r| r.cached_tokens).unwrap_or(0);
-        let mut c = p::Completion::new(id, created, model, choices);
-        c.usage = Some(Some(p::Usage::new(prompt_tokens, completion, Some(cached))));
-        return Ok(axum::Json(c).into_response());
-    }
-    let include_usage = v.include_usage;
-    let (tx, rx) = mpsc::channel(SSE_QUEUE_EVENTS);
-    let mut tasks = Vec::new();
-    for (index, run) in runs.into_iter().enumerate() {
-        let (s2, id, model, tx2) = (s.clone(), id.clone(), model.clone(), tx.clone());
-        let s3 = s.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut offset = 0;
-            let run = pump(run, tx2, s2, move |_, d| {
-                let lp = if logprobs {
-                    s3.completion_logprobs(&d.tokens, &mut offset)
-                } else {
-                    None
-                };
-                let finish = d.finish.as_ref();
-                if d.content.is_empty() && lp.is_none() && finish.is_none() {
-                    return vec![];
-                }
-                let mut c = p::Completion::new(
-                    id.clone(),
-                    created,
-                    model.clone(),
-                    vec![p::CompletionChoice {
-                        index,
-                        text: d.content,
-                        logprobs: lp,
-                        finish_reason: finish.and_then(finish_reason),
-                        matched_stop: finish.and_then(matched_stop),
-                    }],
-                );
-                if include_usage {
-                    c.usage = Some(None);
-                }
-                vec![sse_event(&c)]
-            })
-            .await;
-            (run.generated().len(), run.cached_tokens)
-        }));
-    }
-    close_stream(tasks, admission, tx, move |completion, cached| {
-        include_usage.then(|| {
-            let mut c = p::Completion::new(id, created, model, vec![]);
-            c.usage = Some(Some(p::Usage::new(prompt_tokens, completion, Some(cached))));
-            sse_event(&c)
-        })
-    });
-    Ok(sse_response(rx))
-}
-
-// ---------------------------------------------------------------------------------------------
-// SGLang /generate
-// ---------------------------------------------------------------------------------------------
-
-async fn generate(State(s): State<Shared>, body: Body) -> Response {
-    match generate_inner(s, body).await {
-        Ok(r) => r,
-        Err(e) => error_response(e),
-    }
-}
-
-fn generate_meta(
-    id: &str,
-    run: &ChoiceRun,
-    finish: Option<&ChoiceFinish>,
-    lps: Option<&[(u32, Option<TokenLogprob>)]>,
-) -> p::GenerateMetaInfo {
-    p::GenerateMetaInfo {
-        id: id.to_string(),
-        prompt_tokens: run.prompt_len(),
-        completion_tokens: run.generated().len(),
-        cached_tokens: run.cached_tokens.unwrap_or(0),
-        finish_reason: finish.and_then(|f| match f {
-            ChoiceFinish::Done {
-                reason: p::FinishReason::Length,
-                ..
-            } => Some(p::GenerateFinish::length()),
-            ChoiceFinish::Done { .. } => Some(p::GenerateFinish::stop(matched_stop(f))),
-            ChoiceFinish::Error(_) => None,
-        }),
-        output_token_logprobs: lps.map(|t| {
-            t.iter()
-                .map(|(id, lp)| (lp.as_ref().map_or(0.0, |l| l.logprob), *id, None))
-                .collect()
-        }),
-    }
-}
-
-async fn generate_inner(s: Shared, body: Body) -> Result<Response, ApiError> {
-    let bytes = read_body(&s, body).await?;
-    let req: p::GenerateRequest = p::parse_json(&bytes)?;
-    let mut v = p::validate_generate(req, &s.request_limits())?;
-    v.params.logprobs |= v.return_logprob;
-    let ids = encode_prompt(&s, &v.prompt, true)?;
-    s.fit(ids.len(), &mut v.params)?;
-    let admission = admit(&s)?;
-    s.metrics.prompt_tokens_total.add(ids.len() as u64);
-    let text_opts = TextOptions {
-        stop: v.params.stop.clone(),
-        reasoning: None,
-        tools: None,
-        skip_special_tokens: v.params.skip_special_tokens,
-    };
-    let mut run = s.start_choice(Arc::new(ids), &v.params, text_opts);
-    let id = s.next_request_id("gen");
-    let return_logprob = v.return_logprob;
-    if !v.stream {
-        let mut runs = [run];
-        let mut results = run_all(&s, &mut runs).await;
-        let (deltas, finish) = results
-            .pop()
-            .unwrap_or_else(|| (Vec::new(), ChoiceFinish::Error("no result".into())));
-        if let ChoiceFinish::Error(e) = &finish {
-            return Err(ApiError::unavailable(e.clone()));
-        }
-        let tokens: Vec<_> = deltas.into_iter().flat_map(|d| d.tokens).collect();
-        let run = &runs[0];
-        let body = p::GenerateResponse {
-            text: run.text.clone(),
-            output_ids: run.generated().to_vec(),
-            meta_info: generate_meta(
-                &id,
-                run,
-                Some(&finish),
-                return_logprob.then_some(&tokens[..]),
-            ),
-        };
-        return Ok(axum::Json(body).into_response());
-    }
-    let (tx, rx) = mpsc::channel(SSE_QUEUE_EVENTS);
-    tokio::spawn(async move {
-        let _admission = admission;
-        let mut timing = Timing::new();
-        let mut tokens = Vec::new();
-        loop {
-            let d = tokio::select! {
-                d = run.next() => d,
-                () = tx.closed() => return,
-            };
-            let Some(d) = d else { break };
-            timing.on_tokens(&s.metrics, d.tokens.len());
-            if let Some(f) = &d.finish {
-                timing.finish(&s.metrics, finish_label(f));
-            }
-            if let Some(e) = stream_error(&d) {
-                let _ = tx.send(e).await;
-                break;
-            }
-            tokens.extend(d.tokens);
-            // SGLang streams the cumulative text and ids on every chunk.
-            let body = p::GenerateResponse {
-                text: run.text.clone(),
-                output_ids: run.generated().to_vec(),
-                meta_info: generate_meta(
-                    &id,
-                    &run,
-                    d.finish.as_ref(),
-                    return_logprob.then_some(&tokens[..]),
-                ),
-            };
-            if tx.send(sse_event(&body)).await.is_err() {
-                return;
-            }
-        }
-        let _ = tx
-            .send(axum::response::sse::Event::default().data("[DONE]"))
-            .await;
-    });
-    Ok(sse_response(rx))
-}
-
 // ---------------------------------------------------------------------------------------------
 // /tokenize, /detokenize, /v1/models, /health, /metrics
 // ---------------------------------------------------------------------------------------------
@@ -961,6 +338,7 @@ async fn tokenize(State(s): State<Shared>, body: Body) -> Response {
         let bytes = read_body(&s, body).await?;
         let req: p::TokenizeRequest = p::parse_json(&bytes)?;
         s.check_model(req.model.as_deref())?;
+        let token_strs = req.return_token_strs.unwrap_or(false);
         let ids = match p::validate_tokenize(req)? {
             p::TokenizeInput::Prompt {
                 text,
@@ -983,10 +361,14 @@ async fn tokenize(State(s): State<Shared>, body: Body) -> Response {
                     .map_err(|e| ApiError::invalid("messages", e.to_string()))?
             }
         };
-        Ok::<_, ApiError>(axum::Json(p::TokenizeResponse::new(
-            ids,
-            s.context().max_model_len,
-        )))
+        let strs = token_strs.then(|| {
+            ids.iter()
+                .map(|&id| s.tokenizer.id_to_token(id).unwrap_or_default())
+                .collect()
+        });
+        let mut r = p::TokenizeResponse::new(ids, s.context().max_model_len);
+        r.token_strs = strs;
+        Ok::<_, ApiError>(axum::Json(r))
     }
     .await;
     r.map_or_else(error_response, IntoResponse::into_response)
@@ -1008,15 +390,43 @@ async fn detokenize(State(s): State<Shared>, body: Body) -> Response {
     r.map_or_else(error_response, IntoResponse::into_response)
 }
 
+impl AppState {
+    fn model_card(&self) -> p::ModelCard {
+        p::ModelCard {
+            id: self.served_model_name.clone(),
+            object: "model",
+            created: self.started,
+            owned_by: "duet".into(),
+            max_model_len: Some(self.context().max_model_len),
+        }
+    }
+}
+
 async fn models(State(s): State<Shared>) -> Response {
-    axum::Json(p::ModelList::new(vec![p::ModelCard {
-        id: s.served_model_name.clone(),
-        object: "model",
-        created: s.started,
-        owned_by: "duet".into(),
-        max_model_len: Some(s.context().max_model_len),
-    }]))
-    .into_response()
+    axum::Json(p::ModelList::new(vec![s.model_card()])).into_response()
+}
+
+/// `GET /v1/models/{id}` (`client.models.retrieve`); ids may contain `/` (`deepseek-ai/...`).
+async fn model(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+    match s.check_model(Some(&id)) {
+        Ok(()) => axum::Json(s.model_card()).into_response(),
+        Err(e) => error_response(e),
+    }
+}
+
+/// The OpenAPI 3.1 description of every endpoint (`openapi.json`, written by hand; a test holds it
+/// to the router, and the schema fuzz test holds the server to it).
+pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        OPENAPI_JSON,
+    )
+        .into_response()
 }
 
 /// 200 once every role has a live worker; 503 while starting, draining or degraded.

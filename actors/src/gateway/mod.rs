@@ -4,6 +4,7 @@
 //! membership and load, carries out its placements (a reservation to the decode group, naming the
 //! prefill worker), and forwards aborts to whoever holds a sequence.
 
+pub mod auth;
 pub mod http;
 pub mod stream;
 

@@ -1,0 +1,718 @@
+//! Validation: ranges, defaults and the consistency of fields, turning a parsed request into the
+//! normalised form the gateway and the workers use ([`GenParams`], [`ValidatedChat`], ...). Every
+//! error names the parameter as the client wrote it.
+
+use serde_json::{Map, Value, json};
+
+use super::ApiError;
+use super::requests::*;
+
+// Bounds
+
+/// OpenAI's documented limit; vLLM and SGLang take any number, but every client written for OpenAI
+/// stays within it, and each stop string is scanned on every generated token.
+pub const STOP_STRINGS_MAX: usize = 4;
+/// No documented OpenAI limit. The stop matcher holds back up to this many bytes of output, which
+/// delays streaming by as much: 256 bytes is tens of tokens, far more than any real stop sequence.
+pub const STOP_BYTES_MAX: usize = 256;
+/// Stop token ids are checked per generated token by a linear scan; 64 covers every EOS variant.
+pub const STOP_TOKEN_IDS_MAX: usize = 64;
+/// OpenAI's limit for `top_logprobs` (chat) and vLLM's default `max_logprobs`.
+pub const TOP_LOGPROBS_MAX: usize = 20;
+/// OpenAI's range for `temperature`.
+pub const TEMPERATURE_MAX: f32 = 2.0;
+/// OpenAI's range for presence and frequency penalties: [-2, 2].
+pub const PENALTY_ABS_MAX: f32 = 2.0;
+
+/// What validation needs from the server's configuration.
+#[derive(Debug, Clone)]
+pub struct RequestLimits {
+    /// `max_tokens` when the request gives none (the caller clips it to the context window).
+    pub default_max_tokens: usize,
+    /// Most sequences one request may ask for (`n`, times the number of prompts for completions).
+    pub n_max: usize,
+    /// Token ids at or above this are rejected.
+    pub vocab_size: usize,
+}
+
+// Sampling
+
+/// The sampling fields every endpoint shares, gathered from whichever request type carried them.
+#[derive(Debug, Clone, Default)]
+pub struct SamplingInput {
+    /// (value, parameter name it came from) so errors name what the client sent.
+    pub max_tokens: Option<(u64, &'static str)>,
+    pub n: Option<u64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub stop: Option<StopStrings>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub seed: Option<Seed>,
+    pub logprobs: bool,
+    pub top_logprobs: Option<u64>,
+    pub thinking_budget: Option<u64>,
+    pub ignore_eos: Option<bool>,
+    pub skip_special_tokens: Option<bool>,
+}
+
+/// The normalised request the workers see.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenParams {
+    pub max_tokens: usize,
+    /// The client set `max_tokens` (it must then fit beside the prompt); otherwise `max_tokens` is
+    /// the server's default, clipped to what the context leaves.
+    pub max_tokens_given: bool,
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0: off.
+    pub top_k: usize,
+    pub min_p: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// 1: off.
+    pub repetition_penalty: f32,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    pub logprobs: bool,
+    pub top_logprobs: usize,
+    pub thinking_budget: Option<usize>,
+    pub n: usize,
+    pub skip_special_tokens: bool,
+}
+
+fn check_range(param: &str, v: f32, ok: bool, range: &str) -> Result<f32, ApiError> {
+    if ok && v.is_finite() {
+        Ok(v)
+    } else {
+        Err(ApiError::invalid(
+            param,
+            format!("`{param}` must be in {range}, got {v}"),
+        ))
+    }
+}
+
+/// Checks ranges and fills defaults (temperature 1, top_p 1, max_tokens from `limits`).
+pub fn validate_sampling(s: SamplingInput, limits: &RequestLimits) -> Result<GenParams, ApiError> {
+    let max_tokens = match s.max_tokens {
+        None => limits.default_max_tokens,
+        Some((0, name)) => {
+            return Err(ApiError::invalid(
+                name,
+                format!("`{name}` must be at least 1"),
+            ));
+        }
+        Some((v, _)) => usize::try_from(v).unwrap_or(usize::MAX),
+    };
+    let n = s.n.unwrap_or(1);
+    if n == 0 || n > limits.n_max as u64 {
+        return Err(ApiError::invalid(
+            "n",
+            format!("`n` must be in 1..={}, got {n}", limits.n_max),
+        ));
+    }
+    let t = s.temperature.unwrap_or(1.0);
+    let temperature = check_range(
+        "temperature",
+        t,
+        (0.0..=TEMPERATURE_MAX).contains(&t),
+        "[0, 2]",
+    )?;
+    let p = s.top_p.unwrap_or(1.0);
+    let top_p = check_range("top_p", p, p > 0.0 && p <= 1.0, "(0, 1]")?;
+    // vLLM and SGLang spell "off" as -1; OpenAI has no top_k; 0 is off too.
+    let top_k = match s.top_k.unwrap_or(0) {
+        k if k == -1 || k == 0 => 0,
+        k if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
+        k => {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("`top_k` must be -1 (off) or >= 0, got {k}"),
+            ));
+        }
+    };
+    let mp = s.min_p.unwrap_or(0.0);
+    let min_p = check_range("min_p", mp, (0.0..=1.0).contains(&mp), "[0, 1]")?;
+    let pen = |name: &str, v: Option<f32>| {
+        let v = v.unwrap_or(0.0);
+        check_range(
+            name,
+            v,
+            (-PENALTY_ABS_MAX..=PENALTY_ABS_MAX).contains(&v),
+            "[-2, 2]",
+        )
+    };
+    let presence_penalty = pen("presence_penalty", s.presence_penalty)?;
+    let frequency_penalty = pen("frequency_penalty", s.frequency_penalty)?;
+    let rp = s.repetition_penalty.unwrap_or(1.0);
+    let repetition_penalty = check_range("repetition_penalty", rp, rp > 0.0, "(0, inf)")?;
+    let top_logprobs = usize::try_from(s.top_logprobs.unwrap_or(0)).unwrap_or(usize::MAX);
+    if top_logprobs > TOP_LOGPROBS_MAX {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            format!("`top_logprobs` must be in 0..={TOP_LOGPROBS_MAX}, got {top_logprobs}"),
+        ));
+    }
+    if top_logprobs > 0 && !s.logprobs {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            "`top_logprobs` requires `logprobs` to be true",
+        ));
+    }
+    let stop = validate_stop(s.stop.unwrap_or_default().0)?;
+    let stop_token_ids = s.stop_token_ids.unwrap_or_default();
+    if stop_token_ids.len() > STOP_TOKEN_IDS_MAX {
+        return Err(ApiError::invalid(
+            "stop_token_ids",
+            format!("at most {STOP_TOKEN_IDS_MAX} stop token ids are allowed"),
+        ));
+    }
+    check_token_ids("stop_token_ids", &stop_token_ids, limits.vocab_size)?;
+    Ok(GenParams {
+        max_tokens,
+        max_tokens_given: s.max_tokens.is_some(),
+        temperature,
+        top_p,
+        top_k,
+        min_p,
+        presence_penalty,
+        frequency_penalty,
+        repetition_penalty,
+        seed: s.seed.map(|s| s.0),
+        stop,
+        stop_token_ids,
+        ignore_eos: s.ignore_eos.unwrap_or(false),
+        logprobs: s.logprobs,
+        top_logprobs,
+        thinking_budget: s
+            .thinking_budget
+            .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
+        n: n as usize,
+        skip_special_tokens: s.skip_special_tokens.unwrap_or(true),
+    })
+}
+
+fn validate_stop(stops: Vec<String>) -> Result<Vec<String>, ApiError> {
+    // An empty stop string would end every request before its first token: ignore it.
+    let stops: Vec<String> = stops.into_iter().filter(|s| !s.is_empty()).collect();
+    if stops.len() > STOP_STRINGS_MAX {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "at most {STOP_STRINGS_MAX} stop sequences are allowed, got {}",
+                stops.len()
+            ),
+        ));
+    }
+    if let Some(s) = stops.iter().find(|s| s.len() > STOP_BYTES_MAX) {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "stop sequences are limited to {STOP_BYTES_MAX} bytes, got one of {}",
+                s.len()
+            ),
+        ));
+    }
+    Ok(stops)
+}
+
+fn check_token_ids(param: &str, ids: &[u32], vocab_size: usize) -> Result<(), ApiError> {
+    match ids.iter().position(|&id| id as usize >= vocab_size) {
+        Some(i) => Err(ApiError::invalid(
+            format!("{param}[{i}]"),
+            format!(
+                "token id {} is outside the vocabulary (size {vocab_size})",
+                ids[i]
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+// Chat completions
+
+/// `tool_choice`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    None,
+    Auto,
+    Required,
+    Function(String),
+}
+
+/// A chat request ready for the chat template and the workers.
+#[derive(Debug, Clone)]
+pub struct ValidatedChat {
+    pub model: Option<String>,
+    /// The messages as the chat template expects them: `content` a string (parts joined), or null
+    /// only for an assistant message with `tool_calls` (the templates' `none` case); `developer`
+    /// becomes `system`; tool-call `arguments` are JSON strings.
+    pub messages: Value,
+    /// `None` when there are no tools or `tool_choice` is "none".
+    pub tools: Option<Vec<Tool>>,
+    pub tool_choice: ToolChoice,
+    pub params: GenParams,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub separate_reasoning: bool,
+    pub chat_template_kwargs: Map<String, Value>,
+}
+
+const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
+
+pub fn validate_chat(
+    req: ChatCompletionRequest,
+    limits: &RequestLimits,
+) -> Result<ValidatedChat, ApiError> {
+    let messages = match (req.messages, req.text) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "text",
+                "give either `messages` or `text`, not both",
+            ));
+        }
+        (Some(m), None) => m,
+        (None, Some(text)) => vec![ChatMessage {
+            role: "user".into(),
+            content: Some(MessageContent::Text(text)),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
+            reasoning_content: None,
+        }],
+        (None, None) => return Err(ApiError::invalid("messages", "`messages` is required")),
+    };
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must not be empty",
+        ));
+    }
+    let messages = template_messages(messages)?;
+    let tools = req.tools.unwrap_or_default();
+    for (i, t) in tools.iter().enumerate() {
+        if t.kind != "function" {
+            return Err(ApiError::invalid(
+                format!("tools[{i}].type"),
+                "only `function` tools are supported",
+            ));
+        }
+    }
+    let tool_choice = validate_tool_choice(req.tool_choice, &tools)?;
+    let tools = (!tools.is_empty() && tool_choice != ToolChoice::None).then_some(tools);
+    let max_tokens = match (req.max_completion_tokens, req.max_tokens) {
+        (Some(v), _) => Some((v, "max_completion_tokens")),
+        (None, Some(v)) => Some((v, "max_tokens")),
+        (None, None) => None,
+    };
+    let logprobs = req.logprobs.unwrap_or(false);
+    let params = validate_sampling(
+        SamplingInput {
+            max_tokens,
+            n: req.n,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            min_p: req.min_p,
+            presence_penalty: req.presence_penalty,
+            frequency_penalty: req.frequency_penalty,
+            repetition_penalty: req.repetition_penalty,
+            stop: req.stop,
+            stop_token_ids: req.stop_token_ids,
+            seed: req.seed,
+            logprobs,
+            top_logprobs: req.top_logprobs,
+            thinking_budget: req
+                .thinking_budget
+                .or(req.custom_params.and_then(|c| c.thinking_budget)),
+            ignore_eos: req.ignore_eos,
+            skip_special_tokens: req.skip_special_tokens,
+        },
+        limits,
+    )?;
+    let stream = req.stream.unwrap_or(false);
+    Ok(ValidatedChat {
+        model: req.model,
+        messages,
+        tools,
+        tool_choice,
+        params,
+        stream,
+        include_usage: stream
+            && req
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+        separate_reasoning: req.separate_reasoning.unwrap_or(true),
+        chat_template_kwargs: req.chat_template_kwargs.unwrap_or_default(),
+    })
+}
+
+fn validate_tool_choice(
+    choice: Option<ToolChoiceIn>,
+    tools: &[Tool],
+) -> Result<ToolChoice, ApiError> {
+    let default = if tools.is_empty() {
+        ToolChoice::None
+    } else {
+        ToolChoice::Auto
+    };
+    match choice {
+        None => Ok(default),
+        Some(ToolChoiceIn::Mode(m)) => match m.as_str() {
+            "none" => Ok(ToolChoice::None),
+            "auto" => Ok(ToolChoice::Auto),
+            "required" if tools.is_empty() => Err(ApiError::invalid(
+                "tool_choice",
+                "`required` needs at least one tool in `tools`",
+            )),
+            "required" => Ok(ToolChoice::Required),
+            other => Err(ApiError::invalid(
+                "tool_choice",
+                format!("`tool_choice` must be none, auto, required or a function, got `{other}`"),
+            )),
+        },
+        Some(ToolChoiceIn::Named { kind, function }) => {
+            if kind != "function" {
+                return Err(ApiError::invalid("tool_choice.type", "must be `function`"));
+            }
+            if !tools.iter().any(|t| t.function.name == function.name) {
+                return Err(ApiError::invalid(
+                    "tool_choice.function.name",
+                    format!("no tool named `{}` in `tools`", function.name),
+                ));
+            }
+            Ok(ToolChoice::Function(function.name))
+        }
+    }
+}
+
+/// Messages in the shape DeepSeek's chat templates read (see [`ValidatedChat::messages`]).
+pub fn template_messages(messages: Vec<ChatMessage>) -> Result<Value, ApiError> {
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.into_iter().enumerate() {
+        if !ROLES.contains(&m.role.as_str()) {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].role"),
+                format!(
+                    "unknown role `{}`; expected one of {}",
+                    m.role,
+                    ROLES.join(", ")
+                ),
+            ));
+        }
+        // OpenAI renamed `system` to `developer` for newer models; the templates know `system`.
+        let role = if m.role == "developer" {
+            "system"
+        } else {
+            m.role.as_str()
+        };
+        let content = match m.content {
+            None => None,
+            Some(MessageContent::Text(t)) => Some(t),
+            Some(MessageContent::Parts(parts)) => Some(join_text_parts(i, parts)?),
+        };
+        let mut obj = Map::new();
+        obj.insert("role".into(), Value::String(role.into()));
+        let calls = m.tool_calls.filter(|c| !c.is_empty());
+        let content = match content {
+            Some(c) => Value::String(c),
+            // The templates test `content is none` only next to tool calls; elsewhere they
+            // concatenate it, so a missing content is the empty string.
+            None if role == "assistant" && calls.is_some() => Value::Null,
+            None => Value::String(String::new()),
+        };
+        obj.insert("content".into(), content);
+        if let Some(calls) = calls {
+            let calls: Vec<Value> = calls
+                .into_iter()
+                .map(|c| {
+                    let arguments = match c.function.arguments {
+                        Some(Value::String(s)) => s,
+                        None | Some(Value::Null) => "{}".into(),
+                        Some(other) => other.to_string(),
+                    };
+                    json!({
+                        "id": c.id.unwrap_or_default(),
+                        "type": c.kind.unwrap_or_else(|| "function".into()),
+                        "function": {"name": c.function.name, "arguments": arguments},
+                    })
+                })
+                .collect();
+            obj.insert("tool_calls".into(), Value::Array(calls));
+        }
+        for (key, v) in [
+            ("tool_call_id", m.tool_call_id),
+            ("name", m.name),
+            ("reasoning_content", m.reasoning_content),
+        ] {
+            if let Some(v) = v {
+                obj.insert(key.into(), Value::String(v));
+            }
+        }
+        out.push(Value::Object(obj));
+    }
+    Ok(Value::Array(out))
+}
+
+fn join_text_parts(i: usize, parts: Vec<ContentPart>) -> Result<String, ApiError> {
+    let mut text = String::new();
+    for (j, p) in parts.into_iter().enumerate() {
+        match (p.kind.as_str(), p.text) {
+            ("text", Some(t)) => text.push_str(&t),
+            ("text", None) => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].content[{j}].text"),
+                    "missing `text`",
+                ));
+            }
+            (other, _) => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].content[{j}].type"),
+                    format!("content type `{other}` is not supported; only `text` is"),
+                ));
+            }
+        }
+    }
+    Ok(text)
+}
+
+// Completions
+
+/// One prompt, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+#[derive(Debug, Clone)]
+pub struct ValidatedCompletion {
+    pub model: Option<String>,
+    /// One choice group per prompt, `params.n` choices each.
+    pub prompts: Vec<Prompt>,
+    pub params: GenParams,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+pub fn validate_completion(
+    req: CompletionRequest,
+    limits: &RequestLimits,
+) -> Result<ValidatedCompletion, ApiError> {
+    let prompts = match req.prompt {
+        None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
+        Some(PromptIn::Text(t)) => vec![Prompt::Text(t)],
+        Some(PromptIn::Texts(ts)) => ts.into_iter().map(Prompt::Text).collect(),
+        Some(PromptIn::Ids(ids)) => vec![Prompt::Ids(ids)],
+        Some(PromptIn::IdLists(l)) => l.into_iter().map(Prompt::Ids).collect(),
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
+    }
+    for (i, p) in prompts.iter().enumerate() {
+        if let Prompt::Ids(ids) = p {
+            if ids.is_empty() {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "a token-id prompt must not be empty",
+                ));
+            }
+            check_token_ids(&format!("prompt[{i}]"), ids, limits.vocab_size)?;
+        }
+    }
+    let top_logprobs = req.logprobs;
+    let params = validate_sampling(
+        SamplingInput {
+            max_tokens: req.max_tokens.map(|v| (v, "max_tokens")),
+            n: req.n,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            min_p: req.min_p,
+            presence_penalty: req.presence_penalty,
+            frequency_penalty: req.frequency_penalty,
+            repetition_penalty: req.repetition_penalty,
+            stop: req.stop,
+            stop_token_ids: req.stop_token_ids,
+            seed: req.seed,
+            logprobs: top_logprobs.is_some(),
+            top_logprobs,
+            thinking_budget: None,
+            ignore_eos: req.ignore_eos,
+            skip_special_tokens: req.skip_special_tokens,
+        },
+        limits,
+    )
+    .map_err(|mut e| {
+        // The completions API names it `logprobs`.
+        if e.param.as_deref() == Some("top_logprobs") {
+            e.param = Some("logprobs".into());
+            e.message = e.message.replace("top_logprobs", "logprobs");
+        }
+        e
+    })?;
+    if prompts.len().saturating_mul(params.n) > limits.n_max {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "prompts × n must be at most {}, got {} × {}",
+                limits.n_max,
+                prompts.len(),
+                params.n
+            ),
+        ));
+    }
+    let stream = req.stream.unwrap_or(false);
+    Ok(ValidatedCompletion {
+        model: req.model,
+        prompts,
+        params,
+        stream,
+        include_usage: stream
+            && req
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+    })
+}
+
+// SGLang /generate
+
+#[derive(Debug, Clone)]
+pub struct ValidatedGenerate {
+    pub prompt: Prompt,
+    pub params: GenParams,
+    pub stream: bool,
+    pub return_logprob: bool,
+}
+
+pub fn validate_generate(
+    req: GenerateRequest,
+    limits: &RequestLimits,
+) -> Result<ValidatedGenerate, ApiError> {
+    let prompt = match (req.text, req.input_ids) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "text",
+                "give either `text` or `input_ids`, not both",
+            ));
+        }
+        (Some(t), None) => Prompt::Text(t),
+        (None, Some(ids)) if ids.is_empty() => {
+            return Err(ApiError::invalid(
+                "input_ids",
+                "`input_ids` must not be empty",
+            ));
+        }
+        (None, Some(ids)) => {
+            check_token_ids("input_ids", &ids, limits.vocab_size)?;
+            Prompt::Ids(ids)
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "text",
+                "`text` or `input_ids` is required",
+            ));
+        }
+    };
+    let sp = req.sampling_params.unwrap_or_default();
+    let params = validate_sampling(
+        SamplingInput {
+            max_tokens: sp
+                .max_new_tokens
+                .map(|v| (v, "sampling_params.max_new_tokens")),
+            n: sp.n,
+            temperature: sp.temperature,
+            top_p: sp.top_p,
+            top_k: sp.top_k,
+            min_p: sp.min_p,
+            presence_penalty: sp.presence_penalty,
+            frequency_penalty: sp.frequency_penalty,
+            repetition_penalty: sp.repetition_penalty,
+            stop: sp.stop,
+            stop_token_ids: sp.stop_token_ids,
+            seed: None,
+            logprobs: req.return_logprob.unwrap_or(false),
+            top_logprobs: None,
+            thinking_budget: None,
+            ignore_eos: sp.ignore_eos,
+            skip_special_tokens: sp.skip_special_tokens,
+        },
+        limits,
+    )
+    .map_err(|mut e| {
+        // Name the field where the client wrote it.
+        if let Some(p) = e
+            .param
+            .as_mut()
+            .filter(|p| !p.starts_with("sampling_params"))
+        {
+            *p = format!("sampling_params.{p}");
+        }
+        e
+    })?;
+    Ok(ValidatedGenerate {
+        prompt,
+        params,
+        stream: req.stream.unwrap_or(false),
+        return_logprob: req.return_logprob.unwrap_or(false),
+    })
+}
+
+// vLLM /tokenize and /detokenize
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenizeInput {
+    Prompt {
+        text: String,
+        add_special_tokens: bool,
+    },
+    /// `messages` in template shape (see [`template_messages`]).
+    Chat {
+        messages: Value,
+        add_generation_prompt: bool,
+        add_special_tokens: bool,
+    },
+}
+
+/// vLLM's defaults: a prompt gets special tokens (BOS) added, a rendered chat does not (the
+/// template writes BOS itself).
+pub fn validate_tokenize(req: TokenizeRequest) -> Result<TokenizeInput, ApiError> {
+    match (req.prompt, req.messages) {
+        (Some(_), Some(_)) => Err(ApiError::invalid(
+            "prompt",
+            "give either `prompt` or `messages`, not both",
+        )),
+        (Some(text), None) => Ok(TokenizeInput::Prompt {
+            text,
+            add_special_tokens: req.add_special_tokens.unwrap_or(true),
+        }),
+        (None, Some(m)) if m.is_empty() => Err(ApiError::invalid(
+            "messages",
+            "`messages` must not be empty",
+        )),
+        (None, Some(m)) => Ok(TokenizeInput::Chat {
+            messages: template_messages(m)?,
+            add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
+            add_special_tokens: req.add_special_tokens.unwrap_or(false),
+        }),
+        (None, None) => Err(ApiError::invalid(
+            "prompt",
+            "`prompt` or `messages` is required",
+        )),
+    }
+}
+
+pub fn validate_detokenize(
+    req: &DetokenizeRequest,
+    limits: &RequestLimits,
+) -> Result<(), ApiError> {
+    check_token_ids("tokens", &req.tokens, limits.vocab_size)
+}
