@@ -186,6 +186,19 @@ fn bad_model_directories_fail_with_the_file_and_tensor_named() {
     let dir = broken_copy(tmp.path(), |t| t.retain(|t| t.name != name));
     fails_with(&dir, &["missing tensor", name]);
 
+    // A layer with its routed experts in neither layout names both.
+    let dir = broken_copy(tmp.path(), |t| {
+        t.retain(|t| !t.name.starts_with("model.layers.2.mlp.experts."))
+    });
+    fails_with(
+        &dir,
+        &[
+            "no routed experts",
+            "model.layers.2.mlp.experts.0.gate_proj.weight",
+            "model.layers.2.mlp.experts.gate_up_proj",
+        ],
+    );
+
     let dir = broken_copy(tmp.path(), |t| {
         let x = t.iter_mut().find(|t| t.name == name).unwrap();
         x.shape = vec![x.shape[1], x.shape[0]];

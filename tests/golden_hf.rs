@@ -22,7 +22,7 @@ use serde::Deserialize;
 const LOGITS_REL_TOL: f64 = 2e-6;
 /// BF16 weights and KV cache, fixtures stored in BF16, FP8 or F32. Measured worst case: 8.2e-3
 /// (v2-lite-tiny, AVX512-BF16 kernel; 6.6e-3 on the AVX2 kernel; v3-tiny 6.0e-3 / 3.3e-3,
-/// v3-tiny-fp8 8.0e-3 / 5.8e-3).
+/// v3-tiny-fp8 8.0e-3 / 5.8e-3; v3-tiny-fp8-fused 8.8e-3 on AVX512-BF16).
 const BF16_LOGITS_REL_TOL: f64 = 2e-2;
 const BF16_TOP1_MIN: f64 = 0.95;
 
@@ -209,6 +209,34 @@ fn v3_tiny_matches_hf() {
 #[test]
 fn v3_tiny_fp8_matches_hf() {
     check_fixture("v3-tiny-fp8");
+}
+
+/// transformers 5's fused experts (`mlp.experts.gate_up_proj`/`down_proj`) and its config layout
+/// (`rope_parameters`); the same stored values as `v3-tiny`.
+#[test]
+fn v3_tiny_fused_matches_hf() {
+    check_fixture("v3-tiny-fused");
+}
+
+/// Fused experts in FP8 with `gate_up_proj_scale_inv` blocks over the fused rows.
+#[test]
+fn v3_tiny_fp8_fused_matches_hf() {
+    check_fixture("v3-tiny-fp8-fused");
+}
+
+/// The two layouts of the same weights give bit-identical logits, in f32 and BF16.
+#[test]
+fn fused_and_per_expert_checkpoints_give_identical_logits() {
+    let (per_expert, g) = fixture("v3-tiny");
+    let (fused, _) = fixture("v3-tiny-fused");
+    for dtype in [DType::F32, DType::BF16] {
+        let a = logits_in_chunks(&load(&per_expert, dtype), &g.input_ids, &[24]);
+        let b = logits_in_chunks(&load(&fused, dtype), &g.input_ids, &[24]);
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{dtype:?}: the fused checkpoint computes other logits"
+        );
+    }
 }
 
 #[test]

@@ -3,6 +3,7 @@
 
 pub mod chat;
 pub mod config;
+mod ffn;
 pub mod generate;
 pub mod kv;
 mod loader;
@@ -17,6 +18,7 @@ use std::path::PathBuf;
 
 pub use config::ModelConfig;
 pub use duet_kernels::DType;
+pub use ffn::ExpertLayout;
 pub use loader::LoadProgress;
 pub use model::{AttentionForm, LogitsMode, Model, SeqInput};
 
@@ -35,6 +37,8 @@ pub enum Error {
     Safetensors { path: PathBuf, detail: String },
     #[error("{}: no safetensors weights found (expected model.safetensors or model.safetensors.index.json)", dir.display())]
     NoWeights { dir: PathBuf },
+    #[error("{}: {detail}", file.display())]
+    ExpertLayout { file: PathBuf, detail: String },
     #[error("{}: missing tensor {name}", file.display())]
     MissingTensor { file: PathBuf, name: String },
     #[error("{}: tensor {name} has shape {got:?}, expected {expected:?}", file.display())]

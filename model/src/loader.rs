@@ -154,12 +154,28 @@ impl<'a> TensorSource<'a> {
         })
     }
 
+    /// The checkpoint directory (for error messages).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
 
     /// Host f32 values of `name`, checked against `shape`.
     pub fn f32_values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.read(name, shape, None)
+    }
+
+    /// Host f32 values of `name[index]`, one entry along the leading dimension of a tensor of
+    /// `shape` (a fused expert tensor `[experts, rows, cols]`). Only that entry's bytes are read,
+    /// so a worker holding a subset of the experts never touches the others.
+    pub fn f32_values_at(&self, name: &str, shape: &[usize], index: usize) -> Result<Vec<f32>> {
+        self.read(name, shape, Some(index))
+    }
+
+    fn read(&self, name: &str, shape: &[usize], index: Option<usize>) -> Result<Vec<f32>> {
         let Some(&fi) = self.index.get(name) else {
             return Err(Error::MissingTensor {
                 file: self.dir.clone(),
@@ -179,7 +195,22 @@ impl<'a> TensorSource<'a> {
                 got: view.shape().to_vec(),
             });
         }
-        let data = view.data();
+        let (data, shape, entry) = match index {
+            None => (view.data(), shape, None),
+            Some(i) => {
+                let Some((&n, inner)) = shape.split_first().filter(|(n, _)| i < **n) else {
+                    return Err(Error::TensorShape {
+                        file: path.to_path_buf(),
+                        name: format!("{name}[{i}]"),
+                        expected: shape.to_vec(),
+                        got: view.shape().to_vec(),
+                    });
+                };
+                // safetensors checked that the data holds exactly `shape`'s elements.
+                let per = view.data().len() / n;
+                (&view.data()[i * per..(i + 1) * per], inner, Some((i, n)))
+            }
+        };
         self.bytes_done
             .set(self.bytes_done.get() + data.len() as u64);
         (self.progress)(LoadProgress {
@@ -204,7 +235,7 @@ impl<'a> TensorSource<'a> {
                 .map(|b| f64::from_le_bytes(b.try_into().expect("chunks_exact(8)")) as f32)
                 .collect(),
             StDtype::F8_E4M3 => {
-                let v = self.dequantise_fp8(name, shape, data, path)?;
+                let v = self.dequantise_fp8(name, shape, data, path, entry)?;
                 release_pages(map, data);
                 return Ok(v);
             }
@@ -220,12 +251,17 @@ impl<'a> TensorSource<'a> {
         Ok(values)
     }
 
+    /// Block dequantisation `w = fp8 · scale_inv` of a 2-D weight (or entry `index` of a fused
+    /// `[experts, rows, cols]` one, `entry = (index, experts)`). The scales are `<name>_scale_inv`: `weight_scale_inv` beside a
+    /// released `weight`, `gate_up_proj_scale_inv` beside transformers 5's fused `gate_up_proj`
+    /// (its `FP8Experts`), with blocks over the fused rows.
     fn dequantise_fp8(
         &self,
         name: &str,
         shape: &[usize],
         data: &[u8],
         path: &Path,
+        entry: Option<(usize, usize)>,
     ) -> Result<Vec<f32>> {
         let ([rows, cols], Some((br, bc))) = (shape, self.fp8_block) else {
             return Err(Error::TensorDType {
@@ -237,8 +273,21 @@ impl<'a> TensorSource<'a> {
         };
         let (rows, cols) = (*rows, *cols);
         let scale_name = format!("{name}_scale_inv");
-        let scales = self.f32_values(&scale_name, &[rows.div_ceil(br), cols.div_ceil(bc)])?;
         let sc = cols.div_ceil(bc);
+        let scales = match entry {
+            None => self.f32_values(&scale_name, &[rows.div_ceil(br), sc])?,
+            Some((i, n)) => {
+                // transformers allocates at least two scale rows for a fused gate_up (room for
+                // both halves' scales, `min_sf_out=2`) and reads only the first when 2I fits one
+                // block.
+                let stored_rows = if name.ends_with("gate_up_proj") {
+                    rows.div_ceil(br).max(2)
+                } else {
+                    rows.div_ceil(br)
+                };
+                self.f32_values_at(&scale_name, &[n, stored_rows, sc], i)?
+            }
+        };
         let lut = e4m3_table();
         let mut out = Vec::with_capacity(rows * cols);
         for r in 0..rows {

@@ -10,6 +10,7 @@ use duet_kernels::moe::{self, RouterConfig};
 use duet_kernels::ops::{self, AttnSeq, MlaShape, PAGE_TOKENS};
 use duet_kernels::{DType, Device, Tensor, rope};
 
+use crate::ffn::{ExpertShape, Ffn, load_experts, load_ffn};
 use crate::kv::KvCache;
 use crate::loader::{LoadProgress, Mapped, TensorSource};
 use crate::{Error, ModelConfig, Result};
@@ -48,12 +49,6 @@ pub enum AttentionForm {
     Auto,
     Prefill,
     Absorbed,
-}
-
-struct Ffn {
-    /// `gate_proj` and `up_proj` stacked: one matmul gives `[gate | up]`.
-    gate_up: Tensor,
-    down: Tensor,
 }
 
 enum QProj {
@@ -100,23 +95,6 @@ pub struct Model {
     softmax_scale: f32,
     eps: f32,
     pub attention_form: AttentionForm,
-}
-
-fn load_ffn(src: &TensorSource<'_>, prefix: &str, hidden: usize, inter: usize) -> Result<Ffn> {
-    let mut gu = src.f32_values(&format!("{prefix}.gate_proj.weight"), &[inter, hidden])?;
-    gu.extend(src.f32_values(&format!("{prefix}.up_proj.weight"), &[inter, hidden])?);
-    Ok(Ffn {
-        gate_up: Tensor::from_f32_as(&[2 * inter, hidden], gu, src.dtype, src.device)?,
-        down: src.weight(&format!("{prefix}.down_proj.weight"), &[hidden, inter])?,
-    })
-}
-
-impl Ffn {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gu = ops::matmul(x, &self.gate_up)?;
-        let h = ops::silu_mul(&gu)?;
-        Ok(ops::matmul(&h, &self.down)?)
-    }
 }
 
 impl Model {
@@ -182,16 +160,13 @@ impl Model {
                 } else {
                     None
                 };
-                let experts = (0..n)
-                    .map(|e| {
-                        load_ffn(
-                            src,
-                            &format!("{p}.mlp.experts.{e}"),
-                            h,
-                            c.moe_intermediate_size,
-                        )
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+                let shape = ExpertShape {
+                    experts: n,
+                    hidden: h,
+                    inter: c.moe_intermediate_size,
+                };
+                let all: Vec<usize> = (0..n).collect();
+                let experts = load_experts(src, &format!("{p}.mlp"), shape, &all)?;
                 let shared = match c.n_shared_experts {
                     Some(k) if k > 0 => Some(load_ffn(
                         src,
@@ -273,7 +248,7 @@ impl Model {
                 QProj::Lora { a, norm, b } => a.size_bytes() + norm.size_bytes() + b.size_bytes(),
                 QProj::Plain(q) => q.size_bytes(),
             };
-            let ffn = |f: &Ffn| f.gate_up.size_bytes() + f.down.size_bytes();
+            let ffn = Ffn::size_bytes;
             n += match &l.mlp {
                 Mlp::Dense(f) => ffn(f),
                 Mlp::Moe {

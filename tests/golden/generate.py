@@ -195,6 +195,11 @@ FIXTURES = {
     "v3-tiny-fp8": dict(config=v3_config(True), dtype=torch.bfloat16, fp8=True, shards=1, seed=1000),
     "v2-lite-tiny": dict(config=v2_config(False), dtype=torch.float32, fp8=False, shards=2, seed=2000),
     "v2-tiny-grouped": dict(config=v2_config(True), dtype=torch.float16, fp8=False, shards=1, seed=3000),
+    # The same checkpoints as transformers 5 writes them: routed experts fused (see fuse_experts), config.json from
+    # DeepseekV3Config.to_json_string() (rope_parameters, dtype, ...), no MTP layer (HF drops it on load).
+    "v3-tiny-fused": dict(config=v3_config(False), dtype=torch.bfloat16, fp8=False, shards=1, seed=1000, fused=True),
+    "v3-tiny-fp8-fused": dict(config=v3_config(True), dtype=torch.bfloat16, fp8=True, shards=1, seed=1000,
+                              fused=True),
 }
 
 # ----------------------------------------------------------------------------------------------------------
@@ -331,9 +336,80 @@ def build_storage(fx: dict, master: dict):
     return store, f64
 
 
+def fuse_experts(cfg: dict, tensors: dict) -> dict:
+    """Released per-expert tensors -> transformers 5's fused layout (DeepseekV3NaiveMoe / FP8Experts parameters):
+    mlp.experts.gate_up_proj [E, 2*I, H] (expert e: its gate_proj rows, then its up_proj rows) and
+    mlp.experts.down_proj [E, H, I], stacked from the very same stored values; MTP layers dropped. FP8 scales of the
+    fused tensors are made by fp8_fused_scales (blocks run over the fused rows), not here."""
+    L, E = cfg["num_hidden_layers"], cfg["n_routed_experts"]
+    out = {n: t for n, t in tensors.items() if not n.startswith(f"model.layers.{L}.")}
+    for i in range(cfg["first_k_dense_replace"], L):
+        m = f"model.layers.{i}.mlp.experts."
+        names = [f"{m}{e}.{p}_proj.weight" for e in range(E) for p in ("gate", "up", "down")]
+        ts = {n: out.pop(n) for n in names}
+        for n in list(out):
+            if n.startswith(m) and n.endswith("_scale_inv"):
+                del out[n]
+        out[m + "gate_up_proj"] = torch.stack(
+            [torch.cat([ts[f"{m}{e}.gate_proj.weight"], ts[f"{m}{e}.up_proj.weight"]]) for e in range(E)])
+        out[m + "down_proj"] = torch.stack([ts[f"{m}{e}.down_proj.weight"] for e in range(E)])
+    return out
+
+
+def unfuse_experts(cfg: dict, tensors: dict) -> dict:
+    """The inverse of fuse_experts for float64 values (ref_forward reads released names)."""
+    L, E, I = cfg["num_hidden_layers"], cfg["n_routed_experts"], cfg["moe_intermediate_size"]
+    out = dict(tensors)
+    for i in range(cfg["first_k_dense_replace"], L):
+        m = f"model.layers.{i}.mlp.experts."
+        gu, dn = out.pop(m + "gate_up_proj"), out.pop(m + "down_proj")
+        for e in range(E):
+            out[f"{m}{e}.gate_proj.weight"], out[f"{m}{e}.up_proj.weight"] = gu[e, :I], gu[e, I:]
+            out[f"{m}{e}.down_proj.weight"] = dn[e]
+    return out
+
+
+def build_fused_storage(fx: dict, master: dict):
+    """build_storage in transformers 5's fused layout. Unquantised: the released stored values, stacked (exactly the
+    same weights as the per-expert fixture). FP8: every expert's [2I, H] gate_up is quantised as one matrix, blocks
+    over the fused rows (gate_up_proj_scale_inv [E, ceil(2I/b), ceil(H/b)], as FP8Experts allocates it; with I=48 and
+    b=32 the middle block straddles gate and up rows); down_proj quantised per expert as released."""
+    cfg = fx["config"]
+    store, f64 = build_storage(fx, master)
+    fused_store, fused_f64 = fuse_experts(cfg, store), fuse_experts(cfg, f64)
+    if fx["fp8"]:
+        block = cfg["quantization_config"]["weight_block_size"][0]
+        for i in range(cfg["first_k_dense_replace"], cfg["num_hidden_layers"]):
+            m = f"model.layers.{i}.mlp.experts."
+            for proj in ("gate_up_proj", "down_proj"):
+                w = fused_master(cfg, master, i, proj)
+                qs = [fp8_quantize(w[e], block) for e in range(w.shape[0])]
+                fused_store[m + proj] = torch.stack([q for q, _ in qs])
+                fused_store[m + proj + "_scale_inv"] = torch.stack([si for _, si in qs])
+                fused_f64[m + proj] = torch.stack([fp8_dequantize(q, si, block) for q, si in qs])
+    return fused_store, unfuse_experts(cfg, fused_f64)
+
+
+def fused_master(cfg: dict, master: dict, i: int, proj: str) -> torch.Tensor:
+    m, E = f"model.layers.{i}.mlp.experts.", cfg["n_routed_experts"]
+    if proj == "down_proj":
+        return torch.stack([master[f"{m}{e}.down_proj.weight"][0] for e in range(E)])
+    return torch.stack([torch.cat([master[f"{m}{e}.gate_proj.weight"][0], master[f"{m}{e}.up_proj.weight"][0]])
+                        for e in range(E)])
+
+
+def config_text(fx: dict) -> str:
+    """config.json: the released layout, or (fused fixtures) what transformers 5's save_pretrained writes."""
+    if not fx.get("fused"):
+        return json.dumps(fx["config"], indent=2) + "\n"
+    cls = (transformers.DeepseekV3Config if fx["config"]["model_type"] == "deepseek_v3"
+           else transformers.DeepseekV2Config)
+    return cls(**fx["config"]).to_json_string(use_diff=True)
+
+
 def write_fixture_files(d: Path, fx: dict, store: dict):
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps(fx["config"], indent=2) + "\n")
+    (d / "config.json").write_text(config_text(fx))
     names = list(store.keys())  # spec order: embed, layers..., norm, lm_head, MTP
     if fx["shards"] == 1:
         save_file({n: store[n].contiguous() for n in names}, str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -371,6 +447,8 @@ def hf_load(model_dir: Path, cfg: dict):
     model.eval()
     L = cfg["num_hidden_layers"]
     assert not info["missing_keys"], info["missing_keys"]
+    fused = any(k.endswith("mlp.experts.gate_up_proj") for k in load_file(str(next(model_dir.glob("*.safetensors")))))
+    assert not (fused and info["unexpected_keys"]), info["unexpected_keys"]
     bad = [k for k in info["unexpected_keys"] if not k.startswith(f"model.layers.{L}.")]
     assert not bad, bad
     assert not info.get("mismatched_keys"), info["mismatched_keys"]
@@ -385,6 +463,8 @@ def hf_dir_for(fixture_dir: Path, fx: dict, f64: dict, tmp: Path) -> Path:
     del cfg["quantization_config"]
     cfg["torch_dtype"] = "float64"
     (tmp / "config.json").write_text(json.dumps(cfg))
+    if fx.get("fused"):  # HF reads the fused layout here too
+        f64 = fuse_experts(cfg, f64)
     save_file({k: v.contiguous() for k, v in f64.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     return tmp
 
@@ -505,7 +585,7 @@ def ref_forward(cfg: dict, W: dict, ids: list, margins: list):
 def attempt(name: str, fx: dict, seed: int, workdir: Path):
     cfg = fx["config"]
     master = make_weights(cfg, seed)
-    store, f64 = build_storage(fx, master)
+    store, f64 = (build_fused_storage if fx.get("fused") else build_storage)(fx, master)
     fdir = workdir / name
     if fdir.exists():
         shutil.rmtree(fdir)
@@ -598,6 +678,10 @@ def main(argv):
                 f"experts_implementation='eager') on the files of this directory"
                 + (" (FP8 weights dequantised as fp8->f64 * weight_scale_inv into a float64 copy first)" if fx["fp8"]
                    else f" (stored {str(fx['dtype']).replace('torch.', '')} values upcast exactly to float64)")
+                + (" Routed experts stored fused as transformers 5 does (mlp.experts.gate_up_proj [E, 2I, H], "
+                   "down_proj [E, H, I]" + (", FP8 blocks over the fused rows" if fx["fp8"] else
+                                            ": the stacked values of the per-expert fixture") +
+                   "), read by HF as such." if fx.get("fused") else "")
                 + ". logits: model(input_ids).logits[0], every prompt position, float64 (repr). greedy_ids: "
                   f"model.generate(input_ids, do_sample=False, max_new_tokens={N_NEW}) (HF's naive cached path, "
                   "float64). HF keeps float32 islands in a float64 model (RMSNorm, router, attention softmax, "
