@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod dataplane;
 pub mod decode;
 pub mod engine;
+pub mod ep;
 pub mod gateway;
 pub mod metrics;
 pub mod prefill;

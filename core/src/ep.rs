@@ -234,6 +234,15 @@ pub fn plan_dispatch(
     Ok(Dispatch { to_rank })
 }
 
+/// One rank's rows for one destination in one exchange round.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RowBlock {
+    /// Routing metadata, e.g. the expert slot of each row; the caller's encoding.
+    pub meta: Vec<u32>,
+    /// The rows' bytes.
+    pub data: Vec<u8>,
+}
+
 /// The state of one exchange round at one rank.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RoundState {

@@ -3,6 +3,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod ep;
 mod ffn;
 pub mod generate;
 pub mod kv;
@@ -18,6 +19,7 @@ use std::path::PathBuf;
 
 pub use config::ModelConfig;
 pub use duet_kernels::DType;
+pub use ep::{EpRank, ExpertExchange};
 pub use ffn::ExpertLayout;
 pub use loader::LoadProgress;
 pub use model::{AttentionForm, LogitsMode, Model, SeqInput};

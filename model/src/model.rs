@@ -10,6 +10,7 @@ use duet_kernels::moe::{self, RouterConfig};
 use duet_kernels::ops::{self, AttnSeq, MlaShape, PAGE_TOKENS};
 use duet_kernels::{DType, Device, Tensor, rope};
 
+use crate::ep::{self, EpRank};
 use crate::ffn::{ExpertShape, Ffn, load_experts, load_ffn};
 use crate::kv::KvCache;
 use crate::loader::{LoadProgress, Mapped, TensorSource};
@@ -95,11 +96,34 @@ pub struct Model {
     softmax_scale: f32,
     eps: f32,
     pub attention_form: AttentionForm,
+    /// This model's place in an expert-parallel group: it holds only its shard of each MoE
+    /// layer's routed experts and reaches the rest through the group (`crate::ep`).
+    ep: Option<EpRank>,
 }
 
 impl Model {
     /// Loads `dir/config.json` and its safetensors weights, converting weights to `dtype`.
     pub fn load(dir: &Path, dtype: DType, progress: &dyn Fn(LoadProgress)) -> Result<Self> {
+        Self::load_with(dir, dtype, progress, None)
+    }
+
+    /// Loads rank `ep.me` of an expert-parallel group: every weight but the routed experts, and of
+    /// those only the rank's shard (the other experts' bytes are never read or converted).
+    pub fn load_ep_rank(
+        dir: &Path,
+        dtype: DType,
+        progress: &dyn Fn(LoadProgress),
+        ep: EpRank,
+    ) -> Result<Self> {
+        Self::load_with(dir, dtype, progress, Some(ep))
+    }
+
+    fn load_with(
+        dir: &Path,
+        dtype: DType,
+        progress: &dyn Fn(LoadProgress),
+        ep: Option<EpRank>,
+    ) -> Result<Self> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let mapped = Mapped::open(dir)?;
         let fp8_block = config
@@ -112,10 +136,14 @@ impl Model {
             });
         let device = Device::Cpu;
         let src = TensorSource::new(dir, &mapped, fp8_block, dtype, device, progress)?;
-        Self::from_source(config, &src)
+        Self::from_source(config, &src, ep)
     }
 
-    fn from_source(config: ModelConfig, src: &TensorSource<'_>) -> Result<Self> {
+    fn from_source(
+        config: ModelConfig,
+        src: &TensorSource<'_>,
+        rank: Option<EpRank>,
+    ) -> Result<Self> {
         let c = &config;
         let h = c.hidden_size;
         let s = c.mla_shape();
@@ -165,8 +193,20 @@ impl Model {
                     hidden: h,
                     inter: c.moe_intermediate_size,
                 };
-                let all: Vec<usize> = (0..n).collect();
-                let experts = load_experts(src, &format!("{p}.mlp"), shape, &all)?;
+                let held: Vec<usize> = match &rank {
+                    Some(r) if r.map.experts() != n => {
+                        return Err(Error::Config {
+                            path: Path::new("config.json").to_path_buf(),
+                            detail: format!(
+                                "the expert-parallel map places {} experts; layer {i} has {n}",
+                                r.map.experts()
+                            ),
+                        });
+                    }
+                    Some(r) => r.shard_experts(),
+                    None => (0..n).collect(),
+                };
+                let experts = load_experts(src, &format!("{p}.mlp"), shape, &held)?;
                 let shared = match c.n_shared_experts {
                     Some(k) if k > 0 => Some(load_ffn(
                         src,
@@ -226,6 +266,7 @@ impl Model {
             softmax_scale,
             attention_form: AttentionForm::Auto,
             config,
+            ep: rank,
         })
     }
 
@@ -424,9 +465,44 @@ impl Model {
         Ok(ops::matmul(&out, &a.o)?)
     }
 
+    /// An expert-parallel rank's step with no tokens of its own: it takes part in every MoE
+    /// layer's exchanges, serving the rows the other ranks send its experts (every rank of a
+    /// group must exchange in every step, as SGLang's DP attention runs idle batches).
+    pub fn ep_idle_step(&self) -> Result<()> {
+        if self.ep.is_none() {
+            return Ok(());
+        }
+        let empty = Tensor::zeros(&[0, self.config.hidden_size], DType::F32, self.device);
+        for layer in &self.layers {
+            if matches!(layer.mlp, Mlp::Moe { .. }) {
+                self.mlp(&layer.mlp, &empty)?;
+            }
+        }
+        Ok(())
+    }
+
     fn mlp(&self, mlp: &Mlp, h: &Tensor) -> Result<Tensor> {
         match mlp {
             Mlp::Dense(f) => f.forward(h),
+            Mlp::Moe {
+                gate,
+                bias,
+                router,
+                experts,
+                shared,
+            } if self.ep.is_some() => {
+                let ep = self.ep.as_ref().expect("matched");
+                ep::moe_layer(
+                    ep,
+                    h,
+                    gate,
+                    bias.as_ref(),
+                    router,
+                    experts,
+                    shared.as_ref(),
+                    self.device,
+                )
+            }
             Mlp::Moe {
                 gate,
                 bias,

@@ -57,25 +57,16 @@ pub enum A2aError {
     Transport(#[from] TransportError),
 }
 
-/// One rank's rows for one destination in one round.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RowBlock {
-    /// Routing metadata, e.g. (token, k) per row; the caller's encoding.
-    pub meta: Vec<u32>,
-    /// The rows' bytes.
-    pub data: Vec<u8>,
-}
+pub use duet_core::ep::RowBlock;
 
-impl RowBlock {
-    fn check(&self) -> Result<(), A2aError> {
-        if self.data.len() > A2A_BLOCK_BYTES_MAX || self.meta.len() > A2A_META_WORDS_MAX {
-            return Err(A2aError::TooLarge {
-                bytes: self.data.len(),
-                meta: self.meta.len(),
-            });
-        }
-        Ok(())
+fn check_block(b: &RowBlock) -> Result<(), A2aError> {
+    if b.data.len() > A2A_BLOCK_BYTES_MAX || b.meta.len() > A2A_META_WORDS_MAX {
+        return Err(A2aError::TooLarge {
+            bytes: b.data.len(),
+            meta: b.meta.len(),
+        });
     }
+    Ok(())
 }
 
 pub type ExchangeFuture<'a> =
@@ -172,7 +163,7 @@ fn check_blocks(blocks: &[RowBlock], ranks: usize) -> Result<(), A2aError> {
             ranks,
         });
     }
-    blocks.iter().try_for_each(RowBlock::check)
+    blocks.iter().try_for_each(check_block)
 }
 
 /// The ranks of one process, connected by bounded channels.

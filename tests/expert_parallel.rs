@@ -1,0 +1,180 @@
+//! Expert parallelism in the engine: an EP group's ranks each load only their shard of the
+//! routed experts, run their own batches, and reach the other experts through the all-to-all —
+//! and give the logits of one rank holding every expert.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use duet_actors::ep::A2aExchange;
+use duet_core::ep::ExpertMap;
+use duet_model::kv::KvCache;
+use duet_model::{DType, EpRank, LogitsMode, Model, SeqInput};
+use duet_transport::a2a::{AllToAll, InProcA2a, QuicA2a};
+use duet_transport::quic::ClusterSecret;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/fixtures/v3-tiny")
+}
+
+const PROMPTS: [&[u32]; 3] = [&[5, 9, 77, 3, 301, 42], &[8, 8, 120], &[400, 2, 19, 55, 7]];
+/// Prefill, then this many decode steps of greedy tokens.
+const DECODE_STEPS: usize = 3;
+
+/// Runs `prompts` on one model: prefill then greedy decode, the last-position logits of every
+/// step, per prompt. An EP rank with no prompts takes part in the same number of steps idle.
+fn run(model: &Model, prompts: &[&[u32]]) -> Vec<Vec<Vec<f32>>> {
+    let steps = 1 + DECODE_STEPS;
+    if prompts.is_empty() {
+        for _ in 0..steps {
+            model.ep_idle_step().unwrap();
+        }
+        return Vec::new();
+    }
+    let mut cache: KvCache = model.new_cache(16);
+    let mut toks: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+    let mut tables: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let mut out = vec![Vec::new(); prompts.len()];
+    let vocab = model.config.vocab_size;
+    for step in 0..steps {
+        for (t, bt) in toks.iter().zip(&mut tables) {
+            cache.ensure(bt, t.len()).unwrap();
+        }
+        let batch: Vec<SeqInput<'_>> = toks
+            .iter()
+            .zip(&tables)
+            .map(|(t, bt)| {
+                let start = if step == 0 { 0 } else { t.len() - 1 };
+                SeqInput {
+                    tokens: &t[start..],
+                    start_pos: start,
+                    block_table: bt,
+                }
+            })
+            .collect();
+        let logits = model
+            .forward(&mut cache, &batch, LogitsMode::Last)
+            .unwrap()
+            .to_vec_f32();
+        for (i, t) in toks.iter_mut().enumerate() {
+            let row = logits[i * vocab..(i + 1) * vocab].to_vec();
+            t.push(duet_model::sampling::argmax(&row));
+            out[i].push(row);
+        }
+    }
+    out
+}
+
+/// The EP group's logits per prompt (prompt `i` on rank `i % ranks`).
+fn run_group(
+    ranks: usize,
+    a2a: Vec<Arc<dyn AllToAll>>,
+    rt: &tokio::runtime::Runtime,
+) -> Vec<Vec<Vec<f32>>> {
+    let threads: Vec<_> = a2a
+        .into_iter()
+        .enumerate()
+        .map(|(me, a)| {
+            let handle = rt.handle().clone();
+            std::thread::spawn(move || {
+                let ep = EpRank {
+                    me,
+                    map: ExpertMap::static_sharding(16, ranks).unwrap(),
+                    exchange: Arc::new(A2aExchange::new(a, handle)),
+                };
+                let model = Model::load_ep_rank(&fixture(), DType::F32, &|_| {}, ep).unwrap();
+                let mine: Vec<usize> = (0..PROMPTS.len()).filter(|i| i % ranks == me).collect();
+                let prompts: Vec<&[u32]> = mine.iter().map(|&i| PROMPTS[i]).collect();
+                (mine, run(&model, &prompts), model.weight_bytes())
+            })
+        })
+        .collect();
+    let mut out = vec![Vec::new(); PROMPTS.len()];
+    let mut shard_bytes = Vec::new();
+    for t in threads {
+        let (mine, logits, bytes) = t.join().unwrap();
+        shard_bytes.push(bytes);
+        for (i, l) in mine.into_iter().zip(logits) {
+            out[i] = l;
+        }
+    }
+    // Each rank holds only its shard: fewer weight bytes than one rank holding all.
+    if ranks > 1 {
+        let full = Model::load(&fixture(), DType::F32, &|_| {})
+            .unwrap()
+            .weight_bytes();
+        assert!(
+            shard_bytes.iter().all(|&b| b < full),
+            "{shard_bytes:?} vs {full}"
+        );
+    }
+    out
+}
+
+fn assert_same(reference: &[Vec<Vec<f32>>], got: &[Vec<Vec<f32>>], what: &str) {
+    for (p, (a, b)) in reference.iter().zip(got).enumerate() {
+        assert_eq!(a.len(), b.len(), "{what}: prompt {p} steps");
+        for (s, (x, y)) in a.iter().zip(b).enumerate() {
+            assert_eq!(
+                duet_model::sampling::argmax(x),
+                duet_model::sampling::argmax(y),
+                "{what}: prompt {p} step {s} greedy token"
+            );
+            let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = x.iter().zip(y).fold(0f32, |m, (u, v)| m.max((u - v).abs()));
+            assert!(
+                diff <= 1e-6 * max,
+                "{what}: prompt {p} step {s}: {diff} of {max}"
+            );
+        }
+    }
+}
+
+#[test]
+fn ep_groups_of_1_2_and_4_ranks_in_one_process_give_the_single_rank_logits() {
+    let full = Model::load(&fixture(), DType::F32, &|_| {}).unwrap();
+    let reference: Vec<_> = PROMPTS.iter().map(|p| run(&full, &[p]).remove(0)).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // With 4 ranks and 3 prompts, rank 3 is idle and still serves its experts.
+    for ranks in [1, 2, 4] {
+        let group: Vec<Arc<dyn AllToAll>> = InProcA2a::group(ranks)
+            .unwrap()
+            .into_iter()
+            .map(|a| Arc::new(a) as Arc<dyn AllToAll>)
+            .collect();
+        let got = run_group(ranks, group, &rt);
+        assert_same(&reference, &got, &format!("EP{ranks} in process"));
+    }
+}
+
+#[test]
+fn an_ep_group_over_quic_gives_the_single_rank_logits() {
+    let full = Model::load(&fixture(), DType::F32, &|_| {}).unwrap();
+    let reference: Vec<_> = PROMPTS.iter().map(|p| run(&full, &[p]).remove(0)).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ranks = 2;
+    let group: Vec<Arc<dyn AllToAll>> = rt.block_on(async {
+        let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let secret = ClusterSecret::new(b"an expert-parallel test secret!!").unwrap();
+        let g: Vec<QuicA2a> = (0..ranks)
+            .map(|r| QuicA2a::bind(r, ranks, local, secret.clone()).unwrap())
+            .collect();
+        let addrs: Vec<SocketAddr> = g.iter().map(|r| r.local_addr().unwrap()).collect();
+        for r in &g {
+            r.connect(&addrs).await.unwrap();
+        }
+        g.into_iter()
+            .map(|r| Arc::new(r) as Arc<dyn AllToAll>)
+            .collect()
+    });
+    let got = run_group(ranks, group, &rt);
+    assert_same(&reference, &got, "EP2 over QUIC");
+}
