@@ -29,6 +29,39 @@ impl Chat {
         }
         sse_event(&c)
     }
+
+    /// The prompt: the chat template over the messages and tools, with `chat_template_kwargs`.
+    /// `thinking: false` / `enable_thinking: false` reach the template; one that opens a
+    /// reasoning block regardless (R1's) gets it closed here, as templates that know the switch
+    /// do themselves (DeepSeek-V3.1's, Qwen3's).
+    fn render(s: &AppState, v: &p::ValidatedChat) -> Result<(String, Vec<u32>), ApiError> {
+        let tools = v
+            .tools
+            .as_ref()
+            .map(|t| serde_json::to_value(t).unwrap_or(Value::Null));
+        let kwargs = &v.chat_template_kwargs;
+        let (mut text, ids) = s
+            .tokenizer
+            .apply_chat_template_with(&v.messages, tools.as_ref(), true, kwargs)
+            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        let thinking_off = ["thinking", "enable_thinking"]
+            .iter()
+            .any(|k| kwargs.get(*k) == Some(&Value::Bool(false)));
+        if !(thinking_off && s.think.is_some() && text.trim_end_matches('\n').ends_with("<think>"))
+        {
+            return Ok((text, ids));
+        }
+        text.push_str(if text.ends_with('\n') {
+            "\n</think>\n\n"
+        } else {
+            "\n\n</think>\n\n"
+        });
+        let ids = s
+            .tokenizer
+            .encode(&text, false)
+            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        Ok((text, ids))
+    }
 }
 
 impl Endpoint for Chat {
@@ -37,42 +70,13 @@ impl Endpoint for Chat {
     fn prepare(s: &AppState, req: Self::Request) -> Result<Generation<Self>, ApiError> {
         let mut v = p::validate_chat(req, &s.request_limits())?;
         s.check_model(v.model.as_deref())?;
-        let tools_json = v
-            .tools
-            .as_ref()
-            .map(|t| serde_json::to_value(t).unwrap_or(Value::Null));
         if let (Some(param), None) = (v.thinking_param, s.think) {
             return Err(ApiError::invalid(
                 param,
                 format!("`{param}` needs a model that thinks; this one has no <think> token"),
             ));
         }
-        let (mut text, mut ids) = s
-            .tokenizer
-            .apply_chat_template_with(
-                &v.messages,
-                tools_json.as_ref(),
-                true,
-                &v.chat_template_kwargs,
-            )
-            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-        // `thinking: false` / `enable_thinking: false` reach the template; one that opens a
-        // reasoning block regardless (R1's) gets it closed here, as templates that know the
-        // switch do themselves (DeepSeek-V3.1's, Qwen3's).
-        let thinking_off = ["thinking", "enable_thinking"]
-            .iter()
-            .any(|k| v.chat_template_kwargs.get(*k) == Some(&Value::Bool(false)));
-        if thinking_off && s.think.is_some() && text.trim_end_matches('\n').ends_with("<think>") {
-            text.push_str(if text.ends_with('\n') {
-                "\n</think>\n\n"
-            } else {
-                "\n\n</think>\n\n"
-            });
-            ids = s
-                .tokenizer
-                .encode(&text, false)
-                .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-        }
+        let (text, ids) = Self::render(s, &v)?;
         s.fit(ids.len(), &mut v.params)?;
         let request = RequestInfo::new(s, "chatcmpl", v.include_usage);
         let reasoning = (v.separate_reasoning && s.think.is_some())
