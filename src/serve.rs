@@ -105,13 +105,15 @@ impl ApiKeyArgs {
             keys.push(k.trim().to_string());
         }
         // A key a client cannot send in a header would lock everyone out without a word.
-        if let Some(bad) = keys
+        // (Which key, by position: key material stays out of logs.)
+        if let Some(i) = keys
             .iter()
-            .find(|k| k.is_empty() || k.chars().any(|c| c.is_whitespace() || c.is_control()))
+            .position(|k| k.is_empty() || k.chars().any(|c| c.is_whitespace() || c.is_control()))
         {
             anyhow::bail!(
-                "API key {:?} is empty or contains whitespace or control characters",
-                bad.chars().take(4).collect::<String>() + "…"
+                "API key #{} (flags first, then files, then DUET_API_KEY) is empty or contains \
+                 whitespace or control characters",
+                i + 1
             );
         }
         Ok(keys)

@@ -257,6 +257,15 @@ async fn same_tokens_as_one_process(worker_args: &[&str]) {
     let (_, a) = post(&c.url("/v1/completions"), &seeded).await;
     let (_, b) = post(&one.url("/v1/completions"), &seeded).await;
     assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+    // logit_bias travels with the sampler: the decode process applies it as the prefill process
+    // did to the first token (a bias of 8 moves some of the 16 draws, not all).
+    let biased = json!({"prompt": "Tell me", "max_tokens": 16, "temperature": 0.9, "seed": 5,
+        "ignore_eos": true, "logit_bias": {"1000": 8, "2000": -100}});
+    let (_, a) = post(&c.url("/v1/completions"), &biased).await;
+    let (_, b) = post(&one.url("/v1/completions"), &biased).await;
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"], "{a}");
+    let (_, plain) = post(&one.url("/v1/completions"), &seeded).await;
+    assert_ne!(a["choices"][0]["text"], plain["choices"][0]["text"]);
     let (status, h) = get(&c.url("/health")).await;
     assert_eq!(status, 200);
     let h: Value = serde_json::from_str(&h).unwrap();

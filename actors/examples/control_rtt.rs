@@ -29,6 +29,7 @@ fn job(tokens: usize) -> WireJob {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             repetition_penalty: 1.0,
+            logit_bias: vec![],
             stop_token_ids: vec![1],
             logprobs: None,
             thinking: None,

@@ -18,6 +18,9 @@ pub struct SeqParams {
     pub frequency_penalty: f32,
     /// 1.0 is off.
     pub repetition_penalty: f32,
+    /// OpenAI's `logit_bias`: added to these tokens' logits before sampling (after penalties);
+    /// sorted by token id, one entry per token.
+    pub logit_bias: Vec<(u32, f32)>,
     /// Generation ends after emitting one of these (EOS unless `ignore_eos`, plus the request's
     /// `stop_token_ids`); the token is reported, the gateway decides whether to show it.
     pub stop_token_ids: Vec<u32>,
@@ -149,12 +152,13 @@ impl SeqSampler {
     }
 
     /// Frequency and presence penalties over generated tokens (OpenAI), repetition penalty over
-    /// prompt and generated tokens (CTRL / HF: divide positive logits, multiply negative ones).
+    /// prompt and generated tokens (CTRL / HF: divide positive logits, multiply negative ones),
+    /// then `logit_bias` (OpenAI: added to the logit; -100 bans a token, 100 all but forces it).
     fn penalise(&self, logits: &[f32], tokens: &[u32], generated: &[u32]) -> Option<Vec<f32>> {
         let p = &self.params;
         let freq = p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
         let rep = p.repetition_penalty != 1.0;
-        if !freq && !rep {
+        if !freq && !rep && p.logit_bias.is_empty() {
             return None;
         }
         let mut out = logits.to_vec();
@@ -179,6 +183,14 @@ impl SeqSampler {
                 if let Some(v) = out.get_mut(run[0] as usize) {
                     *v -= p.frequency_penalty * run.len() as f32 + p.presence_penalty;
                 }
+            }
+        }
+        for &(t, bias) in &p.logit_bias {
+            // A bias from another process is not trusted to be finite or in the vocabulary.
+            if let Some(v) = out.get_mut(t as usize)
+                && bias.is_finite()
+            {
+                *v += bias;
             }
         }
         Some(out)
@@ -234,10 +246,31 @@ mod tests {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             repetition_penalty: 1.0,
+            logit_bias: vec![],
             stop_token_ids: vec![],
             logprobs: None,
             thinking: None,
         }
+    }
+
+    #[test]
+    fn logit_bias_bans_and_favours_tokens_after_penalties() {
+        let logits = [0.0, 2.0, 1.5, -1.0];
+        // -100 takes the greedy token out; +3 makes the least likely one the pick.
+        let mut s = SeqSampler::new(SeqParams {
+            logit_bias: vec![(1, -100.0)],
+            ..params()
+        });
+        assert_eq!(s.next(&logits, &[0], 1).0, 2);
+        let mut s = SeqSampler::new(SeqParams {
+            logit_bias: vec![(3, 3.5), (99, 5.0), (2, f32::NAN)],
+            logprobs: Some(1),
+            ..params()
+        });
+        let (t, lp) = s.next(&logits, &[0], 1);
+        assert_eq!(t, 3);
+        // Log-probabilities are those of the distribution sampled from (biased).
+        assert_eq!(lp.unwrap().top[0].0, 3);
     }
 
     #[test]

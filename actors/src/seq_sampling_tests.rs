@@ -33,6 +33,7 @@ fn params(temperature: f32, seed: u64) -> SeqParams {
         presence_penalty: 0.0,
         frequency_penalty: 0.0,
         repetition_penalty: 1.0,
+        logit_bias: vec![],
         stop_token_ids: vec![],
         logprobs: None,
         thinking: None,

@@ -52,6 +52,8 @@ impl Server {
             .args(["serve", "--host", "127.0.0.1", "--port", "0"])
             .args(args)
             .env("DUET_CACHE_DIR", cache_dir())
+            // A key in the developer's environment would lock the tests out.
+            .env_remove("DUET_API_KEY")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
@@ -145,7 +147,7 @@ impl Proc {
     /// `duet ARGS`.
     pub fn spawn(args: &[&str]) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_duet"));
-        cmd.args(args);
+        cmd.args(args).env_remove("DUET_API_KEY");
         Self::spawn_cmd(cmd)
     }
 

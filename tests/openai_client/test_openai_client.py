@@ -40,6 +40,8 @@ class Server:
             [DUET, "serve", "--host", "127.0.0.1", "--port", "0", *args],
             stdout=subprocess.PIPE,
             text=True,
+            # A key in the developer's environment would lock the tests out.
+            env={k: v for k, v in os.environ.items() if k != "DUET_API_KEY"},
         )
         self.url = None
         # The server prints its URL once every worker has registered: no polling needed.

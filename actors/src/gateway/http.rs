@@ -247,6 +247,7 @@ impl AppState {
             presence_penalty: g.presence_penalty,
             frequency_penalty: g.frequency_penalty,
             repetition_penalty: g.repetition_penalty,
+            logit_bias: g.logit_bias.clone(),
             stop_token_ids,
             logprobs: g.logprobs.then_some(g.top_logprobs),
             thinking: match (g.thinking_budget, self.think) {
@@ -414,8 +415,9 @@ async fn model(State(s): State<Shared>, Path(id): Path<String>) -> Response {
     }
 }
 
-/// The OpenAPI 3.1 description of every endpoint (`openapi.json`, written by hand; a test holds it
-/// to the router, and the schema fuzz test holds the server to it).
+/// The OpenAPI 3.1 description of every endpoint (`openapi.json`, written by hand as Python data in
+/// scripts/openapi.py; tests/serve_conformance.rs holds it to the router, and its schemathesis run
+/// holds the server to it).
 pub const OPENAPI_JSON: &str = include_str!("openapi.json");
 
 async fn openapi() -> Response {

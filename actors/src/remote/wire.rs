@@ -17,7 +17,7 @@ use crate::seq::{
 };
 
 /// Bumped on any change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireRole {
@@ -108,6 +108,8 @@ pub struct WireParams {
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
     pub repetition_penalty: f32,
+    /// (token id, bias), as [`SeqParams::logit_bias`].
+    pub logit_bias: Vec<(u32, f32)>,
     pub stop_token_ids: Vec<u32>,
     pub logprobs: Option<u64>,
     /// budget, `<think>`, `</think>`, `\n`.
@@ -295,6 +297,7 @@ impl From<&SeqParams> for WireParams {
             presence_penalty: p.presence_penalty,
             frequency_penalty: p.frequency_penalty,
             repetition_penalty: p.repetition_penalty,
+            logit_bias: p.logit_bias.clone(),
             stop_token_ids: p.stop_token_ids.clone(),
             logprobs: p.logprobs.map(|k| k as u64),
             thinking: p.thinking.map(|t| {
@@ -323,6 +326,7 @@ impl From<&WireParams> for SeqParams {
             presence_penalty: p.presence_penalty,
             frequency_penalty: p.frequency_penalty,
             repetition_penalty: p.repetition_penalty,
+            logit_bias: p.logit_bias.clone(),
             stop_token_ids: p.stop_token_ids.clone(),
             logprobs: p.logprobs.map(|k| k as usize),
             thinking: p
@@ -442,6 +446,7 @@ mod tests {
                 presence_penalty: 0.1,
                 frequency_penalty: 0.2,
                 repetition_penalty: 1.1,
+                logit_bias: vec![(5, -100.0), (9, 2.5)],
                 stop_token_ids: vec![1, 2],
                 logprobs: Some(3),
                 thinking: Some((16, 128_798, 128_799, 201)),

@@ -180,6 +180,32 @@ pub struct ChatCompletionRequest {
     pub chat_template_kwargs: Option<Map<String, Value>>,
     pub ignore_eos: Option<bool>,
     pub skip_special_tokens: Option<bool>,
+    /// Token id (a string, as JSON object keys are) → bias in [-100, 100].
+    pub logit_bias: Option<Map<String, Value>>,
+    /// `none`, `minimal`, `low`, `medium`, `high`: a thinking budget ([`super::REASONING_EFFORT_BUDGETS`]).
+    pub reasoning_effort: Option<String>,
+    /// `{"type": "text"}` only, until constrained decoding lands.
+    pub response_format: Option<ResponseFormatIn>,
+    pub parallel_tool_calls: Option<bool>,
+    // Documented OpenAI fields that would change the answer in ways this server cannot honour:
+    // validation refuses any value but the one meaning the default (`store: false`,
+    // `modalities: ["text"]`, `service_tier: "auto"`/`"default"`) with a 400 naming the field.
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
+    pub audio: Option<Value>,
+    pub modalities: Option<Value>,
+    pub prediction: Option<Value>,
+    pub web_search_options: Option<Value>,
+    pub verbosity: Option<Value>,
+    pub store: Option<Value>,
+    pub service_tier: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ResponseFormatIn {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub json_schema: Option<Value>,
 }
 
 // Completions
@@ -216,6 +242,14 @@ pub struct CompletionRequest {
     pub stream_options: Option<StreamOptions>,
     pub ignore_eos: Option<bool>,
     pub skip_special_tokens: Option<bool>,
+    pub logit_bias: Option<Map<String, Value>>,
+    /// Return the prompt before the completion.
+    pub echo: Option<bool>,
+    /// Candidates generated per prompt, of which the `n` with the highest cumulative
+    /// log-probability are returned.
+    pub best_of: Option<u64>,
+    /// Fill-in-the-middle text after the completion; refused (these models have no FIM mode).
+    pub suffix: Option<String>,
 }
 
 // SGLang /generate

@@ -185,6 +185,101 @@ fn accepted_edges() {
 }
 
 #[test]
+fn logit_bias_effort_and_unsupported_fields() {
+    let base = r#"{"messages": [{"role": "user", "content": "hi"}]"#;
+    let c = chat(&format!(
+        r#"{base}, "logit_bias": {{"7": -100, "3": 2.5, "007": 1}}}}"#
+    ))
+    .unwrap();
+    assert_eq!(c.params.logit_bias, vec![(3, 2.5), (7, 1.0)]);
+    for (extra, param) in [
+        (r#""logit_bias": {"x": 1}"#, "logit_bias.x"),
+        (r#""logit_bias": {"1": 100.5}"#, "logit_bias.1"),
+        (r#""logit_bias": {"1": "a"}"#, "logit_bias.1"),
+        (r#""logit_bias": {"129280": 1}"#, "logit_bias.129280"),
+        (r#""reasoning_effort": "max""#, "reasoning_effort"),
+        (
+            r#""response_format": {"type": "json_object"}"#,
+            "response_format",
+        ),
+        (
+            r#""response_format": {"type": "yaml"}"#,
+            "response_format.type",
+        ),
+        (r#""functions": []"#, "functions"),
+        (r#""store": true"#, "store"),
+        (r#""service_tier": "priority""#, "service_tier"),
+        (r#""modalities": ["audio"]"#, "modalities"),
+        (r#""parallel_tool_calls": false"#, "parallel_tool_calls"),
+    ] {
+        assert_eq!(
+            err_param(chat(&format!("{base}, {extra}}}"))),
+            param,
+            "{extra}"
+        );
+    }
+    for (effort, budget, param) in [
+        ("none", Some(0), Some("reasoning_effort")),
+        ("low", Some(1024), Some("reasoning_effort")),
+        ("high", None, Some("reasoning_effort")),
+    ] {
+        let c = chat(&format!(r#"{base}, "reasoning_effort": "{effort}"}}"#)).unwrap();
+        assert_eq!(
+            (c.params.thinking_budget, c.thinking_param),
+            (budget, param)
+        );
+    }
+    // An explicit budget wins and is the one named.
+    let c = chat(&format!(
+        r#"{base}, "reasoning_effort": "low", "thinking_budget": 9}}"#
+    ))
+    .unwrap();
+    assert_eq!(
+        (c.params.thinking_budget, c.thinking_param),
+        (Some(9), Some("thinking_budget"))
+    );
+    // The values meaning the default pass.
+    let c = chat(&format!(
+        r#"{base}, "store": false, "service_tier": "auto", "modalities": ["text"], "functions": null,
+            "parallel_tool_calls": true, "response_format": {{"type": "text"}}, "user": "u"}}"#
+    ))
+    .unwrap();
+    assert_eq!(c.response_format, ResponseFormat::Text);
+}
+
+#[test]
+fn completions_echo_best_of_suffix() {
+    let v = |b: &str| validate_completion(parse_json(b.as_bytes())?, &LIMITS);
+    let c = v(r#"{"prompt": "a", "echo": true, "best_of": 3, "n": 2, "suffix": ""}"#).unwrap();
+    assert!(c.echo);
+    assert_eq!((c.best_of, c.params.n), (3, 2));
+    assert_eq!(v(r#"{"prompt": "a"}"#).unwrap().best_of, 1);
+    assert_eq!(err_param(v(r#"{"prompt": "a", "suffix": "b"}"#)), "suffix");
+    assert_eq!(
+        err_param(v(r#"{"prompt": "a", "echo": true, "logprobs": 1}"#)),
+        "echo"
+    );
+    assert_eq!(
+        err_param(v(r#"{"prompt": "a", "best_of": 1, "n": 2}"#)),
+        "best_of"
+    );
+    assert_eq!(
+        err_param(v(r#"{"prompt": "a", "best_of": 2, "stream": true}"#)),
+        "best_of"
+    );
+    // best_of counts against n_max: 2 prompts × 5 > 8.
+    assert_eq!(
+        err_param(v(r#"{"prompt": ["a", "b"], "best_of": 5}"#)),
+        "best_of"
+    );
+    let g = |b: &str| validate_generate(parse_json(b.as_bytes())?, &LIMITS);
+    assert_eq!(
+        err_param(g(r#"{"text": "a", "sampling_params": {"n": 2}}"#)),
+        "sampling_params.n"
+    );
+}
+
+#[test]
 fn tool_choice_none_drops_tools() {
     let c = chat(
         r#"{"messages": [{"role": "user", "content": "hi"}], "tool_choice": "none",

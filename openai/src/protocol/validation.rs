@@ -23,6 +23,20 @@ pub const TOP_LOGPROBS_MAX: usize = 20;
 pub const TEMPERATURE_MAX: f32 = 2.0;
 /// OpenAI's range for presence and frequency penalties: [-2, 2].
 pub const PENALTY_ABS_MAX: f32 = 2.0;
+/// OpenAI's range for a `logit_bias` value: [-100, 100].
+pub const LOGIT_BIAS_ABS_MAX: f32 = 100.0;
+/// No documented OpenAI limit. Every entry is added to the logits at every step; 1,024 covers
+/// banning a long word list in every casing.
+pub const LOGIT_BIAS_ENTRIES_MAX: usize = 1024;
+/// `reasoning_effort` as a thinking budget (reasoning tokens before `</think>` is forced), for
+/// models that think (`<think>` in the vocabulary); `high` leaves the model its own length.
+pub const REASONING_EFFORT_BUDGETS: [(&str, Option<u64>); 5] = [
+    ("none", Some(0)),
+    ("minimal", Some(256)),
+    ("low", Some(1024)),
+    ("medium", Some(4096)),
+    ("high", None),
+];
 
 /// What validation needs from the server's configuration.
 #[derive(Debug, Clone)]
@@ -58,6 +72,7 @@ pub struct SamplingInput {
     pub thinking_budget: Option<u64>,
     pub ignore_eos: Option<bool>,
     pub skip_special_tokens: Option<bool>,
+    pub logit_bias: Option<Map<String, Value>>,
 }
 
 /// The normalised request the workers see.
@@ -85,6 +100,8 @@ pub struct GenParams {
     pub thinking_budget: Option<usize>,
     pub n: usize,
     pub skip_special_tokens: bool,
+    /// (token id, bias), sorted by token id.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 fn check_range(param: &str, v: f32, ok: bool, range: &str) -> Result<f32, ApiError> {
@@ -174,6 +191,7 @@ pub fn validate_sampling(s: SamplingInput, limits: &RequestLimits) -> Result<Gen
         ));
     }
     check_token_ids("stop_token_ids", &stop_token_ids, limits.vocab_size)?;
+    let logit_bias = validate_logit_bias(s.logit_bias.unwrap_or_default(), limits.vocab_size)?;
     Ok(GenParams {
         max_tokens,
         max_tokens_given: s.max_tokens.is_some(),
@@ -195,7 +213,64 @@ pub fn validate_sampling(s: SamplingInput, limits: &RequestLimits) -> Result<Gen
             .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
         n: n as usize,
         skip_special_tokens: s.skip_special_tokens.unwrap_or(true),
+        logit_bias,
     })
+}
+
+/// `{"50256": -100, ...}`: keys are token ids in the vocabulary, values numbers in [-100, 100].
+fn validate_logit_bias(
+    map: Map<String, Value>,
+    vocab_size: usize,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    if map.len() > LOGIT_BIAS_ENTRIES_MAX {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!(
+                "at most {LOGIT_BIAS_ENTRIES_MAX} entries are allowed, got {}",
+                map.len()
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(map.len());
+    for (k, v) in map {
+        let param = format!("logit_bias.{k}");
+        let id = k
+            .parse::<u32>()
+            .ok()
+            .filter(|&id| (id as usize) < vocab_size)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    &param,
+                    format!("`{k}` is not a token id in the vocabulary (size {vocab_size})"),
+                )
+            })?;
+        let bias = v
+            .as_f64()
+            .map(|b| b as f32)
+            .filter(|b| b.is_finite() && (-LOGIT_BIAS_ABS_MAX..=LOGIT_BIAS_ABS_MAX).contains(b));
+        let Some(bias) = bias else {
+            return Err(ApiError::invalid(
+                &param,
+                format!("`logit_bias` values must be numbers in [-100, 100], got {v}"),
+            ));
+        };
+        out.push((id, bias));
+    }
+    // "007" and "7" are one token: the last one given wins, as in a JSON object.
+    out.sort_by_key(|&(id, _)| id);
+    out.dedup_by(|later, earlier| {
+        let same = later.0 == earlier.0;
+        if same {
+            earlier.1 = later.1;
+        }
+        same
+    });
+    Ok(out)
+}
+
+/// A 400 for a documented field this server cannot honour, naming it and saying why.
+fn unsupported(param: &str, why: &str) -> ApiError {
+    ApiError::invalid(param, format!("`{param}` is not supported: {why}"))
 }
 
 fn validate_stop(stops: Vec<String>) -> Result<Vec<String>, ApiError> {
@@ -262,6 +337,21 @@ pub struct ValidatedChat {
     pub include_usage: bool,
     pub separate_reasoning: bool,
     pub chat_template_kwargs: Map<String, Value>,
+    /// The field the thinking budget came from (`thinking_budget`, `reasoning_effort`, ...), so a
+    /// model that does not think can refuse it by name.
+    pub thinking_param: Option<&'static str>,
+    /// Always [`ResponseFormat::Text`] today: the others are refused until constrained decoding
+    /// (the grammar engine) can enforce them; this is where it will find them.
+    pub response_format: ResponseFormat,
+}
+
+/// `response_format`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    /// The `json_schema` object as sent (`name`, `schema`, `strict`).
+    JsonSchema(Value),
 }
 
 const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
@@ -270,6 +360,19 @@ pub fn validate_chat(
     req: ChatCompletionRequest,
     limits: &RequestLimits,
 ) -> Result<ValidatedChat, ApiError> {
+    reject_unsupported_chat_fields(&req)?;
+    let response_format = validate_response_format(req.response_format.as_ref())?;
+    let effort_budget = reasoning_effort_budget(req.reasoning_effort.as_deref())?;
+    let custom_budget = req.custom_params.as_ref().and_then(|c| c.thinking_budget);
+    let thinking_param = if req.thinking_budget.is_some() {
+        Some("thinking_budget")
+    } else if custom_budget.is_some() {
+        Some("custom_params.thinking_budget")
+    } else if req.reasoning_effort.is_some() {
+        Some("reasoning_effort")
+    } else {
+        None
+    };
     let messages = match (req.messages, req.text) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(
@@ -328,11 +431,11 @@ pub fn validate_chat(
             seed: req.seed,
             logprobs,
             top_logprobs: req.top_logprobs,
-            thinking_budget: req
-                .thinking_budget
-                .or(req.custom_params.and_then(|c| c.thinking_budget)),
+            // An explicit budget wins over the one `reasoning_effort` stands for.
+            thinking_budget: req.thinking_budget.or(custom_budget).or(effort_budget),
             ignore_eos: req.ignore_eos,
             skip_special_tokens: req.skip_special_tokens,
+            logit_bias: req.logit_bias,
         },
         limits,
     )?;
@@ -351,7 +454,119 @@ pub fn validate_chat(
                 .unwrap_or(false),
         separate_reasoning: req.separate_reasoning.unwrap_or(true),
         chat_template_kwargs: req.chat_template_kwargs.unwrap_or_default(),
+        thinking_param,
+        response_format,
     })
+}
+
+/// OpenAI's chat fields that would change the answer in ways this server cannot honour: a 400
+/// naming each, never a silent no-op. The values that mean the default pass.
+fn reject_unsupported_chat_fields(req: &ChatCompletionRequest) -> Result<(), ApiError> {
+    let given = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+    let fields: [(&str, &Option<Value>, &str); 5] = [
+        (
+            "functions",
+            &req.functions,
+            "deprecated by OpenAI; use `tools`",
+        ),
+        (
+            "function_call",
+            &req.function_call,
+            "deprecated by OpenAI; use `tool_choice`",
+        ),
+        ("audio", &req.audio, "these models read and write text only"),
+        (
+            "prediction",
+            &req.prediction,
+            "predicted outputs are not implemented",
+        ),
+        (
+            "web_search_options",
+            &req.web_search_options,
+            "this server does not search the web",
+        ),
+    ];
+    for (param, v, why) in fields {
+        if given(v) {
+            return Err(unsupported(param, why));
+        }
+    }
+    if given(&req.verbosity) {
+        return Err(unsupported(
+            "verbosity",
+            "these models have no verbosity control; ask in the prompt",
+        ));
+    }
+    if given(&req.modalities) && req.modalities != Some(json!(["text"])) {
+        return Err(unsupported("modalities", "only `[\"text\"]` is served"));
+    }
+    match &req.store {
+        Some(Value::Bool(true)) => {
+            return Err(unsupported("store", "completions are not stored"));
+        }
+        Some(Value::Bool(false) | Value::Null) | None => {}
+        Some(_) => return Err(ApiError::invalid("store", "`store` must be a boolean")),
+    }
+    match &req.service_tier {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s == "auto" || s == "default" => {}
+        Some(_) => {
+            return Err(unsupported(
+                "service_tier",
+                "there is one tier; `auto` and `default` name it",
+            ));
+        }
+    }
+    if req.parallel_tool_calls == Some(false) {
+        return Err(unsupported(
+            "parallel_tool_calls",
+            "`false` needs constrained decoding to hold the model to one call",
+        ));
+    }
+    Ok(())
+}
+
+/// `{"type": "text"}` passes; JSON modes are refused until constrained decoding can enforce them
+/// (a client that asks for JSON and silently gets prose is worse off than one told no).
+fn validate_response_format(f: Option<&ResponseFormatIn>) -> Result<ResponseFormat, ApiError> {
+    let Some(f) = f else {
+        return Ok(ResponseFormat::Text);
+    };
+    let format = match f.kind.as_str() {
+        "text" => ResponseFormat::Text,
+        "json_object" => ResponseFormat::JsonObject,
+        "json_schema" => ResponseFormat::JsonSchema(f.json_schema.clone().unwrap_or(Value::Null)),
+        other => {
+            return Err(ApiError::invalid(
+                "response_format.type",
+                format!("must be `text`, `json_object` or `json_schema`, got `{other}`"),
+            ));
+        }
+    };
+    if format != ResponseFormat::Text {
+        return Err(unsupported(
+            "response_format",
+            "JSON output needs constrained decoding, which this server does not have yet",
+        ));
+    }
+    Ok(format)
+}
+
+/// `reasoning_effort` as a thinking budget ([`REASONING_EFFORT_BUDGETS`]).
+fn reasoning_effort_budget(effort: Option<&str>) -> Result<Option<u64>, ApiError> {
+    let Some(effort) = effort else {
+        return Ok(None);
+    };
+    REASONING_EFFORT_BUDGETS
+        .iter()
+        .find(|(name, _)| *name == effort)
+        .map(|&(_, budget)| budget)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "reasoning_effort",
+                format!("must be none, minimal, low, medium or high, got `{effort}`"),
+            )
+        })
 }
 
 fn validate_tool_choice(
@@ -500,12 +715,32 @@ pub struct ValidatedCompletion {
     pub params: GenParams,
     pub stream: bool,
     pub include_usage: bool,
+    /// Return each prompt's text before its completion.
+    pub echo: bool,
+    /// Candidates per prompt (≥ `params.n`); the `n` with the highest cumulative log-probability
+    /// are returned.
+    pub best_of: usize,
 }
 
 pub fn validate_completion(
     req: CompletionRequest,
     limits: &RequestLimits,
 ) -> Result<ValidatedCompletion, ApiError> {
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(unsupported(
+            "suffix",
+            "DeepSeek-V3 and R1 have no fill-in-the-middle mode",
+        ));
+    }
+    let echo = req.echo.unwrap_or(false);
+    if echo && req.logprobs.is_some() {
+        // Prompt log-probabilities would need the logits of every prompt position, which the
+        // prefill does not keep; echoing without them would be a silent half answer.
+        return Err(unsupported(
+            "echo",
+            "`echo` with `logprobs` (prompt log-probabilities) is not implemented",
+        ));
+    }
     let prompts = match req.prompt {
         None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
         Some(PromptIn::Text(t)) => vec![Prompt::Text(t)],
@@ -547,6 +782,7 @@ pub fn validate_completion(
             thinking_budget: None,
             ignore_eos: req.ignore_eos,
             skip_special_tokens: req.skip_special_tokens,
+            logit_bias: req.logit_bias,
         },
         limits,
     )
@@ -558,18 +794,38 @@ pub fn validate_completion(
         }
         e
     })?;
-    if prompts.len().saturating_mul(params.n) > limits.n_max {
+    let stream = req.stream.unwrap_or(false);
+    let best_of = match req.best_of {
+        None => params.n,
+        Some(b) if b < params.n as u64 => {
+            return Err(ApiError::invalid(
+                "best_of",
+                format!("`best_of` must be at least `n` ({}), got {b}", params.n),
+            ));
+        }
+        Some(b) if stream && b > params.n as u64 => {
+            return Err(unsupported(
+                "best_of",
+                "with `stream` (the best candidates are known only at the end)",
+            ));
+        }
+        Some(b) => usize::try_from(b).unwrap_or(usize::MAX),
+    };
+    let (param, per_prompt) = if best_of > params.n {
+        ("best_of", best_of)
+    } else {
+        ("n", params.n)
+    };
+    if prompts.len().saturating_mul(per_prompt) > limits.n_max {
         return Err(ApiError::invalid(
-            "n",
+            param,
             format!(
-                "prompts × n must be at most {}, got {} × {}",
+                "prompts × {param} must be at most {}, got {} × {per_prompt}",
                 limits.n_max,
                 prompts.len(),
-                params.n
             ),
         ));
     }
-    let stream = req.stream.unwrap_or(false);
     Ok(ValidatedCompletion {
         model: req.model,
         prompts,
@@ -580,6 +836,8 @@ pub fn validate_completion(
                 .stream_options
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
+        echo,
+        best_of,
     })
 }
 
@@ -623,6 +881,13 @@ pub fn validate_generate(
         }
     };
     let sp = req.sampling_params.unwrap_or_default();
+    if sp.n.is_some_and(|n| n > 1) {
+        // SGLang answers a list for n > 1; one request is one sequence here.
+        return Err(unsupported(
+            "sampling_params.n",
+            "one sequence per /generate request; send several requests",
+        ));
+    }
     let params = validate_sampling(
         SamplingInput {
             max_tokens: sp
@@ -644,6 +909,7 @@ pub fn validate_generate(
             thinking_budget: None,
             ignore_eos: sp.ignore_eos,
             skip_special_tokens: sp.skip_special_tokens,
+            logit_bias: None,
         },
         limits,
     )

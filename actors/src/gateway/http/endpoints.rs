@@ -29,6 +29,39 @@ impl Chat {
         }
         sse_event(&c)
     }
+
+    /// The prompt: the chat template over the messages and tools, with `chat_template_kwargs`.
+    /// `thinking: false` / `enable_thinking: false` reach the template; one that opens a
+    /// reasoning block regardless (R1's) gets it closed here, as templates that know the switch
+    /// do themselves (DeepSeek-V3.1's, Qwen3's).
+    fn render(s: &AppState, v: &p::ValidatedChat) -> Result<(String, Vec<u32>), ApiError> {
+        let tools = v
+            .tools
+            .as_ref()
+            .map(|t| serde_json::to_value(t).unwrap_or(Value::Null));
+        let kwargs = &v.chat_template_kwargs;
+        let (mut text, ids) = s
+            .tokenizer
+            .apply_chat_template_with(&v.messages, tools.as_ref(), true, kwargs)
+            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        let thinking_off = ["thinking", "enable_thinking"]
+            .iter()
+            .any(|k| kwargs.get(*k) == Some(&Value::Bool(false)));
+        if !(thinking_off && s.think.is_some() && text.trim_end_matches('\n').ends_with("<think>"))
+        {
+            return Ok((text, ids));
+        }
+        text.push_str(if text.ends_with('\n') {
+            "\n</think>\n\n"
+        } else {
+            "\n\n</think>\n\n"
+        });
+        let ids = s
+            .tokenizer
+            .encode(&text, false)
+            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        Ok((text, ids))
+    }
 }
 
 impl Endpoint for Chat {
@@ -37,19 +70,13 @@ impl Endpoint for Chat {
     fn prepare(s: &AppState, req: Self::Request) -> Result<Generation<Self>, ApiError> {
         let mut v = p::validate_chat(req, &s.request_limits())?;
         s.check_model(v.model.as_deref())?;
-        let tools_json = v
-            .tools
-            .as_ref()
-            .map(|t| serde_json::to_value(t).unwrap_or(Value::Null));
-        let (text, ids) = s
-            .tokenizer
-            .apply_chat_template_with(
-                &v.messages,
-                tools_json.as_ref(),
-                true,
-                &v.chat_template_kwargs,
-            )
-            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        if let (Some(param), None) = (v.thinking_param, s.think) {
+            return Err(ApiError::invalid(
+                param,
+                format!("`{param}` needs a model that thinks; this one has no <think> token"),
+            ));
+        }
+        let (text, ids) = Self::render(s, &v)?;
         s.fit(ids.len(), &mut v.params)?;
         let request = RequestInfo::new(s, "chatcmpl", v.include_usage);
         let reasoning = (v.separate_reasoning && s.think.is_some())
@@ -209,7 +236,14 @@ pub(super) fn chat_chunks(
 // ---------------------------------------------------------------------------------------------
 
 pub(super) struct Completions {
+    /// The client asked for log-probabilities (`best_of` asks the workers for them regardless).
     logprobs: bool,
+    /// `echo`: each prompt's text, returned before its completion.
+    echo: Option<Vec<String>>,
+    /// Choices returned per prompt.
+    n: usize,
+    /// Candidates generated per prompt (`best_of`, ≥ `n`).
+    candidates: usize,
 }
 
 impl Completions {
@@ -249,11 +283,30 @@ impl Endpoint for Completions {
             tools: None,
             skip_special_tokens: v.params.skip_special_tokens,
         };
+        let echo = v.echo.then(|| {
+            v.prompts
+                .iter()
+                .map(|pr| match pr {
+                    p::Prompt::Text(t) => t.clone(),
+                    p::Prompt::Ids(ids) => s
+                        .tokenizer
+                        .decode(ids, v.params.skip_special_tokens)
+                        .unwrap_or_default(),
+                })
+                .collect()
+        });
+        let endpoint = Completions {
+            logprobs: v.params.logprobs,
+            echo,
+            n: v.params.n,
+            candidates: v.best_of,
+        };
+        // Ranking candidates needs each sampled token's log-probability.
+        v.params.n = v.best_of;
+        v.params.logprobs |= v.best_of > endpoint.n;
         Ok(Generation {
             prompts,
-            endpoint: Completions {
-                logprobs: v.params.logprobs,
-            },
+            endpoint,
             params: v.params,
             text,
             stream: v.stream,
@@ -268,14 +321,38 @@ impl Endpoint for Completions {
         outcomes: Vec<ChoiceOutcome<'_>>,
         usage: p::Usage,
     ) -> Response {
-        let choices = outcomes
-            .into_iter()
-            .enumerate()
-            .map(|(index, o)| {
-                let text: String = o.deltas.iter().map(|d| d.content.as_str()).collect();
+        // Outcomes come prompt by prompt, `candidates` each; `best_of` keeps the `n` with the
+        // highest cumulative log-probability (ties: the earlier one).
+        let mut groups: Vec<Vec<(f32, ChoiceOutcome<'_>)>> = Vec::new();
+        for (i, o) in outcomes.into_iter().enumerate() {
+            if i % self.candidates.max(1) == 0 {
+                groups.push(Vec::new());
+            }
+            let score: f32 = o
+                .deltas
+                .iter()
+                .flat_map(|d| &d.tokens)
+                .filter_map(|(_, lp)| lp.as_ref().map(|l| l.logprob))
+                .sum();
+            if let Some(g) = groups.last_mut() {
+                g.push((score, o));
+            }
+        }
+        let mut choices = Vec::new();
+        for (prompt, mut group) in groups.into_iter().enumerate() {
+            if self.candidates > self.n {
+                group.sort_by(|a, b| b.0.total_cmp(&a.0));
+            }
+            for (_, o) in group.into_iter().take(self.n) {
+                let mut text = self
+                    .echo
+                    .as_ref()
+                    .and_then(|e| e.get(prompt).cloned())
+                    .unwrap_or_default();
+                text.extend(o.deltas.iter().map(|d| d.content.as_str()));
                 let tokens: Vec<_> = o.deltas.into_iter().flat_map(|d| d.tokens).collect();
-                p::CompletionChoice {
-                    index,
+                choices.push(p::CompletionChoice {
+                    index: choices.len(),
                     text,
                     logprobs: if self.logprobs {
                         s.completion_logprobs(&tokens, &mut 0)
@@ -284,9 +361,9 @@ impl Endpoint for Completions {
                     },
                     finish_reason: finish_reason(&o.finish),
                     matched_stop: matched_stop(&o.finish),
-                }
-            })
-            .collect();
+                });
+            }
+        }
         axum::Json(Self::body(r, choices, Some(usage))).into_response()
     }
 
@@ -320,6 +397,23 @@ impl Endpoint for Completions {
 
     fn usage(&self, r: &RequestInfo, usage: p::Usage) -> Option<Event> {
         Some(sse_event(&Self::body(r, vec![], Some(usage))))
+    }
+
+    /// `echo`: the prompt's text opens its choices' streams.
+    fn opening(&self, r: &RequestInfo, index: usize) -> Option<Event> {
+        let text = self
+            .echo
+            .as_ref()?
+            .get(index / self.candidates.max(1))?
+            .clone();
+        let choice = p::CompletionChoice {
+            index,
+            text,
+            logprobs: None,
+            finish_reason: None,
+            matched_stop: None,
+        };
+        Some(sse_event(&Self::body(r, vec![choice], None)))
     }
 }
 
