@@ -51,6 +51,7 @@ fn job(id: u64) -> (Box<SeqJob>, EventRx) {
         presence_penalty: 0.0,
         frequency_penalty: 0.0,
         repetition_penalty: 1.0,
+        logit_bias: vec![],
         stop_token_ids: vec![],
         logprobs: None,
         thinking: None,
