@@ -3,13 +3,15 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use duet_actors::engine::Engine;
 use duet_actors::serve::{ServeOptions, start};
 use duet_actors::worker::Fault;
 use duet_core::config::ClusterConfig;
+use duet_core::ep::ExpertMap;
 use duet_model::tokenizer::TextTokenizer;
+use duet_model::{EpRank, Model};
 
 use crate::DTypeArg;
 use duet_kernels::DType;
@@ -40,6 +42,12 @@ pub struct Args {
     prefill_workers: Option<usize>,
     #[arg(long)]
     decode_groups: Option<usize>,
+    /// Expert parallelism: each prefill worker and each decode group becomes an EP group of N
+    /// ranks in this process. Each rank runs attention on its own batch (a DP rank the gateway
+    /// balances over) and holds 1/N of every MoE layer's routed experts; the ranks exchange
+    /// token rows in every MoE layer and step together. Sets `ep_size` of both roles.
+    #[arg(long, value_name = "N")]
+    ep: Option<usize>,
     /// Sequences one decode group runs at once.
     #[arg(long)]
     max_running: Option<usize>,
@@ -163,6 +171,15 @@ fn config(a: &Args) -> Result<ClusterConfig> {
     if let Some(n) = a.decode_groups {
         c.decode.groups = n;
     }
+    if let Some(n) = a.ep {
+        if n == 0 {
+            bail!("--ep must be at least 1");
+        }
+        c.prefill.workers *= n;
+        c.decode.groups *= n;
+        c.prefill.ep_size = n;
+        c.decode.ep_size = n;
+    }
     apply_pool_flags(&mut c, a.max_running, a.kv_pages);
     if let Some(n) = a.queue_max {
         c.limits.queue_max = n;
@@ -197,15 +214,32 @@ pub fn run(a: Args) -> Result<()> {
     let opts = match a.engine {
         EngineArg::Model => {
             let dtype = a.dtype.map_or(cfg.model.dtype.into(), DType::from);
-            let model = Arc::new(crate::load_model(&dir, dtype)?);
-            ServeOptions::for_model(cfg.clone(), model, tokenizer, served)
+            let model_cfg = duet_model::ModelConfig::from_file(&dir.join("config.json"))?;
+            let experts = model_cfg.n_routed_experts.unwrap_or(0);
+            // With every role expert-parallel no worker runs the whole model: each rank loads its
+            // own shard below, and the whole model is never loaded.
+            let mut o = if cfg.prefill.ep_size > 1 && cfg.decode.ep_size > 1 {
+                ServeOptions::for_model_config(cfg.clone(), &model_cfg, tokenizer, served)
+            } else {
+                let model = Arc::new(crate::load_model(&dir, dtype)?);
+                ServeOptions::for_model(cfg.clone(), model, tokenizer, served)
+            };
+            let dir = dir.clone();
+            o.ep_rank_loader = Some(Arc::new(move |me, ranks, exchange| {
+                let map = ExpertMap::static_sharding(experts, ranks).map_err(|e| e.to_string())?;
+                let ep = EpRank { me, map, exchange };
+                let m = Model::load_ep_rank(&dir, dtype, &|_| {}, ep).map_err(|e| e.to_string())?;
+                Ok(Engine::Model(Arc::new(m)))
+            }));
+            o
         }
         EngineArg::Echo => {
             let cfg_model = duet_model::ModelConfig::from_file(&dir.join("config.json"))?;
             let mut o = ServeOptions::for_model_config(cfg.clone(), &cfg_model, tokenizer, served);
-            o.engine = Engine::Echo {
-                vocab_size: cfg_model.vocab_size,
-            };
+            let vocab_size = cfg_model.vocab_size;
+            o.engine = Engine::Echo { vocab_size };
+            // EP ranks of the echo engine compute nothing, but step together as model ranks do.
+            o.ep_rank_loader = Some(Arc::new(move |_, _, _| Ok(Engine::Echo { vocab_size })));
             o
         }
     };

@@ -2,6 +2,8 @@
 //! routed experts, run their own batches, and reach the other experts through the all-to-all —
 //! and give the logits of one rank holding every expert.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use duet_model::kv::KvCache;
 use duet_model::{DType, EpRank, LogitsMode, Model, SeqInput};
 use duet_transport::a2a::{AllToAll, InProcA2a, QuicA2a};
 use duet_transport::quic::ClusterSecret;
+use serde_json::{Value, json};
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/fixtures/v3-tiny")
@@ -177,4 +180,48 @@ fn an_ep_group_over_quic_gives_the_single_rank_logits() {
     });
     let got = run_group(ranks, group, &rt);
     assert_same(&reference, &got, "EP2 over QUIC");
+}
+
+/// `duet serve --ep N` as a user runs it: the same greedy text as without EP, with requests
+/// spread over the ranks (some busy, some idle in a step) and every rank a DP rank of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duet_serve_with_ep_2_and_4_serves_the_ep_1_greedy_text() {
+    let prompts: Vec<String> = (0..6)
+        .map(|i| format!("Request {i} counts {}", "and more ".repeat(i * 3)))
+        .collect();
+    let texts = |url: String| {
+        let prompts = prompts.clone();
+        async move {
+            let runs = prompts.iter().map(|p| {
+                let url = url.clone();
+                let body =
+                    json!({"prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+                async move { common::post(&url, &body).await }
+            });
+            futures::future::join_all(runs)
+                .await
+                .into_iter()
+                .map(|(status, v)| {
+                    assert_eq!(status, 200, "{v}");
+                    v["choices"][0]["text"].as_str().unwrap().to_string()
+                })
+                .collect::<Vec<String>>()
+        }
+    };
+    let one = common::Server::start(&["--dtype", "f32"]);
+    let reference = texts(one.url("/v1/completions")).await;
+    for ep in ["2", "4"] {
+        let srv = common::Server::start(&["--dtype", "f32", "--ep", ep]);
+        let got = texts(srv.url("/v1/completions")).await;
+        assert_eq!(got, reference, "--ep {ep}");
+        let n: usize = ep.parse().unwrap();
+        let (status, h) = common::get(&srv.url("/health")).await;
+        assert_eq!(status, 200);
+        let h: Value = serde_json::from_str(&h).unwrap();
+        assert_eq!(
+            (h["prefill_workers"].as_u64(), h["decode_groups"].as_u64()),
+            (Some(n as u64), Some(2 * n as u64)),
+            "one prefill EP group and two decode EP groups of {n} ranks"
+        );
+    }
 }

@@ -114,11 +114,11 @@ async fn a_small_pool_is_advertised_refused_honestly_and_shared_without_losing_o
 }
 
 #[test]
-fn a_config_asking_for_expert_parallelism_is_refused_until_the_server_runs_it() {
-    // `duet plan` writes each role's ep_size/tp_size; a server that holds every expert on every
-    // worker must say it cannot run that, not serve a different topology silently.
-    let cfg = tmp("ep2.toml");
-    std::fs::write(&cfg, "[decode]\ngroups = 2\nep_size = 2\n").unwrap();
+fn a_config_asking_for_attention_tensor_parallelism_is_refused_until_the_server_runs_it() {
+    // `duet plan` writes each role's ep_size/tp_size; a server without attention TP must say it
+    // cannot run that, not serve a different topology silently.
+    let cfg = tmp("tp2.toml");
+    std::fs::write(&cfg, "[decode]\ngroups = 2\nep_size = 2\ntp_size = 2\n").unwrap();
     let mut p = Proc::spawn(&[
         "serve",
         "--engine",
@@ -132,7 +132,7 @@ fn a_config_asking_for_expert_parallelism_is_refused_until_the_server_runs_it() 
     let err = p.log();
     assert!(status.is_some_and(|s| !s.success()), "{status:?} {err}");
     assert!(
-        err.contains("decode.ep_size = 2") && !err.contains("panicked"),
+        err.contains("decode.tp_size = 2") && !err.contains("panicked"),
         "{err}"
     );
 }

@@ -126,6 +126,14 @@ impl Engine {
         }
     }
 
+    /// An expert-parallel rank's step without a batch: it serves the other ranks' MoE rows.
+    pub fn ep_idle_step(&self) -> Result<(), StepError> {
+        match self {
+            Engine::Model(m) => Ok(m.ep_idle_step()?),
+            Engine::Echo { .. } => Ok(()),
+        }
+    }
+
     pub fn new_kv(&self, pages: usize) -> WorkerKv {
         match self {
             Engine::Model(m) => WorkerKv::Model(m.new_cache(pages)),

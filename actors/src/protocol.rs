@@ -78,9 +78,26 @@ pub struct KvDest {
     pub pages: Vec<u32>,
 }
 
+/// An EP group's step coordinator → each rank: run step `.0` now (with your batch, or idle).
+pub struct EpStep(pub u64);
+
+/// An EP group's ranks → its step coordinator.
+pub enum EpMsg {
+    /// Rank `rank` (re)started: where to send it steps.
+    Join {
+        rank: usize,
+        steps: DerivedActorRef<EpStep>,
+    },
+    /// Rank `rank` has work and asks for a step.
+    Request { rank: usize },
+    /// Rank `rank` finished `step`; `more` if it has work left.
+    Done { rank: usize, step: u64, more: bool },
+}
+
 /// A decode group's mailbox.
 pub enum DecodeMsg {
     Gateway(GatewayToDecode),
+    Ep(EpStep),
     Prefill(PrefillToDecode),
     /// One layer of KV for a reserved sequence (from the transport).
     Frame(KvFrame),
@@ -94,6 +111,7 @@ pub enum DecodeMsg {
 /// A prefill worker's mailbox.
 pub enum PrefillMsg {
     Gateway(GatewayToPrefill),
+    Ep(EpStep),
     Job(Box<PrefillJob>),
     StepDone(Box<StepDone>),
 }
@@ -123,6 +141,8 @@ into_mailbox!(GatewayToDecode => DecodeMsg::Gateway);
 into_mailbox!(PrefillToDecode => DecodeMsg::Prefill);
 into_mailbox!(GatewayToPrefill => PrefillMsg::Gateway);
 into_mailbox!(Box<PrefillJob> => PrefillMsg::Job);
+into_mailbox!(EpStep => DecodeMsg::Ep);
+into_mailbox!(EpStep => PrefillMsg::Ep);
 
 /// A worker as the board lists it: what the gateway sends it and, for a worker of this
 /// process, what the other role sends it. A worker of another process (its stand-in made by the

@@ -12,13 +12,15 @@ use duet_core::config::ClusterConfig;
 use duet_core::route::PrefillRouterConfig;
 use duet_core::types::WorkerId;
 use duet_model::tokenizer::TextTokenizer;
-use duet_model::{Model, ModelConfig};
+use duet_model::{ExpertExchange, Model, ModelConfig};
 use duet_transport::InProcTransport;
+use duet_transport::a2a::InProcA2a;
 use ractor::Actor;
 
 use crate::clock::Clock;
 use crate::cluster::{Cluster, Role, new_board};
 use crate::engine::Engine;
+use crate::ep::{A2aExchange, EpCoordinator, EpMember};
 use crate::gateway::http::{self, AppState, HttpLimits, ThinkIds};
 use crate::gateway::{Gateway, GatewayArgs};
 use crate::metrics::Metrics;
@@ -55,7 +57,14 @@ pub struct ServeOptions {
     pub fault: Option<Fault>,
     /// Fault injection (tests): the first prefill worker panics after this many steps.
     pub prefill_fault: Option<Fault>,
+    /// Loads one rank of an expert-parallel group (`rank`, `ranks`, its exchange), for a config
+    /// whose `ep_size` is above 1 (`duet serve --ep N`).
+    pub ep_rank_loader: Option<RankLoader>,
 }
+
+/// See [`ServeOptions::ep_rank_loader`].
+pub type RankLoader =
+    Arc<dyn Fn(usize, usize, Arc<dyn ExpertExchange>) -> Result<Engine, String> + Send + Sync>;
 
 /// A running server: its address, and the state tests and the CLI look at.
 pub struct Running {
@@ -116,8 +125,53 @@ impl ServeOptions {
             api_keys: Vec::new(),
             fault: None,
             prefill_fault: None,
+            ep_rank_loader: None,
         }
     }
+}
+
+/// One role's workers: their engines and EP membership, `ep` ranks per group (1: no EP).
+async fn role_engines(
+    opts: &ServeOptions,
+    role: &str,
+    workers: usize,
+    ep: usize,
+    tp: usize,
+) -> Result<Vec<(Engine, Option<EpMember>)>, ServeError> {
+    if tp != 1 {
+        return Err(ServeError::Config(format!(
+            "{role}.tp_size = {tp}: attention tensor parallelism is not implemented in the server"
+        )));
+    }
+    if ep == 1 {
+        return Ok(vec![(opts.engine.clone(), None); workers]);
+    }
+    let Some(load) = &opts.ep_rank_loader else {
+        return Err(ServeError::Config(format!(
+            "{role}.ep_size = {ep} needs a model loaded per expert-parallel rank"
+        )));
+    };
+    let mut out = Vec::with_capacity(workers);
+    for _group in 0..workers / ep {
+        let a2a = InProcA2a::group(ep).map_err(|e| ServeError::Config(e.to_string()))?;
+        let (coordinator, _) = Actor::spawn(None, EpCoordinator, ep)
+            .await
+            .map_err(|e| ServeError::Actors(e.to_string()))?;
+        for (rank, end) in a2a.into_iter().enumerate() {
+            let exchange = Arc::new(A2aExchange::new(
+                Arc::new(end),
+                tokio::runtime::Handle::current(),
+            ));
+            let engine = load(rank, ep, exchange)
+                .map_err(|e| ServeError::Config(format!("{role} EP rank {rank}: {e}")))?;
+            let member = EpMember {
+                rank,
+                coordinator: coordinator.clone(),
+            };
+            out.push((engine, Some(member)));
+        }
+    }
+    Ok(out)
 }
 
 fn think_ids(tok: &TextTokenizer) -> Option<ThinkIds> {
@@ -139,18 +193,22 @@ pub async fn start(
     let cfg = &opts.config;
     cfg.validate()
         .map_err(|e| ServeError::Config(e.to_string()))?;
-    for (role, ep, tp) in [
-        ("prefill", cfg.prefill.ep_size, cfg.prefill.tp_size),
-        ("decode", cfg.decode.ep_size, cfg.decode.tp_size),
-    ] {
-        if (ep, tp) != (1, 1) {
-            return Err(ServeError::Config(format!(
-                "{role}.ep_size = {ep}, {role}.tp_size = {tp}: this server runs every worker with \
-                 every expert on one device (ep_size = tp_size = 1); expert and tensor \
-                 parallelism are not implemented yet"
-            )));
-        }
-    }
+    let prefill_engines = role_engines(
+        &opts,
+        "prefill",
+        cfg.prefill.workers,
+        cfg.prefill.ep_size,
+        cfg.prefill.tp_size,
+    )
+    .await?;
+    let decode_engines = role_engines(
+        &opts,
+        "decode",
+        cfg.decode.groups,
+        cfg.decode.ep_size,
+        cfg.decode.tp_size,
+    )
+    .await?;
     let board = new_board();
     let registry = Cluster::spawn_registry(board.clone())
         .await
@@ -159,12 +217,13 @@ pub async fn start(
     let clock = Clock::start();
     let metrics = Arc::new(Metrics::new());
     let mut workers = Vec::new();
-    for i in 0..cfg.prefill.workers {
+    for (i, (engine, ep)) in prefill_engines.into_iter().enumerate() {
         workers.push((
             Role::Prefill,
             WorkerArgs {
                 id: WorkerId(i as u32),
-                engine: opts.engine.clone(),
+                engine,
+                ep,
                 kv_pages: cfg.prefill.kv_pages,
                 prefix_cache: cfg.prefill.prefix_cache,
                 sched: cfg.prefill_sched(),
@@ -178,12 +237,13 @@ pub async fn start(
         ));
     }
     let first_decode = cfg.prefill.workers as u32;
-    for g in 0..cfg.decode.groups {
+    for (g, (engine, ep)) in decode_engines.into_iter().enumerate() {
         workers.push((
             Role::Decode,
             WorkerArgs {
                 id: WorkerId(first_decode + g as u32),
-                engine: opts.engine.clone(),
+                engine,
+                ep,
                 kv_pages: cfg.decode.kv_pages,
                 prefix_cache: false,
                 sched: cfg.decode_sched(),

@@ -11,7 +11,9 @@ use tokio::sync::mpsc;
 
 use crate::clock::Clock;
 use crate::engine::Engine;
+use crate::ep::EpMember;
 use crate::metrics::WorkerStats;
+use crate::protocol::EpMsg;
 use crate::protocol::{RegistryMsg, WorkerLoad};
 
 /// Fault injection for tests of recovery: the worker panics inside its step handler after this
@@ -36,6 +38,9 @@ pub struct WorkerArgs {
     /// What the process's workers measure (step times, KV moved).
     pub stats: Arc<WorkerStats>,
     pub fault: Option<Fault>,
+    /// This worker's rank in an expert-parallel group (`duet serve --ep N`): it steps only when
+    /// the group's coordinator says, together with the other ranks.
+    pub ep: Option<EpMember>,
     /// Test tool (`duet prefill --fault-corrupt-kv-frames N`): the next N KV frames this worker
     /// sends get one byte flipped after their checksums were computed, as a bad link would.
     /// Shared across restarts, so it counts frames, not incarnations.
@@ -133,5 +138,51 @@ pub fn load_of(
         prefix_queried_tokens: stats.queried_tokens,
         prefix_hit_tokens: stats.hit_tokens,
         preemptions: 0,
+    }
+}
+
+/// A worker's turn-taking in its EP group: it asks for a step when it has work, runs the steps
+/// the coordinator starts (its own batch, or idle), and reports each one done.
+#[derive(Debug, Default)]
+pub struct EpTurn {
+    requested: bool,
+    /// The group step this worker is running.
+    step: Option<u64>,
+    /// It had work the scheduler could not run (no pages yet): it asks again only after its
+    /// state changes, instead of spinning the group through idle steps.
+    blocked: bool,
+}
+
+impl EpTurn {
+    /// Something changed (a message other than a step's own): work may be runnable again.
+    pub fn touch(&mut self) {
+        self.blocked = false;
+    }
+
+    /// Asks the coordinator for a step when this worker has work and none is pending.
+    pub fn request(&mut self, ep: &EpMember, has_work: bool) {
+        if has_work && !self.requested && !self.blocked && self.step.is_none() {
+            self.requested = true;
+            let _ = ep.coordinator.cast(EpMsg::Request { rank: ep.rank });
+        }
+    }
+
+    /// The group started `step`; `planned` whether this worker has a batch for it.
+    pub fn begin(&mut self, step: u64, planned: bool, has_work: bool) {
+        self.requested = false;
+        self.step = Some(step);
+        self.blocked = !planned && has_work;
+    }
+
+    /// This worker's part of the running step is done.
+    pub fn finish(&mut self, ep: &EpMember, has_work: bool) {
+        if let Some(step) = self.step.take() {
+            let more = has_work && !self.blocked;
+            let _ = ep.coordinator.cast(EpMsg::Done {
+                rank: ep.rank,
+                step,
+                more,
+            });
+        }
     }
 }

@@ -348,6 +348,96 @@ impl Exchange {
     }
 }
 
+/// An EP group's step clock: every rank takes part in every step (with its own batch, or idle),
+/// and a step starts only when the last one finished at every rank. A rank with work asks for a
+/// step; the barrier starts one for everybody when none is running.
+#[derive(Debug, Clone)]
+pub struct StepBarrier {
+    ranks: usize,
+    /// The step running (`Some`) or the next to start.
+    step: u64,
+    running: bool,
+    done: Vec<bool>,
+    wanted: bool,
+}
+
+impl StepBarrier {
+    pub fn new(ranks: usize) -> Result<Self, EpError> {
+        if ranks == 0 {
+            return Err(EpError::Shape("an EP group has at least 1 rank".into()));
+        }
+        Ok(Self {
+            ranks,
+            step: 0,
+            running: false,
+            done: vec![false; ranks],
+            wanted: false,
+        })
+    }
+
+    /// Rank `rank` has work. `Some(step)`: start that step at every rank now.
+    pub fn handle_request(&mut self, rank: usize) -> Result<Option<u64>, EpError> {
+        self.check(rank)?;
+        self.wanted = true;
+        Ok(self.start())
+    }
+
+    /// Rank `rank` finished `step`; `more` if it has work left. `Some(next)`: start it everywhere.
+    pub fn handle_done(
+        &mut self,
+        rank: usize,
+        step: u64,
+        more: bool,
+    ) -> Result<Option<u64>, EpError> {
+        self.check(rank)?;
+        if !self.running || step != self.step {
+            return Err(EpError::WrongRound {
+                from: rank,
+                got: step,
+                want: self.step,
+            });
+        }
+        if std::mem::replace(&mut self.done[rank], true) {
+            return Err(EpError::Duplicate {
+                from: rank,
+                round: step,
+            });
+        }
+        self.wanted |= more;
+        if self.done.iter().all(|&d| d) {
+            self.running = false;
+            self.step += 1;
+            self.done.fill(false);
+            return Ok(self.start());
+        }
+        Ok(None)
+    }
+
+    /// The step running, if one is.
+    pub fn running(&self) -> Option<u64> {
+        self.running.then_some(self.step)
+    }
+
+    fn start(&mut self) -> Option<u64> {
+        if self.running || !self.wanted {
+            return None;
+        }
+        self.running = true;
+        self.wanted = false;
+        Some(self.step)
+    }
+
+    fn check(&self, rank: usize) -> Result<(), EpError> {
+        if rank >= self.ranks {
+            return Err(EpError::UnknownRank {
+                rank,
+                ranks: self.ranks,
+            });
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -477,6 +567,35 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn steps_start_for_everyone_and_wait_for_the_slowest() {
+        let mut b = StepBarrier::new(3).unwrap();
+        assert_eq!(b.handle_request(1), Ok(Some(0)));
+        // Asked again while step 0 runs: remembered for the next.
+        assert_eq!(b.handle_request(2), Ok(None));
+        assert_eq!(b.handle_done(0, 0, false), Ok(None));
+        assert_eq!(b.handle_done(1, 0, false), Ok(None));
+        assert!(matches!(
+            b.handle_done(1, 0, false),
+            Err(EpError::Duplicate { .. })
+        ));
+        assert_eq!(b.handle_done(2, 0, false), Ok(Some(1)));
+        // Nobody has work after step 1: the group rests.
+        for r in 0..3 {
+            b.handle_done(r, 1, false).unwrap();
+        }
+        assert_eq!(b.running(), None);
+        assert!(matches!(
+            b.handle_done(0, 2, false),
+            Err(EpError::WrongRound { .. })
+        ));
+        assert_eq!(b.handle_request(0), Ok(Some(2)));
+        assert!(matches!(
+            b.handle_request(5),
+            Err(EpError::UnknownRank { .. })
+        ));
+    }
+
     fn arb_map() -> impl Strategy<Value = (ExpertMap, usize)> {
         (1usize..=4, 1usize..=4, 0usize..=4).prop_flat_map(|(ranks, per_rank_experts, extra)| {
             let experts = ranks * per_rank_experts;
@@ -562,6 +681,47 @@ mod tests {
             }
             prop_assert_eq!(completed, x.round());
             prop_assert!(next.iter().all(|&n| n >= completed));
+        }
+
+        /// Under any interleaving of requests and completions, steps run one at a time, every
+        /// rank finishes each step exactly once, and a request is never lost: after it, a step
+        /// starts (or is running) until every request has been served by a later step.
+        #[test]
+        fn no_request_is_lost_and_steps_never_overlap(
+            ranks in 1usize..=4,
+            ops in prop::collection::vec((0usize..8, any::<bool>(), any::<bool>()), 1..80),
+        ) {
+            let mut b = StepBarrier::new(ranks).unwrap();
+            let mut finished = vec![false; ranks];
+            // A request made while a step ran is served by a step that starts after it.
+            let mut owed = false;
+            for (r, request, more) in ops {
+                let r = r % ranks;
+                let started = if request || b.running().is_none() && owed {
+                    b.handle_request(r).unwrap()
+                } else if let Some(step) = b.running() {
+                    if finished[r] {
+                        None
+                    } else {
+                        finished[r] = true;
+                        if more {
+                            owed = true;
+                        }
+                        b.handle_done(r, step, more).unwrap()
+                    }
+                } else {
+                    None
+                };
+                if request {
+                    owed = true;
+                }
+                if let Some(_step) = started {
+                    prop_assert!(finished.iter().all(|&f| f) || finished.iter().all(|&f| !f));
+                    finished.fill(false);
+                    owed = false;
+                }
+                prop_assert!(!owed || b.running().is_some(), "a request waits with no step running");
+            }
         }
     }
 }

@@ -14,11 +14,11 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use crate::clock::Clock;
 use crate::engine::{StepDone, StepError, StepLogits, WorkerKv, echo_token, plan_rows};
 use crate::protocol::{
-    DecodeMsg, GatewayToDecode, Handoff, KvDest, PrefillJob, PrefillPeer, PrefillToDecode,
+    DecodeMsg, EpStep, GatewayToDecode, Handoff, KvDest, PrefillJob, PrefillPeer, PrefillToDecode,
     RegistryMsg, WorkerLoad, WorkerRef,
 };
 use crate::seq::{SeqEvent, SeqJob, SeqSampler};
-use crate::worker::{WorkerArgs, load_of};
+use crate::worker::{EpTurn, WorkerArgs, load_of};
 
 /// Reservations waiting for pages before they are refused: a burst beyond this goes to another
 /// group (the gateway retries) instead of queueing here without bound.
@@ -51,6 +51,7 @@ pub struct DecodeState {
     steps: u64,
     /// (running, waiting, pages used) at the last load report.
     reported: Option<(usize, usize, usize)>,
+    ep: EpTurn,
 }
 
 pub struct DecodeWorker;
@@ -106,6 +107,7 @@ impl Actor for DecodeWorker {
             pending_frames: Vec::new(),
             steps: 0,
             reported: None,
+            ep: EpTurn::default(),
             args,
         };
         let load = state.load();
@@ -115,6 +117,9 @@ impl Actor for DecodeWorker {
             worker: WorkerRef::decode(&myself),
             load,
         })?;
+        if let Some(ep) = &state.args.ep {
+            ep.join(myself.get_derived())?;
+        }
         Ok(state)
     }
 
@@ -125,7 +130,11 @@ impl Actor for DecodeWorker {
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let now = st.now();
+        if !matches!(msg, DecodeMsg::Ep(_) | DecodeMsg::StepDone(_)) {
+            st.ep.touch();
+        }
         match msg {
+            DecodeMsg::Ep(EpStep(step)) => st.ep_step(step, &myself),
             DecodeMsg::Gateway(GatewayToDecode::Reserve { job, prefill }) => {
                 let (id, len) = (job.id, job.tokens.len());
                 st.core.handle_reserve(now, id, len, (job, prefill));
@@ -306,15 +315,51 @@ impl DecodeState {
         self.core.handle_bad_transfer(now, seq, e.to_string());
     }
 
-    /// Starts a step if none is running and there is work.
+    /// Starts a step if none is running and there is work; in an EP group, asks for one.
     fn kick(&mut self, myself: &ActorRef<DecodeMsg>) {
         if self.kv.is_none() {
             return;
         }
-        let now = self.now();
-        let Some(plan) = self.core.plan_step(now) else {
+        if let Some(ep) = &self.args.ep {
+            self.ep.request(ep, self.core.has_work());
             return;
-        };
+        }
+        let now = self.now();
+        if let Some(plan) = self.core.plan_step(now) {
+            self.start_step(plan, myself);
+        }
+    }
+
+    /// The EP group runs `step`: this group's batch if it has one, an idle step otherwise.
+    fn ep_step(&mut self, step: u64, myself: &ActorRef<DecodeMsg>) {
+        if self.kv.is_none() {
+            // The coordinator starts a step only when every rank finished the last one.
+            tracing::warn!(group = self.args.id.0, step, "EP step while stepping");
+            return;
+        }
+        let now = self.now();
+        let plan = self.core.plan_step(now);
+        self.ep.begin(step, plan.is_some(), self.core.has_work());
+        match plan {
+            Some(plan) => self.start_step(plan, myself),
+            None => {
+                let kv = self.kv.take().expect("checked above");
+                let engine = self.args.engine.clone();
+                let me = myself.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = engine.ep_idle_step().map(|()| StepLogits::Echo);
+                    let _ = me.cast(DecodeMsg::StepDone(Box::new(StepDone {
+                        plan: Default::default(),
+                        kv,
+                        result,
+                        send_errors: Default::default(),
+                    })));
+                });
+            }
+        }
+    }
+
+    fn start_step(&mut self, plan: duet_core::sched::StepPlan, myself: &ActorRef<DecodeMsg>) {
         let rows = plan_rows(&plan, self.core.sched(), self.core.kv());
         let mut kv = self.kv.take().expect("not stepping, so the pool is here");
         let engine = self.args.engine.clone();
@@ -351,6 +396,14 @@ impl DecodeState {
             plan, kv, result, ..
         } = done;
         self.kv = Some(kv);
+        if plan.items.is_empty() {
+            // An EP group's idle step: nothing of this group's ran.
+            if let Err(e) = result {
+                tracing::warn!(group = self.args.id.0, "EP idle step: {e}");
+            }
+            self.ep_finish();
+            return Ok(());
+        }
         self.steps += 1;
         self.args.inject_fault(self.steps, "decode group");
         let now = self.now();
@@ -360,6 +413,7 @@ impl DecodeState {
                 // The engine refused the batch (a bug or a corrupt pool): its sequences fail with
                 // the reason rather than retry forever.
                 self.core.handle_step_failed(now, &plan, e.to_string());
+                self.ep_finish();
                 return Ok(());
             }
         };
@@ -399,7 +453,14 @@ impl DecodeState {
         }
         // After every step, so the registry's picture stays fresh even at a steady state.
         self.reported = None;
+        self.ep_finish();
         Ok(())
+    }
+
+    fn ep_finish(&mut self) {
+        if let Some(ep) = &self.args.ep {
+            self.ep.finish(ep, self.core.has_work());
+        }
     }
 }
 

@@ -82,6 +82,7 @@ async fn reservations_beyond_the_queue_bound_go_back_to_the_gateway_at_once() {
         kv: KvLink::InProc(Arc::new(InProcTransport::new())),
         clock: Clock::start(),
         stats: Default::default(),
+        ep: None,
         fault: None,
         kv_corrupt: None,
     };

@@ -22,11 +22,11 @@ use crate::clock::Clock;
 use crate::engine::{SendError, StepDone, StepError, StepLogits, WorkerKv, echo_token, plan_rows};
 use crate::metrics::WorkerStats;
 use crate::protocol::{
-    GatewayToPrefill, Handoff, KvDest, PrefillJob, PrefillMsg, PrefillToDecode, RegistryMsg,
-    WorkerLoad, WorkerRef,
+    EpStep, GatewayToPrefill, Handoff, KvDest, PrefillJob, PrefillMsg, PrefillToDecode,
+    RegistryMsg, WorkerLoad, WorkerRef,
 };
 use crate::seq::{SeqEvent, SeqJob, SeqSampler};
-use crate::worker::{WorkerArgs, load_of};
+use crate::worker::{EpTurn, WorkerArgs, load_of};
 
 /// One layer frame must be accepted by the destination within this time or the sequence is
 /// re-run elsewhere (a cut link or a stalled decode process; a 61-layer, 4k-token prompt's layer is
@@ -60,6 +60,7 @@ pub struct PrefillState {
     kv: Option<WorkerKv>,
     core: PrefillCore<Job>,
     steps: u64,
+    ep: EpTurn,
 }
 
 pub struct PrefillWorker;
@@ -83,6 +84,7 @@ impl Actor for PrefillWorker {
                 args.kv_manager(),
             ),
             steps: 0,
+            ep: EpTurn::default(),
             args,
         };
         st.args.registry.cast(RegistryMsg::Register {
@@ -90,6 +92,9 @@ impl Actor for PrefillWorker {
             worker: WorkerRef::prefill(st.args.id, &myself),
             load: st.load(),
         })?;
+        if let Some(ep) = &st.args.ep {
+            ep.join(myself.get_derived())?;
+        }
         Ok(st)
     }
 
@@ -100,7 +105,11 @@ impl Actor for PrefillWorker {
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let now = st.now();
+        if !matches!(msg, PrefillMsg::Ep(_) | PrefillMsg::StepDone(_)) {
+            st.ep.touch();
+        }
         match msg {
+            PrefillMsg::Ep(EpStep(step)) => st.ep_step(step, &myself),
             PrefillMsg::Job(p) => {
                 let PrefillJob { job, dest } = *p;
                 let limits = SeqLimits {
@@ -170,10 +179,52 @@ impl PrefillState {
         if self.kv.is_none() {
             return;
         }
-        let now = self.now();
-        let Some(plan) = self.core.plan_step(now) else {
+        if let Some(ep) = &self.args.ep {
+            self.ep.request(ep, self.core.has_work());
             return;
-        };
+        }
+        let now = self.now();
+        if let Some(plan) = self.core.plan_step(now) {
+            self.start_step(plan, myself);
+        }
+    }
+
+    /// The EP group runs `step`: this worker's prompts if it has some, an idle step otherwise.
+    fn ep_step(&mut self, step: u64, myself: &ActorRef<PrefillMsg>) {
+        if self.kv.is_none() {
+            // The coordinator starts a step only when every rank finished the last one.
+            tracing::warn!(worker = self.args.id.0, step, "EP step while stepping");
+            return;
+        }
+        let now = self.now();
+        let plan = self.core.plan_step(now);
+        self.ep.begin(step, plan.is_some(), self.core.has_work());
+        match plan {
+            Some(plan) => self.start_step(plan, myself),
+            None => {
+                let kv = self.kv.take().expect("checked above");
+                let engine = self.args.engine.clone();
+                let me = myself.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = engine.ep_idle_step().map(|()| StepLogits::Echo);
+                    let _ = me.cast(PrefillMsg::StepDone(Box::new(StepDone {
+                        plan: Default::default(),
+                        kv,
+                        result,
+                        send_errors: Default::default(),
+                    })));
+                });
+            }
+        }
+    }
+
+    fn ep_finish(&mut self) {
+        if let Some(ep) = &self.args.ep {
+            self.ep.finish(ep, self.core.has_work());
+        }
+    }
+
+    fn start_step(&mut self, plan: duet_core::sched::StepPlan, myself: &ActorRef<PrefillMsg>) {
         let rows = plan_rows(&plan, self.core.sched(), self.core.kv());
         let mut targets = Vec::new();
         for (it, row) in plan.items.iter().zip(&rows) {
@@ -247,6 +298,14 @@ impl PrefillState {
             WorkerKv::Echo => 0,
         };
         self.kv = Some(kv);
+        if plan.items.is_empty() {
+            // An EP group's idle step: nothing of this worker's ran.
+            if let Err(e) = result {
+                tracing::warn!(worker = self.args.id.0, "EP idle step: {e}");
+            }
+            self.ep_finish();
+            return;
+        }
         self.steps += 1;
         self.args.inject_fault(self.steps, "prefill worker");
         let now = self.now();
@@ -254,6 +313,7 @@ impl PrefillState {
             Ok(l) => l,
             Err(e) => {
                 self.core.handle_step_failed(now, &plan, e.to_string());
+                self.ep_finish();
                 return;
             }
         };
@@ -330,6 +390,7 @@ impl PrefillState {
         if cfg!(debug_assertions) {
             self.core.check_invariants();
         }
+        self.ep_finish();
     }
 }
 

@@ -215,6 +215,7 @@ pub async fn start_worker(o: WorkerProcessOptions) -> Result<WorkerProcess, Serv
                     clock,
                     stats: metrics.workers.clone(),
                     fault: None,
+                    ep: None,
                     kv_corrupt: kv_corrupt.clone(),
                 },
             )

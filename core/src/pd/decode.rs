@@ -453,6 +453,13 @@ impl<Q, R> DecodeCore<Q, R> {
         held
     }
 
+    /// Whether a sequence is running here (a step would have work).
+    pub fn has_work(&self) -> bool {
+        self.entries
+            .values()
+            .any(|e| matches!(e, Entry::Running(_)))
+    }
+
     /// Plans the next step if none is running and the batch has work. Sequences that can never
     /// fit the pool fail here (the gateway's context check makes this unreachable for requests it
     /// admitted against this group's size).

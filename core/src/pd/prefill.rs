@@ -126,6 +126,11 @@ impl<J> PrefillCore<J> {
         self.refused.push_back(Refused { seq, reason, job });
     }
 
+    /// Whether a prompt waits to be computed here.
+    pub fn has_work(&self) -> bool {
+        !self.jobs.is_empty()
+    }
+
     /// Plans the next step if none is running and there is work.
     pub fn plan_step(&mut self, now_us: u64) -> Option<StepPlan> {
         if self.stepping || self.jobs.is_empty() {
