@@ -139,7 +139,7 @@ fn check_fixture_bf16(name: &str, bf16_top1_min: f64, bf16_rel_tol: Option<f64>)
     );
     assert_eq!(cache.pages_free(), 4, "generation returns its pages");
 
-    // The absorbed form on the whole prompt equals the decompressing form.
+    // The absorbed (MLA) / decode (GQA) form on the whole prompt equals the prefill form.
     let mut absorbed = load(&dir, DType::F32);
     absorbed.attention_form = AttentionForm::Absorbed;
     let a = logits_in_chunks(&absorbed, &g.input_ids, &[g.input_ids.len()]);
@@ -237,6 +237,25 @@ fn fused_and_per_expert_checkpoints_give_identical_logits() {
             "{dtype:?}: the fused checkpoint computes other logits"
         );
     }
+}
+
+/// Qwen2 (R1-Distill-Qwen): GQA 4/2 with q/k/v biases, tied embeddings, BF16.
+#[test]
+fn qwen2_tiny_tied_matches_hf() {
+    check_fixture("qwen2-tiny-tied");
+}
+
+/// Qwen2 with its own lm_head, F32, sharded.
+#[test]
+fn qwen2_tiny_sharded_matches_hf() {
+    check_fixture("qwen2-tiny");
+}
+
+/// Llama (R1-Distill-Llama): `llama3` rope scaling from an original context of 32, run past it
+/// (40 positions), head_dim 24 ≠ hidden/heads, F16.
+#[test]
+fn llama3_tiny_matches_hf() {
+    check_fixture("llama3-tiny");
 }
 
 #[test]

@@ -1,6 +1,6 @@
-//! The paged latent KV cache of one model replica: one pool per layer,
-//! `[pages, PAGE_TOKENS, kv_lora_rank + qk_rope_head_dim]`, and a free list of page ids shared by
-//! all layers (a sequence's page `p` holds its tokens `64p..64p+63` in every layer's pool).
+//! The paged KV cache of one model replica: one pool per layer, `[pages, PAGE_TOKENS, width]`
+//! (`width` = MLA's latent `kv_lora_rank + qk_rope_head_dim`, or GQA's `[k | v]`,
+//! `2 · kv_heads · head_dim`), and a free list of page ids shared by all layers (a sequence's page `p` holds its tokens `64p..64p+63` in every layer's pool).
 //!
 //! This is the engine-level cache that `duet generate` and the tests drive directly; the serving
 //! path's allocator with prefix sharing lives in core/ and hands page ids to the same pools.
@@ -18,7 +18,7 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(cfg: &ModelConfig, pages: usize, dtype: DType, device: Device) -> Self {
-        let width = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
+        let width = cfg.kv_width();
         let pools = (0..cfg.num_hidden_layers)
             .map(|_| Tensor::zeros(&[pages, PAGE_TOKENS, width], dtype, device))
             .collect();
