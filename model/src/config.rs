@@ -21,6 +21,10 @@ use crate::Error;
 /// 42 MB); this keeps a corrupt config from asking for terabytes.
 pub const MAX_POSITIONS: usize = 1 << 20;
 
+/// Most query values per token and layer a GQA config may declare (heads × head_dim), so that a
+/// corrupt config is refused instead of overflowing a shape; Llama-3.1-405B has 128 × 128.
+pub const GQA_WIDTH_MAX: usize = 1 << 20;
+
 /// The fields of `config.json` duet reads. Unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -277,6 +281,15 @@ impl ModelConfig {
         }
         if g.head_dim == 0 || !g.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} must be positive and even", g.head_dim));
+        }
+        if g.heads
+            .checked_mul(g.head_dim)
+            .is_none_or(|w| w > GQA_WIDTH_MAX)
+        {
+            return Err(format!(
+                "{} heads × head_dim {} exceeds the supported {GQA_WIDTH_MAX} values per token",
+                g.heads, g.head_dim
+            ));
         }
         if self.intermediate_size == 0 {
             return Err("intermediate_size must be positive".into());
@@ -618,6 +631,9 @@ mod tests {
         let mut v = qwen2();
         v["num_key_value_heads"] = 5.into();
         assert!(parse(v).unwrap_err().contains("num_key_value_heads"));
+        let mut v = qwen2();
+        v["head_dim"] = (1u64 << 60).into();
+        assert!(parse(v).unwrap_err().contains("values per token"));
         let mut v = qwen2();
         v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
         assert!(parse(v).unwrap_err().contains("yarn"));

@@ -10,15 +10,31 @@ use duet_kernels::{DType, Device, Tensor};
 
 use crate::{Error, ModelConfig, Result};
 
+/// What a cache's pools hold per token and layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvContent {
+    /// DeepSeek's MLA latent `[c_kv | k_pe]`.
+    Latent,
+    /// Grouped-query attention's `[k | v]` (Qwen2, Llama).
+    KeysValues,
+}
+
 pub struct KvCache {
     pub(crate) pools: Vec<Tensor>,
     free: Vec<u32>,
     pages: usize,
+    content: KvContent,
+    width: usize,
+    dtype: DType,
 }
 
 impl KvCache {
     pub fn new(cfg: &ModelConfig, pages: usize, dtype: DType, device: Device) -> Self {
         let width = cfg.kv_width();
+        let content = match cfg.architecture() {
+            Ok(a) if a.is_gqa() => KvContent::KeysValues,
+            _ => KvContent::Latent,
+        };
         let pools = (0..cfg.num_hidden_layers)
             .map(|_| Tensor::zeros(&[pages, PAGE_TOKENS, width], dtype, device))
             .collect();
@@ -27,7 +43,25 @@ impl KvCache {
             // Popped from the back: hand out low page ids first, which keeps tests readable.
             free: (0..pages as u32).rev().collect(),
             pages,
+            content,
+            width,
+            dtype,
         }
+    }
+
+    /// What the pools hold; with [`KvCache::width`] and [`KvCache::dtype`], the layout a KV
+    /// transfer must match.
+    pub fn content(&self) -> KvContent {
+        self.content
+    }
+
+    /// Values per token and layer.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     pub fn pages_total(&self) -> usize {
