@@ -112,6 +112,9 @@ pub struct ModelConfig {
     /// transformers 5's per-layer attention kinds (`full_attention`, `sliding_attention`).
     #[serde(default)]
     pub layer_types: Option<Vec<String>>,
+    /// Fraction of each head RoPE rotates (HF `partial_rotary_factor`; 1 when absent).
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
 }
 
 /// The model families duet runs.
@@ -296,6 +299,11 @@ impl ModelConfig {
         }
         if self.mlp_bias {
             return Err("mlp_bias is not supported".into());
+        }
+        if let Some(f) = self.partial_rotary_factor.filter(|&f| f != 1.0) {
+            return Err(format!(
+                "partial_rotary_factor {f} is not supported (RoPE over the whole head is)"
+            ));
         }
         if self.hidden_act.as_deref().is_some_and(|a| a != "silu") {
             return Err(format!(
@@ -631,6 +639,9 @@ mod tests {
         let mut v = qwen2();
         v["num_key_value_heads"] = 5.into();
         assert!(parse(v).unwrap_err().contains("num_key_value_heads"));
+        let mut v = qwen2();
+        v["partial_rotary_factor"] = 0.5.into();
+        assert!(parse(v).unwrap_err().contains("partial_rotary_factor"));
         let mut v = qwen2();
         v["head_dim"] = (1u64 << 60).into();
         assert!(parse(v).unwrap_err().contains("values per token"));

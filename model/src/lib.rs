@@ -20,7 +20,6 @@ use std::path::PathBuf;
 
 pub use config::{Architecture, ModelConfig};
 pub use duet_kernels::DType;
-pub use ffn::ExpertLayout;
 pub use loader::LoadProgress;
 pub use model::{AttentionForm, LogitsMode, Model, SeqInput};
 
