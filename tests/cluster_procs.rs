@@ -361,12 +361,25 @@ async fn a_worker_with_another_model_or_dtype_is_refused_at_join() {
         .to_str()
         .unwrap()
         .to_string();
+    // A Qwen2 config with the default model's layer count and vocabulary: only the architecture
+    // (and so the KV layout) differs.
+    let qwen2 = tmp("qwen2-same-shape");
+    std::fs::create_dir_all(&qwen2).unwrap();
+    let mut cfg = duet_model::tiny::config_json(duet_model::tiny::TinyArch::Qwen2);
+    cfg["vocab_size"] = json!(duet_model::tiny::DEEPSEEK_VOCAB);
+    std::fs::write(qwen2.join("config.json"), cfg.to_string()).unwrap();
+    let qwen2 = qwen2.to_str().unwrap().to_string();
     for (role, extra, why) in [
         ("prefill", vec!["--dtype", "bf16"], "KV pages differ"),
         (
             "decode",
             vec!["--dtype", "f32", "--model", other_model.as_str()],
             "model differs",
+        ),
+        (
+            "decode",
+            vec!["--engine", "echo", "--model", qwen2.as_str()],
+            "the gateway serves DeepSeek with 96 KV values per token, this worker Qwen2 with 128",
         ),
     ] {
         let mut w = c.worker(role, &extra);
