@@ -21,6 +21,10 @@ use crate::Error;
 /// 42 MB); this keeps a corrupt config from asking for terabytes.
 pub const MAX_POSITIONS: usize = 1 << 20;
 
+/// Most decoder layers a config may declare (V3: 61, Llama-3.1-405B: 126): the layer list and the
+/// KV pools are sized by it before any weight is read.
+pub const LAYERS_MAX: usize = 1 << 12;
+
 /// Most query values per token and layer a GQA config may declare (heads × head_dim), so that a
 /// corrupt config is refused instead of overflowing a shape; Llama-3.1-405B has 128 × 128.
 pub const GQA_WIDTH_MAX: usize = 1 << 20;
@@ -208,6 +212,12 @@ impl ModelConfig {
             if v == 0 {
                 return Err(format!("{name} must be positive"));
             }
+        }
+        if self.num_hidden_layers > LAYERS_MAX {
+            return Err(format!(
+                "num_hidden_layers {} exceeds the supported {LAYERS_MAX}",
+                self.num_hidden_layers
+            ));
         }
         if self.max_position_embeddings > MAX_POSITIONS {
             return Err(format!(
