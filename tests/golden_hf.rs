@@ -258,6 +258,33 @@ fn llama3_tiny_matches_hf() {
     check_fixture("llama3-tiny");
 }
 
+/// The dense fixtures' config.json as transformers 5 writes it (`rope_parameters` with `rope_type`
+/// default or llama3, `layer_types`, `sliding_window: null`; tests/golden/hf5-configs/) loads the
+/// same model as the released layout: bit-identical logits.
+#[test]
+fn transformers5_configs_of_qwen2_and_llama_load_as_released() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    for name in ["qwen2-tiny-tied", "qwen2-tiny", "llama3-tiny"] {
+        let (dir, g) = fixture(name);
+        let tmp = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+        }
+        std::fs::copy(
+            root.join("hf5-configs").join(format!("{name}.json")),
+            tmp.path().join("config.json"),
+        )
+        .unwrap();
+        let a = logits_in_chunks(&load(&dir, DType::F32), &g.input_ids, &[24]);
+        let b = logits_in_chunks(&load(tmp.path(), DType::F32), &g.input_ids, &[24]);
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name}: the transformers 5 config computes other logits"
+        );
+    }
+}
+
 #[test]
 fn v2_lite_tiny_sharded_matches_hf() {
     check_fixture("v2-lite-tiny");

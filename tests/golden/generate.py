@@ -808,6 +808,15 @@ def attempt(name: str, fx: dict, seed: int, workdir: Path):
     return problems, ids, logits, greedy, stats, fdir
 
 
+def write_hf5_config(name: str, fx: dict):
+    """hf5-configs/<name>.json: the dense fixture's config.json as transformers 5's save_pretrained writes it
+    (rope_parameters, layer_types, dtype, ...), for the test that both config layouts load the same model."""
+    cls = getattr(transformers, HF_CLASSES[fx["config"]["model_type"]].replace("ForCausalLM", "Config"))
+    d = HERE / "hf5-configs"
+    d.mkdir(exist_ok=True)
+    (d / f"{name}.json").write_text(cls(**fx["config"]).to_json_string(use_diff=True))
+
+
 def main(argv):
     names = argv[1:] or list(FIXTURES)
     transformers.logging.set_verbosity_error()  # MTP tensors are reported as UNEXPECTED (expected: HF drops them)
@@ -864,6 +873,8 @@ def main(argv):
               f"expert {st['min_expert_margin']:.3g}, size {size / 1e6:.2f} MB")
         print(f"[{name}] greedy: {greedy}")
         print(f"[{name}] top-2 margins: " + " ".join(f"{m:.3f}" for _, m, _ in st["steps"]))
+        if cfg["model_type"] in DENSE:
+            write_hf5_config(name, fx)
 
 
 if __name__ == "__main__":
