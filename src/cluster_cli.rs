@@ -140,12 +140,17 @@ fn model_dir(c: &Common, cfg: &ClusterConfig) -> Result<PathBuf> {
     }
 }
 
-fn shape(model: &ModelConfig, page_bytes: u64) -> ModelShape {
-    ModelShape {
+fn shape(model: &ModelConfig, page_bytes: u64) -> Result<ModelShape> {
+    let architecture = model
+        .architecture()
+        .map_err(|e| anyhow::anyhow!("config.json: {e}"))?;
+    Ok(ModelShape {
         layers: model.num_hidden_layers as u32,
         page_bytes,
         vocab_size: model.vocab_size as u64,
-    }
+        architecture: format!("{architecture:?}"),
+        kv_width: u32::try_from(model.kv_width()).context("KV width")?,
+    })
 }
 
 fn announce() -> Box<dyn Fn(String) + Send + Sync> {
@@ -197,7 +202,7 @@ pub fn run_gateway(a: GatewayArgs) -> Result<()> {
     // The gateway never runs the model: it renders, tokenizes, routes and streams.
     let mut opts = ServeOptions::for_model_config(cfg.clone(), &model, tokenizer, served);
     opts.api_keys = api_keys;
-    let shape = shape(&model, 0);
+    let shape = shape(&model, 0)?;
     runtime()?.block_on(async move {
         let addr = format!("{}:{}", cfg.gateway.host, cfg.gateway.port);
         let listener = tokio::net::TcpListener::bind(&addr)
@@ -279,7 +284,7 @@ pub fn run_worker(role: Role, a: WorkerArgs) -> Result<()> {
         metrics_addr: metrics_port.map(|p| SocketAddr::from(([0, 0, 0, 0], p))),
         role,
         engine,
-        shape: shape(&model_cfg, page_bytes),
+        shape: shape(&model_cfg, page_bytes)?,
         config: cfg,
         workers: a.workers,
         join,

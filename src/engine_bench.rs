@@ -212,13 +212,18 @@ fn active_weight_bytes(m: &duet_model::Model) -> usize {
     let c = &m.config;
     let e = m.dtype.size_bytes();
     let h = c.hidden_size;
-    let s = c.mla_shape();
-    let q = match c.q_lora_rank {
-        Some(r) if r > 0 => r * h + s.heads * (s.nope + s.rope) * r,
-        _ => s.heads * (s.nope + s.rope) * h,
+    let attn = if c.architecture().is_ok_and(|a| a.is_gqa()) {
+        // q, k, v and o of grouped-query attention (Qwen2, Llama).
+        let g = c.gqa_shape();
+        (g.heads + 2 * g.kv_heads) * g.head_dim * h + h * g.heads * g.head_dim
+    } else {
+        let s = c.mla_shape();
+        let q = match c.q_lora_rank {
+            Some(r) if r > 0 => r * h + s.heads * (s.nope + s.rope) * r,
+            _ => s.heads * (s.nope + s.rope) * h,
+        };
+        q + (s.kv_lora + s.rope) * h + s.heads * (s.nope + s.v) * s.kv_lora + h * s.heads * s.v
     };
-    let attn =
-        q + (s.kv_lora + s.rope) * h + s.heads * (s.nope + s.v) * s.kv_lora + h * s.heads * s.v;
     let mut total = 0;
     for i in 0..c.num_hidden_layers {
         total += attn;

@@ -95,7 +95,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "bf16")]
         dtype: DTypeArg,
     },
-    /// Write a random-weight checkpoint in the released DeepSeek layout, with the R1 tokenizer.
+    /// Write a random-weight checkpoint in the released layout (DeepSeek with the R1 tokenizer;
+    /// qwen2/llama: R1-Distill-Qwen/-Llama's architecture and tokenizer).
     TinyModel {
         #[arg(long)]
         out: PathBuf,

@@ -18,7 +18,7 @@ use duet_kernels::DType;
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum EngineArg {
-    /// The DeepSeek model on duet's kernels.
+    /// The model (DeepSeek, or the R1 distillations' Qwen2 and Llama) on duet's kernels.
     Model,
     /// A test tool: returns the prompt's tokens without computing, to measure the serving path.
     Echo,

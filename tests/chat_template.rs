@@ -1,11 +1,12 @@
 //! Chat templates rendered exactly as HF's `apply_chat_template` renders them (goldens in
 //! tests/golden/chat/, made by tests/golden/chat_golden.py from the released R1 and V3
-//! tokenizer_config.json). The tokenizer is the one duet ships (R1); the V3 vocabulary differs
-//! only in ids 128798/128799, which V3 calls placeholders instead of `<think>`/`</think>`.
+//! tokenizer_config.json, and the R1-Distill-Qwen / R1-Distill-Llama ones). The tokenizers are
+//! the ones duet ships (R1's, the two distill ones); the V3 vocabulary differs only in ids
+//! 128798/128799, which V3 calls placeholders instead of `<think>`/`</think>`.
 
 use std::path::Path;
 
-use duet_model::tiny::r1_tokenizer_files;
+use duet_model::tiny::{TinyArch, r1_tokenizer_files, tokenizer_files};
 use duet_model::tokenizer::TextTokenizer;
 use serde::Deserialize;
 use serde_json::Value;
@@ -45,13 +46,16 @@ fn tokenizer(v3: bool) -> TextTokenizer {
 }
 
 fn check(file: &str, v3: bool) {
+    check_with(file, &tokenizer(v3));
+}
+
+fn check_with(file: &str, tok: &TextTokenizer) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cases: Vec<Case> = serde_json::from_str(
         &std::fs::read_to_string(root.join("tests/golden/chat").join(file)).unwrap(),
     )
     .unwrap();
     assert!(cases.len() >= 10);
-    let tok = tokenizer(v3);
     for c in cases {
         let (text, ids) = tok
             .apply_chat_template(&c.messages, c.tools.as_ref(), c.add_generation_prompt)
@@ -69,6 +73,35 @@ fn r1_template_matches_hf() {
 #[test]
 fn v3_template_matches_hf() {
     check("deepseek-v3.json", true);
+}
+
+fn shipped(arch: TinyArch) -> TextTokenizer {
+    let (json, cfg) = tokenizer_files(arch).unwrap();
+    TextTokenizer::from_bytes(
+        &json,
+        &serde_json::from_str(cfg).unwrap(),
+        Path::new("tokenizer.json"),
+    )
+    .unwrap()
+}
+
+/// R1-Distill-Qwen's template (system, multi-turn with reasoning cut at `</think>`, tool calls and
+/// outputs) with its 152k-entry Qwen vocabulary.
+#[test]
+fn r1_distill_qwen_template_matches_hf() {
+    check_with(
+        "deepseek-r1-distill-qwen-7b.json",
+        &shipped(TinyArch::Qwen2),
+    );
+}
+
+/// The same template over R1-Distill-Llama's 128k Llama 3 vocabulary.
+#[test]
+fn r1_distill_llama_template_matches_hf() {
+    check_with(
+        "deepseek-r1-distill-llama-8b.json",
+        &shipped(TinyArch::Llama),
+    );
 }
 
 #[test]

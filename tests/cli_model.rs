@@ -216,6 +216,22 @@ fn bad_model_directories_fail_with_the_file_and_tensor_named() {
     std::fs::write(dir.join("model.safetensors"), &full[..full.len() / 2]).unwrap();
     fails_with(&dir, &["model.safetensors", "invalid safetensors"]);
 
+    // An architecture duet does not run is named, with the ones it does.
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(fixture("qwen2-tiny").join("config.json")).unwrap())
+            .unwrap();
+    cfg["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    fails_with(
+        &dir,
+        &[
+            "config.json",
+            "MistralForCausalLM",
+            "not supported",
+            "Qwen2ForCausalLM",
+        ],
+    );
+
     std::fs::write(dir.join("config.json"), "{\"hidden_size\": ").unwrap();
     fails_with(&dir, &["config.json", "invalid config"]);
 

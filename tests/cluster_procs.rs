@@ -36,8 +36,16 @@ const JOIN_DEADLINE: Duration = Duration::from_secs(60);
 
 impl Cluster {
     fn gateway(secret: &std::path::Path, cluster_port: u16) -> (Proc, String, String) {
+        Self::gateway_with(secret, cluster_port, &[])
+    }
+
+    fn gateway_with(
+        secret: &std::path::Path,
+        cluster_port: u16,
+        extra: &[&str],
+    ) -> (Proc, String, String) {
         let port = cluster_port.to_string();
-        let gw = Proc::spawn(&[
+        let mut args = vec![
             "gateway",
             "--host",
             "127.0.0.1",
@@ -47,7 +55,9 @@ impl Cluster {
             &port,
             "--secret-file",
             secret.to_str().unwrap(),
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let gw = Proc::spawn(&args);
         let line = gw
             .wait_line(JOIN_DEADLINE, |l| l.starts_with("duet gateway serving"))
             .unwrap_or_else(|| panic!("gateway did not start: {}", gw.log()));
@@ -120,8 +130,12 @@ impl Cluster {
 
     /// A gateway with no workers yet.
     fn gateway_only() -> Cluster {
+        Self::gateway_only_with(&[])
+    }
+
+    fn gateway_only_with(gateway_args: &[&str]) -> Cluster {
         let secret = secret_file();
-        let (gateway, http, join) = Self::gateway(&secret, 0);
+        let (gateway, http, join) = Self::gateway_with(&secret, 0, gateway_args);
         Cluster {
             gateway,
             http,
@@ -134,7 +148,11 @@ impl Cluster {
     }
 
     fn start(prefill: usize, decode: usize, extra: &[&str]) -> Cluster {
-        let mut c = Self::gateway_only();
+        Self::start_with(prefill, decode, &[], extra)
+    }
+
+    fn start_with(prefill: usize, decode: usize, gateway_args: &[&str], extra: &[&str]) -> Cluster {
+        let mut c = Self::gateway_only_with(gateway_args);
         for _ in 0..prefill {
             let p = c.worker("prefill", extra);
             c.prefill.push(p);
@@ -216,6 +234,36 @@ fn endpoint_of(p: &Proc) -> String {
         .unwrap_or_else(|| panic!("{line}"));
     let port = addr.rsplit(':').next().unwrap();
     format!("http://127.0.0.1:{port}")
+}
+
+/// The R1 distillations' architectures across processes: the prefill process sends GQA `[k | v]`
+/// pages (frames carrying that layout), and greedy output equals the one-process cluster's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qwen2_and_llama_processes_give_the_one_process_cluster_s_greedy_tokens() {
+    let _serial = SERIAL.lock().await;
+    for arch in ["qwen2", "llama"] {
+        let dir = tmp(&format!("tiny-{arch}"));
+        let d = dir.to_str().unwrap();
+        let out = common::duet(&["tiny-model", "--out", d, "--arch", arch, "--seed", "2"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let worker = ["--model", d, "--dtype", "f32"];
+        let c = Cluster::start_with(1, 1, &["--model", d], &worker);
+        let one = Server::start(&worker);
+        let body = json!({"prompt": long_prompt(1, 100), "max_tokens": 16, "temperature": 0,
+                          "ignore_eos": true});
+        let (s1, remote) = post(&c.url("/v1/completions"), &body).await;
+        let (s2, local) = post(&one.url("/v1/completions"), &body).await;
+        assert_eq!((s1, s2), (200, 200), "{arch}: {remote} {local}");
+        assert_eq!(
+            remote["choices"][0]["text"], local["choices"][0]["text"],
+            "{arch}"
+        );
+        assert_eq!(remote["usage"]["completion_tokens"], 16, "{arch}");
+    }
 }
 
 async fn same_tokens_as_one_process(worker_args: &[&str]) {
@@ -374,12 +422,25 @@ async fn a_worker_with_another_model_or_dtype_is_refused_at_join() {
         .to_str()
         .unwrap()
         .to_string();
+    // A Qwen2 config with the default model's layer count and vocabulary: only the architecture
+    // (and so the KV layout) differs.
+    let qwen2 = tmp("qwen2-same-shape");
+    std::fs::create_dir_all(&qwen2).unwrap();
+    let mut cfg = duet_model::tiny::config_json(duet_model::tiny::TinyArch::Qwen2);
+    cfg["vocab_size"] = json!(duet_model::tiny::DEEPSEEK_VOCAB);
+    std::fs::write(qwen2.join("config.json"), cfg.to_string()).unwrap();
+    let qwen2 = qwen2.to_str().unwrap().to_string();
     for (role, extra, why) in [
         ("prefill", vec!["--dtype", "bf16"], "KV pages differ"),
         (
             "decode",
             vec!["--dtype", "f32", "--model", other_model.as_str()],
             "model differs",
+        ),
+        (
+            "decode",
+            vec!["--engine", "echo", "--model", qwen2.as_str()],
+            "the gateway serves DeepSeek with 96 KV values per token, this worker Qwen2 with 128",
         ),
     ] {
         let mut w = c.worker(role, &extra);

@@ -139,7 +139,7 @@ fn check_fixture_bf16(name: &str, bf16_top1_min: f64, bf16_rel_tol: Option<f64>)
     );
     assert_eq!(cache.pages_free(), 4, "generation returns its pages");
 
-    // The absorbed form on the whole prompt equals the decompressing form.
+    // The absorbed (MLA) / decode (GQA) form on the whole prompt equals the prefill form.
     let mut absorbed = load(&dir, DType::F32);
     absorbed.attention_form = AttentionForm::Absorbed;
     let a = logits_in_chunks(&absorbed, &g.input_ids, &[g.input_ids.len()]);
@@ -235,6 +235,52 @@ fn fused_and_per_expert_checkpoints_give_identical_logits() {
         assert!(
             a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
             "{dtype:?}: the fused checkpoint computes other logits"
+        );
+    }
+}
+
+/// Qwen2 (R1-Distill-Qwen): GQA 4/2 with q/k/v biases, tied embeddings, BF16.
+#[test]
+fn qwen2_tiny_tied_matches_hf() {
+    check_fixture("qwen2-tiny-tied");
+}
+
+/// Qwen2 with its own lm_head, F32, sharded.
+#[test]
+fn qwen2_tiny_sharded_matches_hf() {
+    check_fixture("qwen2-tiny");
+}
+
+/// Llama (R1-Distill-Llama): `llama3` rope scaling from an original context of 32, run past it
+/// (40 positions), head_dim 24 ≠ hidden/heads, F16.
+#[test]
+fn llama3_tiny_matches_hf() {
+    check_fixture("llama3-tiny");
+}
+
+/// The dense fixtures' config.json as transformers 5 writes it (`rope_parameters` with `rope_type`
+/// default or llama3, `layer_types`, `sliding_window: null`; tests/golden/hf5-configs/) loads the
+/// same model as the released layout: bit-identical logits.
+#[test]
+fn transformers5_configs_of_qwen2_and_llama_load_as_released() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    for name in ["qwen2-tiny-tied", "qwen2-tiny", "llama3-tiny"] {
+        let (dir, g) = fixture(name);
+        let tmp = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+        }
+        std::fs::copy(
+            root.join("hf5-configs").join(format!("{name}.json")),
+            tmp.path().join("config.json"),
+        )
+        .unwrap();
+        let a = logits_in_chunks(&load(&dir, DType::F32), &g.input_ids, &[24]);
+        let b = logits_in_chunks(&load(tmp.path(), DType::F32), &g.input_ids, &[24]);
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name}: the transformers 5 config computes other logits"
         );
     }
 }

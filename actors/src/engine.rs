@@ -1,4 +1,5 @@
-//! What a worker computes with: the DeepSeek model on duet's kernels, or the echo engine.
+//! What a worker computes with: the model (DeepSeek, Qwen2 or Llama) on duet's kernels, or the
+//! echo engine.
 //!
 //! The echo engine returns tokens without computing anything. It exists to measure the serving
 //! path around the model (gateway, actors, streaming) — `duet serve --engine echo` — and is a test
@@ -9,8 +10,9 @@ use std::sync::Arc;
 
 use duet_core::sched::StepPlan;
 use duet_core::types::SeqId;
-use duet_model::kv::KvCache;
+use duet_model::kv::{KvCache, KvContent};
 use duet_model::{LogitsMode, Model, SeqInput};
+use duet_transport::{KvAttention, KvLayout};
 
 #[derive(Clone)]
 pub enum Engine {
@@ -27,10 +29,24 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// A worker's KV storage: the model's paged latent pools, or nothing for echo.
+/// A worker's KV storage: the model's paged pools, or nothing for echo.
 pub enum WorkerKv {
     Model(KvCache),
     Echo,
+}
+
+/// The wire layout of a cache's pages, which every KV frame carries and a decode worker checks.
+pub fn kv_layout(cache: &KvCache) -> KvLayout {
+    KvLayout {
+        attention: match cache.content() {
+            KvContent::Latent => KvAttention::Mla,
+            KvContent::KeysValues => KvAttention::Gqa,
+        },
+        elem_bytes: cache.dtype().size_bytes() as u8,
+        // A width comes from config.json, whose fields are bounded far below u32::MAX
+        // (a layer's pool would not fit in memory long before).
+        width: u32::try_from(cache.width()).unwrap_or(u32::MAX),
+    }
 }
 
 /// One batch row: what the model runs for one sequence in one step. Owned, because a step runs

@@ -2,7 +2,7 @@
 
 use half::bf16;
 
-pub use crate::shape::{AttnSeq, MlaShape, PAGE_TOKENS};
+pub use crate::shape::{AttnSeq, GqaShape, MlaShape, PAGE_TOKENS};
 use crate::tensor::Storage;
 use crate::{Result, Tensor, cpu, shape_err};
 
@@ -242,6 +242,70 @@ pub fn rope_inplace(
     Ok(())
 }
 
+/// Rotates, in place, every whole head of `x` (`[rows, heads · head_dim]`) in the "rotate half"
+/// layout of Llama and Qwen2: dims `i` and `i + head_dim/2` form a pair. `cos`/`sin` are
+/// `[max_positions, head_dim/2]` tables (see [`crate::rope`]).
+pub fn rope_halves_inplace(
+    x: &mut Tensor,
+    heads: usize,
+    head_dim: usize,
+    positions: &[u32],
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<()> {
+    let (m, w) = x.dims2("rope_halves")?;
+    let (max_pos, half) = cos.dims2("rope_halves")?;
+    if w != heads * head_dim
+        || 2 * half != head_dim
+        || sin.shape() != cos.shape()
+        || positions.len() != m
+    {
+        return shape_err(
+            "rope_halves",
+            format!(
+                "x {:?}, heads {heads}×{head_dim}, table {:?}, {} positions",
+                x.shape(),
+                cos.shape(),
+                positions.len()
+            ),
+        );
+    }
+    if let Some(p) = positions.iter().find(|&&p| p as usize >= max_pos) {
+        return shape_err(
+            "rope_halves",
+            format!("position {p} beyond the rope table of {max_pos} (max_position_embeddings)"),
+        );
+    }
+    let (c, s) = (cos.f32s("rope_halves")?, sin.f32s("rope_halves")?);
+    let xs = x.f32s_mut("rope_halves")?;
+    for (r, row) in xs.chunks_mut(w).enumerate() {
+        let p = positions[r] as usize;
+        let (cr, sr) = (&c[p * half..(p + 1) * half], &s[p * half..(p + 1) * half]);
+        for head in row.chunks_mut(head_dim) {
+            cpu::rope_halves(head, cr, sr);
+        }
+    }
+    Ok(())
+}
+
+/// `x[r] += bias` for every row `r` of `x` (`[rows, n]`, bias `[n]`).
+pub fn add_bias_inplace(x: &mut Tensor, bias: &Tensor) -> Result<()> {
+    let (_, n) = x.dims2("add_bias")?;
+    if bias.shape() != [n] {
+        return shape_err(
+            "add_bias",
+            format!("x {:?}, bias {:?}", x.shape(), bias.shape()),
+        );
+    }
+    let b = bias.f32s("add_bias")?.to_vec();
+    for row in x.f32s_mut("add_bias")?.chunks_mut(n) {
+        for (v, bv) in row.iter_mut().zip(&b) {
+            *v += bv;
+        }
+    }
+    Ok(())
+}
+
 /// Copies the given rows of `x` (`rows[i]` becomes output row `i`).
 pub fn gather_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
     let (m, n) = x.dims2("gather_rows")?;
@@ -423,22 +487,7 @@ fn pool_bytes_mut(s: &mut Storage) -> &mut [u8] {
     }
 }
 
-fn check_attention(
-    op: &'static str,
-    q: &Tensor,
-    kv_b: &Tensor,
-    pool: &Tensor,
-    seqs: &[AttnSeq<'_>],
-    s: &MlaShape,
-) -> Result<usize> {
-    let (t, qw) = q.dims2(op)?;
-    if qw != s.heads * (s.nope + s.rope) {
-        return shape_err(op, format!("q {:?} for {s:?}", q.shape()));
-    }
-    if kv_b.shape() != [s.heads * (s.nope + s.v), s.kv_lora] {
-        return shape_err(op, format!("kv_b {:?} for {s:?}", kv_b.shape()));
-    }
-    let pages = check_pool(op, pool, s.kv_lora + s.rope)?;
+fn check_seqs(op: &'static str, t: usize, pages: usize, seqs: &[AttnSeq<'_>]) -> Result<()> {
     let mut rows = 0;
     for seq in seqs {
         let pages_needed = seq.ctx_len.div_ceil(PAGE_TOKENS);
@@ -460,6 +509,75 @@ fn check_attention(
     if rows != t {
         return shape_err(op, format!("sequences cover {rows} rows of {t}"));
     }
+    Ok(())
+}
+
+fn check_gqa(
+    op: &'static str,
+    q: &Tensor,
+    pool: &Tensor,
+    seqs: &[AttnSeq<'_>],
+    s: &GqaShape,
+) -> Result<usize> {
+    let (t, qw) = q.dims2(op)?;
+    if s.kv_heads == 0 || s.head_dim == 0 || !s.heads.is_multiple_of(s.kv_heads) {
+        return shape_err(op, format!("{s:?}: heads must be a multiple of kv_heads"));
+    }
+    if qw != s.heads * s.head_dim {
+        return shape_err(op, format!("q {:?} for {s:?}", q.shape()));
+    }
+    let pages = check_pool(op, pool, s.pool_width())?;
+    check_seqs(op, t, pages, seqs)?;
+    Ok(t)
+}
+
+macro_rules! gqa_op {
+    ($name:ident, $cpu:path, $doc:literal) => {
+        #[doc = $doc]
+        pub fn $name(
+            q: &Tensor,
+            pool: &Tensor,
+            seqs: &[AttnSeq<'_>],
+            s: &GqaShape,
+            softmax_scale: f32,
+        ) -> Result<Tensor> {
+            let t = check_gqa(stringify!($name), q, pool, seqs, s)?;
+            let qs = q.f32s(stringify!($name))?;
+            let mut out = vec![0.0f32; t * s.heads * s.head_dim];
+            with_elem!(pool, p => $cpu(qs, p, seqs, s, softmax_scale, &mut out));
+            Tensor::from_f32(&[t, s.heads * s.head_dim], out, q.device())
+        }
+    };
+}
+
+gqa_op!(
+    gqa_prefill,
+    cpu::gqa::gqa_prefill,
+    "Grouped-query attention, prefill form (context gathered once per kv head, matmuls per query head).\n\n`q` is `[T, heads·head_dim]` with rope applied; the pool (`[pages, PAGE_TOKENS, 2·kv_heads·head_dim]`, `[k | v]` per token) already holds the new tokens. Returns `[T, heads·head_dim]`."
+);
+gqa_op!(
+    gqa_decode,
+    cpu::gqa::gqa_decode,
+    "Grouped-query attention, decode form (straight from the pool rows, parallel over heads). Same contract as [`gqa_prefill`]."
+);
+
+fn check_attention(
+    op: &'static str,
+    q: &Tensor,
+    kv_b: &Tensor,
+    pool: &Tensor,
+    seqs: &[AttnSeq<'_>],
+    s: &MlaShape,
+) -> Result<usize> {
+    let (t, qw) = q.dims2(op)?;
+    if qw != s.heads * (s.nope + s.rope) {
+        return shape_err(op, format!("q {:?} for {s:?}", q.shape()));
+    }
+    if kv_b.shape() != [s.heads * (s.nope + s.v), s.kv_lora] {
+        return shape_err(op, format!("kv_b {:?} for {s:?}", kv_b.shape()));
+    }
+    let pages = check_pool(op, pool, s.kv_lora + s.rope)?;
+    check_seqs(op, t, pages, seqs)?;
     Ok(t)
 }
 

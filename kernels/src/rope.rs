@@ -7,6 +7,8 @@
 //! `original_max_position_embeddings`. Cos and sin are multiplied by
 //! `mscale(factor, mscale) / mscale(factor, mscale_all_dim)`, and the attention softmax scale by
 //! `mscale(factor, mscale_all_dim)²` ([`softmax_scale_factor`]).
+//!
+//! Llama 3.1's frequency scaling ([`Llama3`]) builds its tables here too.
 
 use crate::{Device, Result, Tensor};
 
@@ -82,14 +84,69 @@ pub fn tables(
     max_positions: usize,
     device: Device,
 ) -> Result<(Tensor, Tensor)> {
-    let freqs: Vec<f32> = inv_freq(dim, base, yarn)
-        .iter()
-        .map(|&f| f as f32)
-        .collect();
     let m = yarn.map_or(1.0, |y| {
         yarn_get_mscale(y.factor, y.mscale) / yarn_get_mscale(y.factor, y.mscale_all_dim)
     });
-    let half = dim / 2;
+    tables_from(&inv_freq(dim, base, yarn), m, max_positions, device)
+}
+
+/// `(cos, sin)` tables `[max_positions, dim/2]` for Llama 3.1's scaling (no mscale).
+pub fn tables_llama3(
+    dim: usize,
+    base: f64,
+    scaling: &Llama3,
+    max_positions: usize,
+    device: Device,
+) -> Result<(Tensor, Tensor)> {
+    tables_from(
+        &inv_freq_llama3(dim, base, scaling),
+        1.0,
+        max_positions,
+        device,
+    )
+}
+
+/// Llama 3.1's `rope_scaling` (`rope_type: "llama3"`; HF `_compute_llama3_parameters`): rotary
+/// frequencies whose wavelength exceeds `original_max_position_embeddings / low_freq_factor`
+/// are divided by `factor`, those shorter than `original / high_freq_factor` kept, and the ones
+/// between blended linearly in `original / wavelength`. No attention scaling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3 {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+/// Inverse frequencies for `dim` rotary dims under [`Llama3`] scaling.
+pub fn inv_freq_llama3(dim: usize, base: f64, l: &Llama3) -> Vec<f64> {
+    let old = l.original_max_position_embeddings as f64;
+    let (low_wavelen, high_wavelen) = (old / l.low_freq_factor, old / l.high_freq_factor);
+    inv_freq(dim, base, None)
+        .into_iter()
+        .map(|f| {
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            if wavelen < high_wavelen {
+                f
+            } else if wavelen > low_wavelen {
+                f / l.factor
+            } else {
+                let smooth =
+                    (old / wavelen - l.low_freq_factor) / (l.high_freq_factor - l.low_freq_factor);
+                (1.0 - smooth) * f / l.factor + smooth * f
+            }
+        })
+        .collect()
+}
+
+fn tables_from(
+    inv_freq: &[f64],
+    m: f64,
+    max_positions: usize,
+    device: Device,
+) -> Result<(Tensor, Tensor)> {
+    let freqs: Vec<f32> = inv_freq.iter().map(|&f| f as f32).collect();
+    let half = freqs.len();
     let mut cos = Vec::with_capacity(max_positions * half);
     let mut sin = Vec::with_capacity(max_positions * half);
     for p in 0..max_positions {

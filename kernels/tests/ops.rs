@@ -2,7 +2,7 @@
 //! second backend runs the same checks with the CPU result as the oracle.
 
 use duet_kernels::moe::{RouterConfig, Scoring, TopkMethod, route};
-use duet_kernels::ops::{self, AttnSeq, MlaShape, PAGE_TOKENS};
+use duet_kernels::ops::{self, AttnSeq, GqaShape, MlaShape, PAGE_TOKENS};
 use duet_kernels::rope::{self, Yarn};
 use duet_kernels::{DType, Device, Tensor};
 use proptest::prelude::*;
@@ -405,4 +405,200 @@ fn mla_prefill_and_absorbed_forms_equal_plain_attention_over_scattered_pages() {
         )
         .is_err()
     );
+}
+
+/// Plain causal GQA in f64 over one sequence's `[k | v]` rows, queries at `q_pos`.
+fn reference_gqa(
+    q: &[f32],
+    kv: &[Vec<f32>],
+    q_pos: &[usize],
+    s: &GqaShape,
+    scale: f64,
+) -> Vec<f64> {
+    let d = s.head_dim;
+    let group = s.heads / s.kv_heads;
+    let mut out = vec![0.0; q_pos.len() * s.heads * d];
+    for (i, &pos) in q_pos.iter().enumerate() {
+        for h in 0..s.heads {
+            let g = h / group;
+            let qr = &q[(i * s.heads + h) * d..][..d];
+            let scores: Vec<f64> = (0..=pos)
+                .map(|j| {
+                    (0..d)
+                        .map(|c| qr[c] as f64 * kv[j][g * d + c] as f64)
+                        .sum::<f64>()
+                        * scale
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for c in 0..d {
+                out[(i * s.heads + h) * d + c] = (0..=pos)
+                    .map(|j| e[j] / sum * kv[j][(s.kv_heads + g) * d + c] as f64)
+                    .sum();
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn gqa_prefill_and_decode_forms_equal_plain_attention_over_scattered_pages() {
+    let s = GqaShape {
+        heads: 6,
+        kv_heads: 2,
+        head_dim: 8,
+    };
+    let width = s.pool_width();
+    for dtype in [DType::F32, DType::BF16] {
+        let mut pool = Tensor::zeros(&[5, PAGE_TOKENS, width], dtype, Device::Cpu);
+        // A: 70 tokens in pages 3 then 0, the last 3 new; B: 4 tokens in page 4, all new.
+        let (table_a, table_b) = ([3u32, 0], [4u32]);
+        let kv_a: Vec<Vec<f32>> = (0..70).map(|j| values(width, 300 + j)).collect();
+        let kv_b: Vec<Vec<f32>> = (0..4).map(|j| values(width, 400 + j)).collect();
+        for (kv, table) in [(&kv_a, &table_a[..]), (&kv_b, &table_b[..])] {
+            let slots: Vec<u32> = (0..kv.len())
+                .map(|p| table[p / PAGE_TOKENS] * PAGE_TOKENS as u32 + (p % PAGE_TOKENS) as u32)
+                .collect();
+            let flat: Vec<f32> = kv.iter().flatten().copied().collect();
+            ops::kv_cache_write(&mut pool, &t(&[kv.len(), width], flat), &slots).unwrap();
+        }
+        // The reference reads what the pool holds (BF16-rounded for a BF16 pool).
+        let round = |kv: &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+            kv.iter()
+                .map(|r| {
+                    Tensor::from_f32_as(&[width], r.clone(), dtype, Device::Cpu)
+                        .unwrap()
+                        .to_vec_f32()
+                })
+                .collect()
+        };
+        let qw = s.heads * s.head_dim;
+        let q = values(7 * qw, 11);
+        let seqs = [
+            AttnSeq {
+                q_row: 0,
+                q_len: 3,
+                ctx_len: 70,
+                block_table: &table_a,
+            },
+            AttnSeq {
+                q_row: 3,
+                q_len: 4,
+                ctx_len: 4,
+                block_table: &table_b,
+            },
+        ];
+        let scale = 0.35;
+        let qt = t(&[7, qw], q.clone());
+        let mut reference = reference_gqa(&q[..3 * qw], &round(&kv_a), &[67, 68, 69], &s, scale);
+        reference.extend(reference_gqa(
+            &q[3 * qw..],
+            &round(&kv_b),
+            &[0, 1, 2, 3],
+            &s,
+            scale,
+        ));
+        for (form, out) in [
+            (
+                "prefill",
+                ops::gqa_prefill(&qt, &pool, &seqs, &s, scale as f32),
+            ),
+            (
+                "decode",
+                ops::gqa_decode(&qt, &pool, &seqs, &s, scale as f32),
+            ),
+        ] {
+            let err = max_rel_err(&out.unwrap().to_vec_f32(), &reference);
+            assert!(err < 1e-5, "{form} form, {dtype:?} pool: {err}");
+        }
+        // A block table too short for its context, or heads not a multiple of kv heads, is an
+        // error.
+        let short = [AttnSeq {
+            q_row: 0,
+            q_len: 3,
+            ctx_len: 70,
+            block_table: &table_a[..1],
+        }];
+        let q3 = t(&[3, qw], q[..3 * qw].to_vec());
+        assert!(ops::gqa_decode(&q3, &pool, &short, &s, 1.0).is_err());
+        assert!(ops::gqa_prefill(&q3, &pool, &short, &s, 1.0).is_err());
+        let odd = GqaShape {
+            heads: 5,
+            kv_heads: 2,
+            head_dim: 8,
+        };
+        assert!(
+            ops::gqa_decode(&t(&[3, 40], vec![0.0; 120]), &pool, &seqs[..1], &odd, 1.0).is_err()
+        );
+    }
+}
+
+#[test]
+fn rope_halves_rotates_pairs_half_a_head_apart() {
+    let (heads, d) = (2, 8);
+    let (cos, sin) = rope::tables(d, 10000.0, None, 5, Device::Cpu).unwrap();
+    let x = values(3 * heads * d, 5);
+    let mut xt = t(&[3, heads * d], x.clone());
+    let positions = [0u32, 4, 2];
+    ops::rope_halves_inplace(&mut xt, heads, d, &positions, &cos, &sin).unwrap();
+    let got = xt.to_vec_f32();
+    let inv = rope::inv_freq(d, 10000.0, None);
+    for (r, &p) in positions.iter().enumerate() {
+        for h in 0..heads {
+            let base = (r * heads + h) * d;
+            for i in 0..d / 2 {
+                let a = (p as f32 * inv[i] as f32) as f64;
+                let (x1, x2) = (x[base + i] as f64, x[base + i + d / 2] as f64);
+                assert!((got[base + i] as f64 - (x1 * a.cos() - x2 * a.sin())).abs() < 1e-6);
+                assert!(
+                    (got[base + i + d / 2] as f64 - (x2 * a.cos() + x1 * a.sin())).abs() < 1e-6
+                );
+            }
+        }
+    }
+    assert!(ops::rope_halves_inplace(&mut xt, heads, d, &[0, 5, 1], &cos, &sin).is_err());
+}
+
+#[test]
+fn llama3_scaling_keeps_high_divides_low_and_blends_medium_frequencies() {
+    // Llama 3.1's published values: factor 8, low 1, high 4, original 8192, theta 500000,
+    // head_dim 128. Wavelength 2π/f: below 2048 kept, above 8192 divided by 8, between blended.
+    let l = rope::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    };
+    let plain = rope::inv_freq(128, 500000.0, None);
+    let scaled = rope::inv_freq_llama3(128, 500000.0, &l);
+    let mut kinds = [0; 3];
+    for (f, g) in plain.iter().zip(&scaled) {
+        let wavelen = 2.0 * std::f64::consts::PI / f;
+        if wavelen < 2048.0 {
+            assert_eq!(f, g);
+            kinds[0] += 1;
+        } else if wavelen > 8192.0 {
+            assert!((g - f / 8.0).abs() < 1e-15);
+            kinds[2] += 1;
+        } else {
+            let smooth = (8192.0 / wavelen - 1.0) / 3.0;
+            assert!((g - ((1.0 - smooth) * f / 8.0 + smooth * f)).abs() < 1e-15);
+            assert!(*g < *f && *g > f / 8.0);
+            kinds[1] += 1;
+        }
+    }
+    assert!(
+        kinds.iter().all(|&k| k > 0),
+        "all three regimes occur: {kinds:?}"
+    );
+}
+
+#[test]
+fn add_bias_adds_to_every_row() {
+    let mut x = t(&[2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    ops::add_bias_inplace(&mut x, &t(&[3], vec![0.5, -1.0, 2.0])).unwrap();
+    assert_eq!(x.to_vec_f32(), [1.5, 1.0, 5.0, 4.5, 4.0, 8.0]);
+    assert!(ops::add_bias_inplace(&mut x, &t(&[2], vec![0.0; 2])).is_err());
 }

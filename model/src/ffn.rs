@@ -54,7 +54,7 @@ pub(crate) fn load_ffn(
 
 /// How a layer's routed experts are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExpertLayout {
+pub(crate) enum ExpertLayout {
     /// One set of tensors per expert, as DeepSeek released them.
     PerExpert,
     /// transformers 5's stacked `gate_up_proj` / `down_proj`.

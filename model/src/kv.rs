@@ -1,6 +1,6 @@
-//! The paged latent KV cache of one model replica: one pool per layer,
-//! `[pages, PAGE_TOKENS, kv_lora_rank + qk_rope_head_dim]`, and a free list of page ids shared by
-//! all layers (a sequence's page `p` holds its tokens `64p..64p+63` in every layer's pool).
+//! The paged KV cache of one model replica: one pool per layer, `[pages, PAGE_TOKENS, width]`
+//! (`width` = MLA's latent `kv_lora_rank + qk_rope_head_dim`, or GQA's `[k | v]`,
+//! `2 · kv_heads · head_dim`), and a free list of page ids shared by all layers (a sequence's page `p` holds its tokens `64p..64p+63` in every layer's pool).
 //!
 //! This is the engine-level cache that `duet generate` and the tests drive directly; the serving
 //! path's allocator with prefix sharing lives in core/ and hands page ids to the same pools.
@@ -10,15 +10,31 @@ use duet_kernels::{DType, Device, Tensor};
 
 use crate::{Error, ModelConfig, Result};
 
+/// What a cache's pools hold per token and layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvContent {
+    /// DeepSeek's MLA latent `[c_kv | k_pe]`.
+    Latent,
+    /// Grouped-query attention's `[k | v]` (Qwen2, Llama).
+    KeysValues,
+}
+
 pub struct KvCache {
     pub(crate) pools: Vec<Tensor>,
     free: Vec<u32>,
     pages: usize,
+    content: KvContent,
+    width: usize,
+    dtype: DType,
 }
 
 impl KvCache {
     pub fn new(cfg: &ModelConfig, pages: usize, dtype: DType, device: Device) -> Self {
-        let width = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
+        let width = cfg.kv_width();
+        let content = match cfg.architecture() {
+            Ok(a) if a.is_gqa() => KvContent::KeysValues,
+            _ => KvContent::Latent,
+        };
         let pools = (0..cfg.num_hidden_layers)
             .map(|_| Tensor::zeros(&[pages, PAGE_TOKENS, width], dtype, device))
             .collect();
@@ -27,7 +43,25 @@ impl KvCache {
             // Popped from the back: hand out low page ids first, which keeps tests readable.
             free: (0..pages as u32).rev().collect(),
             pages,
+            content,
+            width,
+            dtype,
         }
+    }
+
+    /// What the pools hold; with [`KvCache::width`] and [`KvCache::dtype`], the layout a KV
+    /// transfer must match.
+    pub fn content(&self) -> KvContent {
+        self.content
+    }
+
+    /// Values per token and layer.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     pub fn pages_total(&self) -> usize {

@@ -1,11 +1,13 @@
-//! DeepSeek-V2/V2-Lite/V3/R1 on duet's kernels: config, checkpoint loading, tokenizer and chat
-//! template, the forward pass over the paged latent KV cache, sampling and generation.
+//! DeepSeek-V2/V2-Lite/V3/R1, and the R1 distillations' Qwen2 and Llama, on duet's kernels:
+//! config, checkpoint loading, tokenizer and chat template, the forward pass over the paged KV
+//! cache (MLA's latent or GQA's keys and values), sampling and generation.
 
 pub mod chat;
 pub mod config;
 pub mod ep;
 mod ffn;
 pub mod generate;
+mod gqa;
 pub mod kv;
 mod loader;
 pub mod model;
@@ -17,10 +19,9 @@ pub mod tokenizer;
 
 use std::path::PathBuf;
 
-pub use config::ModelConfig;
+pub use config::{Architecture, ModelConfig};
 pub use duet_kernels::DType;
 pub use ep::{EpRank, ExpertExchange};
-pub use ffn::ExpertLayout;
 pub use loader::LoadProgress;
 pub use model::{AttentionForm, LogitsMode, Model, SeqInput};
 

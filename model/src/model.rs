@@ -1,4 +1,6 @@
-//! The DeepSeek decoder: embedding → N × (MLA attention, dense MLP or DeepSeekMoE) → norm → lm_head.
+//! The decoder: embedding → N × (attention, dense MLP or DeepSeekMoE) → norm → lm_head, where
+//! attention is DeepSeek's MLA over the latent cache or, for Qwen2 and Llama, grouped-query
+//! attention over a `[k | v]` cache (`gqa.rs`).
 //!
 //! A forward call takes a batch of sequences, each with some new tokens (a prompt chunk or one
 //! decode token) at a start position, and that sequence's KV block table. Every op goes through
@@ -12,6 +14,7 @@ use duet_kernels::{DType, Device, Tensor, rope};
 
 use crate::ep::{self, EpRank};
 use crate::ffn::{ExpertShape, Ffn, load_experts, load_ffn};
+use crate::gqa::{GqaAttention, GqaStep};
 use crate::kv::KvCache;
 use crate::loader::{LoadProgress, Mapped, TensorSource};
 use crate::{Error, ModelConfig, Result};
@@ -41,7 +44,7 @@ pub enum LogitsMode {
     Last,
 }
 
-/// Which MLA form to run attention in.
+/// Which attention form to run (for GQA models `Absorbed` is the decode form).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionForm {
     /// Decompressing prefill form when any sequence brings more than one token, absorbed
@@ -76,10 +79,15 @@ enum Mlp {
     },
 }
 
+enum LayerAttention {
+    Mla(Attention),
+    Gqa(GqaAttention),
+}
+
 struct Layer {
     input_norm: Tensor,
     post_norm: Tensor,
-    attn: Attention,
+    attn: LayerAttention,
     mlp: Mlp,
 }
 
@@ -99,6 +107,38 @@ pub struct Model {
     /// This model's place in an expert-parallel group: it holds only its shard of each MoE
     /// layer's routed experts and reaches the rest through the group (`crate::ep`).
     ep: Option<EpRank>,
+}
+
+/// DeepSeek's MLA weights of layer `i`.
+fn load_mla(src: &TensorSource<'_>, c: &ModelConfig, i: usize) -> Result<Attention> {
+    let h = c.hidden_size;
+    let s = c.mla_shape();
+    let p = format!("model.layers.{i}");
+    let qw = s.heads * c.qk_head_dim();
+    let q = match c.q_lora_rank {
+        Some(r) if r > 0 => QProj::Lora {
+            a: src.weight(&format!("{p}.self_attn.q_a_proj.weight"), &[r, h])?,
+            norm: src.f32(&format!("{p}.self_attn.q_a_layernorm.weight"), &[r])?,
+            b: src.weight(&format!("{p}.self_attn.q_b_proj.weight"), &[qw, r])?,
+        },
+        _ => QProj::Plain(src.weight(&format!("{p}.self_attn.q_proj.weight"), &[qw, h])?),
+    };
+    Ok(Attention {
+        q,
+        kv_a: src.weight(
+            &format!("{p}.self_attn.kv_a_proj_with_mqa.weight"),
+            &[s.kv_lora + s.rope, h],
+        )?,
+        kv_a_norm: src.f32(
+            &format!("{p}.self_attn.kv_a_layernorm.weight"),
+            &[s.kv_lora],
+        )?,
+        kv_b: src.weight(
+            &format!("{p}.self_attn.kv_b_proj.weight"),
+            &[s.heads * (s.nope + s.v), s.kv_lora],
+        )?,
+        o: src.weight(&format!("{p}.self_attn.o_proj.weight"), &[h, s.heads * s.v])?,
+    })
 }
 
 impl Model {
@@ -145,36 +185,20 @@ impl Model {
         rank: Option<EpRank>,
     ) -> Result<Self> {
         let c = &config;
+        let config_err = |detail| Error::Config {
+            path: src.dir().join("config.json"),
+            detail,
+        };
+        let gqa = c.architecture().map_err(config_err)?.is_gqa();
         let h = c.hidden_size;
-        let s = c.mla_shape();
         let embed = src.weight("model.embed_tokens.weight", &[c.vocab_size, h])?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let qw = s.heads * c.qk_head_dim();
-            let q = match c.q_lora_rank {
-                Some(r) if r > 0 => QProj::Lora {
-                    a: src.weight(&format!("{p}.self_attn.q_a_proj.weight"), &[r, h])?,
-                    norm: src.f32(&format!("{p}.self_attn.q_a_layernorm.weight"), &[r])?,
-                    b: src.weight(&format!("{p}.self_attn.q_b_proj.weight"), &[qw, r])?,
-                },
-                _ => QProj::Plain(src.weight(&format!("{p}.self_attn.q_proj.weight"), &[qw, h])?),
-            };
-            let attn = Attention {
-                q,
-                kv_a: src.weight(
-                    &format!("{p}.self_attn.kv_a_proj_with_mqa.weight"),
-                    &[s.kv_lora + s.rope, h],
-                )?,
-                kv_a_norm: src.f32(
-                    &format!("{p}.self_attn.kv_a_layernorm.weight"),
-                    &[s.kv_lora],
-                )?,
-                kv_b: src.weight(
-                    &format!("{p}.self_attn.kv_b_proj.weight"),
-                    &[s.heads * (s.nope + s.v), s.kv_lora],
-                )?,
-                o: src.weight(&format!("{p}.self_attn.o_proj.weight"), &[h, s.heads * s.v])?,
+            let attn = if gqa {
+                LayerAttention::Gqa(GqaAttention::load(src, c, i)?)
+            } else {
+                LayerAttention::Mla(load_mla(src, c, i)?)
             };
             let mlp = if c.is_moe_layer(i) {
                 let n = c.n_routed_experts.unwrap_or(0);
@@ -239,18 +263,29 @@ impl Model {
         } else {
             src.weight("lm_head.weight", &[c.vocab_size, h])?
         };
-        let rope_cfg = c.rope().map_err(|detail| Error::Config {
-            path: Path::new("config.json").to_path_buf(),
-            detail,
-        })?;
-        let (rope_cos, rope_sin) = rope::tables(
-            s.rope,
-            rope_cfg.theta,
-            rope_cfg.yarn.as_ref(),
-            c.max_position_embeddings,
-            src.device,
-        )?;
-        let softmax_scale = ((c.qk_head_dim() as f64).powf(-0.5)
+        let rope_cfg = c.rope().map_err(config_err)?;
+        let (rope_dim, qk_dim) = if gqa {
+            (c.gqa_shape().head_dim, c.gqa_shape().head_dim)
+        } else {
+            (c.qk_rope_head_dim, c.qk_head_dim())
+        };
+        let (rope_cos, rope_sin) = match &rope_cfg.llama3 {
+            Some(l) => rope::tables_llama3(
+                rope_dim,
+                rope_cfg.theta,
+                l,
+                c.max_position_embeddings,
+                src.device,
+            )?,
+            None => rope::tables(
+                rope_dim,
+                rope_cfg.theta,
+                rope_cfg.yarn.as_ref(),
+                c.max_position_embeddings,
+                src.device,
+            )?,
+        };
+        let softmax_scale = ((qk_dim as f64).powf(-0.5)
             * rope::softmax_scale_factor(rope_cfg.yarn.as_ref()))
             as f32;
         Ok(Self {
@@ -280,14 +315,20 @@ impl Model {
         let mut n = self.embed.size_bytes() + self.lm_head.size_bytes() + self.norm.size_bytes();
         for l in &self.layers {
             n += l.input_norm.size_bytes() + l.post_norm.size_bytes();
-            let a = &l.attn;
-            n += a.kv_a.size_bytes()
-                + a.kv_a_norm.size_bytes()
-                + a.kv_b.size_bytes()
-                + a.o.size_bytes();
-            n += match &a.q {
-                QProj::Lora { a, norm, b } => a.size_bytes() + norm.size_bytes() + b.size_bytes(),
-                QProj::Plain(q) => q.size_bytes(),
+            n += match &l.attn {
+                LayerAttention::Mla(a) => {
+                    a.kv_a.size_bytes()
+                        + a.kv_a_norm.size_bytes()
+                        + a.kv_b.size_bytes()
+                        + a.o.size_bytes()
+                        + match &a.q {
+                            QProj::Lora { a, norm, b } => {
+                                a.size_bytes() + norm.size_bytes() + b.size_bytes()
+                            }
+                            QProj::Plain(q) => q.size_bytes(),
+                        }
+                }
+                LayerAttention::Gqa(a) => a.size_bytes(),
             };
             let ffn = Ffn::size_bytes;
             n += match &l.mlp {
@@ -378,15 +419,25 @@ impl Model {
         let mut x = ops::embedding(&self.embed, &ids)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = ops::rms_norm(&x, &layer.input_norm, self.eps)?;
-            let a = self.attention(
-                &layer.attn,
-                &h,
-                &positions,
-                &slots,
-                &seqs,
-                &mut cache.pools[l],
-                form,
-            )?;
+            let pool = &mut cache.pools[l];
+            let a = match &layer.attn {
+                LayerAttention::Mla(attn) => {
+                    self.attention(attn, &h, &positions, &slots, &seqs, pool, form)?
+                }
+                LayerAttention::Gqa(attn) => {
+                    let step = GqaStep {
+                        shape: self.config.gqa_shape(),
+                        positions: &positions,
+                        slots: &slots,
+                        seqs: &seqs,
+                        rope_cos: &self.rope_cos,
+                        rope_sin: &self.rope_sin,
+                        softmax_scale: self.softmax_scale,
+                        decode: form == AttentionForm::Absorbed,
+                    };
+                    attn.forward(&h, &step, pool)?
+                }
+            };
             ops::add_inplace(&mut x, &a)?;
             after_layer(l, cache)?;
             let h = ops::rms_norm(&x, &layer.post_norm, self.eps)?;

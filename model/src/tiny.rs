@@ -1,6 +1,8 @@
-//! Random-weight checkpoints in the released DeepSeek layout (`duet tiny-model`): the demo and
-//! test model, and the benchmark shape. They carry the real DeepSeek-R1 tokenizer (MIT), shipped
-//! compressed in `model/assets/`, so the full text path works on them.
+//! Random-weight checkpoints in the released layouts (`duet tiny-model`): the demo and test
+//! model, the benchmark shape, and the R1 distillations' Qwen2 and Llama architectures. They carry
+//! the real tokenizers (DeepSeek-R1's, and the R1-Distill-Qwen / R1-Distill-Llama ones), shipped
+//! compressed in `model/assets/` (sources and licences: `model/assets/README.md`), so the full
+//! text path works on them.
 //!
 //! Weights get real magnitude (std 1/√fan_in, embeddings std 1, norms around 1): with the tiny
 //! std of HF's default init every logit is ≈ 0 and nothing downstream can be told apart.
@@ -17,6 +19,13 @@ use crate::{Error, ModelConfig};
 
 const R1_TOKENIZER_GZ: &[u8] = include_bytes!("../assets/deepseek-r1-tokenizer.json.gz");
 const R1_TOKENIZER_CONFIG: &str = include_str!("../assets/deepseek-r1-tokenizer_config.json");
+const QWEN_TOKENIZER_GZ: &[u8] =
+    include_bytes!("../assets/deepseek-r1-distill-qwen-tokenizer.json.gz");
+const LLAMA_TOKENIZER_GZ: &[u8] =
+    include_bytes!("../assets/deepseek-r1-distill-llama-tokenizer.json.gz");
+/// The same file ships with R1-Distill-Qwen and R1-Distill-Llama.
+const DISTILL_TOKENIZER_CONFIG: &str =
+    include_str!("../assets/deepseek-r1-distill-tokenizer_config.json");
 
 /// Rows of the embedding in the R1/V3 vocabulary (the tokenizer has fewer ids; the rest pad).
 pub const DEEPSEEK_VOCAB: usize = 129_280;
@@ -29,6 +38,10 @@ pub enum TinyArch {
     V2Lite,
     /// The benchmark shape of BENCHMARKS.md: hidden 2048, 8 layers (1 dense), 64 experts top-6.
     V3Bench,
+    /// DeepSeek-R1-Distill-Qwen's Qwen2 in miniature: GQA 4/2 with q/k/v biases, its tokenizer.
+    Qwen2,
+    /// DeepSeek-R1-Distill-Llama's Llama 3.1 in miniature: GQA 4/2, llama3 rope scaling.
+    Llama,
 }
 
 impl std::str::FromStr for TinyArch {
@@ -38,13 +51,49 @@ impl std::str::FromStr for TinyArch {
             "v3" => Ok(Self::V3),
             "v2-lite" => Ok(Self::V2Lite),
             "v3-bench" => Ok(Self::V3Bench),
-            _ => Err(format!("unknown arch {s:?} (v3, v2-lite, v3-bench)")),
+            "qwen2" => Ok(Self::Qwen2),
+            "llama" => Ok(Self::Llama),
+            _ => Err(format!(
+                "unknown arch {s:?} (v3, v2-lite, v3-bench, qwen2, llama)"
+            )),
         }
+    }
+}
+
+/// Qwen2 and Llama configs in the layout R1-Distill-Qwen / R1-Distill-Llama were released in.
+fn distill_config_json(arch: TinyArch) -> Value {
+    let qwen2 = json!({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "attention_dropout": 0.0,
+        "bos_token_id": 151646, "eos_token_id": 151643, "hidden_act": "silu",
+        "initializer_range": 0.02, "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000, "sliding_window": 4096, "tie_word_embeddings": false,
+        "torch_dtype": "bfloat16", "use_cache": true, "use_mrope": false,
+        "use_sliding_window": false, "vocab_size": 151936,
+        "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+        "max_window_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+    });
+    match arch {
+        TinyArch::Llama => json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": false,
+            "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": 128001,
+            "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": 131072,
+            "mlp_bias": false, "pretraining_tp": 1, "rms_norm_eps": 1e-5,
+            "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+            "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+            "use_cache": true, "vocab_size": 128256,
+            "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2,
+        }),
+        _ => qwen2,
     }
 }
 
 /// The `config.json` written for `arch`, in the released layout.
 pub fn config_json(arch: TinyArch) -> Value {
+    if matches!(arch, TinyArch::Qwen2 | TinyArch::Llama) {
+        return distill_config_json(arch);
+    }
     let yarn_v3 = json!({"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0});
     let common = json!({
@@ -82,6 +131,7 @@ pub fn config_json(arch: TinyArch) -> Value {
             "v_head_dim": 128, "n_routed_experts": 64, "num_experts_per_tok": 6, "n_group": 8,
             "topk_group": 4, "n_shared_experts": 1,
         }),
+        TinyArch::Qwen2 | TinyArch::Llama => unreachable!("returned above"),
     };
     let mut c = common;
     let obj = c.as_object_mut().expect("literal object");
@@ -107,7 +157,63 @@ struct Spec {
     f32: bool,
 }
 
+/// Qwen2/Llama tensors: q/k/v/o_proj (Qwen2: q/k/v biases), SwiGLU mlp, untied lm_head.
+fn dense_specs(c: &ModelConfig) -> Vec<Spec> {
+    let mut v = Vec::new();
+    let mut add = |name: String, shape: &[usize], init: Init| {
+        v.push(Spec {
+            name,
+            shape: shape.to_vec(),
+            init,
+            f32: false,
+        })
+    };
+    let lin = |fan_in: usize| Init::Normal(1.0 / (fan_in as f64).sqrt());
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let g = c.gqa_shape();
+    let (q, kv) = (g.heads * g.head_dim, g.kv_heads * g.head_dim);
+    let biased = c.architecture() == Ok(crate::Architecture::Qwen2);
+    add(
+        "model.embed_tokens.weight".into(),
+        &[c.vocab_size, h],
+        Init::Normal(1.0),
+    );
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        add(format!("{p}.input_layernorm.weight"), &[h], Init::Norm);
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            &[h],
+            Init::Norm,
+        );
+        for (name, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+            add(format!("{p}.self_attn.{name}.weight"), &[rows, h], lin(h));
+            if biased {
+                add(
+                    format!("{p}.self_attn.{name}.bias"),
+                    &[rows],
+                    Init::Normal(0.5),
+                );
+            }
+        }
+        add(format!("{p}.self_attn.o_proj.weight"), &[h, q], lin(q));
+        add(format!("{p}.mlp.gate_proj.weight"), &[i, h], lin(h));
+        add(format!("{p}.mlp.up_proj.weight"), &[i, h], lin(h));
+        add(format!("{p}.mlp.down_proj.weight"), &[h, i], lin(i));
+    }
+    add("model.norm.weight".into(), &[h], Init::Norm);
+    add(
+        "lm_head.weight".into(),
+        &[c.vocab_size, h],
+        Init::Normal(2.0 / (h as f64).sqrt()),
+    );
+    v
+}
+
 fn specs(c: &ModelConfig) -> Vec<Spec> {
+    if c.architecture().is_ok_and(|a| a.is_gqa()) {
+        return dense_specs(c);
+    }
     let mut v = Vec::new();
     let mut add = |name: String, shape: &[usize], init: Init, f32: bool| {
         v.push(Spec {
@@ -249,14 +355,37 @@ fn specs(c: &ModelConfig) -> Vec<Spec> {
 
 /// The R1 tokenizer files shipped with duet: `(tokenizer.json bytes, tokenizer_config.json)`.
 pub fn r1_tokenizer_files() -> Result<(Vec<u8>, &'static str), Error> {
+    tokenizer_files(TinyArch::V3)
+}
+
+/// The tokenizer files shipped for `arch`: R1's for the DeepSeek shapes, R1-Distill-Qwen's or
+/// R1-Distill-Llama's for Qwen2 and Llama.
+pub fn tokenizer_files(arch: TinyArch) -> Result<(Vec<u8>, &'static str), Error> {
+    let (gz, name, cfg) = match arch {
+        TinyArch::Qwen2 => (
+            QWEN_TOKENIZER_GZ,
+            "deepseek-r1-distill-qwen-tokenizer.json.gz",
+            DISTILL_TOKENIZER_CONFIG,
+        ),
+        TinyArch::Llama => (
+            LLAMA_TOKENIZER_GZ,
+            "deepseek-r1-distill-llama-tokenizer.json.gz",
+            DISTILL_TOKENIZER_CONFIG,
+        ),
+        TinyArch::V3 | TinyArch::V2Lite | TinyArch::V3Bench => (
+            R1_TOKENIZER_GZ,
+            "deepseek-r1-tokenizer.json.gz",
+            R1_TOKENIZER_CONFIG,
+        ),
+    };
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(R1_TOKENIZER_GZ)
+    flate2::read::GzDecoder::new(gz)
         .read_to_end(&mut out)
         .map_err(|e| Error::Io {
-            path: "model/assets/deepseek-r1-tokenizer.json.gz".into(),
+            path: format!("model/assets/{name}").into(),
             source: e,
         })?;
-    Ok((out, R1_TOKENIZER_CONFIG))
+    Ok((out, cfg))
 }
 
 /// Writes a random checkpoint for `arch` into `dir` (created if missing).
@@ -301,12 +430,15 @@ pub fn write_tiny_model(dir: &Path, arch: TinyArch, seed: u64) -> Result<(), Err
     let cfg_path = dir.join("config.json");
     let pretty = serde_json::to_string_pretty(&cfg_json).expect("JSON value serialises");
     std::fs::write(&cfg_path, pretty).map_err(io(&cfg_path))?;
-    let (tok, tok_cfg) = r1_tokenizer_files()?;
+    let (tok, tok_cfg) = tokenizer_files(arch)?;
     let tp = dir.join("tokenizer.json");
     std::fs::write(&tp, tok).map_err(io(&tp))?;
     let tcp = dir.join("tokenizer_config.json");
     std::fs::write(&tcp, tok_cfg).map_err(io(&tcp))?;
     let gen_cfg = dir.join("generation_config.json");
-    std::fs::write(&gen_cfg, r#"{"bos_token_id": 0, "eos_token_id": 1, "do_sample": true, "temperature": 0.6, "top_p": 0.95}"#).map_err(io(&gen_cfg))?;
+    // R1 and its distillations recommend temperature 0.6, top_p 0.95 (their generation_config).
+    let generation = json!({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "do_sample": true, "temperature": 0.6, "top_p": 0.95});
+    std::fs::write(&gen_cfg, generation.to_string()).map_err(io(&gen_cfg))?;
     Ok(())
 }

@@ -36,17 +36,41 @@ proptest! {
     /// Arbitrary numbers in the config's shape fields are rejected or loaded, never a panic
     /// (a zero head count, odd rope dims, more experts per token than experts, ...).
     #[test]
-    fn odd_configs_never_panic(field in 0usize..9, value in prop_oneof![Just(0u64), Just(1), Just(3), Just(7), Just(1 << 40), 0u64..64]) {
+    fn odd_configs_never_panic(field in 0usize..10, value in prop_oneof![Just(0u64), Just(1), Just(3), Just(7), Just(1 << 40), 0u64..64]) {
         let src = fixture();
         let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
         let name = ["hidden_size", "num_attention_heads", "qk_rope_head_dim", "kv_lora_rank", "n_routed_experts",
-            "num_experts_per_tok", "n_group", "moe_layer_freq", "max_position_embeddings"][field];
+            "num_experts_per_tok", "n_group", "moe_layer_freq", "max_position_embeddings", "num_hidden_layers"][field];
         cfg[name] = serde_json::json!(value);
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
         std::fs::copy(src.join("model.safetensors"), tmp.path().join("model.safetensors")).unwrap();
         let path = tmp.path().join("config.json");
         prop_assert!(std::panic::catch_unwind(move || ModelConfig::from_file(&path).is_ok()).is_ok());
+        prop_assert!(load_catching(tmp.path()).is_ok(), "loading panicked with {} = {}", name, value);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// The same for Qwen2/Llama configs: odd head counts, head widths, biases switched on, rope
+    /// scaling of the wrong kind, a sliding window turned on.
+    #[test]
+    fn odd_gqa_configs_never_panic(fixture_name in prop_oneof![Just("qwen2-tiny-tied"), Just("llama3-tiny")],
+                                   field in 0usize..9,
+                                   value in prop_oneof![Just(0u64), Just(1), Just(3), Just(7), Just(1 << 40), 0u64..64]) {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/fixtures").join(fixture_name);
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+        let name = ["hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+            "max_position_embeddings", "num_hidden_layers", "attention_bias", "use_sliding_window"][field];
+        cfg[name] = match name {
+            "attention_bias" | "use_sliding_window" => serde_json::json!(value % 2 == 1),
+            _ => serde_json::json!(value),
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+        std::fs::copy(src.join("model.safetensors"), tmp.path().join("model.safetensors")).unwrap();
         prop_assert!(load_catching(tmp.path()).is_ok(), "loading panicked with {} = {}", name, value);
     }
 }

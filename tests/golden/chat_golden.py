@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Chat-template goldens for the DeepSeek-R1 and DeepSeek-V3 tokenizers.
+"""Chat-template goldens for the DeepSeek-R1, DeepSeek-V3, R1-Distill-Qwen and R1-Distill-Llama tokenizers.
 
 Usage (by hand, from the repository root; same venv as generate.py):
 
     HF_HUB_OFFLINE=1 /work/venv-golden/bin/python tests/golden/chat_golden.py
 
-Reads /work/shared/fixtures/tokenizers/{deepseek-r1,deepseek-v3} (tokenizer.json + tokenizer_config.json with
-the released chat_template; override the folder with $DUET_TOKENIZERS) and writes
-tests/golden/chat/deepseek-r1.json and tests/golden/chat/deepseek-v3.json: a list of cases
+Reads /work/shared/fixtures/tokenizers/{deepseek-r1,deepseek-v3,deepseek-r1-distill-qwen-7b,deepseek-r1-distill-llama-8b}
+(tokenizer.json + tokenizer_config.json with the released chat_template; override the folder with $DUET_TOKENIZERS)
+and writes tests/golden/chat/<that name>.json: a list of cases
     {"name", "messages", "tools", "add_generation_prompt", "text", "ids", "method", "hf_apply_chat_template"}
 `ids` = tokenizer(text, add_special_tokens=False).input_ids (the template itself emits BOS).
 
@@ -215,7 +215,7 @@ def main():
     transformers.logging.set_verbosity_error()
     d = HERE / "chat"
     d.mkdir(exist_ok=True)
-    for model in ["deepseek-r1", "deepseek-v3"]:
+    for model in ["deepseek-r1", "deepseek-v3", "deepseek-r1-distill-qwen-7b", "deepseek-r1-distill-llama-8b"]:
         cases = build(model)
         (d / f"{model}.json").write_text(json.dumps(cases, ensure_ascii=False, indent=1) + "\n")
 

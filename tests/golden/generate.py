@@ -189,12 +189,84 @@ def v2_config(grouped: bool) -> dict:
     return c
 
 
+def qwen2_config(tied: bool) -> dict:
+    """Released R1-Distill-Qwen layout (its config.json's fields, incl. the inactive sliding-window settings)."""
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "initializer_range": 0.02,
+        "intermediate_size": 128,
+        "max_position_embeddings": 64,
+        "max_window_layers": 3,
+        "model_type": "qwen2",
+        "num_attention_heads": 4,
+        "num_hidden_layers": 3,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 10000.0,
+        "sliding_window": 64,
+        "tie_word_embeddings": tied,
+        "torch_dtype": "bfloat16" if tied else "float32",
+        "use_cache": True,
+        "use_mrope": False,
+        "use_sliding_window": False,
+        "vocab_size": 512,
+    }
+
+
+def llama3_config() -> dict:
+    """Released R1-Distill-Llama layout: llama3 rope scaling (factor 8, low 1, high 4) from an original context of 32,
+    so the 40 positions of a fixture run past it; head_dim 24 set explicitly (hidden 64 / 4 heads would be 16)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "head_dim": 24,
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "initializer_range": 0.02,
+        "intermediate_size": 128,
+        "max_position_embeddings": 128,
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": 4,
+        "num_hidden_layers": 3,
+        "num_key_value_heads": 2,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {
+            "factor": 8.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 32,
+            "rope_type": "llama3",
+        },
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "use_cache": True,
+        "vocab_size": 512,
+    }
+
+
+DENSE = ("qwen2", "llama")
+
 FIXTURES = {
     # name: (config, storage dtype, fp8?, mtp?, shards, base seed)
     "v3-tiny": dict(config=v3_config(False), dtype=torch.bfloat16, fp8=False, shards=1, seed=1000),
     "v3-tiny-fp8": dict(config=v3_config(True), dtype=torch.bfloat16, fp8=True, shards=1, seed=1000),
     "v2-lite-tiny": dict(config=v2_config(False), dtype=torch.float32, fp8=False, shards=2, seed=2000),
     "v2-tiny-grouped": dict(config=v2_config(True), dtype=torch.float16, fp8=False, shards=1, seed=3000),
+    # The R1 distillations' architectures.
+    "qwen2-tiny-tied": dict(config=qwen2_config(True), dtype=torch.bfloat16, fp8=False, shards=1, seed=4000),
+    "qwen2-tiny": dict(config=qwen2_config(False), dtype=torch.float32, fp8=False, shards=2, seed=5000),
+    "llama3-tiny": dict(config=llama3_config(), dtype=torch.float16, fp8=False, shards=1, seed=6000),
     # The same checkpoints as transformers 5 writes them: routed experts fused (see fuse_experts), config.json from
     # DeepseekV3Config.to_json_string() (rope_parameters, dtype, ...), no MTP layer (HF drops it on load).
     "v3-tiny-fused": dict(config=v3_config(False), dtype=torch.bfloat16, fp8=False, shards=1, seed=1000, fused=True),
@@ -250,7 +322,38 @@ def layer_tensor_specs(cfg: dict, i: int, moe: bool) -> list:
     return s
 
 
+def dense_tensor_specs(cfg: dict) -> list:
+    """Qwen2 / Llama names: q/k/v/o_proj (Qwen2: q/k/v biases), SwiGLU mlp, lm_head unless tied."""
+    h, V, L, I = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
+    H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // H
+    # Tied: the embedding is also the output head; at std 1 a token's own embedding dominates the residual stream
+    # and every greedy step repeats the last token, so a tied fixture's embedding is smaller (logits std still > 1).
+    s = [("model.embed_tokens.weight", (V, h), "embed_tied" if cfg["tie_word_embeddings"] else "embed")]
+    for i in range(L):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        s += [(p + "input_layernorm.weight", (h,), "norm"), (p + "post_attention_layernorm.weight", (h,), "norm")]
+        s += [(a + "q_proj.weight", (H * d, h), "linear"), (a + "k_proj.weight", (KV * d, h), "linear"),
+              (a + "v_proj.weight", (KV * d, h), "linear")]
+        if cfg["model_type"] == "qwen2" or cfg.get("attention_bias"):
+            s += [(a + "q_proj.bias", (H * d,), "attn_bias"), (a + "k_proj.bias", (KV * d,), "attn_bias"),
+                  (a + "v_proj.bias", (KV * d,), "attn_bias")]
+        s.append((a + "o_proj.weight", (h, H * d), "linear"))
+        if cfg["model_type"] == "llama" and cfg.get("attention_bias"):
+            s.append((a + "o_proj.bias", (h,), "attn_bias"))
+        m = p + "mlp."
+        s += [(m + "gate_proj.weight", (I, h), "linear"), (m + "up_proj.weight", (I, h), "linear"),
+              (m + "down_proj.weight", (h, I), "linear")]
+    s.append(("model.norm.weight", (h,), "norm"))
+    if not cfg["tie_word_embeddings"]:
+        s.append(("lm_head.weight", (V, h), "lm_head"))
+    return s
+
+
 def tensor_specs(cfg: dict) -> list:
+    if cfg["model_type"] in DENSE:
+        return dense_tensor_specs(cfg)
     h, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     s = [("model.embed_tokens.weight", (V, h), "embed")]
     for i in range(L):
@@ -273,10 +376,14 @@ def make_weights(cfg: dict, seed: int) -> dict:
         n = torch.randn(shape, generator=g, dtype=torch.float64)
         if kind == "embed":
             w = n
+        elif kind == "embed_tied":
+            w = 0.3 * n
         elif kind == "norm":
             w = 1.0 + 0.1 * n
         elif kind == "bias":
             w = 0.1 * n
+        elif kind == "attn_bias":  # Qwen2's q/k/v biases are large in the released models; make them matter
+            w = 0.5 * n
         elif kind == "router":
             w = n * (2.0 / math.sqrt(shape[1]))
         elif kind == "lm_head":
@@ -439,11 +546,15 @@ def write_fixture_files(d: Path, fx: dict, store: dict):
 # ----------------------------------------------------------------------------------------------------------
 
 
+HF_CLASSES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+              "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
 def hf_load(model_dir: Path, cfg: dict):
-    cls = (transformers.DeepseekV3ForCausalLM if cfg["model_type"] == "deepseek_v3"
-           else transformers.DeepseekV2ForCausalLM)
+    cls = getattr(transformers, HF_CLASSES[cfg["model_type"]])
+    extra = {} if cfg["model_type"] in DENSE else {"experts_implementation": "eager"}
     model, info = cls.from_pretrained(str(model_dir), dtype=torch.float64, attn_implementation="eager",
-                                      experts_implementation="eager", output_loading_info=True)
+                                      output_loading_info=True, **extra)
     model.eval()
     L = cfg["num_hidden_layers"]
     assert not info["missing_keys"], info["missing_keys"]
@@ -507,8 +618,60 @@ def rope_interleaved(x, ang, af):
     return torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).flatten(-2)
 
 
+def llama3_inv_freq(cfg: dict, dim: int) -> torch.Tensor:
+    base = float(cfg["rope_theta"])
+    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    rs = cfg.get("rope_scaling")
+    if not rs:
+        return inv
+    assert rs["rope_type"] == "llama3"
+    f, lo, hi, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
+    out = []
+    for x in inv.tolist():
+        wl = 2 * math.pi / x
+        if wl < old / hi:
+            out.append(x)
+        elif wl > old / lo:
+            out.append(x / f)
+        else:
+            sm = (old / wl - lo) / (hi - lo)
+            out.append((1 - sm) * x / f + sm * x)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def ref_forward_dense(cfg: dict, W: dict, ids: list) -> torch.Tensor:
+    """Qwen2 / Llama in float64: GQA (query head h reads kv head h // (H/KV)), rotate-half rope, biases, SwiGLU."""
+    T, h = len(ids), cfg["hidden_size"]
+    H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // H
+    eps = cfg["rms_norm_eps"]
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * llama3_inv_freq(cfg, d)[None, :]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)  # [T, d]
+    rot = lambda x: torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
+    rope = lambda x: x * cos[:, None, :] + rot(x) * sin[:, None, :]
+    lin = lambda x, n: x @ W[n + ".weight"].T + (W[n + ".bias"] if n + ".bias" in W else 0)
+    x = W["model.embed_tokens.weight"][torch.tensor(ids)]
+    mask = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        hN = rms(x, W[p + "input_layernorm.weight"], eps)
+        q = rope(lin(hN, a + "q_proj").view(T, H, d))
+        k = rope(lin(hN, a + "k_proj").view(T, KV, d)).repeat_interleave(H // KV, dim=1)
+        v = lin(hN, a + "v_proj").view(T, KV, d).repeat_interleave(H // KV, dim=1)
+        pr = torch.softmax(torch.einsum("thd,shd->hts", q, k) * d ** -0.5 + mask, dim=-1)
+        x = x + lin(torch.einsum("hts,shd->thd", pr, v).reshape(T, H * d), a + "o_proj")
+        hN = rms(x, W[p + "post_attention_layernorm.weight"], eps)
+        m = p + "mlp."
+        x = x + lin(torch.nn.functional.silu(lin(hN, m + "gate_proj")) * lin(hN, m + "up_proj"), m + "down_proj")
+    head = W["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else W["lm_head.weight"]
+    return rms(x, W["model.norm.weight"], eps) @ head.T
+
+
 def ref_forward(cfg: dict, W: dict, ids: list, margins: list):
     """Full causal forward over ids (no cache). Appends per-token routing margins to `margins`."""
+    if cfg["model_type"] in DENSE:
+        return ref_forward_dense(cfg, W, ids)
     T = len(ids)
     H, dn, dr, dv, C = (cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"],
                         cfg["v_head_dim"], cfg["kv_lora_rank"])
@@ -632,8 +795,8 @@ def attempt(name: str, fx: dict, seed: int, workdir: Path):
     ref_rel = ref_diff / float(full_logits.abs().max())
     if ref_rel > 1e-5:
         problems.append(f"independent reference disagrees with HF: max abs diff {ref_diff:.3g}")
-    min_g = min(m[2] for m in margins)
-    min_e = min(m[3] for m in margins)
+    min_g = min((m[2] for m in margins), default=float("inf"))  # dense models route nothing
+    min_e = min((m[3] for m in margins), default=float("inf"))
     if min_g < 1e-4 or min_e < 1e-4:
         problems.append(f"routing margin too small: group {min_g:.3g}, expert {min_e:.3g}")
     # prefill vs cached path consistency (prefix logits must match the 24-token forward)
@@ -643,6 +806,15 @@ def attempt(name: str, fx: dict, seed: int, workdir: Path):
     stats = dict(std_min=float(std.min()), std_max=float(std.max()), steps=steps, ref_diff=ref_diff,
                  min_group_margin=min_g, min_expert_margin=min_e, n_moe_tokens=len(margins))
     return problems, ids, logits, greedy, stats, fdir
+
+
+def write_hf5_config(name: str, fx: dict):
+    """hf5-configs/<name>.json: the dense fixture's config.json as transformers 5's save_pretrained writes it
+    (rope_parameters, layer_types, dtype, ...), for the test that both config layouts load the same model."""
+    cls = getattr(transformers, HF_CLASSES[fx["config"]["model_type"]].replace("ForCausalLM", "Config"))
+    d = HERE / "hf5-configs"
+    d.mkdir(exist_ok=True)
+    (d / f"{name}.json").write_text(cls(**fx["config"]).to_json_string(use_diff=True))
 
 
 def main(argv):
@@ -674,8 +846,9 @@ def main(argv):
             "seed": seed,
             "reference": (
                 f"HF transformers {transformers.__version__} (torch {torch.__version__}, CPU) "
-                f"{cfg['architectures'][0]}.from_pretrained(dtype=torch.float64, attn_implementation='eager', "
-                f"experts_implementation='eager') on the files of this directory"
+                f"{cfg['architectures'][0]}.from_pretrained(dtype=torch.float64, attn_implementation='eager'"
+                + ("" if cfg["model_type"] in DENSE else ", experts_implementation='eager'")
+                + ") on the files of this directory"
                 + (" (FP8 weights dequantised as fp8->f64 * weight_scale_inv into a float64 copy first)" if fx["fp8"]
                    else f" (stored {str(fx['dtype']).replace('torch.', '')} values upcast exactly to float64)")
                 + (" Routed experts stored fused as transformers 5 does (mlp.experts.gate_up_proj [E, 2I, H], "
@@ -687,9 +860,10 @@ def main(argv):
                   "float64). HF keeps float32 islands in a float64 model (RMSNorm, router, attention softmax, "
                   "rope cos/sin), so these are float64 only to ~1e-6 relative: an independent pure-float64 "
                   f"re-implementation differs by at most {st['ref_diff']:.3g} (abs) on the 39-token forward. "
-                  f"MoE routing margins over prompt+generated tokens: min group-selection margin "
-                  f"{st['min_group_margin']:.3g}, min k-th vs (k+1)-th expert score margin "
-                  f"{st['min_expert_margin']:.3g}."
+                + ("Dense model: no routing." if cfg["model_type"] in DENSE else
+                   f"MoE routing margins over prompt+generated tokens: min group-selection margin "
+                   f"{st['min_group_margin']:.3g}, min k-th vs (k+1)-th expert score margin "
+                   f"{st['min_expert_margin']:.3g}.")
             ),
         }
         (final / "golden.json").write_text(json.dumps(golden) + "\n")
@@ -699,6 +873,8 @@ def main(argv):
               f"expert {st['min_expert_margin']:.3g}, size {size / 1e6:.2f} MB")
         print(f"[{name}] greedy: {greedy}")
         print(f"[{name}] top-2 margins: " + " ".join(f"{m:.3f}" for _, m, _ in st["steps"]))
+        if cfg["model_type"] in DENSE:
+            write_hf5_config(name, fx)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use duet_transport::quic::{ClusterSecret, QuicKvServer, QuicTransport};
-use duet_transport::{EndpointId, InProcTransport, KvFrame, KvReceiver, KvTransport};
+use duet_transport::{
+    EndpointId, InProcTransport, KvAttention, KvFrame, KvLayout, KvReceiver, KvTransport,
+};
 
 const LAYERS: u32 = 61;
 const PAGES_PER_FRAME: usize = 64;
@@ -22,6 +24,12 @@ const PAGE_BYTES: usize = 64 * 576 * 2;
 const FRAME_BYTES: usize = PAGES_PER_FRAME * PAGE_BYTES;
 const TOTAL_BYTES: usize = LAYERS as usize * FRAME_BYTES;
 const RTT_ITERATIONS: usize = 2000;
+/// DeepSeek-V3's latent in BF16.
+const LAYOUT: KvLayout = KvLayout {
+    attention: KvAttention::Mla,
+    elem_bytes: 2,
+    width: 576,
+};
 
 fn frames(seed: u8) -> Vec<KvFrame> {
     (0..LAYERS)
@@ -29,7 +37,13 @@ fn frames(seed: u8) -> Vec<KvFrame> {
             let bytes: Vec<u8> = (0..FRAME_BYTES)
                 .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed ^ layer as u8))
                 .collect();
-            KvFrame::new(1, layer, (0..PAGES_PER_FRAME as u32).collect(), bytes)
+            KvFrame::new(
+                1,
+                layer,
+                LAYOUT,
+                (0..PAGES_PER_FRAME as u32).collect(),
+                bytes,
+            )
         })
         .collect()
 }
@@ -129,9 +143,12 @@ async fn quic_rtt(secret: &ClusterSecret) {
     let mut rtts = Vec::with_capacity(RTT_ITERATIONS);
     for i in 0..RTT_ITERATIONS + 100 {
         let start = Instant::now();
-        a.send(2, KvFrame::new(i as u64, 0, vec![0], vec![0x5a; 64]))
-            .await
-            .unwrap();
+        a.send(
+            2,
+            KvFrame::new(i as u64, 0, LAYOUT, vec![0], vec![0x5a; 64]),
+        )
+        .await
+        .unwrap();
         a_rx.recv().await.unwrap().unwrap();
         if i >= 100 {
             rtts.push(start.elapsed());

@@ -1,7 +1,7 @@
 //! KV page transfer between prefill and decode workers (DESIGN.md, "One request, end to end").
 //!
 //! The protocol: the decode worker reserves pages for a prompt and hands the prefill worker their
-//! ids; the prefill worker sends each layer's latent KV for those pages as one [`KvFrame`] as soon
+//! ids; the prefill worker sends each layer's KV for those pages as one [`KvFrame`] as soon
 //! as the layer is computed, then a completion record (over the control plane, not here) that
 //! names how many layers to expect. The decode worker admits the sequence only once every layer
 //! arrived and verified, so a truncated or corrupt transfer is never decoded from.
@@ -50,6 +50,15 @@ pub enum TransportError {
     },
     #[error("sequence {seq} layer {layer}: checksum mismatch on page {page}")]
     Corrupt { seq: u64, layer: u32, page: u32 },
+    #[error(
+        "sequence {seq} layer {layer}: KV of another layout ({got}) than this worker's ({expected}): another model or dtype"
+    )]
+    Layout {
+        seq: u64,
+        layer: u32,
+        got: KvLayout,
+        expected: KvLayout,
+    },
     #[error("malformed KV frame: {0}")]
     Wire(#[from] WireError),
     #[error("frame of {bytes} bytes exceeds this transport's limit of {max}")]
@@ -64,11 +73,49 @@ pub enum TransportError {
     Setup(String),
 }
 
-/// One layer's latent KV for some pages of one sequence.
+/// What the KV cache stores per token and layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum KvAttention {
+    /// DeepSeek's MLA: the latent `[c_kv | k_pe]`.
+    Mla = 1,
+    /// Grouped-query attention (Qwen2, Llama): `[k | v]` of the KV heads.
+    Gqa = 2,
+}
+
+/// The layout of a KV page, carried in every frame: a receiver writes only pages of its own
+/// layout into its pool, so KV from a worker running another model (another attention, width or
+/// dtype) is refused rather than decoded from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub attention: KvAttention,
+    /// Bytes of one stored value (2 for BF16, 4 for F32).
+    pub elem_bytes: u8,
+    /// Values per token and layer (576 for DeepSeek-V3's latent; `2 · kv_heads · head_dim` for
+    /// GQA).
+    pub width: u32,
+}
+
+impl std::fmt::Display for KvLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.attention {
+            KvAttention::Mla => "MLA latent",
+            KvAttention::Gqa => "GQA k|v",
+        };
+        write!(
+            f,
+            "{kind}, {} × {} B per token",
+            self.width, self.elem_bytes
+        )
+    }
+}
+
+/// One layer's KV for some pages of one sequence.
 #[derive(Debug, Clone)]
 pub struct KvFrame {
     pub seq: u64,
     pub layer: u32,
+    pub layout: KvLayout,
     /// Destination page ids in the receiver's pool, in the order of `bytes`.
     pub pages: Vec<u32>,
     /// CRC-32 of each page's bytes, computed by the sender (crc32fast: IEEE polynomial).
@@ -77,8 +124,8 @@ pub struct KvFrame {
 }
 
 impl KvFrame {
-    /// A frame for `pages`, checksumming each page of `bytes`.
-    pub fn new(seq: u64, layer: u32, pages: Vec<u32>, bytes: Vec<u8>) -> Self {
+    /// A frame for `pages` of `layout`, checksumming each page of `bytes`.
+    pub fn new(seq: u64, layer: u32, layout: KvLayout, pages: Vec<u32>, bytes: Vec<u8>) -> Self {
         let page_bytes = if pages.is_empty() {
             0
         } else {
@@ -92,10 +139,24 @@ impl KvFrame {
         Self {
             seq,
             layer,
+            layout,
             pages,
             page_crc32,
             bytes,
         }
+    }
+
+    /// Checks the frame's pages are of the receiver's layout.
+    pub fn check_layout(&self, expected: &KvLayout) -> Result<(), TransportError> {
+        if self.layout != *expected {
+            return Err(TransportError::Layout {
+                seq: self.seq,
+                layer: self.layer,
+                got: self.layout,
+                expected: *expected,
+            });
+        }
+        Ok(())
     }
 
     /// Checks the frame holds exactly its pages and every page's checksum matches.
@@ -245,13 +306,58 @@ impl KvReceiver for KvInbox {
     }
 }
 
+/// A DeepSeek-V3 BF16 layout for the crate's unit tests.
+#[cfg(test)]
+pub(crate) fn test_layout() -> KvLayout {
+    KvLayout {
+        attention: KvAttention::Mla,
+        elem_bytes: 2,
+        width: 576,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const MLA: KvLayout = KvLayout {
+        attention: KvAttention::Mla,
+        elem_bytes: 2,
+        width: 576,
+    };
+
     fn frame() -> KvFrame {
         let bytes: Vec<u8> = (0..3 * 16).map(|i| i as u8).collect();
-        KvFrame::new(7, 2, vec![4, 9, 1], bytes)
+        KvFrame::new(7, 2, MLA, vec![4, 9, 1], bytes)
+    }
+
+    #[test]
+    fn a_frame_of_another_layout_is_refused() {
+        let f = frame();
+        assert_eq!(f.check_layout(&MLA), Ok(()));
+        for other in [
+            KvLayout {
+                attention: KvAttention::Gqa,
+                ..MLA
+            },
+            KvLayout {
+                elem_bytes: 4,
+                ..MLA
+            },
+            KvLayout { width: 512, ..MLA },
+        ] {
+            let e = f.check_layout(&other).unwrap_err();
+            assert_eq!(
+                e,
+                TransportError::Layout {
+                    seq: 7,
+                    layer: 2,
+                    got: MLA,
+                    expected: other
+                }
+            );
+            assert!(e.to_string().contains("another layout"), "{e}");
+        }
     }
 
     #[test]
@@ -288,9 +394,12 @@ mod tests {
         let t = InProcTransport::new();
         let mut rx = t.bind(3);
         for layer in 0..5 {
-            t.send(3, KvFrame::new(1, layer, vec![0], vec![layer as u8; 8]))
-                .await
-                .unwrap();
+            t.send(
+                3,
+                KvFrame::new(1, layer, MLA, vec![0], vec![layer as u8; 8]),
+            )
+            .await
+            .unwrap();
         }
         for layer in 0..5 {
             let f = rx.recv().await.unwrap();

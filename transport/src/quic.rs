@@ -494,6 +494,7 @@ async fn read_frame(recv: &mut RecvStream) -> Result<Option<KvFrame>, ReadFrameE
     Ok(Some(KvFrame {
         seq: header.seq,
         layer: header.layer,
+        layout: header.layout,
         pages,
         page_crc32,
         bytes,
@@ -734,7 +735,10 @@ mod tests {
             QuicTransport::new(LOCAL.parse().unwrap(), secret("not-the-cluster-secret!")).unwrap();
         rogue.add_peer(1, server.local_addr().unwrap());
         let err = rogue
-            .send(1, KvFrame::new(1, 0, vec![0], vec![7; 64]))
+            .send(
+                1,
+                KvFrame::new(1, 0, crate::test_layout(), vec![0], vec![7; 64]),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, TransportError::Auth(_)), "{err}");
@@ -742,7 +746,10 @@ mod tests {
         let member = QuicTransport::new(LOCAL.parse().unwrap(), secret(GOOD)).unwrap();
         member.add_peer(1, server.local_addr().unwrap());
         member
-            .send(1, KvFrame::new(2, 0, vec![0], vec![9; 64]))
+            .send(
+                1,
+                KvFrame::new(2, 0, crate::test_layout(), vec![0], vec![9; 64]),
+            )
             .await
             .unwrap();
         let f = inbox.recv().await.unwrap().unwrap();
@@ -771,7 +778,14 @@ mod tests {
         let mut bytes = STREAM_MAGIC.to_vec();
         bytes.extend_from_slice(&[1, 0, 0, 0, 1, 0, 0, 0]);
         bytes.extend_from_slice(
-            &wire::encode_frame(&KvFrame::new(1, 0, vec![0], vec![1; 64])).unwrap(),
+            &wire::encode_frame(&KvFrame::new(
+                1,
+                0,
+                crate::test_layout(),
+                vec![0],
+                vec![1; 64],
+            ))
+            .unwrap(),
         );
         let _ = send.write_all(&bytes).await;
         let reason = conn.closed().await;
@@ -795,6 +809,7 @@ mod tests {
         let frame = KvFrame {
             seq: 1,
             layer: 0,
+            layout: crate::test_layout(),
             page_crc32: pages.clone(),
             pages,
             bytes: vec![],

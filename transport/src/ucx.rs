@@ -652,6 +652,7 @@ impl RecvState {
                             permit.send(verified(KvFrame {
                                 seq: notice.header.seq,
                                 layer: notice.header.layer,
+                                layout: notice.header.layout,
                                 pages: notice.pages.clone(),
                                 page_crc32: notice.crcs.clone(),
                                 bytes,
@@ -1362,7 +1363,7 @@ mod tests {
 
     #[test]
     fn notices_parse_or_are_dropped() {
-        let frame = KvFrame::new(5, 1, vec![2, 3], vec![7; 32]);
+        let frame = KvFrame::new(5, 1, crate::test_layout(), vec![2, 3], vec![7; 32]);
         let g = UcxGrant {
             endpoint: 1,
             grant: 9,

@@ -12,8 +12,12 @@
 //!     16    4 layer      model layer
 //!     20    4 pages      n, number of pages, <= FRAME_PAGES_MAX
 //!     24    8 bytes      length of the page bytes, <= FRAME_BYTES_MAX
-//!     32  8*n index      n x (page id u32, CRC-32 u32)
-//! 32+8*n  len bytes      the pages, in index order (absent in a UCX completion message: the
+//!     32    1 attention  KV layout: 1 MLA latent, 2 GQA k|v (`KvAttention`)
+//!     33    1 elem_bytes KV layout: bytes per stored value
+//!     34    2 reserved   0
+//!     36    4 width      KV layout: values per token and layer
+//!     40  8*n index      n x (page id u32, CRC-32 u32)
+//! 40+8*n  len bytes      the pages, in index order (absent in a UCX completion message: the
 //!                        bytes were written into the receiver's staging slot by RMA)
 //! ```
 //!
@@ -22,14 +26,14 @@
 //! exactly `pages` equal pages and whether their checksums match is [`KvFrame::verify`]'s job,
 //! done by the receiver after decoding, so a corrupt frame is reported against its sequence.
 
-use crate::KvFrame;
+use crate::{KvAttention, KvFrame, KvLayout};
 
 /// `b"DUKV"`: the first four bytes of every frame.
 pub const FRAME_MAGIC: [u8; 4] = *b"DUKV";
-/// Bumped on any incompatible change of the layout above.
-pub const WIRE_VERSION: u16 = 1;
+/// Bumped on any incompatible change of the layout above (2: the KV layout in the header).
+pub const WIRE_VERSION: u16 = 2;
 /// Bytes of the fixed frame header.
-pub const HEADER_LEN: usize = 32;
+pub const HEADER_LEN: usize = 40;
 /// Bytes of one index entry (page id + CRC-32).
 pub const INDEX_ENTRY_LEN: usize = 8;
 /// Largest page payload of one frame: 64 MiB. A DeepSeek-V3 layer frame of 64 pages × 64 tokens
@@ -56,6 +60,10 @@ pub enum WireError {
     TooManyPages { pages: u64 },
     #[error("frame of {bytes} bytes exceeds FRAME_BYTES_MAX ({FRAME_BYTES_MAX})")]
     TooLarge { bytes: u64 },
+    #[error("unknown KV attention kind {0} (1 MLA, 2 GQA)")]
+    BadAttention(u8),
+    #[error("reserved KV layout bytes set: {0:#06x}")]
+    BadLayoutReserved(u16),
     #[error("frame holds {bytes} bytes but no pages")]
     BytesWithoutPages { bytes: u64 },
     #[error("{what}: need {need} bytes, have {have}")]
@@ -71,6 +79,7 @@ pub enum WireError {
 pub struct FrameHeader {
     pub seq: u64,
     pub layer: u32,
+    pub layout: KvLayout,
     pub pages: usize,
     pub bytes: usize,
 }
@@ -91,6 +100,7 @@ impl FrameHeader {
         Ok(Self {
             seq: frame.seq,
             layer: frame.layer,
+            layout: frame.layout,
             pages: frame.pages.len(),
             bytes: frame.bytes.len(),
         })
@@ -110,6 +120,10 @@ impl FrameHeader {
         out[16..20].copy_from_slice(&self.layer.to_le_bytes());
         out[20..24].copy_from_slice(&(self.pages as u32).to_le_bytes());
         out[24..32].copy_from_slice(&(self.bytes as u64).to_le_bytes());
+        out[32] = self.layout.attention as u8;
+        out[33] = self.layout.elem_bytes;
+        // 34..36: reserved, zero.
+        out[36..40].copy_from_slice(&self.layout.width.to_le_bytes());
         out
     }
 
@@ -137,9 +151,24 @@ impl FrameHeader {
         let pages = u32::from_le_bytes(h[20..24].try_into().expect("4-byte slice")) as u64;
         let bytes = u64::from_le_bytes(h[24..32].try_into().expect("8-byte slice"));
         check_bounds(pages, bytes)?;
+        let attention = match h[32] {
+            1 => KvAttention::Mla,
+            2 => KvAttention::Gqa,
+            other => return Err(WireError::BadAttention(other)),
+        };
+        let reserved = u16::from_le_bytes([h[34], h[35]]);
+        if reserved != 0 {
+            return Err(WireError::BadLayoutReserved(reserved));
+        }
+        let layout = KvLayout {
+            attention,
+            elem_bytes: h[33],
+            width: u32::from_le_bytes(h[36..40].try_into().expect("4-byte slice")),
+        };
         Ok(Self {
             seq,
             layer,
+            layout,
             // Both fit: checked against bounds far below usize::MAX above.
             pages: pages as usize,
             bytes: bytes as usize,
@@ -223,6 +252,7 @@ pub fn decode_frame(buf: &[u8]) -> Result<(KvFrame, usize), WireError> {
         KvFrame {
             seq: header.seq,
             layer: header.layer,
+            layout: header.layout,
             pages,
             page_crc32,
             bytes: bytes.to_vec(),
@@ -246,9 +276,15 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const GQA: KvLayout = KvLayout {
+        attention: KvAttention::Gqa,
+        elem_bytes: 2,
+        width: 1024,
+    };
+
     fn frame(pages: usize, page_bytes: usize) -> KvFrame {
         let bytes = (0..pages * page_bytes).map(|i| (i * 7) as u8).collect();
-        KvFrame::new(42, 3, (0..pages as u32).rev().collect(), bytes)
+        KvFrame::new(42, 3, GQA, (0..pages as u32).rev().collect(), bytes)
     }
 
     #[test]
@@ -259,8 +295,8 @@ mod tests {
         let (g, used) = decode_frame(&enc).unwrap();
         assert_eq!(used, enc.len());
         assert_eq!(
-            (g.seq, g.layer, &g.pages, &g.page_crc32, &g.bytes),
-            (f.seq, f.layer, &f.pages, &f.page_crc32, &f.bytes)
+            (g.seq, g.layer, g.layout, &g.pages, &g.page_crc32, &g.bytes),
+            (f.seq, f.layer, GQA, &f.pages, &f.page_crc32, &f.bytes)
         );
         g.verify(claimed_page_bytes(&g)).unwrap();
     }
@@ -270,6 +306,7 @@ mod tests {
         let mut h = FrameHeader {
             seq: 1,
             layer: 0,
+            layout: GQA,
             pages: 1,
             bytes: 8,
         }
@@ -299,6 +336,7 @@ mod tests {
         let good = FrameHeader {
             seq: 1,
             layer: 0,
+            layout: GQA,
             pages: 1,
             bytes: 8,
         }
@@ -315,6 +353,15 @@ mod tests {
         let mut h = good;
         h[7] = 1;
         assert_eq!(FrameHeader::decode(&h), Err(WireError::BadFlags(0x100)));
+        let mut h = good;
+        h[32] = 3;
+        assert_eq!(FrameHeader::decode(&h), Err(WireError::BadAttention(3)));
+        let mut h = good;
+        h[35] = 1;
+        assert_eq!(
+            FrameHeader::decode(&h),
+            Err(WireError::BadLayoutReserved(0x100))
+        );
     }
 
     proptest! {
@@ -371,6 +418,7 @@ mod tests {
             let (g, used) = decode_frame(&enc).unwrap();
             prop_assert_eq!(used, enc.len());
             prop_assert_eq!(g.bytes, f.bytes);
+            prop_assert_eq!(g.layout, f.layout);
             prop_assert_eq!(g.pages, f.pages);
             prop_assert_eq!(g.page_crc32, f.page_crc32);
         }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use duet_transport::{
-    EndpointId, InProcTransport, KvFrame, KvReceiver, KvTransport, TransportError,
+    EndpointId, InProcTransport, KvAttention, KvFrame, KvLayout, KvReceiver, KvTransport,
+    TransportError,
 };
 
 /// Bytes of one DeepSeek-V3 page in the BF16 latent format: 64 tokens × 576 values × 2 B.
@@ -35,10 +36,18 @@ fn frame(seq: u64, layer: u32, pages: usize, page_bytes: usize) -> KvFrame {
     KvFrame::new(
         seq,
         layer,
+        LAYOUT,
         (0..pages as u32).map(|p| p * 3 + 1).collect(),
         bytes,
     )
 }
+
+/// Every transport carries the frame's KV layout to the receiver (here a GQA one).
+const LAYOUT: KvLayout = KvLayout {
+    attention: KvAttention::Gqa,
+    elem_bytes: 2,
+    width: 256,
+};
 
 async fn recv_ok<R: KvReceiver>(rx: &mut R) -> KvFrame {
     tokio::time::timeout(WAIT_MAX, rx.recv())
@@ -49,7 +58,10 @@ async fn recv_ok<R: KvReceiver>(rx: &mut R) -> KvFrame {
 }
 
 fn assert_same(got: &KvFrame, want: &KvFrame) {
-    assert_eq!((got.seq, got.layer), (want.seq, want.layer));
+    assert_eq!(
+        (got.seq, got.layer, got.layout),
+        (want.seq, want.layer, want.layout)
+    );
     assert_eq!(got.pages, want.pages);
     assert_eq!(got.page_crc32, want.page_crc32);
     assert!(

@@ -8,11 +8,11 @@
 //! writes KV frames into the pool, runs the engine and samples. Failures: actors/SEMANTICS.md.
 
 use duet_core::pd::{DecodeAction, DecodeConfig, DecodeCore, FrameCheck, Held, SeqLimits};
-use duet_transport::KvFrame;
+use duet_transport::{KvFrame, KvLayout};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::clock::Clock;
-use crate::engine::{StepDone, StepError, StepLogits, WorkerKv, echo_token, plan_rows};
+use crate::engine::{StepDone, StepError, StepLogits, WorkerKv, echo_token, kv_layout, plan_rows};
 use crate::protocol::{
     DecodeMsg, EpStep, GatewayToDecode, Handoff, KvDest, PrefillJob, PrefillPeer, PrefillToDecode,
     RegistryMsg, WorkerLoad, WorkerRef,
@@ -46,6 +46,8 @@ pub struct DecodeState {
     kv: Option<WorkerKv>,
     core: DecodeCore<Queued, DecodeRun>,
     page_bytes: usize,
+    /// The layout every frame must carry (`None` for the echo engine, which has no pool).
+    kv_layout: Option<KvLayout>,
     /// Frames that arrived while the pool was lent to a running step.
     pending_frames: Vec<KvFrame>,
     steps: u64,
@@ -67,9 +69,9 @@ impl Actor for DecodeWorker {
         args: WorkerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let kv = args.engine.new_kv(args.kv_pages as usize);
-        let (page_bytes, layers) = match &kv {
-            WorkerKv::Model(c) => (c.page_bytes(), c.layers()),
-            WorkerKv::Echo => (0, 0),
+        let (page_bytes, layers, kv_layout) = match &kv {
+            WorkerKv::Model(c) => (c.page_bytes(), c.layers(), Some(kv_layout(c))),
+            WorkerKv::Echo => (0, 0, None),
         };
         // Frames for this group arrive on the transport endpoint; forward them into the mailbox
         // so they are applied between steps, never while a step holds the pool.
@@ -104,6 +106,7 @@ impl Actor for DecodeWorker {
             core,
             kv: Some(kv),
             page_bytes,
+            kv_layout,
             pending_frames: Vec::new(),
             steps: 0,
             reported: None,
@@ -277,8 +280,14 @@ impl DecodeState {
                 return;
             }
         }
-        let written = frame
-            .verify(self.page_bytes)
+        // A frame of another layout (another model or dtype) fails its sequence: its bytes
+        // would fit the pool yet mean something else.
+        let layout = match &self.kv_layout {
+            Some(l) => frame.check_layout(l),
+            None => Ok(()),
+        };
+        let written = layout
+            .and_then(|()| frame.verify(self.page_bytes))
             .map_err(|e| e.to_string())
             .and_then(|()| match self.kv.as_mut() {
                 Some(WorkerKv::Model(cache)) => cache
@@ -305,7 +314,7 @@ impl DecodeState {
         use duet_transport::TransportError as E;
         self.args.stats.kv_rejected_frames_total.inc();
         let seq = match &e {
-            E::Corrupt { seq, .. } | E::Truncated { seq, .. } => *seq,
+            E::Corrupt { seq, .. } | E::Truncated { seq, .. } | E::Layout { seq, .. } => *seq,
             _ => {
                 tracing::warn!(group = self.args.id.0, "unattributable bad KV frame: {e}");
                 return;

@@ -437,7 +437,13 @@ fn layer_frames(
         }
         out.push((
             t.endpoint,
-            KvFrame::new(t.seq, layer as u32, t.dest.clone(), bytes),
+            KvFrame::new(
+                t.seq,
+                layer as u32,
+                crate::engine::kv_layout(cache),
+                t.dest.clone(),
+                bytes,
+            ),
         ));
     }
     out

@@ -32,7 +32,12 @@ impl KvTransport for SlowLink {
 }
 
 fn frame(seq: SeqId, layer: u32) -> KvFrame {
-    KvFrame::new(seq, layer, vec![0], vec![0; 16])
+    let layout = duet_transport::KvLayout {
+        attention: duet_transport::KvAttention::Mla,
+        elem_bytes: 2,
+        width: 576,
+    };
+    KvFrame::new(seq, layer, layout, vec![0], vec![0; 16])
 }
 
 const LAYERS: u32 = 20;

@@ -196,6 +196,17 @@ impl Hub {
                 self.shape.layers, self.shape.vocab_size, h.shape.layers, h.shape.vocab_size
             ));
         }
+        if h.shape.architecture != self.shape.architecture
+            || h.shape.kv_width != self.shape.kv_width
+        {
+            return Err(format!(
+                "model differs: the gateway serves {} with {} KV values per token, this worker {} with {}",
+                self.shape.architecture,
+                self.shape.kv_width,
+                h.shape.architecture,
+                h.shape.kv_width
+            ));
+        }
         if h.workers.is_empty() || h.workers.len() > WORKERS_PER_PROCESS_MAX {
             return Err(format!(
                 "a process hosts 1 to {WORKERS_PER_PROCESS_MAX} workers, not {}",

@@ -16,8 +16,9 @@ use crate::seq::{
     TokenLogprob,
 };
 
-/// Bumped on any change to the messages below.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Bumped on any change to the messages below (3: `logit_bias` in the job's parameters; 4: the
+/// model shape names the architecture and the KV width).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireRole {
@@ -31,6 +32,10 @@ pub struct ModelShape {
     pub layers: u32,
     pub page_bytes: u64,
     pub vocab_size: u64,
+    /// The model family (`DeepSeek`, `Qwen2`, `Llama`): tokenizer, template and KV must agree.
+    pub architecture: String,
+    /// KV values per token and layer (MLA latent or GQA `[k | v]`).
+    pub kv_width: u32,
 }
 
 /// How a process moves KV: every process of a cluster must use the same.

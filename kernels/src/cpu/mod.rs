@@ -1,6 +1,7 @@
 //! The CPU backend: multi-threaded over the rayon pool (one thread per core by default).
 
 pub mod attention;
+pub mod gqa;
 pub mod matmul;
 
 use rayon::prelude::*;
@@ -135,5 +136,17 @@ pub fn rope_pairs(x: &mut [f32], cos: &[f32], sin: &[f32]) {
         let (a, b) = (x[2 * i], x[2 * i + 1]);
         x[2 * i] = a * cos[i] - b * sin[i];
         x[2 * i + 1] = a * sin[i] + b * cos[i];
+    }
+}
+
+/// Rotates pairs `(x[i], x[i + d/2])` of a `d`-wide head by `pos · inv_freq[i]`: the "rotate
+/// half" layout of Llama and Qwen2 (HF's `apply_rotary_pos_emb`). `cos`/`sin` hold `d/2` values.
+#[inline]
+pub fn rope_halves(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    for i in 0..half {
+        let (a, b) = (x[i], x[i + half]);
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i] + a * sin[i];
     }
 }
