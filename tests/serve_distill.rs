@@ -9,9 +9,14 @@ use common::{Server, duet, ok_json, post};
 use serde_json::json;
 
 /// `tokenizer("Hello world").input_ids` of HF transformers 5.24 `AutoTokenizer` on the released
-/// R1-Distill-Qwen / R1-Distill-Llama tokenizer files (no BOS: their `tokenizer.json` adds none).
+/// R1-Distill-Qwen / R1-Distill-Llama tokenizer files. transformers 5 loads them as
+/// `TokenizersBackend`, which adds no BOS; transformers 4's `LlamaTokenizerFast` (their
+/// `tokenizer_class`, what vLLM and SGLang run today) adds BOS per `add_bos_token: true`, and so
+/// does duet's `/tokenize` unless `add_special_tokens` is false.
 const HELLO_WORLD_QWEN: [u32; 2] = [9707, 1879];
 const HELLO_WORLD_LLAMA: [u32; 2] = [9906, 1917];
+/// `<｜begin▁of▁sentence｜>` in both distill vocabularies.
+const BOS: [(&str, u32); 2] = [("qwen2", 151646), ("llama", 128000)];
 
 #[tokio::test(flavor = "multi_thread")]
 async fn qwen2_and_llama_serve_what_generate_generates() {
@@ -70,11 +75,20 @@ async fn qwen2_and_llama_serve_what_generate_generates() {
 
         let (status, body) = post(
             &srv.url("/tokenize"),
-            &json!({"model": "default", "prompt": "Hello world"}),
+            &json!({"model": "default", "prompt": "Hello world", "add_special_tokens": false}),
         )
         .await;
         assert_eq!(status, 200, "{arch}: {body}");
         assert_eq!(body["tokens"], json!(hello), "{arch}");
+        let (_, body) = post(
+            &srv.url("/tokenize"),
+            &json!({"model": "default", "prompt": "Hello world"}),
+        )
+        .await;
+        let bos = BOS.iter().find(|(a, _)| *a == arch).unwrap().1;
+        let mut with_bos = vec![bos];
+        with_bos.extend(hello);
+        assert_eq!(body["tokens"], json!(with_bos), "{arch}");
     }
 }
 
