@@ -225,3 +225,17 @@ async fn duet_serve_with_ep_2_and_4_serves_the_ep_1_greedy_text() {
         );
     }
 }
+
+/// An EP size that does not divide the routed experts is refused at start with the reason.
+#[test]
+fn an_ep_size_that_does_not_divide_the_experts_is_refused() {
+    let mut p = common::Proc::spawn(&["serve", "--port", "0", "--ep", "3"]);
+    let status = p.wait_exit(std::time::Duration::from_secs(120));
+    let err = p.log();
+    assert!(status.is_some_and(|s| !s.success()), "{status:?} {err}");
+    assert!(
+        err.contains("16 routed experts do not split evenly over 3 ranks")
+            && !err.contains("panicked"),
+        "{err}"
+    );
+}
