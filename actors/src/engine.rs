@@ -150,6 +150,21 @@ impl Engine {
         }
     }
 
+    /// [`Engine::ep_idle_step`] on a blocking thread; `done` gets the pool back (an empty plan:
+    /// nothing of the worker's own ran).
+    pub fn spawn_ep_idle_step(&self, kv: WorkerKv, done: impl FnOnce(StepDone) + Send + 'static) {
+        let engine = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = engine.ep_idle_step().map(|()| StepLogits::Echo);
+            done(StepDone {
+                plan: Default::default(),
+                kv,
+                result,
+                send_errors: Default::default(),
+            });
+        });
+    }
+
     pub fn new_kv(&self, pages: usize) -> WorkerKv {
         match self {
             Engine::Model(m) => WorkerKv::Model(m.new_cache(pages)),

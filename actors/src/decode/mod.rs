@@ -353,16 +353,9 @@ impl DecodeState {
             Some(plan) => self.start_step(plan, myself),
             None => {
                 let kv = self.kv.take().expect("checked above");
-                let engine = self.args.engine.clone();
                 let me = myself.clone();
-                tokio::task::spawn_blocking(move || {
-                    let result = engine.ep_idle_step().map(|()| StepLogits::Echo);
-                    let _ = me.cast(DecodeMsg::StepDone(Box::new(StepDone {
-                        plan: Default::default(),
-                        kv,
-                        result,
-                        send_errors: Default::default(),
-                    })));
+                self.args.engine.spawn_ep_idle_step(kv, move |done| {
+                    let _ = me.cast(DecodeMsg::StepDone(Box::new(done)));
                 });
             }
         }
