@@ -117,14 +117,14 @@ impl Inbox {
         Ok(())
     }
 
-    /// Waits until round `round` has a block from every rank, or fails it.
+    /// Waits until round `round` (checked by [`Inbox::expect_round`] before anything was sent)
+    /// has a block from every rank, or fails it.
     async fn collect(
         &mut self,
         clock: &tokio::time::Instant,
         round: u64,
         ranks: usize,
     ) -> Result<Vec<RowBlock>, A2aError> {
-        self.expect_round(round)?;
         let now = || u64::try_from(clock.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.exchange.open(now(), self.wait.as_micros() as u64);
         let deadline = tokio::time::Instant::now() + self.wait;
@@ -334,10 +334,12 @@ impl QuicA2a {
     /// cluster secret to each.
     pub async fn connect(&self, addrs: &[SocketAddr]) -> Result<(), A2aError> {
         if addrs.len() != self.ranks {
-            return Err(A2aError::Blocks {
-                got: addrs.len(),
-                ranks: self.ranks,
-            });
+            return Err(EpError::Shape(format!(
+                "{} addresses for a group of {} ranks",
+                addrs.len(),
+                self.ranks
+            ))
+            .into());
         }
         let cfg = client_config_for(ALPN, a2a_transport())?;
         let mut peers = self.peers.lock().await;

@@ -527,8 +527,8 @@ impl Forward for GatewayToDecode {
     async fn forward(self, st: &ProxyArgs) {
         match self {
             GatewayToDecode::Reserve { job, prefill } => {
-                // The prefill worker left meanwhile: dropping the job re-runs it.
-                if !st.hub.owner.contains_key(&prefill.id.0) {
+                // The prefill worker went down meanwhile: dropping the job re-runs it.
+                if st.hub.tx_of_worker(prefill.id.0).is_none() {
                     return;
                 }
                 let Some(holder) = st.hub.owner.get(&st.worker).map(|p| *p) else {
