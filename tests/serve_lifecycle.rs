@@ -232,7 +232,8 @@ async fn a_panicking_prefill_worker_loses_no_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn config_file_applies_flags_override_it_and_its_drain_timeout_cuts_a_request() {
+async fn config_file_applies_flags_override_it_and_health_is_503_until_its_drain_timeout_cuts_a_request()
+ {
     // `--config` sets the served name, three decode groups and a 1 s drain timeout; the
     // `--decode-groups 1` flag overrides the groups.
     let cfg = common::tmp("cluster.toml");
@@ -265,6 +266,32 @@ async fn config_file_applies_flags_override_it_and_its_drain_timeout_cuts_a_requ
     let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
     // SAFETY: kill(2) on our own child's pid with a valid signal number.
     assert_eq!(unsafe { libc::kill(srv.pid() as i32, libc::SIGTERM) }, 0);
+    // While that request keeps the drain going, the server still answers: `/health` says 503 so
+    // a load balancer stops sending, and a new request is refused with 503, not dropped.
+    let health = srv.url("/health");
+    let draining = eventually(Duration::from_secs(10), || async {
+        get(&health).await.0 == 503
+    });
+    assert!(draining.await, "/health turned 503 after SIGTERM");
+    let (status, h) = get(&health).await;
+    assert_eq!(status, 503, "{h}");
+    let h: Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(h["draining"], true, "{h}");
+    let refused = common::client()
+        .post(srv.url("/v1/completions"))
+        .json(&json!({"prompt": "late", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 503);
+    let v: Value = refused.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("shutting down"),
+        "{v}"
+    );
     while let Some(Ok(chunk)) = body.next().await {
         text.push_str(&String::from_utf8_lossy(&chunk));
     }
@@ -278,4 +305,100 @@ async fn config_file_applies_flags_override_it_and_its_drain_timeout_cuts_a_requ
         srv.log()
     );
     assert!(!text.contains("finish_reason\":\"length"), "{text}");
+}
+
+/// Sum of a per-worker gauge over every worker, from /metrics.
+fn worker_sum(metrics: &str, family: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_holds_its_slot_with_bounded_events_and_then_gets_every_token() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let srv = Server::start(&["--queue-max", "1"]);
+    let mut req = json!({"messages": [{"role": "user", "content": "Read slowly."}],
+        "max_tokens": 1500, "ignore_eos": true, "temperature": 0});
+    let (status, whole) = post(&srv.url("/v1/chat/completions"), &req).await;
+    assert_eq!(status, 200, "{whole}");
+    let want = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // A client that stops reading after the first bytes. Its stream (4 greedy choices of 1,500
+    // tokens with 20 top logprobs each: ~1.5 KB an event, ~9 MB) is more than hyper's write
+    // buffer (~400 KB) and the sockets' buffers (4 MB at most, tcp_wmem) can absorb.
+    let addr: std::net::SocketAddr = srv.url("").trim_start_matches("http://").parse().unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut conn = sock.connect(addr).await.unwrap();
+    req["stream"] = json!(true);
+    req["n"] = json!(4);
+    req["logprobs"] = json!(true);
+    req["top_logprobs"] = json!(20);
+    let body = serde_json::to_vec(&req).unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&body).await.unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 512];
+    // Up to the first token's event: the sequences are in the engine.
+    while !String::from_utf8_lossy(&raw).contains("\"top_logprobs\"") {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buf[..n]);
+    }
+    assert!(raw.starts_with(b"HTTP/1.0 200") || raw.starts_with(b"HTTP/1.1 200"));
+
+    // The engine finishes the sequences regardless of the reader...
+    let url = srv.url("/metrics");
+    let done = eventually(Duration::from_secs(120), || async {
+        worker_sum(&get(&url).await.1, "duet_worker_sequences") == 0.0
+    });
+    assert!(
+        done.await,
+        "the stalled stream's sequences finished in the engine"
+    );
+    // ...but its events wait in the stream's bounded queue (`SSE_QUEUE_EVENTS`), not in
+    // unbounded memory: the request still holds its admission slot, so `--queue-max 1` refuses
+    // the next one.
+    let (status, v) = post(
+        &srv.url("/v1/completions"),
+        &json!({"prompt": "hi", "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, 429, "{v}");
+
+    // Reading again delivers every token of every choice, in order; then the slot is free.
+    conn.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let events: Vec<&str> = raw
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let mut texts = vec![String::new(); 4];
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        let c = &v["choices"][0];
+        if let Some(t) = c["delta"]["content"].as_str() {
+            texts[c["index"].as_u64().unwrap() as usize].push_str(t);
+        }
+    }
+    for t in &texts {
+        assert_eq!(t, &want, "the stalled stream lost or repeated nothing");
+    }
+    let (status, v) = post(
+        &srv.url("/v1/completions"),
+        &json!({"prompt": "hi", "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
 }

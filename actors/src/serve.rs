@@ -331,6 +331,7 @@ pub async fn start_front(
         worker_counters: Default::default(),
         request_ids: AtomicU64::new(1),
         inflight: AtomicUsize::new(0),
+        idle: tokio::sync::Notify::new(),
         draining: AtomicBool::new(false),
         started: Clock::unix_secs(),
     });
@@ -347,10 +348,14 @@ pub async fn start_front(
     let st = state.clone();
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
+        // Draining keeps the listener open until the last running request ends: `/health` answers
+        // 503 so load balancers and rolling restarts see the drain, and new requests get a 503
+        // instead of a refused connection. Only then does the server stop accepting.
         let graceful = axum::serve(listener, app).with_graceful_shutdown(async move {
             shutdown.await;
             st.draining.store(true, Ordering::Release);
             let _ = drain_tx.send(());
+            st.idle().await;
         });
         let mut serving = tokio::spawn(async move { graceful.await });
         // Once draining starts, running requests get `drain` to finish; then the server stops.

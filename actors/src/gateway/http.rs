@@ -71,8 +71,32 @@ pub struct AppState {
     pub worker_counters: std::sync::Mutex<std::collections::BTreeMap<String, [u64; 3]>>,
     pub request_ids: AtomicU64,
     pub inflight: AtomicUsize,
+    /// Woken when `inflight` drops to zero, so a drain ends as soon as the last request does.
+    pub idle: tokio::sync::Notify,
     pub draining: AtomicBool,
     pub started: u64,
+}
+
+impl AppState {
+    /// Returns once no request holds an admission slot.
+    pub async fn idle(&self) {
+        loop {
+            let woken = self.idle.notified();
+            tokio::pin!(woken);
+            // Registered before the check, so a release between the check and the await wakes it.
+            woken.as_mut().enable();
+            if self.inflight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            woken.await;
+        }
+    }
+
+    fn release(&self) {
+        if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -155,7 +179,7 @@ struct Admission(Shared);
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+        self.0.release();
     }
 }
 
@@ -166,7 +190,7 @@ fn admit(s: &Shared) -> Result<Admission, ApiError> {
     }
     let prev = s.inflight.fetch_add(1, Ordering::AcqRel);
     if prev >= s.limits.inflight_max {
-        s.inflight.fetch_sub(1, Ordering::AcqRel);
+        s.release();
         s.metrics.requests_rejected_total.inc();
         return Err(ApiError::overloaded());
     }
