@@ -14,7 +14,8 @@ use duet_sim::{Calibration, ModelConfig, SimConfig, Simulation, hardware};
 /// Cluster and model flags shared by `sim` and `plan`.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// `deepseek-v3` (built in) or a DeepSeek-V3-architecture config.json.
+    /// `deepseek-v3` (built in) or a config.json: DeepSeek V2/V3 architecture (MLA + MoE), or a
+    /// dense Qwen2/Llama model (the R1-Distill checkpoints).
     #[arg(long, default_value = "deepseek-v3")]
     model_config: String,
     /// GPU type: h100, h800, h200, h20, b200, gb200, mi300x, a100; or a device profile FILE.toml
@@ -339,6 +340,9 @@ pub fn run_sim(a: SimArgs) -> Result<()> {
 
 pub fn run_plan(a: PlanArgs) -> Result<()> {
     let c = common(&a.common)?;
+    // A dense model plans whole-node groups of independent TP instances; DeepSeek plans EP sizes.
+    let dense = !c.model.is_moe();
+    let node = vec![c.gpus_per_node];
     let req = PlanRequest {
         model: c.model,
         gpu: c.gpu,
@@ -357,11 +361,27 @@ pub fn run_plan(a: PlanArgs) -> Result<()> {
         },
         seed: a.common.seed,
         verify_requests: a.verify_requests,
-        decode_eps: plan::DECODE_EPS.to_vec(),
-        decode_tps: plan::DECODE_TPS.to_vec(),
+        decode_eps: if dense {
+            node.clone()
+        } else {
+            plan::DECODE_EPS.to_vec()
+        },
+        decode_tps: if dense {
+            plan::DENSE_TPS.to_vec()
+        } else {
+            plan::DECODE_TPS.to_vec()
+        },
         decode_batches: plan::DECODE_BATCHES.to_vec(),
-        prefill_eps: plan::PREFILL_EPS.to_vec(),
-        prefill_tps: plan::PREFILL_TPS.to_vec(),
+        prefill_eps: if dense {
+            node
+        } else {
+            plan::PREFILL_EPS.to_vec()
+        },
+        prefill_tps: if dense {
+            plan::DENSE_TPS.to_vec()
+        } else {
+            plan::PREFILL_TPS.to_vec()
+        },
         prefill_tokens: plan::PREFILL_TOKENS.to_vec(),
     };
     let cands = plan::search(&req)?;

@@ -1,5 +1,6 @@
-//! `duet sim-calibrate-cpu` and `duet sim --gpu FILE.toml` through the real binary: the profile
-//! the calibration writes is one the simulator runs, and a bad profile is a clear error.
+//! `duet sim-calibrate-cpu`, `duet sim --gpu FILE.toml` and `duet plan` on a dense config through the
+//! real binary: the profile the calibration writes is one the simulator runs, a bad profile is a
+//! clear error, and a distill checkpoint's config.json plans a deployment.
 
 mod common;
 
@@ -109,4 +110,78 @@ fn a_calibrated_cpu_profile_drives_the_simulator() {
     ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/cpu.toml"));
+}
+
+/// DeepSeek-R1-Distill-Qwen-7B's config.json as released (Qwen2 architecture, BF16).
+const DISTILL_QWEN_7B: &str = r#"{"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+ "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+ "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+ "max_position_embeddings": 131072, "rope_theta": 10000, "sliding_window": 4096,
+ "use_sliding_window": false, "tie_word_embeddings": false, "torch_dtype": "bfloat16"}"#;
+
+#[test]
+fn a_distill_config_plans_a_dense_deployment_and_an_unknown_type_is_named() {
+    let dir = common::tmp("distill-plan");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, DISTILL_QWEN_7B).unwrap();
+    let out = dir.join("out");
+    let o = duet(&[
+        "plan",
+        "--model-config",
+        cfg.to_str().unwrap(),
+        "--gpu",
+        "h100",
+        "--rate",
+        "20",
+        "--osl",
+        "300",
+        "--verify-requests",
+        "200",
+        "--out",
+        out.to_str().unwrap(),
+        "--model-dir",
+        "/srv/models/r1-distill-qwen-7b",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let toml = std::fs::read_to_string(out.join("duet.toml")).unwrap();
+    assert!(toml.contains("dense model, no experts"), "{toml}");
+    // Each instance is one TP rank: `ep_size` equals `tp_size` in both roles, and a TP size that
+    // splits Qwen2-7B's 28 heads and 4 KV heads.
+    let field = |section: &str, key: &str| -> usize {
+        let s = &toml[toml.find(&format!("[{section}]")).unwrap()..];
+        let line = s
+            .lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    for role in ["prefill", "decode"] {
+        let tp = field(role, "tp_size");
+        assert_eq!(field(role, "ep_size"), tp, "{toml}");
+        assert!([1, 2, 4].contains(&tp), "{toml}");
+    }
+    assert!(toml.contains("path = \"/srv/models/r1-distill-qwen-7b\""));
+
+    let mistral = dir.join("mistral.json");
+    std::fs::write(
+        &mistral,
+        r#"{"model_type": "mistral", "hidden_size": 4096}"#,
+    )
+    .unwrap();
+    let o = duet(&[
+        "plan",
+        "--model-config",
+        mistral.to_str().unwrap(),
+        "--gpu",
+        "h100",
+        "--rate",
+        "1",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("\"mistral\"") && err.contains("qwen2"),
+        "{err}"
+    );
 }

@@ -36,6 +36,12 @@
 //!
 //! PD handoff: `tokens × kv_bytes_per_token` (70,272 B for V3) over the prefill GPU's NIC at the RDMA
 //! efficiency; layer-wise streaming leaves only the last layer's share after the final chunk.
+//!
+//! **Dense models** (Qwen2/Llama, model.rs): no routed experts, so no MoE term and no all-to-all;
+//! a "group" of `ep` GPUs is `ep / tp` independent TP instances stepping side by side (stepping them
+//! together slightly overstates a step, by the slowest instance's share). Attention is GQA: the KV
+//! heads split across TP, and the step reads each GPU's share. BF16 weights run at the BF16 GEMM
+//! peak; one micro-batch (no overlap to hide communication behind).
 
 use serde::Serialize;
 
@@ -129,7 +135,7 @@ pub fn expert_imbalance(
     slots: usize,
     balance: MoeBalance,
 ) -> Result<f64, SimError> {
-    if balance == MoeBalance::Balanced || ep <= 1 {
+    if balance == MoeBalance::Balanced || ep <= 1 || !model.is_moe() {
         return Ok(1.0);
     }
     let experts = model.n_routed_experts as usize;
@@ -191,7 +197,10 @@ pub struct CostModel {
     replicated_bytes: f64,
     lm_head_params: f64,
     expert_bytes_per_gpu: f64,
+    /// The whole KV of a token, what a PD handoff moves.
     kv_bytes_per_token: f64,
+    /// The share one GPU holds and reads (all of it for MLA, its KV heads for GQA).
+    kv_bytes_per_token_gpu: f64,
 }
 
 impl CostModel {
@@ -206,10 +215,7 @@ impl CostModel {
                 "EP size and GPUs per node must be at least 1".into(),
             ));
         }
-        if shape.tp == 0
-            || !shape.ep.is_multiple_of(shape.tp)
-            || !(model.num_attention_heads as usize).is_multiple_of(shape.tp)
-        {
+        if shape.tp == 0 || !shape.ep.is_multiple_of(shape.tp) || !model.splits_heads(shape.tp) {
             return Err(SimError::Invalid(format!(
                 "attention TP {} must divide the EP size {} and the {} heads",
                 shape.tp, shape.ep, model.num_attention_heads
@@ -221,7 +227,11 @@ impl CostModel {
         } else {
             0.0
         };
-        let expert_slots = ((model.n_routed_experts as f64 + redundant) / shape.ep as f64).ceil();
+        let expert_slots = if model.is_moe() {
+            ((model.n_routed_experts as f64 + redundant) / shape.ep as f64).ceil()
+        } else {
+            0.0
+        };
         let imbalance = expert_imbalance(
             model,
             cal,
@@ -238,10 +248,15 @@ impl CostModel {
             expert_slots,
             imbalance,
             replicated_params: model.replicated_linear_params_per_gpu(shape.tp),
-            replicated_bytes: model.replicated_linear_params_per_gpu(shape.tp),
+            replicated_bytes: model.replicated_linear_params_per_gpu(shape.tp)
+                * model.linear_weight_bytes(),
             lm_head_params: model.lm_head_params() / shape.tp as f64,
-            expert_bytes_per_gpu: model.moe_layers() * expert_slots * model.expert_params(),
+            expert_bytes_per_gpu: model.moe_layers()
+                * expert_slots
+                * model.expert_params()
+                * model.linear_weight_bytes(),
             kv_bytes_per_token: model.kv_bytes_per_token() as f64,
+            kv_bytes_per_token_gpu: model.kv_bytes_per_token_per_gpu(shape.tp),
         })
     }
 
@@ -257,7 +272,7 @@ impl CostModel {
         let usable = self.gpu.hbm_bytes * self.cal.memory.hbm_usable_fraction
             - self.weight_bytes_per_gpu()
             - self.cal.memory.activation_reserve_bytes;
-        let page_bytes = self.kv_bytes_per_token * duet_core::PAGE_TOKENS as f64;
+        let page_bytes = self.kv_bytes_per_token_gpu * duet_core::PAGE_TOKENS as f64;
         if usable < page_bytes * 16.0 {
             return Err(SimError::DoesNotFit(format!(
                 "{} GB of weights per GPU at EP{} leave no room for KV on a {} GB {}",
@@ -278,7 +293,7 @@ impl CostModel {
         w.sampled += f64::from(u8::from(samples));
         w.attn_flops += self.model.prefill_attn_flops_per_ctx() * n * (s + (n + 1.0) / 2.0)
             + self.model.prefix_decompress_flops_per_token() * s;
-        w.kv_read_bytes += (s + n) * self.kv_bytes_per_token;
+        w.kv_read_bytes += (s + n) * self.kv_bytes_per_token_gpu;
     }
 
     /// Adds a decode item (`len` new tokens at `start`, verifying `mtp_drafts` drafts when it samples).
@@ -297,15 +312,24 @@ impl CostModel {
         w.tokens += q;
         w.sampled += if samples { q } else { 0.0 };
         w.attn_flops += self.model.decode_attn_flops_per_ctx() * q * ctx;
-        w.kv_read_bytes += ctx * self.kv_bytes_per_token;
+        w.kv_read_bytes += ctx * self.kv_bytes_per_token_gpu;
     }
 
     /// The duration of one step of the group whose ranks did `ranks`.
     pub fn step(&self, phase: Phase, ranks: &[RankWork]) -> StepCost {
         let g = &self.gpu;
         let c = &self.cal.compute;
-        let gemm = g.fp8_flops * c.gemm_efficiency;
+        let gemm = if self.model.fp8_weights {
+            g.fp8_flops
+        } else {
+            g.bf16_flops
+        } * c.gemm_efficiency;
         let hbm = g.hbm_bytes_per_s * c.hbm_efficiency;
+        let micro_batches = if self.model.is_moe() {
+            MICRO_BATCHES
+        } else {
+            1.0
+        };
         let attn_peak = g.bf16_flops
             * match phase {
                 Phase::Prefill => c.attn_prefill_efficiency,
@@ -317,10 +341,11 @@ impl CostModel {
         let mut tokens_max: f64 = 0.0;
         for r in ranks.iter().filter(|r| r.tokens > 0.0) {
             // TP splits the heads, so the FLOPs; every GPU of the rank still reads the whole latent
-            // KV, which MLA keeps replicated (one latent serves all heads).
+            // KV, which MLA keeps replicated (one latent serves all heads); GQA's `kv_read_bytes`
+            // are already one GPU's share.
             let attn = (r.attn_flops / tp / attn_peak).max(r.kv_read_bytes / hbm);
             let dense = (2.0 * self.replicated_params * r.tokens / gemm)
-                .max(MICRO_BATCHES * self.replicated_bytes / hbm);
+                .max(micro_batches * self.replicated_bytes / hbm);
             let head = if r.sampled > 0.0 {
                 (2.0 * self.lm_head_params * r.sampled / (g.bf16_flops * c.gemm_efficiency))
                     .max(2.0 * self.lm_head_params / hbm)
@@ -339,7 +364,7 @@ impl CostModel {
         let pairs_per_gpu =
             tokens_total * m.num_experts_per_tok as f64 / self.shape.ep as f64 * self.imbalance;
         let moe_s = (m.moe_layers() * 2.0 * m.expert_params() * pairs_per_gpu / gemm)
-            .max(MICRO_BATCHES * self.expert_bytes_per_gpu / hbm);
+            .max(micro_batches * self.expert_bytes_per_gpu / hbm);
         let mut compute_s = rank_max_s + moe_s;
         if phase == Phase::Decode && self.shape.mtp_drafts > 0 {
             compute_s *=
@@ -449,6 +474,49 @@ mod tests {
             shape,
         )
         .unwrap()
+    }
+
+    /// A dense BF16 model: no MoE or all-to-all time, weights read once a step at the BF16 rates,
+    /// KV heads split by TP, and a model too big for one GPU refused until TP splits it.
+    #[test]
+    fn dense_gqa_model_costs_attention_and_weights_only() {
+        let llama70 = ModelConfig::from_json(
+            r#"{"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
+            "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+            "vocab_size": 128256}"#,
+        )
+        .unwrap();
+        let shape = |tp| GroupShape {
+            ep: 8,
+            tp,
+            gpus_per_node: 8,
+            mtp_drafts: 0,
+            moe_balance: MoeBalance::Eplb,
+        };
+        let h100 = gpu("h100").unwrap();
+        let cal = Calibration::default();
+        let tp1 = CostModel::new(&llama70, h100.clone(), &cal, shape(1)).unwrap();
+        assert!(matches!(
+            tp1.kv_pages_per_gpu(),
+            Err(SimError::DoesNotFit(_))
+        ));
+        let tp4 = CostModel::new(&llama70, h100.clone(), &cal, shape(4)).unwrap();
+        let tp8 = CostModel::new(&llama70, h100.clone(), &cal, shape(8)).unwrap();
+        assert!(tp4.kv_pages_per_gpu().unwrap() < tp8.kv_pages_per_gpu().unwrap());
+        assert_eq!(tp4.expert_slots, 0.0);
+        assert_eq!(tp4.imbalance, 1.0);
+        let mut w = RankWork::default();
+        tp4.add_decode_item(&mut w, 1000, 1, true);
+        let step = tp4.step(Phase::Decode, &[w]);
+        assert_eq!((step.moe_us, step.comm_us), (0.0, 0.0));
+        // Batch 1 is bound by reading the rank's BF16 weights once.
+        let hbm = h100.hbm_bytes_per_s * cal.compute.hbm_efficiency;
+        let read_us = tp4.replicated_bytes / hbm * 1e6;
+        assert!(step.attn_dense_us > read_us && step.attn_dense_us < 1.5 * read_us);
+        // TP 8 halves each GPU's weights and KV heads again.
+        let mut w8 = RankWork::default();
+        tp8.add_decode_item(&mut w8, 1000, 1, true);
+        assert_eq!(w8.kv_read_bytes * 2.0, w.kv_read_bytes);
     }
 
     #[test]

@@ -65,6 +65,11 @@ const SHAPE: GroupShape = GroupShape {
 /// Fits a CPU profile for `model` to the measurements. See the module doc.
 pub fn fit(model: &ModelConfig, m: &CpuMeasurements) -> Result<CpuProfile, SimError> {
     let bad = |why: String| Err(SimError::Calibration(format!("CPU fit: {why}")));
+    if !model.fp8_weights {
+        // The fit gives the layers the FP8 rate and the lm_head the BF16 one; a BF16 dense model's
+        // layers and head run at one rate, so the two cannot be told apart.
+        return bad("the CPU profile is fitted for DeepSeek (MLA + MoE) checkpoints only".into());
+    }
     let [(l1, t1), (l2, t2)] = m.prefill;
     if !(l1 < l2 && t1 > 0.0 && t2 > t1) {
         return bad(format!(

@@ -1097,7 +1097,7 @@ fn validate(cfg: &SimConfig) -> Result<(), SimError> {
             ));
         }
         let heads = cfg.model.num_attention_heads as usize;
-        if gpus > 0 && (tp == 0 || !ep.is_multiple_of(tp) || !heads.is_multiple_of(tp)) {
+        if gpus > 0 && (tp == 0 || !ep.is_multiple_of(tp) || !cfg.model.splits_heads(tp)) {
             return bad(format!(
                 "--{name}-tp {tp} must divide --{name}-ep {ep} and the model's {heads} heads"
             ));

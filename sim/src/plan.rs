@@ -76,6 +76,9 @@ pub const DECODE_EPS: [usize; 7] = [8, 16, 32, 64, 72, 128, 144];
 pub const DECODE_TPS: [usize; 2] = [1, 8];
 /// Attention TP sizes tried for prefill: DP, and the V3 report's TP4 (anchors §1b).
 pub const PREFILL_TPS: [usize; 2] = [1, 4];
+/// Attention TP sizes tried for a dense (Qwen2/Llama) model in both roles: with no experts to spread,
+/// TP is how a model too big for one GPU fits, and how KV heads split for room.
+pub const DENSE_TPS: [usize; 4] = [1, 2, 4, 8];
 /// Decode batch caps per GPU tried: LMSYS runs 256, DeepSeek's profile 128 (§1b, §2).
 pub const DECODE_BATCHES: [usize; 6] = [16, 32, 64, 96, 128, 256];
 /// Prefill EP sizes tried: DeepSeek and LMSYS both use 32 (4 nodes).
@@ -151,9 +154,7 @@ impl PlanRequest {
 
     /// Whether attention TP `tp` splits an EP group of `ep` GPUs and the model's heads evenly.
     fn tp_fits(&self, ep: usize, tp: usize) -> bool {
-        tp > 0
-            && ep.is_multiple_of(tp)
-            && (self.model.num_attention_heads as usize).is_multiple_of(tp)
+        tp > 0 && ep.is_multiple_of(tp) && self.model.splits_heads(tp)
     }
 
     fn run(&self, cfg: SimConfig, w: Synthetic) -> Result<Report, SimError> {
@@ -402,12 +403,34 @@ pub fn cluster_toml(c: &Candidate, req: &PlanRequest, model_dir: &str) -> Result
     cfg.decode.max_running = c.decode_batch_per_gpu * c.decode_tp;
     cfg.decode.token_budget =
         c.decode_batch_per_gpu * c.decode_tp * (1 + usize::from(req.mtp_accept.is_some())) + 512;
-    cfg.prefill.ep_size = c.prefill_ep;
+    // A dense model has no experts to spread: each instance is one TP rank on its own.
+    let dense = !req.model.is_moe();
+    cfg.prefill.ep_size = if dense { c.prefill_tp } else { c.prefill_ep };
     cfg.prefill.tp_size = c.prefill_tp;
-    cfg.decode.ep_size = c.decode_ep;
+    cfg.decode.ep_size = if dense { c.decode_tp } else { c.decode_ep };
     cfg.decode.tp_size = c.decode_tp;
     cfg.validate()
         .map_err(|e| SimError::Invalid(format!("planned config: {e}")))?;
+    if dense {
+        let header = format!(
+            "# Written by `duet plan` for {gpu} × {gpus} ({pn} prefill + {dn} decode nodes of {g}).\n\
+             # Parallelism (dense model, no experts): prefill instances of TP{ptp}, decode instances\n\
+             # of TP{dtp}; one prefill worker and one decode group per instance.\n\
+             # Predicted at {rate} req/s: TTFT p99 {ttft:.0} ms, TPOT p99 {tpot:.1} ms, \
+             {out:.0} output tok/s per decode node.\n\n",
+            gpu = req.gpu.name,
+            gpus = c.gpus,
+            pn = c.prefill_nodes,
+            dn = c.decode_nodes,
+            ptp = c.prefill_tp,
+            dtp = c.decode_tp,
+            rate = req.rate,
+            ttft = c.report.ttft_ms_p99,
+            tpot = c.report.tpot_ms_p99,
+            out = c.report.decode_output_tokens_per_s_per_node,
+        );
+        return Ok(header + &cfg.to_toml());
+    }
     let header = format!(
         "# Written by `duet plan` for {gpu} × {gpus} ({pn} prefill + {dn} decode nodes of {g}).\n\
          # Parallelism: prefill EP{pep} with DP{pdp} × TP{ptp} attention per instance, decode\n\
