@@ -70,7 +70,7 @@ def main():
     import safetensors
     import torch
     import transformers
-    from transformers import DeepseekV3ForCausalLM, DynamicCache
+    from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM, DynamicCache
 
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(a.threads)
@@ -79,17 +79,23 @@ def main():
     rss_scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
     rss_before_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_scale
     t0 = time.perf_counter()
-    model = DeepseekV3ForCausalLM.from_pretrained(
-        a.model,
-        dtype=dtype,
-        attn_implementation=a.attn_impl,
-        experts_implementation=a.experts_impl,
-    )
+    with open(os.path.join(a.model, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type in ("qwen2", "llama"):
+        # A dense R1-Distill checkpoint: no experts to choose an implementation for.
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation=a.attn_impl)
+    else:
+        model = DeepseekV3ForCausalLM.from_pretrained(
+            a.model,
+            dtype=dtype,
+            attn_implementation=a.attn_impl,
+            experts_implementation=a.experts_impl,
+        )
     model.eval()
     load_s = time.perf_counter() - t0
     cfg = model.config
     # from_pretrained silently falls back (e.g. grouped_mm -> eager) when an implementation cannot run.
-    experts_impl = cfg._experts_implementation
+    experts_impl = getattr(cfg, "_experts_implementation", None) if model_type not in ("qwen2", "llama") else a.experts_impl
     attn_impl = cfg._attn_implementation
     if experts_impl != a.experts_impl or attn_impl != a.attn_impl:
         print(f"note: running attention={attn_impl} experts={experts_impl}", file=sys.stderr)
@@ -153,7 +159,7 @@ def main():
         # The interpreter with torch and transformers imported, before any weight is read.
         "peak_rss_before_load_bytes": rss_before_load,
         "attn_implementation": attn_impl,
-        "experts_implementation": experts_impl,
+        "experts_implementation": experts_impl if model_type not in ("qwen2", "llama") else None,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -3,14 +3,18 @@
 #
 # Usage: bench/model_vs_hf.sh [MODEL_DIR]
 #
-#   MODEL_DIR   checkpoint in the released DeepSeek-V3 layout. Default: target/bench-model, written by
-#               `duet tiny-model --arch v3-bench` when absent (random weights, benchmark-sized).
+#   MODEL_DIR   checkpoint in a released layout (DeepSeek-V3, or R1-Distill's Qwen2/Llama). Default:
+#               target/bench-model[-SHAPE], written when absent (random weights, see SHAPE).
 #
 # Environment:
+#   SHAPE       the default checkpoint's shape: v3-bench (default; `duet tiny-model --arch v3-bench`),
+#               r1-distill-qwen-1.5b or r1-distill-qwen-7b (`duet tiny-model --arch qwen2` with the
+#               released model's dimensions: 3.6 GB and 15.2 GB of BF16).
 #   THREADS     threads for both engines (default: nproc); duet gets RAYON_NUM_THREADS, HF --threads.
 #   HF_VENV     an existing virtualenv with torch, transformers (>= 5) and safetensors. Default:
 #               .venv-bench in the repository root, created (python3 -m venv + pip install from PyPI)
 #               when missing or incomplete.
+#   HF_DTYPES   the HF runs, default "bf16 f32" (a 7B model's f32 copy, 30 GB, needs that much memory).
 #   BENCH_ARGS  extra flags for both benchmarks, e.g. "--prompt-len 256 --decode-steps 8"
 #               (both accept --prompt-len --batches --decode-context --decode-steps --repeats).
 #
@@ -41,12 +45,25 @@ DUET="$ROOT/target/release/duet"
 echo "== cargo build --release" >&2
 cargo build --release
 
+SHAPE="${SHAPE:-v3-bench}"
+case "$SHAPE" in
+    v3-bench) TINY=(--arch v3-bench) ;;
+    # The released configs' dimensions (vocabulary, rope and the rest are R1-Distill-Qwen's already).
+    r1-distill-qwen-1.5b) TINY=(--arch qwen2 --config-overrides '{"hidden_size": 1536,
+        "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+        "num_key_value_heads": 2, "max_window_layers": 21}') ;;
+    r1-distill-qwen-7b) TINY=(--arch qwen2 --config-overrides '{"hidden_size": 3584,
+        "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+        "num_key_value_heads": 4, "max_window_layers": 28, "vocab_size": 152064}') ;;
+    *) echo "model_vs_hf.sh: unknown SHAPE '$SHAPE'" >&2; exit 2 ;;
+esac
 if [[ -z $MODEL ]]; then
     MODEL="$ROOT/target/bench-model"
+    [[ $SHAPE == v3-bench ]] || MODEL="$MODEL-$SHAPE"
     if [[ ! -f $MODEL/config.json ]]; then
         echo "== writing the benchmark checkpoint to $MODEL" >&2
         rm -rf "$MODEL.tmp"
-        "$DUET" tiny-model --arch v3-bench --out "$MODEL.tmp"
+        "$DUET" tiny-model "${TINY[@]}" --out "$MODEL.tmp"
         rm -rf "$MODEL"
         mv "$MODEL.tmp" "$MODEL"
     fi
@@ -86,13 +103,17 @@ echo "== duet engine-bench bf16, $THREADS threads, $MODEL" >&2
 run_to "$OUT/duet-bf16.json" env RAYON_NUM_THREADS="$THREADS" \
     "$DUET" engine-bench --model "$MODEL" --dtype bf16 --json ${EXTRA[@]+"${EXTRA[@]}"}
 
-for dtype in bf16 f32; do
+read -r -a HF_DTYPES <<<"${HF_DTYPES:-bf16 f32}"
+HF_JSON=()
+for dtype in "${HF_DTYPES[@]}"; do
+    [[ $dtype == bf16 || $dtype == f32 ]] || { echo "model_vs_hf.sh: HF_DTYPES takes bf16 and f32, got '$dtype'" >&2; exit 2; }
+    HF_JSON+=("$OUT/hf-$dtype.json")
     echo "== HF transformers $dtype, $THREADS threads" >&2
     run_to "$OUT/hf-$dtype.json" env CUDA_VISIBLE_DEVICES="" \
         "$PY" "$ROOT/bench/hf_engine_bench.py" --model "$MODEL" --dtype "$dtype" --threads "$THREADS" --json ${EXTRA[@]+"${EXTRA[@]}"}
 done
 
 echo >&2
-"$PY" "$ROOT/bench/compare.py" "$OUT/duet-bf16.json" "$OUT/hf-f32.json" "$OUT/hf-bf16.json" | tee "$OUT/table.md"
+"$PY" "$ROOT/bench/compare.py" "$OUT/duet-bf16.json" "${HF_JSON[@]}" | tee "$OUT/table.md"
 echo >&2
 echo "results: $OUT/{duet-bf16,hf-bf16,hf-f32}.json, table: $OUT/table.md" >&2

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use duet_model::generate::{GenerateRequest, generate};
 use duet_model::sampling::SamplingParams;
-use duet_model::tiny::{TinyArch, write_tiny_model};
+use duet_model::tiny::{TinyArch, write_random_model, write_tiny_model};
 use duet_model::tokenizer::TextTokenizer;
 use duet_model::{DType, LogitsMode, Model, SeqInput};
 use serde_json::json;
@@ -104,6 +104,10 @@ enum Cmd {
         arch: TinyArch,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// A JSON object merged into the config: a real model's dimensions for a random
+        /// checkpoint of its shape, e.g. '{"hidden_size": 1536, "num_hidden_layers": 28}'.
+        #[arg(long)]
+        config_overrides: Option<String>,
     },
     /// Measure the engine: prefill and decode tokens/s (see BENCHMARKS.md).
     EngineBench(engine_bench::Args),
@@ -171,8 +175,22 @@ fn main() -> Result<()> {
             };
             run_generate(&dir, input, max_tokens, sampling, json, dtype.into())
         }
-        Cmd::TinyModel { out, arch, seed } => {
-            write_tiny_model(&out, arch, seed)
+        Cmd::TinyModel {
+            out,
+            arch,
+            seed,
+            config_overrides,
+        } => {
+            let overrides = match config_overrides {
+                Some(text) => {
+                    match serde_json::from_str(&text).context("--config-overrides is not JSON")? {
+                        serde_json::Value::Object(m) => m,
+                        _ => bail!("--config-overrides must be a JSON object"),
+                    }
+                }
+                None => Default::default(),
+            };
+            write_random_model(&out, arch, seed, &overrides)
                 .with_context(|| format!("writing {}", out.display()))?;
             eprintln!("wrote a random {arch:?} checkpoint to {}", out.display());
             Ok(())

@@ -47,6 +47,42 @@ impl TensorBytes {
 
 /// Writes `tensors` to `path` in safetensors format.
 pub fn write(path: &Path, tensors: &[TensorBytes], metadata: &[(&str, &str)]) -> Result<(), Error> {
+    let heads: Vec<TensorHead> = tensors
+        .iter()
+        .map(|t| TensorHead {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            bytes: t.data.len(),
+        })
+        .collect();
+    let mut next = tensors.iter();
+    write_streamed(path, &heads, metadata, |_| {
+        Ok(next
+            .next()
+            .map(|t| vec![t.data.clone()])
+            .unwrap_or_default())
+    })
+}
+
+/// A tensor's header entry, written before its data exists.
+#[derive(Debug, Clone)]
+pub struct TensorHead {
+    pub name: String,
+    pub dtype: &'static str,
+    pub shape: Vec<usize>,
+    pub bytes: usize,
+}
+
+/// Writes a safetensors file whose data `produce` makes a few tensors at a time, so that a file
+/// larger than memory (a 7B model's random weights) can be written. `produce(n)` returns the data of
+/// the next `n` or fewer tensors, in `heads` order; each must have its head's byte length.
+pub fn write_streamed(
+    path: &Path,
+    heads: &[TensorHead],
+    metadata: &[(&str, &str)],
+    mut produce: impl FnMut(usize) -> Result<Vec<Vec<u8>>, Error>,
+) -> Result<(), Error> {
     let mut header = Map::new();
     if !metadata.is_empty() {
         let m: Map<String, Value> = metadata
@@ -56,12 +92,12 @@ pub fn write(path: &Path, tensors: &[TensorBytes], metadata: &[(&str, &str)]) ->
         header.insert("__metadata__".into(), Value::Object(m));
     }
     let mut offset = 0usize;
-    for t in tensors {
+    for t in heads {
         header.insert(
             t.name.clone(),
-            json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.data.len()]}),
+            json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.bytes]}),
         );
-        offset += t.data.len();
+        offset += t.bytes;
     }
     let mut h = serde_json::to_vec(&Value::Object(header)).expect("a JSON map always serialises");
     while !h.len().is_multiple_of(8) {
@@ -74,8 +110,27 @@ pub fn write(path: &Path, tensors: &[TensorBytes], metadata: &[(&str, &str)]) ->
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
     f.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
     f.write_all(&h).map_err(io)?;
-    for t in tensors {
-        f.write_all(&t.data).map_err(io)?;
+    let mut done = 0;
+    while done < heads.len() {
+        let batch = produce(heads.len() - done)?;
+        if batch.is_empty() {
+            return Err(io(std::io::Error::other("tensor data ended early")));
+        }
+        for data in batch {
+            let head = heads
+                .get(done)
+                .ok_or_else(|| io(std::io::Error::other("more tensor data than heads")))?;
+            if data.len() != head.bytes {
+                return Err(io(std::io::Error::other(format!(
+                    "{}: {} bytes of data for a {}-byte tensor",
+                    head.name,
+                    data.len(),
+                    head.bytes
+                ))));
+            }
+            f.write_all(&data).map_err(io)?;
+            done += 1;
+        }
     }
     f.flush().map_err(io)?;
     Ok(())

@@ -390,6 +390,18 @@ pub fn tokenizer_files(arch: TinyArch) -> Result<(Vec<u8>, &'static str), Error>
 
 /// Writes a random checkpoint for `arch` into `dir` (created if missing).
 pub fn write_tiny_model(dir: &Path, arch: TinyArch, seed: u64) -> Result<(), Error> {
+    write_random_model(dir, arch, seed, &serde_json::Map::new())
+}
+
+/// [`write_tiny_model`] with `overrides` merged into the config first: a random checkpoint of a
+/// real model's shape (hidden size, layers, heads, …) for benchmarks, with the same layout,
+/// tokenizer and initialisation.
+pub fn write_random_model(
+    dir: &Path,
+    arch: TinyArch,
+    seed: u64,
+    overrides: &serde_json::Map<String, Value>,
+) -> Result<(), Error> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |e| Error::Io {
@@ -398,34 +410,60 @@ pub fn write_tiny_model(dir: &Path, arch: TinyArch, seed: u64) -> Result<(), Err
         }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let cfg_json = config_json(arch);
+    let mut cfg_json = config_json(arch);
+    if let Some(obj) = cfg_json.as_object_mut() {
+        obj.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
     let cfg: ModelConfig = serde_json::from_value(cfg_json.clone()).map_err(|e| Error::Config {
         path: dir.join("config.json"),
         detail: e.to_string(),
     })?;
-    let tensors: Vec<TensorBytes> = specs(&cfg)
-        .into_par_iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let mut rng = Rng::new(seed.wrapping_mul(0x9e37_79b9).wrapping_add(i as u64));
+    let specs = specs(&cfg);
+    let heads: Vec<safetensors_io::TensorHead> = specs
+        .iter()
+        .map(|s| {
             let n: usize = s.shape.iter().product();
-            let vals: Vec<f32> = (0..n)
-                .map(|_| match s.init {
-                    Init::Normal(std) => (rng.normal() * std) as f32,
-                    Init::Norm => (1.0 + 0.1 * rng.normal()) as f32,
-                })
-                .collect();
-            if s.f32 {
-                TensorBytes::f32(s.name, &s.shape, &vals)
-            } else {
-                TensorBytes::bf16(s.name, &s.shape, &vals)
+            safetensors_io::TensorHead {
+                name: s.name.clone(),
+                dtype: if s.f32 { "F32" } else { "BF16" },
+                shape: s.shape.clone(),
+                bytes: n * if s.f32 { 4 } else { 2 },
             }
         })
         .collect();
-    safetensors_io::write(
+    // A few tensors at a time, each from its own seeded stream, so the bytes do not depend on the
+    // batching and a real model's shape never has to fit in memory at once.
+    let batch = 2 * rayon::current_num_threads();
+    let mut next = 0;
+    safetensors_io::write_streamed(
         &dir.join("model.safetensors"),
-        &tensors,
+        &heads,
         &[("format", "pt")],
+        |left| {
+            let end = next + left.min(batch);
+            let out = specs[next..end]
+                .par_iter()
+                .enumerate()
+                .map(|(j, s)| {
+                    let i = next + j;
+                    let mut rng = Rng::new(seed.wrapping_mul(0x9e37_79b9).wrapping_add(i as u64));
+                    let n: usize = s.shape.iter().product();
+                    let vals: Vec<f32> = (0..n)
+                        .map(|_| match s.init {
+                            Init::Normal(std) => (rng.normal() * std) as f32,
+                            Init::Norm => (1.0 + 0.1 * rng.normal()) as f32,
+                        })
+                        .collect();
+                    if s.f32 {
+                        TensorBytes::f32(s.name.clone(), &s.shape, &vals).data
+                    } else {
+                        TensorBytes::bf16(s.name.clone(), &s.shape, &vals).data
+                    }
+                })
+                .collect();
+            next = end;
+            Ok(out)
+        },
     )?;
     let cfg_path = dir.join("config.json");
     let pretty = serde_json::to_string_pretty(&cfg_json).expect("JSON value serialises");
