@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use duet_core::types::SeqId;
+use duet_model::grammar::{GrammarCompiler, GrammarMatcher, GrammarSpec};
 use duet_model::sampling::{Sampler, SamplingParams};
 use tokio::sync::mpsc;
 
@@ -28,6 +29,10 @@ pub struct SeqParams {
     pub logprobs: Option<usize>,
     /// After this many reasoning tokens force `\n` then `</think>` (the seed's thinking budget).
     pub thinking: Option<ThinkingBudgetSpec>,
+    /// Constrained decoding: the output (after `</think>` when the sequence starts reasoning)
+    /// is a sentence of this grammar. Only the spec travels; each worker compiles it and replays
+    /// the sequence's tokens, so the matcher's state follows the tokens across a handoff.
+    pub grammar: Option<Arc<GrammarSpec>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -88,12 +93,24 @@ pub struct SeqJob {
 pub struct SeqSampler {
     params: SeqParams,
     sampler: Sampler,
+    grammar: GrammarState,
+}
+
+/// Where a sequence's grammar is on this worker.
+#[derive(Debug, Clone)]
+enum GrammarState {
+    /// No grammar, or it could not be held (logged once): sampling is unconstrained.
+    Off,
+    /// Not compiled here yet (compiled at the first constrained token).
+    Pending,
+    Active(Box<GrammarMatcher>),
 }
 
 impl SeqSampler {
     pub fn new(params: SeqParams) -> Self {
         Self {
             sampler: Sampler::new(params.sampling),
+            grammar: GrammarState::new(&params),
             params,
         }
     }
@@ -110,28 +127,55 @@ impl SeqSampler {
     pub fn resume(params: SeqParams, rng_state: [u64; 4]) -> Self {
         Self {
             sampler: Sampler::resume(params.sampling, rng_state),
+            grammar: GrammarState::new(&params),
             params,
         }
     }
 
     /// Picks the next token for a sequence whose tokens so far are `tokens` (prompt_len of them
-    /// the prompt), given the last position's logits.
+    /// the prompt), given the last position's logits. `grammars` compiles the sequence's grammar
+    /// on this worker (a worker without one samples unconstrained, which only the echo engine,
+    /// which never samples, may be).
     pub fn next(
         &mut self,
         logits: &[f32],
         tokens: &[u32],
         prompt_len: usize,
+        grammars: Option<&GrammarCompiler>,
     ) -> (u32, Option<TokenLogprob>) {
         let generated = &tokens[prompt_len.min(tokens.len())..];
         if let Some(forced) = self.forced(tokens) {
             let lp = self.params.logprobs.map(|k| logprob_of(logits, forced, k));
             return (forced, lp);
         }
-        let penalised = self.penalise(logits, tokens, generated);
+        let mut penalised = self.penalise(logits, tokens, generated);
+        if let Some(output) = self.constrained_output(generated) {
+            let mut masked = penalised.take().unwrap_or_else(|| logits.to_vec());
+            self.grammar
+                .mask(&self.params, grammars, output, &mut masked);
+            penalised = Some(masked);
+        }
         let logits = penalised.as_deref().unwrap_or(logits);
         let token = self.sampler.sample(logits);
         let lp = self.params.logprobs.map(|k| logprob_of(logits, token, k));
         (token, lp)
+    }
+
+    /// The part of the generated tokens the grammar constrains: all of them, or those after the
+    /// first `</think>` for a sequence that starts reasoning (`None` while it still reasons, or
+    /// without a grammar).
+    fn constrained_output<'t>(&self, generated: &'t [u32]) -> Option<&'t [u32]> {
+        let spec = self.params.grammar.as_ref()?;
+        if matches!(self.grammar, GrammarState::Off) {
+            return None;
+        }
+        match spec.starts_after {
+            None => Some(generated),
+            Some(end) => {
+                let at = generated.iter().position(|&t| t == end)?;
+                Some(&generated[at + 1..])
+            }
+        }
     }
 
     /// The seed's `ThinkingBudgetLogitProcessor`, on prompt + output tokens: inside a thinking
@@ -197,6 +241,52 @@ impl SeqSampler {
     }
 }
 
+impl GrammarState {
+    fn new(params: &SeqParams) -> Self {
+        if params.grammar.is_some() {
+            GrammarState::Pending
+        } else {
+            GrammarState::Off
+        }
+    }
+
+    /// Brings the matcher up to `output` and masks `logits`. A grammar that cannot be compiled
+    /// here or that the output left (a token forced past it: a thinking budget, `ignore_eos`
+    /// past its end) is dropped for the rest of the sequence with a warning: the gateway compiled
+    /// the same spec before admitting the request, so this is a bug, not outside input.
+    fn mask(
+        &mut self,
+        params: &SeqParams,
+        grammars: Option<&GrammarCompiler>,
+        output: &[u32],
+        logits: &mut [f32],
+    ) {
+        if matches!(self, GrammarState::Pending) {
+            let (Some(spec), Some(c)) = (params.grammar.as_deref(), grammars) else {
+                tracing::warn!(
+                    "a constrained sequence reached a worker without a grammar compiler"
+                );
+                *self = GrammarState::Off;
+                return;
+            };
+            *self = match c.compile(spec) {
+                Ok(m) => GrammarState::Active(Box::new(m)),
+                Err(e) => {
+                    tracing::warn!("grammar dropped: {e}");
+                    GrammarState::Off
+                }
+            };
+        }
+        if let GrammarState::Active(m) = self {
+            let r = m.advance(output).and_then(|()| m.mask_logits(logits));
+            if let Err(e) = r {
+                tracing::warn!("grammar dropped: {e}");
+                *self = GrammarState::Off;
+            }
+        }
+    }
+}
+
 /// log-softmax of `token` and the `k` most likely tokens.
 fn logprob_of(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -250,6 +340,7 @@ mod tests {
             stop_token_ids: vec![],
             logprobs: None,
             thinking: None,
+            grammar: None,
         }
     }
 
@@ -261,13 +352,13 @@ mod tests {
             logit_bias: vec![(1, -100.0)],
             ..params()
         });
-        assert_eq!(s.next(&logits, &[0], 1).0, 2);
+        assert_eq!(s.next(&logits, &[0], 1, None).0, 2);
         let mut s = SeqSampler::new(SeqParams {
             logit_bias: vec![(3, 3.5), (99, 5.0), (2, f32::NAN)],
             logprobs: Some(1),
             ..params()
         });
-        let (t, lp) = s.next(&logits, &[0], 1);
+        let (t, lp) = s.next(&logits, &[0], 1, None);
         assert_eq!(t, 3);
         // Log-probabilities are those of the distribution sampled from (biased).
         assert_eq!(lp.unwrap().top[0].0, 3);
@@ -281,9 +372,9 @@ mod tests {
             ..params()
         });
         // Token 1 generated twice: 2.0 − 0.6 = 1.4 < 1.5.
-        assert_eq!(s.next(&logits, &[0, 1, 1], 1).0, 2);
+        assert_eq!(s.next(&logits, &[0, 1, 1], 1, None).0, 2);
         // In the prompt only, it is not penalised.
-        assert_eq!(s.next(&logits, &[1, 1, 0], 3).0, 1);
+        assert_eq!(s.next(&logits, &[1, 1, 0], 3, None).0, 1);
     }
 
     #[test]
@@ -293,7 +384,7 @@ mod tests {
             repetition_penalty: 1.5,
             ..params()
         });
-        assert_eq!(s.next(&logits, &[1], 1).0, 2);
+        assert_eq!(s.next(&logits, &[1], 1, None).0, 2);
     }
 
     #[test]
@@ -313,7 +404,7 @@ mod tests {
         // `<think>`: [7, 8, 1, 1] reaches 4, then `\n` is forced, then `</think>`.
         let mut toks = vec![5u32, 7, 8];
         for _ in 0..6 {
-            let (t, _) = s.next(&logits, &toks, 3);
+            let (t, _) = s.next(&logits, &toks, 3, None);
             toks.push(t);
         }
         assert_eq!(&toks[3..], &[1, 1, 8, 9, 1, 1]);
@@ -349,7 +440,7 @@ mod tests {
             logprobs: Some(2),
             ..params()
         });
-        let (t, lp) = s.next(&logits, &[0], 1);
+        let (t, lp) = s.next(&logits, &[0], 1, None);
         let lp = lp.unwrap();
         assert_eq!(t, 1);
         let total: f32 = logits.iter().map(|&v| (v - 3.0f32).exp()).sum::<f32>().ln();

@@ -68,7 +68,7 @@ pub enum GrammarError {
 /// Compiles grammars for one tokenizer. The token trie (every token's bytes) is built on first
 /// use, so a server that never sees a grammar never pays for it.
 pub struct GrammarCompiler {
-    tokenizer_json: Vec<u8>,
+    tokenizer_json: Arc<[u8]>,
     eos_ids: Vec<u32>,
     factory: OnceLock<Result<Arc<ParserFactory>, GrammarError>>,
 }
@@ -108,7 +108,7 @@ impl TokenizerEnv for HfTokEnv {
 impl GrammarCompiler {
     /// `tokenizer_json`: the checkpoint's tokenizer.json; `eos_ids`: the tokens that end a
     /// sequence, which the mask allows once the grammar is complete (the first is forced).
-    pub fn new(tokenizer_json: Vec<u8>, eos_ids: Vec<u32>) -> Self {
+    pub fn new(tokenizer_json: Arc<[u8]>, eos_ids: Vec<u32>) -> Self {
         Self {
             tokenizer_json,
             eos_ids,
@@ -216,6 +216,7 @@ fn first_line(s: &str) -> String {
 }
 
 /// One sequence's position in its grammar.
+#[derive(Clone)]
 pub struct GrammarMatcher {
     matcher: Matcher,
     /// Tokens of the constrained output consumed so far.

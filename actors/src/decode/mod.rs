@@ -429,7 +429,9 @@ impl DecodeState {
             };
             let prompt_len = run.job.prompt_len;
             let (token, logprob) = match logits.row(row) {
-                Some(l) => run.sampler.next(l, toks, prompt_len),
+                Some(l) => run
+                    .sampler
+                    .next(l, toks, prompt_len, self.args.grammars.as_deref()),
                 None => (echo_token(toks, prompt_len), None),
             };
             let events = run.job.events.clone();

@@ -7,7 +7,7 @@ fn r1() -> (TextTokenizer, GrammarCompiler) {
     let cfg: serde_json::Value = serde_json::from_str(cfg).unwrap();
     let tok = TextTokenizer::from_bytes(&json, &cfg, "r1".as_ref()).unwrap();
     let eos = tok.token_to_id("<｜end▁of▁sentence｜>").unwrap();
-    (tok, GrammarCompiler::new(json, vec![eos]))
+    (tok, GrammarCompiler::new(json.into(), vec![eos]))
 }
 
 fn spec(kind: GrammarKind, source: &str) -> GrammarSpec {

@@ -78,6 +78,7 @@ impl Endpoint for Chat {
         }
         let (text, ids) = Self::render(s, &v)?;
         s.fit(ids.len(), &mut v.params)?;
+        s.constrain(v.grammar.take(), &ids, &mut v.params)?;
         let request = RequestInfo::new(s, "chatcmpl", v.include_usage);
         let reasoning = (v.separate_reasoning && s.think.is_some())
             .then(|| text.trim_end_matches('\n').ends_with("<think>"));
@@ -471,6 +472,7 @@ impl Endpoint for Generate {
         v.params.n = 1;
         let ids = encode_prompt(s, &v.prompt, true)?;
         s.fit(ids.len(), &mut v.params)?;
+        s.constrain(v.grammar.take(), &ids, &mut v.params)?;
         let text = TextOptions {
             stop: v.params.stop.clone(),
             reasoning: None,
