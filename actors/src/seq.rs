@@ -433,6 +433,54 @@ mod tests {
         assert_eq!(s.forced(&[5, 7, 9, 1, 1, 1, 1]), None);
     }
 
+    fn r1_grammars() -> (duet_model::tokenizer::TextTokenizer, GrammarCompiler) {
+        let (json, cfg) = duet_model::tiny::r1_tokenizer_files().unwrap();
+        let cfg: serde_json::Value = serde_json::from_str(cfg).unwrap();
+        let tok =
+            duet_model::tokenizer::TextTokenizer::from_bytes(&json, &cfg, "r1".as_ref()).unwrap();
+        let eos = tok.token_to_id("<｜end▁of▁sentence｜>").unwrap();
+        let c = tok.grammar_compiler(vec![eos]);
+        (tok, c)
+    }
+
+    #[test]
+    fn a_grammar_holds_across_a_handoff_and_starts_after_think() {
+        use duet_model::grammar::GrammarKind;
+        let (tok, c) = r1_grammars();
+        let think_end = tok.token_to_id("</think>").unwrap();
+        let favourite = tok.encode(" hello", false).unwrap()[0];
+        let p = SeqParams {
+            grammar: Some(Arc::new(GrammarSpec {
+                kind: GrammarKind::Regex,
+                source: "[0-9]{6}".into(),
+                starts_after: Some(think_end),
+            })),
+            ..params()
+        };
+        let mut logits = vec![0.0f32; tok.vocab_size()];
+        logits[favourite as usize] = 5.0;
+        let mut a = SeqSampler::new(p.clone());
+        let prompt = vec![1u32, 2, 3];
+        // Still reasoning: nothing is masked, the favourite wins.
+        assert_eq!(a.next(&logits, &prompt, 3, Some(&c)).0, favourite);
+        let mut toks = prompt.clone();
+        toks.extend([favourite, think_end]);
+        let (t, _) = a.next(&logits, &toks, 3, Some(&c));
+        toks.push(t);
+        // The rest continues on another worker: a fresh sampler replays the tokens.
+        let mut b = SeqSampler::resume(p, a.rng_state());
+        loop {
+            let (t, _) = b.next(&logits, &toks, 3, Some(&c));
+            if tok.decode(&[t], false).unwrap() == "<｜end▁of▁sentence｜>" {
+                break;
+            }
+            toks.push(t);
+            assert!(toks.len() < 20, "{toks:?}");
+        }
+        let out = tok.decode(&toks[5..], false).unwrap();
+        assert!(out.len() == 6 && out.chars().all(|ch| ch.is_ascii_digit()), "{out:?}");
+    }
+
     #[test]
     fn logprobs_are_normalised_and_sorted() {
         let logits = [1.0f32, 3.0, 2.0];

@@ -37,6 +37,7 @@ fn params(temperature: f32, seed: u64) -> SeqParams {
         stop_token_ids: vec![],
         logprobs: None,
         thinking: None,
+        grammar: None,
     }
 }
 
