@@ -478,7 +478,10 @@ mod tests {
             assert!(toks.len() < 20, "{toks:?}");
         }
         let out = tok.decode(&toks[5..], false).unwrap();
-        assert!(out.len() == 6 && out.chars().all(|ch| ch.is_ascii_digit()), "{out:?}");
+        assert!(
+            out.len() == 6 && out.chars().all(|ch| ch.is_ascii_digit()),
+            "{out:?}"
+        );
     }
 
     #[test]
