@@ -178,9 +178,13 @@ impl GrammarCompiler {
             }
         };
         let factory = self.factory()?;
-        let parser = factory
-            .create_parser(grammar)
-            .map_err(|e| GrammarError::Invalid(first_line(&e.to_string())))?;
+        // The grammar comes from outside: a panic inside the compiler (a bug of llguidance's
+        // on some input) is that grammar's refusal, not the server's failure.
+        let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            factory.create_parser(grammar)
+        }))
+        .map_err(|_| GrammarError::Invalid("the grammar compiler failed on this grammar".into()))?
+        .map_err(|e| GrammarError::Invalid(first_line(&e.to_string())))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
             return Err(GrammarError::Invalid(first_line(&e)));
