@@ -263,9 +263,22 @@ impl GrammarMatcher {
             .matcher
             .compute_mask_or_eos()
             .map_err(|e| GrammarError::Rejected(first_line(&e.to_string())))?;
-        for (t, v) in logits.iter_mut().enumerate() {
-            if t >= self.vocab || !mask.is_allowed(t as u32) {
-                *v = f32::NEG_INFINITY;
+        // 32 tokens per mask word: whole words are skipped (all allowed) or filled (none).
+        let words = mask.as_slice();
+        let vocab = self.vocab.min(logits.len());
+        let (inside, beyond) = logits.split_at_mut(vocab);
+        beyond.fill(f32::NEG_INFINITY);
+        for (w, chunk) in inside.chunks_mut(32).enumerate() {
+            match words.get(w).copied().unwrap_or(0) {
+                u32::MAX if chunk.len() == 32 => {}
+                0 => chunk.fill(f32::NEG_INFINITY),
+                bits => {
+                    for (i, v) in chunk.iter_mut().enumerate() {
+                        if bits & (1 << i) == 0 {
+                            *v = f32::NEG_INFINITY;
+                        }
+                    }
+                }
             }
         }
         Ok(())
