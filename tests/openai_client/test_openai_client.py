@@ -224,15 +224,9 @@ class GrammarTest(unittest.TestCase):
         cls.server.stop()
 
     def forced(self, tool_choice, **kw):
+        args = {"max_tokens": 160, "temperature": 0, "extra_body": NO_THINKING, **kw}
         return self.client.chat.completions.create(
-            model="default",
-            messages=ASK,
-            tools=WEATHER_TOOLS,
-            tool_choice=tool_choice,
-            max_tokens=160,
-            temperature=0,
-            extra_body=NO_THINKING,
-            **kw,
+            model="default", messages=ASK, tools=WEATHER_TOOLS, tool_choice=tool_choice, **args
         )
 
     def test_tool_choice_variants(self):
