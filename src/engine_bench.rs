@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use duet_model::grammar::{GrammarCompiler, GrammarKind, GrammarSpec};
+use duet_model::grammar::{GrammarCompiler, GrammarKind, GrammarSpec, TokenMask};
 use duet_model::rng::Rng;
 use duet_model::{LogitsMode, Model, SeqInput};
 use serde_json::json;
@@ -223,18 +223,34 @@ fn host_decode_step_times(
             })
             .collect();
         let t = Instant::now();
-        let logits = model.forward(&mut cache, &inputs, LogitsMode::Last)?;
-        let mut host = logits.to_vec_f32();
-        for (row, l) in host.chunks_mut(vocab).enumerate() {
-            if let (Some(m), Some(g)) = (&mut matchers[row], grammar) {
+        // As a decode worker does: the masks on their own thread while the model runs.
+        let (logits, masks) = std::thread::scope(|scope| {
+            let masks = scope.spawn(|| -> Result<(Vec<Option<TokenMask>>, f64)> {
                 let tm = Instant::now();
-                if m.is_stopped() {
-                    *m = compile(g)?;
-                    outputs[row].clear();
+                let mut out = Vec::with_capacity(batch);
+                for (m, o) in matchers.iter_mut().zip(outputs.iter_mut()) {
+                    let (Some(m), Some(g)) = (m, grammar) else {
+                        out.push(None);
+                        continue;
+                    };
+                    if m.is_stopped() {
+                        *m = compile(g)?;
+                        o.clear();
+                    }
+                    m.advance(o)?;
+                    out.push(Some(m.next_mask()?));
                 }
-                m.advance(&outputs[row])?;
-                m.mask_logits(l)?;
-                mask_s += tm.elapsed().as_secs_f64();
+                Ok((out, tm.elapsed().as_secs_f64()))
+            });
+            let logits = model.forward(&mut cache, &inputs, LogitsMode::Last);
+            (logits, masks.join())
+        });
+        let (masks, s) = masks.map_err(|_| anyhow::anyhow!("a mask thread panicked"))??;
+        mask_s += s;
+        let mut host = logits?.to_vec_f32();
+        for (row, l) in host.chunks_mut(vocab).enumerate() {
+            if let Some(m) = &masks[row] {
+                m.apply(l);
             }
             let id = l
                 .iter()

@@ -1,10 +1,10 @@
 //! What travels with one sequence (one choice of one request) through the workers: its tokens,
 //! its sampling state, and the channel its tokens stream back on.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use duet_core::types::SeqId;
-use duet_model::grammar::{GrammarCompiler, GrammarMatcher, GrammarSpec};
+use duet_model::grammar::{GrammarCompiler, GrammarMatcher, GrammarSpec, TokenMask};
 use duet_model::sampling::{Sampler, SamplingParams};
 use tokio::sync::mpsc;
 
@@ -97,13 +97,69 @@ pub struct SeqSampler {
 }
 
 /// Where a sequence's grammar is on this worker.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum GrammarState {
     /// No grammar, or it could not be held (logged once): sampling is unconstrained.
     Off,
     /// Not compiled here yet (compiled at the first constrained token).
     Pending,
-    Active(Box<GrammarMatcher>),
+    /// Shared with the [`MaskJob`] of a running step, which fills `ready` while the model
+    /// computes the step's logits.
+    Active(Arc<Mutex<GrammarSlot>>),
+}
+
+/// A grammar's matcher and, once computed, the mask of the token after `ready.0` output tokens.
+#[derive(Debug, Clone)]
+struct GrammarSlot {
+    matcher: GrammarMatcher,
+    ready: Option<(usize, TokenMask)>,
+}
+
+impl Clone for GrammarState {
+    /// A copy owns its own matcher (a clone of a sampler never shares a job's slot).
+    fn clone(&self) -> Self {
+        match self {
+            GrammarState::Off => GrammarState::Off,
+            GrammarState::Pending => GrammarState::Pending,
+            GrammarState::Active(slot) => {
+                GrammarState::Active(Arc::new(Mutex::new(lock(slot).clone())))
+            }
+        }
+    }
+}
+
+/// A slot's lock; a job that panicked while holding it left a matcher that is still whole (the
+/// matcher's own state changes are all-or-error), so the poison is ignored.
+fn lock(slot: &Mutex<GrammarSlot>) -> std::sync::MutexGuard<'_, GrammarSlot> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The mask of one constrained sequence's next token, to compute while the step that produces
+/// its logits runs (the mask depends only on the tokens so far): a step's masks then cost no
+/// time of their own when the model's forward is longer, as on an accelerator.
+#[derive(Debug)]
+pub struct MaskJob {
+    slot: Arc<Mutex<GrammarSlot>>,
+    /// The output tokens the matcher has not consumed yet (the last sampled one, usually).
+    new_tokens: Vec<u32>,
+    output_len: usize,
+}
+
+impl MaskJob {
+    /// Brings the matcher up to date and stores the mask; on an error nothing is stored and the
+    /// sampler meets the error itself (and drops the grammar, logged).
+    pub fn run(&self) {
+        let mut slot = lock(&self.slot);
+        if slot.matcher.consumed() + self.new_tokens.len() != self.output_len {
+            return;
+        }
+        if slot.matcher.consume(&self.new_tokens).is_err() {
+            return;
+        }
+        if let Ok(mask) = slot.matcher.next_mask() {
+            slot.ready = Some((self.output_len, mask));
+        }
+    }
 }
 
 impl SeqSampler {
@@ -159,6 +215,33 @@ impl SeqSampler {
         let token = self.sampler.sample(logits);
         let lp = self.params.logprobs.map(|k| logprob_of(logits, token, k));
         (token, lp)
+    }
+
+    /// The mask job of the next token, for a constrained sequence whose tokens so far are
+    /// `tokens` (compiling its grammar here first if needed); `None` when nothing is to be
+    /// masked (no grammar, still reasoning, a forced token).
+    pub fn mask_job(
+        &mut self,
+        tokens: &[u32],
+        prompt_len: usize,
+        grammars: Option<&GrammarCompiler>,
+    ) -> Option<MaskJob> {
+        if self.forced(tokens).is_some() {
+            return None;
+        }
+        let generated = &tokens[prompt_len.min(tokens.len())..];
+        let output_len = self.constrained_output(generated)?.len();
+        self.grammar.compile(&self.params, grammars);
+        let GrammarState::Active(slot) = &self.grammar else {
+            return None;
+        };
+        let consumed = lock(slot).matcher.consumed();
+        let output = &generated[generated.len() - output_len..];
+        Some(MaskJob {
+            slot: slot.clone(),
+            new_tokens: output.get(consumed..)?.to_vec(),
+            output_len,
+        })
     }
 
     /// The part of the generated tokens the grammar constrains: all of them, or those after the
@@ -261,6 +344,32 @@ impl GrammarState {
         output: &[u32],
         logits: &mut [f32],
     ) {
+        self.compile(params, grammars);
+        let GrammarState::Active(slot) = self else {
+            return;
+        };
+        let mut slot = lock(slot);
+        // The step's mask job computed it while the model ran.
+        if let Some((len, mask)) = slot.ready.take()
+            && len == output.len()
+            && slot.matcher.consumed() == len
+        {
+            mask.apply(logits);
+            return;
+        }
+        let r = slot
+            .matcher
+            .advance(output)
+            .and_then(|()| slot.matcher.mask_logits(logits));
+        drop(slot);
+        if let Err(e) = r {
+            tracing::warn!("grammar dropped: {e}");
+            *self = GrammarState::Off;
+        }
+    }
+
+    /// Compiles a pending grammar with this worker's compiler.
+    fn compile(&mut self, params: &SeqParams, grammars: Option<&GrammarCompiler>) {
         if matches!(self, GrammarState::Pending) {
             let (Some(spec), Some(c)) = (params.grammar.as_deref(), grammars) else {
                 tracing::warn!(
@@ -270,19 +379,15 @@ impl GrammarState {
                 return;
             };
             *self = match c.compile(spec) {
-                Ok(m) => GrammarState::Active(Box::new(m)),
+                Ok(matcher) => GrammarState::Active(Arc::new(Mutex::new(GrammarSlot {
+                    matcher,
+                    ready: None,
+                }))),
                 Err(e) => {
                     tracing::warn!("grammar dropped: {e}");
                     GrammarState::Off
                 }
             };
-        }
-        if let GrammarState::Active(m) = self {
-            let r = m.advance(output).and_then(|()| m.mask_logits(logits));
-            if let Err(e) = r {
-                tracing::warn!("grammar dropped: {e}");
-                *self = GrammarState::Off;
-            }
         }
     }
 }
@@ -470,6 +575,10 @@ mod tests {
         // The rest continues on another worker: a fresh sampler replays the tokens.
         let mut b = SeqSampler::resume(p, a.rng_state());
         loop {
+            // Every other token's mask comes from a mask job, as a decode step computes them.
+            if toks.len() % 2 == 0 {
+                b.mask_job(&toks, 3, Some(&c)).unwrap().run();
+            }
             let (t, _) = b.next(&logits, &toks, 3, Some(&c));
             if tok.decode(&[t], false).unwrap() == "<｜end▁of▁sentence｜>" {
                 break;

@@ -17,7 +17,7 @@
 use std::sync::{Arc, OnceLock};
 
 use llguidance::api::{ParserLimits, TopLevelGrammar};
-use llguidance::toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::toktrie::{self, InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 
 /// Bound on a grammar's source text (a regex, a Lark grammar, a JSON schema's text): larger ones
@@ -236,7 +236,19 @@ impl std::fmt::Debug for GrammarMatcher {
     }
 }
 
+/// The tokens a grammar allows next, one bit per token.
+#[derive(Debug, Clone)]
+pub struct TokenMask {
+    bits: toktrie::SimpleVob,
+    vocab: usize,
+}
+
 impl GrammarMatcher {
+    /// Tokens of the constrained output consumed so far.
+    pub fn consumed(&self) -> usize {
+        self.consumed
+    }
+
     /// Consumes the tokens of `output` (the whole constrained output so far) it has not seen.
     pub fn advance(&mut self, output: &[u32]) -> Result<(), GrammarError> {
         if output.len() < self.consumed {
@@ -244,25 +256,46 @@ impl GrammarMatcher {
                 "the output is shorter than what the grammar consumed".into(),
             ));
         }
-        let new = &output[self.consumed..];
+        self.consume(&output[self.consumed..])
+    }
+
+    /// Consumes `new`, the tokens that follow those consumed so far.
+    pub fn consume(&mut self, new: &[u32]) -> Result<(), GrammarError> {
         if new.is_empty() {
             return Ok(());
         }
         self.matcher
             .consume_tokens(new)
             .map_err(|e| GrammarError::Rejected(first_line(&e.to_string())))?;
-        self.consumed = output.len();
+        self.consumed += new.len();
         Ok(())
     }
 
-    /// Sets the logits of every token the grammar forbids next to −∞ (only the end-of-sequence
-    /// tokens once the grammar is complete). Tokens beyond the tokenizer's vocabulary (a model's
-    /// padded embedding rows) are always forbidden.
-    pub fn mask_logits(&mut self, logits: &mut [f32]) -> Result<(), GrammarError> {
-        let mask = self
+    /// The tokens allowed next (only the end-of-sequence tokens once the grammar is complete).
+    /// This is the expensive part of a step: a walk of the token trie.
+    pub fn next_mask(&mut self) -> Result<TokenMask, GrammarError> {
+        let bits = self
             .matcher
             .compute_mask_or_eos()
             .map_err(|e| GrammarError::Rejected(first_line(&e.to_string())))?;
+        Ok(TokenMask {
+            bits,
+            vocab: self.vocab,
+        })
+    }
+
+    /// [`Self::next_mask`] applied to `logits`.
+    pub fn mask_logits(&mut self, logits: &mut [f32]) -> Result<(), GrammarError> {
+        self.next_mask()?.apply(logits);
+        Ok(())
+    }
+}
+
+impl TokenMask {
+    /// Sets the logits of every token the mask forbids to −∞. Tokens beyond the tokenizer's
+    /// vocabulary (a model's padded embedding rows) are always forbidden.
+    pub fn apply(&self, logits: &mut [f32]) {
+        let mask = &self.bits;
         // 32 tokens per mask word: whole words are skipped (all allowed) or filled (none).
         let words = mask.as_slice();
         let vocab = self.vocab.min(logits.len());
@@ -281,9 +314,10 @@ impl GrammarMatcher {
                 }
             }
         }
-        Ok(())
     }
+}
 
+impl GrammarMatcher {
     /// The grammar is complete and allows nothing but the end of the sequence.
     pub fn is_stopped(&self) -> bool {
         self.matcher.is_stopped()
