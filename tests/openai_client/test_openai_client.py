@@ -120,7 +120,9 @@ class Server:
         self.proc.wait()
 
 
-class ModelServerTest(unittest.TestCase):
+class ModelServerCase(unittest.TestCase):
+    """A server on the embedded default model for the class's tests (no tests of its own)."""
+
     @classmethod
     def setUpClass(cls):
         cls.server = Server()
@@ -130,6 +132,8 @@ class ModelServerTest(unittest.TestCase):
     def tearDownClass(cls):
         cls.server.stop()
 
+
+class ModelServerTest(ModelServerCase):
     def test_chat(self):
         r = self.client.chat.completions.create(
             model="default",
@@ -211,17 +215,8 @@ class ModelServerTest(unittest.TestCase):
             self.client.completions.create(model="default", prompt=[5] * 200_000, max_tokens=1)
 
 
-class GrammarTest(unittest.TestCase):
+class GrammarTest(ModelServerCase):
     """Forced tool calls and structured outputs on the tiny model, through the client's helpers."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.server = Server()
-        cls.client = cls.server.client()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.stop()
 
     def forced(self, tool_choice, **kw):
         args = {"max_tokens": 160, "temperature": 0, "extra_body": NO_THINKING, **kw}
