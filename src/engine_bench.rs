@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use duet_model::grammar::{GrammarCompiler, GrammarKind, GrammarSpec, TokenMask};
+use duet_model::kv::KvCache;
 use duet_model::rng::Rng;
 use duet_model::{LogitsMode, Model, SeqInput};
 use serde_json::json;
@@ -125,15 +126,15 @@ pub(crate) fn prefill_times(
     Ok(times)
 }
 
-/// Seconds of each of `steps` greedy decode steps of `batch` sequences that start from random
-/// `ctx`-token prompts (the prefill of those prompts is not timed).
-pub(crate) fn decode_step_times(
+/// A cache holding `batch` random `ctx`-token prompts, prefilled (untimed), with room for `steps`
+/// more tokens each, and each sequence's block table.
+fn prefilled(
     model: &Model,
     rng: &mut Rng,
     batch: usize,
     ctx: usize,
     steps: usize,
-) -> Result<Vec<f64>> {
+) -> Result<(KvCache, Vec<Vec<u32>>)> {
     let vocab = model.config.vocab_size;
     let mut cache = model.new_cache(batch * (ctx + steps + 1).div_ceil(64) + 2);
     let prompts: Vec<Vec<u32>> = (0..batch).map(|_| random_ids(rng, vocab, ctx)).collect();
@@ -151,6 +152,20 @@ pub(crate) fn decode_step_times(
         })
         .collect();
     model.forward(&mut cache, &inputs, LogitsMode::Last)?;
+    Ok((cache, tables))
+}
+
+/// Seconds of each of `steps` greedy decode steps of `batch` sequences that start from random
+/// `ctx`-token prompts (the prefill of those prompts is not timed).
+pub(crate) fn decode_step_times(
+    model: &Model,
+    rng: &mut Rng,
+    batch: usize,
+    ctx: usize,
+    steps: usize,
+) -> Result<Vec<f64>> {
+    let vocab = model.config.vocab_size;
+    let (mut cache, tables) = prefilled(model, rng, batch, ctx, steps)?;
     let mut last = vec![[random_ids(rng, vocab, 1)[0]]; batch];
     let mut times = Vec::with_capacity(steps);
     for step in 0..steps {
@@ -186,22 +201,7 @@ fn host_decode_step_times(
     grammar: Option<(&GrammarCompiler, &GrammarSpec)>,
 ) -> Result<(Vec<f64>, f64)> {
     let vocab = model.config.vocab_size;
-    let mut cache = model.new_cache(batch * (ctx + steps + 1).div_ceil(64) + 2);
-    let prompts: Vec<Vec<u32>> = (0..batch).map(|_| random_ids(rng, vocab, ctx)).collect();
-    let mut tables = vec![Vec::new(); batch];
-    for t in tables.iter_mut() {
-        cache.ensure(t, ctx + steps + 1)?;
-    }
-    let inputs: Vec<SeqInput<'_>> = prompts
-        .iter()
-        .zip(&tables)
-        .map(|(p, t)| SeqInput {
-            tokens: p,
-            start_pos: 0,
-            block_table: t,
-        })
-        .collect();
-    model.forward(&mut cache, &inputs, LogitsMode::Last)?;
+    let (mut cache, tables) = prefilled(model, rng, batch, ctx, steps)?;
     let compile = |(c, s): (&GrammarCompiler, &GrammarSpec)| c.compile(s);
     let mut matchers = match grammar {
         Some(g) => (0..batch)
