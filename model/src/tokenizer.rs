@@ -215,6 +215,25 @@ impl TextTokenizer {
         self.apply_chat_template_with(messages, tools, add_generation_prompt, &Default::default())
     }
 
+    /// The prompt a server renders for a request: [`Self::apply_chat_template_with`], except that
+    /// a request with tools gets duet's tool-aware template where the checkpoint's ignores tools
+    /// ([`Self::tool_template`]). `apply_chat_template*` stay HF's rendering, tools or not.
+    pub fn render_request(
+        &self,
+        messages: &Json,
+        tools: Option<&Json>,
+        kwargs: &serde_json::Map<String, Json>,
+    ) -> Result<(String, Vec<u32>), Error> {
+        match (&self.tool_chat, tools) {
+            (Some((_, t)), Some(_)) => {
+                let text = t.render_with(messages, tools, true, kwargs)?;
+                let ids = self.encode(&text, false)?;
+                Ok((text, ids))
+            }
+            _ => self.apply_chat_template_with(messages, tools, true, kwargs),
+        }
+    }
+
     /// [`TextTokenizer::apply_chat_template`] with extra template variables.
     pub fn apply_chat_template_with(
         &self,
@@ -223,12 +242,10 @@ impl TextTokenizer {
         add_generation_prompt: bool,
         kwargs: &serde_json::Map<String, Json>,
     ) -> Result<(String, Vec<u32>), Error> {
-        let chat = match (&self.tool_chat, tools) {
-            (Some((_, t)), Some(_)) => t,
-            _ => self.chat.as_ref().ok_or_else(|| {
-                Error::Template("tokenizer_config.json has no chat_template".into())
-            })?,
-        };
+        let chat = self
+            .chat
+            .as_ref()
+            .ok_or_else(|| Error::Template("tokenizer_config.json has no chat_template".into()))?;
         let text = chat.render_with(messages, tools, add_generation_prompt, kwargs)?;
         let ids = self.encode(&text, false)?;
         Ok((text, ids))

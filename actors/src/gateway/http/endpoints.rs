@@ -42,7 +42,7 @@ impl Chat {
         let kwargs = &v.chat_template_kwargs;
         let (mut text, ids) = s
             .tokenizer
-            .apply_chat_template_with(&v.messages, tools.as_ref(), true, kwargs)
+            .render_request(&v.messages, tools.as_ref(), kwargs)
             .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
         let thinking_off = ["thinking", "enable_thinking"]
             .iter()
