@@ -155,6 +155,18 @@ fn prefilled(
     Ok((cache, tables))
 }
 
+/// One decode step's inputs: each sequence's last token at `pos`.
+fn step_inputs<'a>(last: &'a [[u32; 1]], tables: &'a [Vec<u32>], pos: usize) -> Vec<SeqInput<'a>> {
+    last.iter()
+        .zip(tables)
+        .map(|(l, t)| SeqInput {
+            tokens: l,
+            start_pos: pos,
+            block_table: t,
+        })
+        .collect()
+}
+
 /// Seconds of each of `steps` greedy decode steps of `batch` sequences that start from random
 /// `ctx`-token prompts (the prefill of those prompts is not timed).
 pub(crate) fn decode_step_times(
@@ -169,15 +181,7 @@ pub(crate) fn decode_step_times(
     let mut last = vec![[random_ids(rng, vocab, 1)[0]]; batch];
     let mut times = Vec::with_capacity(steps);
     for step in 0..steps {
-        let inputs: Vec<SeqInput<'_>> = last
-            .iter()
-            .zip(&tables)
-            .map(|(l, t)| SeqInput {
-                tokens: l,
-                start_pos: ctx + step,
-                block_table: t,
-            })
-            .collect();
+        let inputs = step_inputs(&last, &tables, ctx + step);
         let t = Instant::now();
         let logits = model.forward(&mut cache, &inputs, LogitsMode::Last)?;
         let next = duet_kernels::ops::argmax_rows(&logits)?;
@@ -213,15 +217,7 @@ fn host_decode_step_times(
     let mut last = vec![[random_ids(rng, vocab, 1)[0]]; batch];
     let (mut times, mut mask_s) = (Vec::with_capacity(steps), 0.0);
     for step in 0..steps {
-        let inputs: Vec<SeqInput<'_>> = last
-            .iter()
-            .zip(&tables)
-            .map(|(l, t)| SeqInput {
-                tokens: l,
-                start_pos: ctx + step,
-                block_table: t,
-            })
-            .collect();
+        let inputs = step_inputs(&last, &tables, ctx + step);
         let t = Instant::now();
         // As a decode worker does: the masks on their own thread while the model runs.
         let (logits, masks) = std::thread::scope(|scope| {
