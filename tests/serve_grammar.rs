@@ -307,3 +307,46 @@ async fn tools_reach_the_prompt_through_the_tool_template() {
     let (_, d) = post(&srv2.url("/detokenize"), &json!({"tokens": v["tokens"]})).await;
     assert_eq!(d["prompt"], "[user] hi\n[assistant] ", "{d}");
 }
+
+#[tokio::test]
+async fn auto_calls_the_model_starts_are_well_formed() {
+    let srv = Server::start(&[]);
+    let url = srv.url("/v1/chat/completions");
+    // Favouring the calls marker makes the model start a call (random weights never would); under
+    // `auto` the grammar then holds the call to a declared function and its schema (without it,
+    // the marker would just repeat).
+    let (_, t) = post(
+        &srv.url("/tokenize"),
+        &json!({"prompt": "<｜tool▁calls▁begin｜>", "add_special_tokens": false}),
+    )
+    .await;
+    let marker = t["tokens"][0].to_string();
+    let (st, v) = post(
+        &url,
+        &chat(
+            json!({"tools": weather_tools(), "tool_choice": "auto", "max_tokens": 200,
+                     "logit_bias": {marker.as_str(): 30}, "parallel_tool_calls": false}),
+        ),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+    let calls = v["choices"][0]["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{v}");
+    let c = &calls[0]["function"];
+    let args: Value = serde_json::from_str(c["arguments"].as_str().unwrap()).unwrap();
+    match c["name"].as_str().unwrap() {
+        "get_weather" => assert_weather_args(&args.to_string()),
+        "get_time" => assert!(["utc", "cet"].contains(&args["zone"].as_str().unwrap())),
+        other => panic!("undeclared function {other}"),
+    }
+    // Without the push the model writes text, which may not smuggle in a marker.
+    let (st, v) = post(
+        &url,
+        &chat(json!({"tools": weather_tools(), "max_tokens": 40})),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap_or("");
+    assert!(!content.contains('｜'), "{v}");
+}

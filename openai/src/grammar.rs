@@ -87,14 +87,31 @@ pub fn sampling_constraint(
     json_schema(&schema, param).map(Some)
 }
 
-/// The grammar of a forced tool call: one call (`parallel` false) or one or more, to the
-/// function named `only` or to any of `tools`, each call's arguments valid against its function's
-/// `parameters` (any JSON object where it has none).
+/// How a request's tool calls are held to its tools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallMode<'a> {
+    /// `tool_choice: "auto"`: text, or text followed by calls — the model chooses, and a call it
+    /// starts must be well formed. The text may not contain `｜` (U+FF5C, which only DeepSeek's
+    /// markers use), so a marker cannot hide inside it.
+    Auto,
+    /// `"required"`: calls only, each to any of the tools.
+    Required,
+    /// A named function: calls only, each to that function.
+    Named(&'a str),
+}
+
+/// The grammar of a request's tool calls (see [`CallMode`]): one call (`parallel` false) or one
+/// or more, each to a declared function with arguments valid against its `parameters` (any JSON
+/// object where it has none).
 pub fn tool_calls(
     tools: &[Tool],
-    only: Option<&str>,
+    mode: CallMode<'_>,
     parallel: bool,
 ) -> Result<RequestGrammar, ApiError> {
+    let only = match mode {
+        CallMode::Named(name) => Some(name),
+        CallMode::Auto | CallMode::Required => None,
+    };
     let lit = |s: &str| Value::String(s.to_string()).to_string();
     let mut rules = Vec::new();
     let mut alts = Vec::new();
@@ -133,12 +150,23 @@ pub fn tool_calls(
     } else {
         "call".to_string()
     };
-    let mut g = format!(
-        "start: {} {calls} {}\ncall: {}\n",
-        lit(CALLS_BEGIN),
+    // The calls block after its opening marker.
+    let rest = format!(
+        "calls: {calls} {}\ncall: {}\n",
         lit(CALLS_END),
         alts.join(" | ")
     );
+    let mut g = match mode {
+        // A lazy rule ends at its suffix: the text before the marker, which `TEXT` (greedy)
+        // could not give back once it had taken the marker's `<`.
+        CallMode::Auto => format!(
+            "start: TEXT | pre calls\nTEXT: /[^｜]*/\npre[suffix={}]: /[^｜]*/\n{rest}",
+            lit(CALLS_BEGIN)
+        ),
+        CallMode::Required | CallMode::Named(_) => {
+            format!("start: {} calls\n{rest}", lit(CALLS_BEGIN))
+        }
+    };
     for r in rules {
         g.push_str(&r);
         g.push('\n');

@@ -43,7 +43,7 @@ fn a_forced_call_must_name_a_declared_function_with_valid_arguments() {
         tool("weather", city),
         tool("time", json!({"type": "object"})),
     ];
-    let any = tool_calls(&tools, None, false).unwrap();
+    let any = tool_calls(&tools, CallMode::Required, false).unwrap();
     let ok = format!(
         "{CALLS_BEGIN}{}{CALLS_END}",
         call("weather", r#"{"city":"Oslo"}"#)
@@ -68,7 +68,7 @@ fn a_forced_call_must_name_a_declared_function_with_valid_arguments() {
         assert!(!accepts(&any, &bad), "{bad}");
     }
     // A named choice allows only that function; parallel allows several calls.
-    let named = tool_calls(&tools, Some("time"), true).unwrap();
+    let named = tool_calls(&tools, CallMode::Named("time"), true).unwrap();
     assert!(!accepts(&named, &ok));
     let two = format!(
         "{CALLS_BEGIN}{}\n{}{CALLS_END}",
@@ -97,4 +97,42 @@ fn generate_constraints_are_exclusive_and_named() {
         .unwrap()
         .unwrap();
     assert!(accepts(&g, "x7") && !accepts(&g, "y7"));
+}
+
+#[test]
+fn auto_allows_text_or_text_then_valid_calls() {
+    let tools = [tool(
+        "time",
+        json!({"type": "object", "properties": {"zone": {"enum": ["utc"]}},
+        "required": ["zone"], "additionalProperties": false}),
+    )];
+    let auto = tool_calls(&tools, CallMode::Auto, true).unwrap();
+    let call = call("time", r#"{"zone":"utc"}"#);
+    assert!(accepts(&auto, "Just text, a < b."));
+    assert!(accepts(&auto, ""));
+    assert!(accepts(
+        &auto,
+        &format!("Let me see.{CALLS_BEGIN}{call}{CALLS_END}")
+    ));
+    assert!(accepts(
+        &auto,
+        &format!("{CALLS_BEGIN}{call}\n{call}{CALLS_END}")
+    ));
+    // A call the model starts must be well formed.
+    assert!(!accepts(
+        &auto,
+        &format!("x{CALLS_BEGIN}{}{CALLS_END}", call_to("nope"))
+    ));
+    assert!(!accepts(
+        &auto,
+        &format!("x{CALLS_BEGIN}{}{CALLS_END}", call_bad_args())
+    ));
+}
+
+fn call_to(name: &str) -> String {
+    call(name, "{}")
+}
+
+fn call_bad_args() -> String {
+    call("time", r#"{"zone":"cet"}"#)
 }

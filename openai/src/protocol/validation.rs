@@ -540,24 +540,41 @@ fn chat_grammar(
     parallel: bool,
     format: &ResponseFormat,
 ) -> Result<Option<crate::grammar::RequestGrammar>, ApiError> {
-    let forced = match (choice, tools) {
-        (ToolChoice::Required, Some(t)) => Some(crate::grammar::tool_calls(t, None, parallel)?),
-        (ToolChoice::Function(name), Some(t)) => {
-            Some(crate::grammar::tool_calls(t, Some(name), parallel)?)
-        }
+    use crate::grammar::CallMode;
+    let mode = match choice {
+        ToolChoice::Required => Some(CallMode::Required),
+        ToolChoice::Function(name) => Some(CallMode::Named(name)),
+        ToolChoice::Auto => Some(CallMode::Auto),
+        ToolChoice::None => None,
+    };
+    let calls = match (mode, tools) {
+        (Some(mode), Some(t)) => Some((mode, crate::grammar::tool_calls(t, mode, parallel)?)),
         _ => None,
     };
-    match (forced, format) {
+    match (calls, format) {
+        // With `auto` the model may answer in the format instead of calling.
+        (Some((CallMode::Auto, _)), ResponseFormat::JsonObject | ResponseFormat::JsonSchema(_)) => {
+            json_format(format)
+        }
         (Some(_), ResponseFormat::JsonObject | ResponseFormat::JsonSchema(_)) => {
             Err(ApiError::invalid(
                 "response_format",
                 "a JSON `response_format` cannot be combined with a forced `tool_choice`",
             ))
         }
-        (Some(g), ResponseFormat::Text) => Ok(Some(g)),
-        (None, ResponseFormat::Text) => Ok(None),
-        (None, ResponseFormat::JsonObject) => Ok(Some(crate::grammar::json_object())),
-        (None, ResponseFormat::JsonSchema(js)) => {
+        (Some((_, g)), ResponseFormat::Text) => Ok(Some(g)),
+        (None, format) => json_format(format),
+    }
+}
+
+/// The grammar of a JSON `response_format` (none for `text`).
+fn json_format(
+    format: &ResponseFormat,
+) -> Result<Option<crate::grammar::RequestGrammar>, ApiError> {
+    match format {
+        ResponseFormat::Text => Ok(None),
+        ResponseFormat::JsonObject => Ok(Some(crate::grammar::json_object())),
+        ResponseFormat::JsonSchema(js) => {
             let schema = js.get("schema").ok_or_else(|| {
                 ApiError::invalid(
                     "response_format.json_schema.schema",
