@@ -235,8 +235,8 @@ impl AppState {
     /// Compiles the request's grammar (a 400 naming its field when it does not compile or is too
     /// large) and sets it on `params`. The output it constrains starts after `</think>` when the
     /// prompt leaves the model inside a reasoning span (its last `<think>` is not closed).
-    /// Compiling a schema takes about a millisecond; the first grammar of a process also builds
-    /// the token trie (once).
+    /// The first grammar of a process also builds the token trie (once; in `duet serve` the
+    /// workers share it).
     fn constrain(
         &self,
         g: Option<duet_openai::grammar::RequestGrammar>,
@@ -258,9 +258,14 @@ impl AppState {
             let closed = prompt.iter().rposition(|&x| x == t.end);
             (closed < Some(open)).then_some(t.end)
         });
-        compiler
-            .compile(&spec)
-            .map_err(|e| ApiError::invalid(g.param, e.to_string()))?;
+        // The first grammar of a process builds the token trie (a second or so): on a
+        // multi-threaded runtime the worker thread hands its other tasks on meanwhile.
+        let compile = || compiler.compile(&spec);
+        let compiled = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(compile),
+            _ => compile(),
+        };
+        compiled.map_err(|e| ApiError::invalid(g.param, e.to_string()))?;
         params.grammar = Some(Arc::new(spec));
         Ok(())
     }
