@@ -79,9 +79,13 @@ chat_req = {
         "reasoning_effort": {"enum": ["none", "minimal", "low", "medium", "high"],
                              "description": "a thinking budget: 0, 256, 1024, 4096 tokens, or the model's own (high)"},
         "response_format": {"type": "object", "required": ["type"], "properties": {
-            "type": {"enum": ["text", "json_object", "json_schema"]}, "json_schema": {"type": "object"}},
-            "description": "json_object and json_schema are refused (400) until constrained decoding lands"},
-        "parallel_tool_calls": {"type": "boolean", "description": "false is refused (400)"},
+            "type": {"enum": ["text", "json_object", "json_schema"]},
+            "json_schema": {"type": "object", "properties": {"name": Str, "schema": {"type": ["object", "boolean"]},
+                                                          "strict": B}}},
+            "description": "json_object and json_schema are enforced by constrained decoding; "
+                           "json_schema needs json_schema.schema; a schema that does not compile is a 400"},
+        "parallel_tool_calls": {"type": "boolean",
+                                "description": "false holds a forced tool call (tool_choice required or a function) to one call"},
         "ignore_eos": B,
         "chat_template_kwargs": {"type": "object"},
     },
@@ -110,7 +114,12 @@ gen_req = {
         "return_logprob": B,
         "sampling_params": {"type": "object", "properties": {
             "max_new_tokens": {"type": "integer", "minimum": 1},
-            "n": {"type": "integer", "minimum": 1, "maximum": 1}, **sampling_common}},
+            "n": {"type": "integer", "minimum": 1, "maximum": 1}, **sampling_common,
+            "regex": {**Str, "description": "the output matches this regular expression"},
+            "ebnf": {**Str, "description": "the output is a sentence of this GBNF grammar (root ::= ...)"},
+            "json_schema": {"type": ["object", "boolean", "string"],
+                            "description": "the output is JSON valid against this schema (or its JSON text)"}},
+            "description": "at most one of regex, ebnf and json_schema; one that does not compile is a 400"},
     },
 }
 tok_req = {"type": "object", "description": "exactly one of prompt and messages",

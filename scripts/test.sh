@@ -49,6 +49,14 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40"
 fi
+# litellm's OpenAI-compatible provider against the same server (tests/openai_client/test_litellm.py),
+# in its own venv under target/ (litellm pins its own openai and pydantic).
+LL_VENV=target/venv-litellm
+if [ ! -x "$LL_VENV/bin/python" ] || ! "$LL_VENV/bin/python" -c "import litellm" 2>/dev/null; then
+    rm -rf "$LL_VENV"
+    python3 -m venv "$LL_VENV"
+    "$LL_VENV/bin/pip" install --quiet --disable-pip-version-check "litellm>=1.60"
+fi
 # The schema fuzz test (tests/serve_conformance.rs) runs schemathesis from PyPI against
 # /openapi.json; it lives in its own venv under target/, which the test finds.
 ST_VENV=target/venv-schemathesis
@@ -75,3 +83,7 @@ cargo test --features ucx --locked --test cluster_procs ucx
 # The official openai client against the real binary (built by the cargo test run above).
 DUET_BIN="$(pwd)/target/debug/duet" "$VENV/bin/python" -m unittest -v tests/openai_client/test_openai_client.py 2>&1 | tee target/openai-client.log
 tail -n 3 target/openai-client.log | grep -q '^OK' || { echo "openai client tests failed" >&2; exit 1; }
+# litellm's OpenAI provider against the real binary (imports the openai tests' helpers).
+(cd tests/openai_client && DUET_BIN="$(pwd)/../../target/debug/duet" LITELLM_LOCAL_MODEL_COST_MAP=True \
+    "../../$LL_VENV/bin/python" -m unittest -v test_litellm) 2>&1 | tee target/litellm-client.log
+tail -n 3 target/litellm-client.log | grep -q '^OK' || { echo "litellm client tests failed" >&2; exit 1; }

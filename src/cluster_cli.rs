@@ -63,6 +63,9 @@ pub struct GatewayArgs {
     queue_max: Option<usize>,
     #[arg(long)]
     served_model_name: Option<String>,
+    /// A Jinja chat template used instead of the checkpoint's (see `duet serve --chat-template`).
+    #[arg(long, value_name = "FILE")]
+    chat_template: Option<std::path::PathBuf>,
     #[command(flatten)]
     api_keys: crate::serve::ApiKeyArgs,
 }
@@ -187,10 +190,11 @@ pub fn run_gateway(a: GatewayArgs) -> Result<()> {
     let dir = model_dir(&a.common, &cfg)?;
     let model = ModelConfig::from_file(&dir.join("config.json"))
         .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
-    let tokenizer = Arc::new(
-        TextTokenizer::from_dir(&dir)
-            .with_context(|| format!("loading the tokenizer from {}", dir.display()))?,
-    );
+    let tokenizer = Arc::new(crate::serve::load_tokenizer(
+        &dir,
+        a.chat_template.as_deref(),
+        &cfg,
+    )?);
     let served = a
         .served_model_name
         .clone()
@@ -264,6 +268,16 @@ pub fn run_worker(role: Role, a: WorkerArgs) -> Result<()> {
             vocab_size: model_cfg.vocab_size,
         },
     };
+    // The workers compile the grammars of constrained sequences over the model's vocabulary.
+    let grammars = match &engine {
+        Engine::Model(_) => {
+            let tokenizer = TextTokenizer::from_dir(&dir)
+                .with_context(|| format!("loading the tokenizer from {}", dir.display()))?;
+            let eos = duet_actors::serve::eos_ids(&model_cfg, &tokenizer);
+            Some(Arc::new(tokenizer.grammar_compiler(eos)))
+        }
+        Engine::Echo { .. } => None,
+    };
     let page_bytes = match engine.new_kv(1) {
         duet_actors::engine::WorkerKv::Model(c) => c.page_bytes() as u64,
         duet_actors::engine::WorkerKv::Echo => 0,
@@ -297,6 +311,7 @@ pub fn run_worker(role: Role, a: WorkerArgs) -> Result<()> {
             },
         },
         kv_corrupt_frames: a.fault_corrupt_kv_frames,
+        grammars,
         name,
         announce: announce(),
     };

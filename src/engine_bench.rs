@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
+use duet_model::grammar::{GrammarCompiler, GrammarKind, GrammarSpec, TokenMask};
+use duet_model::kv::KvCache;
 use duet_model::rng::Rng;
 use duet_model::{LogitsMode, Model, SeqInput};
 use serde_json::json;
@@ -34,7 +36,20 @@ pub struct Args {
     repeats: usize,
     #[arg(long)]
     json: bool,
+    /// Also time decode with every sequence under a JSON-schema grammar ([`BENCH_SCHEMA`]) against
+    /// the same decode unconstrained, both taking the logits to the host and picking each row's
+    /// token there, as a worker does.
+    #[arg(long)]
+    grammar: bool,
 }
+
+/// The schema of `--grammar`: a tool call's arguments, with strings, an enum, numbers and an
+/// array, so the mask walks several kinds of lexemes.
+const BENCH_SCHEMA: &str = r#"{"type":"object","properties":{
+ "city":{"type":"string","maxLength":24},"unit":{"enum":["celsius","fahrenheit"]},
+ "days":{"type":"integer","minimum":1,"maximum":14},
+ "tags":{"type":"array","items":{"type":"string","maxLength":12},"maxItems":4}},
+ "required":["city","unit","days","tags"],"additionalProperties":false}"#;
 
 fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -111,15 +126,15 @@ pub(crate) fn prefill_times(
     Ok(times)
 }
 
-/// Seconds of each of `steps` greedy decode steps of `batch` sequences that start from random
-/// `ctx`-token prompts (the prefill of those prompts is not timed).
-pub(crate) fn decode_step_times(
+/// A cache holding `batch` random `ctx`-token prompts, prefilled (untimed), with room for `steps`
+/// more tokens each, and each sequence's block table.
+fn prefilled(
     model: &Model,
     rng: &mut Rng,
     batch: usize,
     ctx: usize,
     steps: usize,
-) -> Result<Vec<f64>> {
+) -> Result<(KvCache, Vec<Vec<u32>>)> {
     let vocab = model.config.vocab_size;
     let mut cache = model.new_cache(batch * (ctx + steps + 1).div_ceil(64) + 2);
     let prompts: Vec<Vec<u32>> = (0..batch).map(|_| random_ids(rng, vocab, ctx)).collect();
@@ -137,18 +152,36 @@ pub(crate) fn decode_step_times(
         })
         .collect();
     model.forward(&mut cache, &inputs, LogitsMode::Last)?;
+    Ok((cache, tables))
+}
+
+/// One decode step's inputs: each sequence's last token at `pos`.
+fn step_inputs<'a>(last: &'a [[u32; 1]], tables: &'a [Vec<u32>], pos: usize) -> Vec<SeqInput<'a>> {
+    last.iter()
+        .zip(tables)
+        .map(|(l, t)| SeqInput {
+            tokens: l,
+            start_pos: pos,
+            block_table: t,
+        })
+        .collect()
+}
+
+/// Seconds of each of `steps` greedy decode steps of `batch` sequences that start from random
+/// `ctx`-token prompts (the prefill of those prompts is not timed).
+pub(crate) fn decode_step_times(
+    model: &Model,
+    rng: &mut Rng,
+    batch: usize,
+    ctx: usize,
+    steps: usize,
+) -> Result<Vec<f64>> {
+    let vocab = model.config.vocab_size;
+    let (mut cache, tables) = prefilled(model, rng, batch, ctx, steps)?;
     let mut last = vec![[random_ids(rng, vocab, 1)[0]]; batch];
     let mut times = Vec::with_capacity(steps);
     for step in 0..steps {
-        let inputs: Vec<SeqInput<'_>> = last
-            .iter()
-            .zip(&tables)
-            .map(|(l, t)| SeqInput {
-                tokens: l,
-                start_pos: ctx + step,
-                block_table: t,
-            })
-            .collect();
+        let inputs = step_inputs(&last, &tables, ctx + step);
         let t = Instant::now();
         let logits = model.forward(&mut cache, &inputs, LogitsMode::Last)?;
         let next = duet_kernels::ops::argmax_rows(&logits)?;
@@ -158,6 +191,107 @@ pub(crate) fn decode_step_times(
         }
     }
     Ok(times)
+}
+
+/// Per-step seconds of greedy decode with the logits on the host, each row's token picked there;
+/// with `grammar`, under the grammar's mask (a finished sequence starts a new sentence of the
+/// grammar, so every step is constrained). Also returns the seconds spent masking.
+fn host_decode_step_times(
+    model: &Model,
+    rng: &mut Rng,
+    batch: usize,
+    ctx: usize,
+    steps: usize,
+    grammar: Option<(&GrammarCompiler, &GrammarSpec)>,
+) -> Result<(Vec<f64>, f64)> {
+    let vocab = model.config.vocab_size;
+    let (mut cache, tables) = prefilled(model, rng, batch, ctx, steps)?;
+    let compile = |(c, s): (&GrammarCompiler, &GrammarSpec)| c.compile(s);
+    let mut matchers = match grammar {
+        Some(g) => (0..batch)
+            .map(|_| compile(g).map(Some))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => vec![None; batch],
+    };
+    let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); batch];
+    let mut last = vec![[random_ids(rng, vocab, 1)[0]]; batch];
+    let (mut times, mut mask_s) = (Vec::with_capacity(steps), 0.0);
+    for step in 0..steps {
+        let inputs = step_inputs(&last, &tables, ctx + step);
+        let t = Instant::now();
+        // As a decode worker does: the masks on their own thread while the model runs.
+        let (logits, masks) = std::thread::scope(|scope| {
+            let masks = scope.spawn(|| -> Result<(Vec<Option<TokenMask>>, f64)> {
+                let tm = Instant::now();
+                let mut out = Vec::with_capacity(batch);
+                for (m, o) in matchers.iter_mut().zip(outputs.iter_mut()) {
+                    let (Some(m), Some(g)) = (m, grammar) else {
+                        out.push(None);
+                        continue;
+                    };
+                    if m.is_stopped() {
+                        *m = compile(g)?;
+                        o.clear();
+                    }
+                    m.advance(o)?;
+                    out.push(Some(m.next_mask()?));
+                }
+                Ok((out, tm.elapsed().as_secs_f64()))
+            });
+            let logits = model.forward(&mut cache, &inputs, LogitsMode::Last);
+            (logits, masks.join())
+        });
+        let (masks, s) = masks.map_err(|_| anyhow::anyhow!("a mask thread panicked"))??;
+        mask_s += s;
+        let mut host = logits?.to_vec_f32();
+        for (row, l) in host.chunks_mut(vocab).enumerate() {
+            if let Some(m) = &masks[row] {
+                m.apply(l);
+            }
+            let id = l
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                )
+                .0 as u32;
+            last[row][0] = id;
+            outputs[row].push(id);
+        }
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok((times, mask_s))
+}
+
+/// `--grammar`: decode tok/s at each batch size without and with the grammar, and the mask's
+/// cost per token.
+fn grammar_rows(model: &Model, a: &Args, rng: &mut Rng) -> Result<Vec<serde_json::Value>> {
+    let tokenizer = duet_model::tokenizer::TextTokenizer::from_dir(&a.model)?;
+    let eos = duet_actors::serve::eos_ids(&model.config, &tokenizer);
+    let compiler = tokenizer.grammar_compiler(eos);
+    let spec = GrammarSpec {
+        kind: GrammarKind::JsonSchema,
+        source: BENCH_SCHEMA.to_string(),
+        starts_after: None,
+    };
+    let mut rows = Vec::new();
+    for &b in &a.batches {
+        let steps = a.decode_steps + 1;
+        let (free, _) = host_decode_step_times(model, rng, b, a.decode_context, steps, None)?;
+        let g = Some((&compiler, &spec));
+        let (constrained, mask_s) =
+            host_decode_step_times(model, rng, b, a.decode_context, steps, g)?;
+        // The first step of each is the warm-up (and the grammar's first compile).
+        let tok_s = |t: &[f64]| (b * a.decode_steps) as f64 / t[1..].iter().sum::<f64>();
+        rows.push(json!({
+            "batch": b,
+            "tok_s_unconstrained": tok_s(&free),
+            "tok_s_grammar": tok_s(&constrained),
+            "mask_us_per_token": mask_s * 1e6 / (b * steps) as f64,
+        }));
+    }
+    Ok(rows)
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -177,6 +311,11 @@ pub fn run(a: Args) -> Result<()> {
         let elapsed: f64 = times[1..].iter().sum();
         decode.push((b, (b * a.decode_steps) as f64 / elapsed));
     }
+    let grammar = if a.grammar {
+        Some(grammar_rows(&model, &a, &mut rng)?)
+    } else {
+        None
+    };
     let active = active_weight_bytes(&model);
     // Before the bandwidth probe, whose 1 GiB buffer is not the engine's.
     let peak_rss = peak_rss_bytes();
@@ -197,6 +336,7 @@ pub fn run(a: Args) -> Result<()> {
         "decode_b1_bandwidth_limit_tok_s": bw / active as f64,
         "decode_b1_fraction_of_limit": b1.map(|r| r * active as f64 / bw),
         "peak_rss_bytes": peak_rss,
+        "decode_grammar": grammar,
     });
     if a.json {
         println!("{report}");

@@ -60,6 +60,10 @@ pub struct Args {
     /// Name clients use in `model`; by default the model directory's name ("default" always works).
     #[arg(long)]
     served_model_name: Option<String>,
+    /// A Jinja chat template used instead of the checkpoint's (tokenizer_config.json), for every
+    /// request; overrides `[model] chat_template` of `--config`.
+    #[arg(long, value_name = "FILE")]
+    chat_template: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "model")]
     engine: EngineArg,
     #[command(flatten)]
@@ -207,10 +211,7 @@ pub fn run(a: Args) -> Result<()> {
             dir.file_name()
                 .map_or("default".into(), |n| n.to_string_lossy().into_owned())
         });
-    let tokenizer = Arc::new(
-        TextTokenizer::from_dir(&dir)
-            .with_context(|| format!("loading the tokenizer from {}", dir.display()))?,
-    );
+    let tokenizer = Arc::new(load_tokenizer(&dir, a.chat_template.as_deref(), &cfg)?);
     let opts = match a.engine {
         EngineArg::Model => {
             let dtype = a.dtype.map_or(cfg.model.dtype.into(), DType::from);
@@ -296,4 +297,26 @@ pub(crate) async fn shutdown_signal() {
         () = term => {}
     }
     eprintln!("duet: shutting down: no new requests; draining running ones");
+}
+
+/// The checkpoint's tokenizer, with the chat template of `--chat-template` (or the config's
+/// `[model] chat_template`) in place of its own when one is given.
+pub fn load_tokenizer(
+    dir: &std::path::Path,
+    flag: Option<&std::path::Path>,
+    cfg: &duet_core::config::ClusterConfig,
+) -> anyhow::Result<TextTokenizer> {
+    let mut tokenizer = TextTokenizer::from_dir(dir)
+        .with_context(|| format!("loading the tokenizer from {}", dir.display()))?;
+    let path = flag
+        .map(PathBuf::from)
+        .or_else(|| cfg.model.chat_template.as_ref().map(PathBuf::from));
+    if let Some(path) = path {
+        let source = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the chat template {}", path.display()))?;
+        tokenizer
+            .set_chat_template(source)
+            .with_context(|| format!("chat template {}", path.display()))?;
+    }
+    Ok(tokenizer)
 }

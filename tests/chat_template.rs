@@ -113,3 +113,55 @@ fn tokenizer_round_trips_unicode() {
     assert_eq!(tok.token_to_id("<think>"), Some(128798));
     assert_eq!(tok.token_to_id("<｜Assistant｜>"), Some(128804));
 }
+
+/// The released R1 and V3 templates ignore `tools` (the goldens above hold them to HF); a request
+/// with tools is rendered with duet's tool template instead, which is the released one plus the
+/// tools in the system turn: without tools the two agree, and the checkpoint's kind (does the
+/// generation prompt open `<think>`?) picks R1's or V3's.
+#[test]
+fn requests_with_tools_get_the_tool_template_where_the_checkpoint_s_ignores_them() {
+    use duet_model::tokenizer::ToolTemplate;
+    let messages = serde_json::json!([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"}]);
+    let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather",
+        "description": "Weather of a city", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let none = serde_json::Map::new();
+    for (v3, kind, opens_think) in [
+        (false, ToolTemplate::DeepSeekR1, true),
+        (true, ToolTemplate::DeepSeekV3, false),
+    ] {
+        let tok = tokenizer(v3);
+        assert_eq!(tok.tool_template(), Some(kind));
+        let (plain, _) = tok.apply_chat_template(&messages, None, true).unwrap();
+        let (ignored, _) = tok
+            .apply_chat_template(&messages, Some(&tools), true)
+            .unwrap();
+        assert_eq!(plain, ignored, "the released template ignores tools");
+        let (same, _) = tok.render_request(&messages, None, &none).unwrap();
+        assert_eq!(same, plain);
+        let (with, ids) = tok.render_request(&messages, Some(&tools), &none).unwrap();
+        assert!(
+            with.starts_with("<｜begin▁of▁sentence｜>Be brief.\n\n## Tools"),
+            "{with}"
+        );
+        assert!(
+            with.contains("### get_weather\nDescription: Weather of a city\n"),
+            "{with}"
+        );
+        assert!(
+            with.contains(r#"Parameters: {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}"#),
+            "{with}"
+        );
+        assert!(with.contains("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>"));
+        assert!(with.ends_with("<｜User｜>Weather in Paris?<｜Assistant｜>") != opens_think);
+        assert_eq!(with.ends_with("<think>\n"), opens_think, "{with}");
+        assert_eq!(ids, tok.encode(&with, false).unwrap());
+    }
+    // A template that is not DeepSeek's keeps rendering as it does.
+    let mut tok = tokenizer(false);
+    tok.set_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}".into())
+        .unwrap();
+    assert_eq!(tok.tool_template(), None);
+}

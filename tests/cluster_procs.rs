@@ -314,6 +314,24 @@ async fn same_tokens_as_one_process(worker_args: &[&str]) {
     assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"], "{a}");
     let (_, plain) = post(&one.url("/v1/completions"), &seeded).await;
     assert_ne!(a["choices"][0]["text"], plain["choices"][0]["text"]);
+    // A grammar travels as its text: the decode process compiles it and replays the tokens, so
+    // the output after the handoff still holds to it (unconstrained, these random weights never
+    // write JSON), token for token as in one process.
+    let schema = json!({"type": "object", "properties": {"ok": {"type": "boolean"},
+        "n": {"enum": [1, 2, 3]}, "tag": {"type": "string", "maxLength": 8}},
+        "required": ["ok", "n", "tag"], "additionalProperties": false});
+    let constrained = json!({"text": "Tell me", "sampling_params":
+        {"json_schema": schema, "max_new_tokens": 48, "temperature": 0}});
+    let (s1, a) = post(&c.url("/generate"), &constrained).await;
+    let (s2, b) = post(&one.url("/generate"), &constrained).await;
+    assert_eq!((s1, s2), (200, 200), "{a} {b}");
+    assert_eq!(a["text"], b["text"]);
+    let v: Value =
+        serde_json::from_str(a["text"].as_str().unwrap()).unwrap_or_else(|e| panic!("{a}: {e}"));
+    assert!(
+        v["ok"].is_boolean() && [1, 2, 3].contains(&v["n"].as_i64().unwrap()),
+        "{v}"
+    );
     let (status, h) = get(&c.url("/health")).await;
     assert_eq!(status, 200);
     let h: Value = serde_json::from_str(&h).unwrap();

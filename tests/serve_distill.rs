@@ -111,7 +111,16 @@ async fn tool_calls_parse_when_their_markers_span_several_tokens() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let srv = Server::start(&["--model", d, "--engine", "echo"]);
+        // The echo replays the whole prompt: the checkpoint's own template (which, as released,
+        // renders no tools) keeps duet's tool template and its tools section out of the echo.
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
+        let own = dir.join("own_template.jinja");
+        std::fs::write(&own, cfg["chat_template"].as_str().unwrap()).unwrap();
+        let own = own.to_str().unwrap();
+        let srv = Server::start(&["--model", d, "--engine", "echo", "--chat-template", own]);
         let (_, marker) = post(
             &srv.url("/tokenize"),
             &json!({"prompt": "<｜tool▁calls▁begin｜>", "add_special_tokens": false}),

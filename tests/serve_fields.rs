@@ -157,6 +157,8 @@ async fn every_chat_field_works_or_is_refused_by_name() {
         ("service_tier", json!("auto")),
         ("modalities", json!(["text"])),
         ("parallel_tool_calls", json!(true)),
+        // Without forced tool calls there is nothing for it to limit (forced: serve_grammar.rs).
+        ("parallel_tool_calls", json!(false)),
         ("response_format", json!({"type": "text"})),
     ] {
         let v = c.ok(json!({ field: value })).await;
@@ -174,18 +176,28 @@ async fn every_chat_field_works_or_is_refused_by_name() {
         ("store", json!(true)),
         ("service_tier", json!("flex")),
         ("modalities", json!(["text", "audio"])),
-        ("parallel_tool_calls", json!(false)),
-        ("response_format", json!({"type": "json_object"})),
-        (
-            "response_format",
-            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-        ),
+        ("response_format", json!({"type": "json_schema"})),
+        ("response_format", json!({"type": "yaml"})),
         ("reasoning_effort", json!("extreme")),
         ("logit_bias", json!({"5": 101})),
         ("logit_bias", json!({"99999999": 1})),
     ] {
         c.rejects(field, value).await;
     }
+
+    // JSON output (the grammar starts after `</think>`, so thinking is off here; the schemas'
+    // own checks are in serve_grammar.rs).
+    for format in [
+        json!({"type": "json_object"}),
+        json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
+    ] {
+        let v = c
+            .ok(json!({"response_format": format, "ignore_eos": false,
+                       "chat_template_kwargs": {"thinking": false}}))
+            .await;
+        assert!(chat_text(&v).starts_with('{'), "{v}");
+    }
+    c.saw("response_format");
 
     // messages and model.
     let v = c

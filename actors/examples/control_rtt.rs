@@ -33,6 +33,7 @@ fn job(tokens: usize) -> WireJob {
             stop_token_ids: vec![1],
             logprobs: None,
             thinking: None,
+            grammar: None,
         },
     }
 }

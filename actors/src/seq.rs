@@ -1,9 +1,10 @@
 //! What travels with one sequence (one choice of one request) through the workers: its tokens,
 //! its sampling state, and the channel its tokens stream back on.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use duet_core::types::SeqId;
+use duet_model::grammar::{GrammarCompiler, GrammarMatcher, GrammarSpec, TokenMask};
 use duet_model::sampling::{Sampler, SamplingParams};
 use tokio::sync::mpsc;
 
@@ -28,6 +29,10 @@ pub struct SeqParams {
     pub logprobs: Option<usize>,
     /// After this many reasoning tokens force `\n` then `</think>` (the seed's thinking budget).
     pub thinking: Option<ThinkingBudgetSpec>,
+    /// Constrained decoding: the output (after `</think>` when the sequence starts reasoning)
+    /// is a sentence of this grammar. Only the spec travels; each worker compiles it and replays
+    /// the sequence's tokens, so the matcher's state follows the tokens across a handoff.
+    pub grammar: Option<Arc<GrammarSpec>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -88,12 +93,80 @@ pub struct SeqJob {
 pub struct SeqSampler {
     params: SeqParams,
     sampler: Sampler,
+    grammar: GrammarState,
+}
+
+/// Where a sequence's grammar is on this worker.
+#[derive(Debug)]
+enum GrammarState {
+    /// No grammar, or it could not be held (logged once): sampling is unconstrained.
+    Off,
+    /// Not compiled here yet (compiled at the first constrained token).
+    Pending,
+    /// Shared with the [`MaskJob`] of a running step, which fills `ready` while the model
+    /// computes the step's logits.
+    Active(Arc<Mutex<GrammarSlot>>),
+}
+
+/// A grammar's matcher and, once computed, the mask of the token after `ready.0` output tokens.
+#[derive(Debug, Clone)]
+struct GrammarSlot {
+    matcher: GrammarMatcher,
+    ready: Option<(usize, TokenMask)>,
+}
+
+impl Clone for GrammarState {
+    /// A copy owns its own matcher (a clone of a sampler never shares a job's slot).
+    fn clone(&self) -> Self {
+        match self {
+            GrammarState::Off => GrammarState::Off,
+            GrammarState::Pending => GrammarState::Pending,
+            GrammarState::Active(slot) => {
+                GrammarState::Active(Arc::new(Mutex::new(lock(slot).clone())))
+            }
+        }
+    }
+}
+
+/// A slot's lock; a job that panicked while holding it left a matcher that is still whole (the
+/// matcher's own state changes are all-or-error), so the poison is ignored.
+fn lock(slot: &Mutex<GrammarSlot>) -> std::sync::MutexGuard<'_, GrammarSlot> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The mask of one constrained sequence's next token, to compute while the step that produces
+/// its logits runs (the mask depends only on the tokens so far): a step's masks then cost no
+/// time of their own when the model's forward is longer, as on an accelerator.
+#[derive(Debug)]
+pub struct MaskJob {
+    slot: Arc<Mutex<GrammarSlot>>,
+    /// The output tokens the matcher has not consumed yet (the last sampled one, usually).
+    new_tokens: Vec<u32>,
+    output_len: usize,
+}
+
+impl MaskJob {
+    /// Brings the matcher up to date and stores the mask; on an error nothing is stored and the
+    /// sampler meets the error itself (and drops the grammar, logged).
+    pub fn run(&self) {
+        let mut slot = lock(&self.slot);
+        if slot.matcher.consumed() + self.new_tokens.len() != self.output_len {
+            return;
+        }
+        if slot.matcher.consume(&self.new_tokens).is_err() {
+            return;
+        }
+        if let Ok(mask) = slot.matcher.next_mask() {
+            slot.ready = Some((self.output_len, mask));
+        }
+    }
 }
 
 impl SeqSampler {
     pub fn new(params: SeqParams) -> Self {
         Self {
             sampler: Sampler::new(params.sampling),
+            grammar: GrammarState::new(&params),
             params,
         }
     }
@@ -110,28 +183,82 @@ impl SeqSampler {
     pub fn resume(params: SeqParams, rng_state: [u64; 4]) -> Self {
         Self {
             sampler: Sampler::resume(params.sampling, rng_state),
+            grammar: GrammarState::new(&params),
             params,
         }
     }
 
     /// Picks the next token for a sequence whose tokens so far are `tokens` (prompt_len of them
-    /// the prompt), given the last position's logits.
+    /// the prompt), given the last position's logits. `grammars` compiles the sequence's grammar
+    /// on this worker (a worker without one samples unconstrained, which only the echo engine,
+    /// which never samples, may be).
     pub fn next(
         &mut self,
         logits: &[f32],
         tokens: &[u32],
         prompt_len: usize,
+        grammars: Option<&GrammarCompiler>,
     ) -> (u32, Option<TokenLogprob>) {
         let generated = &tokens[prompt_len.min(tokens.len())..];
         if let Some(forced) = self.forced(tokens) {
             let lp = self.params.logprobs.map(|k| logprob_of(logits, forced, k));
             return (forced, lp);
         }
-        let penalised = self.penalise(logits, tokens, generated);
+        let mut penalised = self.penalise(logits, tokens, generated);
+        if let Some(output) = self.constrained_output(generated) {
+            let mut masked = penalised.take().unwrap_or_else(|| logits.to_vec());
+            self.grammar
+                .mask(&self.params, grammars, output, &mut masked);
+            penalised = Some(masked);
+        }
         let logits = penalised.as_deref().unwrap_or(logits);
         let token = self.sampler.sample(logits);
         let lp = self.params.logprobs.map(|k| logprob_of(logits, token, k));
         (token, lp)
+    }
+
+    /// The mask job of the next token, for a constrained sequence whose tokens so far are
+    /// `tokens` (compiling its grammar here first if needed); `None` when nothing is to be
+    /// masked (no grammar, still reasoning, a forced token).
+    pub fn mask_job(
+        &mut self,
+        tokens: &[u32],
+        prompt_len: usize,
+        grammars: Option<&GrammarCompiler>,
+    ) -> Option<MaskJob> {
+        if self.forced(tokens).is_some() {
+            return None;
+        }
+        let generated = &tokens[prompt_len.min(tokens.len())..];
+        let output_len = self.constrained_output(generated)?.len();
+        self.grammar.compile(&self.params, grammars);
+        let GrammarState::Active(slot) = &self.grammar else {
+            return None;
+        };
+        let consumed = lock(slot).matcher.consumed();
+        let output = &generated[generated.len() - output_len..];
+        Some(MaskJob {
+            slot: slot.clone(),
+            new_tokens: output.get(consumed..)?.to_vec(),
+            output_len,
+        })
+    }
+
+    /// The part of the generated tokens the grammar constrains: all of them, or those after the
+    /// first `</think>` for a sequence that starts reasoning (`None` while it still reasons, or
+    /// without a grammar).
+    fn constrained_output<'t>(&self, generated: &'t [u32]) -> Option<&'t [u32]> {
+        let spec = self.params.grammar.as_ref()?;
+        if matches!(self.grammar, GrammarState::Off) {
+            return None;
+        }
+        match spec.starts_after {
+            None => Some(generated),
+            Some(end) => {
+                let at = generated.iter().position(|&t| t == end)?;
+                Some(&generated[at + 1..])
+            }
+        }
     }
 
     /// The seed's `ThinkingBudgetLogitProcessor`, on prompt + output tokens: inside a thinking
@@ -197,6 +324,74 @@ impl SeqSampler {
     }
 }
 
+impl GrammarState {
+    fn new(params: &SeqParams) -> Self {
+        if params.grammar.is_some() {
+            GrammarState::Pending
+        } else {
+            GrammarState::Off
+        }
+    }
+
+    /// Brings the matcher up to `output` and masks `logits`. A grammar that cannot be compiled
+    /// here or that the output left (a token forced past it: a thinking budget, `ignore_eos`
+    /// past its end) is dropped for the rest of the sequence with a warning: the gateway compiled
+    /// the same spec before admitting the request, so this is a bug, not outside input.
+    fn mask(
+        &mut self,
+        params: &SeqParams,
+        grammars: Option<&GrammarCompiler>,
+        output: &[u32],
+        logits: &mut [f32],
+    ) {
+        self.compile(params, grammars);
+        let GrammarState::Active(slot) = self else {
+            return;
+        };
+        let mut slot = lock(slot);
+        // The step's mask job computed it while the model ran.
+        if let Some((len, mask)) = slot.ready.take()
+            && len == output.len()
+            && slot.matcher.consumed() == len
+        {
+            mask.apply(logits);
+            return;
+        }
+        let r = slot
+            .matcher
+            .advance(output)
+            .and_then(|()| slot.matcher.mask_logits(logits));
+        drop(slot);
+        if let Err(e) = r {
+            tracing::warn!("grammar dropped: {e}");
+            *self = GrammarState::Off;
+        }
+    }
+
+    /// Compiles a pending grammar with this worker's compiler.
+    fn compile(&mut self, params: &SeqParams, grammars: Option<&GrammarCompiler>) {
+        if matches!(self, GrammarState::Pending) {
+            let (Some(spec), Some(c)) = (params.grammar.as_deref(), grammars) else {
+                tracing::warn!(
+                    "a constrained sequence reached a worker without a grammar compiler"
+                );
+                *self = GrammarState::Off;
+                return;
+            };
+            *self = match c.compile(spec) {
+                Ok(matcher) => GrammarState::Active(Arc::new(Mutex::new(GrammarSlot {
+                    matcher,
+                    ready: None,
+                }))),
+                Err(e) => {
+                    tracing::warn!("grammar dropped: {e}");
+                    GrammarState::Off
+                }
+            };
+        }
+    }
+}
+
 /// log-softmax of `token` and the `k` most likely tokens.
 fn logprob_of(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -250,6 +445,7 @@ mod tests {
             stop_token_ids: vec![],
             logprobs: None,
             thinking: None,
+            grammar: None,
         }
     }
 
@@ -261,13 +457,13 @@ mod tests {
             logit_bias: vec![(1, -100.0)],
             ..params()
         });
-        assert_eq!(s.next(&logits, &[0], 1).0, 2);
+        assert_eq!(s.next(&logits, &[0], 1, None).0, 2);
         let mut s = SeqSampler::new(SeqParams {
             logit_bias: vec![(3, 3.5), (99, 5.0), (2, f32::NAN)],
             logprobs: Some(1),
             ..params()
         });
-        let (t, lp) = s.next(&logits, &[0], 1);
+        let (t, lp) = s.next(&logits, &[0], 1, None);
         assert_eq!(t, 3);
         // Log-probabilities are those of the distribution sampled from (biased).
         assert_eq!(lp.unwrap().top[0].0, 3);
@@ -281,9 +477,9 @@ mod tests {
             ..params()
         });
         // Token 1 generated twice: 2.0 − 0.6 = 1.4 < 1.5.
-        assert_eq!(s.next(&logits, &[0, 1, 1], 1).0, 2);
+        assert_eq!(s.next(&logits, &[0, 1, 1], 1, None).0, 2);
         // In the prompt only, it is not penalised.
-        assert_eq!(s.next(&logits, &[1, 1, 0], 3).0, 1);
+        assert_eq!(s.next(&logits, &[1, 1, 0], 3, None).0, 1);
     }
 
     #[test]
@@ -293,7 +489,7 @@ mod tests {
             repetition_penalty: 1.5,
             ..params()
         });
-        assert_eq!(s.next(&logits, &[1], 1).0, 2);
+        assert_eq!(s.next(&logits, &[1], 1, None).0, 2);
     }
 
     #[test]
@@ -313,7 +509,7 @@ mod tests {
         // `<think>`: [7, 8, 1, 1] reaches 4, then `\n` is forced, then `</think>`.
         let mut toks = vec![5u32, 7, 8];
         for _ in 0..6 {
-            let (t, _) = s.next(&logits, &toks, 3);
+            let (t, _) = s.next(&logits, &toks, 3, None);
             toks.push(t);
         }
         assert_eq!(&toks[3..], &[1, 1, 8, 9, 1, 1]);
@@ -342,6 +538,61 @@ mod tests {
         assert_eq!(s.forced(&[5, 7, 9, 1, 1, 1, 1]), None);
     }
 
+    fn r1_grammars() -> (duet_model::tokenizer::TextTokenizer, GrammarCompiler) {
+        let (json, cfg) = duet_model::tiny::r1_tokenizer_files().unwrap();
+        let cfg: serde_json::Value = serde_json::from_str(cfg).unwrap();
+        let tok =
+            duet_model::tokenizer::TextTokenizer::from_bytes(&json, &cfg, "r1".as_ref()).unwrap();
+        let eos = tok.token_to_id("<｜end▁of▁sentence｜>").unwrap();
+        let c = tok.grammar_compiler(vec![eos]);
+        (tok, c)
+    }
+
+    #[test]
+    fn a_grammar_holds_across_a_handoff_and_starts_after_think() {
+        use duet_model::grammar::GrammarKind;
+        let (tok, c) = r1_grammars();
+        let think_end = tok.token_to_id("</think>").unwrap();
+        let favourite = tok.encode(" hello", false).unwrap()[0];
+        let p = SeqParams {
+            grammar: Some(Arc::new(GrammarSpec {
+                kind: GrammarKind::Regex,
+                source: "[0-9]{6}".into(),
+                starts_after: Some(think_end),
+            })),
+            ..params()
+        };
+        let mut logits = vec![0.0f32; tok.vocab_size()];
+        logits[favourite as usize] = 5.0;
+        let mut a = SeqSampler::new(p.clone());
+        let prompt = vec![1u32, 2, 3];
+        // Still reasoning: nothing is masked, the favourite wins.
+        assert_eq!(a.next(&logits, &prompt, 3, Some(&c)).0, favourite);
+        let mut toks = prompt.clone();
+        toks.extend([favourite, think_end]);
+        let (t, _) = a.next(&logits, &toks, 3, Some(&c));
+        toks.push(t);
+        // The rest continues on another worker: a fresh sampler replays the tokens.
+        let mut b = SeqSampler::resume(p, a.rng_state());
+        loop {
+            // Every other token's mask comes from a mask job, as a decode step computes them.
+            if toks.len() % 2 == 0 {
+                b.mask_job(&toks, 3, Some(&c)).unwrap().run();
+            }
+            let (t, _) = b.next(&logits, &toks, 3, Some(&c));
+            if tok.decode(&[t], false).unwrap() == "<｜end▁of▁sentence｜>" {
+                break;
+            }
+            toks.push(t);
+            assert!(toks.len() < 20, "{toks:?}");
+        }
+        let out = tok.decode(&toks[5..], false).unwrap();
+        assert!(
+            out.len() == 6 && out.chars().all(|ch| ch.is_ascii_digit()),
+            "{out:?}"
+        );
+    }
+
     #[test]
     fn logprobs_are_normalised_and_sorted() {
         let logits = [1.0f32, 3.0, 2.0];
@@ -349,7 +600,7 @@ mod tests {
             logprobs: Some(2),
             ..params()
         });
-        let (t, lp) = s.next(&logits, &[0], 1);
+        let (t, lp) = s.next(&logits, &[0], 1, None);
         let lp = lp.unwrap();
         assert_eq!(t, 1);
         let total: f32 = logits.iter().map(|&v| (v - 3.0f32).exp()).sum::<f32>().ln();

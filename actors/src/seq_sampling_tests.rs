@@ -37,6 +37,7 @@ fn params(temperature: f32, seed: u64) -> SeqParams {
         stop_token_ids: vec![],
         logprobs: None,
         thinking: None,
+        grammar: None,
     }
 }
 
@@ -53,7 +54,7 @@ fn check(
     let mut s = SeqSampler::new(p);
     let mut counts = vec![0usize; logits.len()];
     for _ in 0..DRAWS {
-        counts[s.next(logits, tokens, prompt_len).0 as usize] += 1;
+        counts[s.next(logits, tokens, prompt_len, None).0 as usize] += 1;
     }
     let n = DRAWS as f64;
     let stat: f64 = counts
@@ -176,7 +177,7 @@ fn returned_logprobs_are_the_log_softmax_of_the_logits() {
             ..params(temperature, seed)
         });
         for _ in 0..3 {
-            let (t, lp) = s.next(&logits, &[0], 1);
+            let (t, lp) = s.next(&logits, &[0], 1, None);
             let lp = lp.expect("logprobs were asked for");
             let err = (lp.logprob as f64 - want[t as usize]).abs();
             assert!(
@@ -193,7 +194,7 @@ fn returned_logprobs_are_the_log_softmax_of_the_logits() {
         }
         if temperature == 0.0 {
             assert_eq!(
-                s.next(&logits, &[0], 1).0,
+                s.next(&logits, &[0], 1, None).0,
                 by_prob[0],
                 "greedy is the argmax"
             );

@@ -11,6 +11,7 @@ use axum::serve::ListenerExt;
 use duet_core::config::ClusterConfig;
 use duet_core::route::PrefillRouterConfig;
 use duet_core::types::WorkerId;
+use duet_model::grammar::GrammarCompiler;
 use duet_model::tokenizer::TextTokenizer;
 use duet_model::{ExpertExchange, Model, ModelConfig};
 use duet_transport::InProcTransport;
@@ -60,6 +61,9 @@ pub struct ServeOptions {
     /// Loads one rank of an expert-parallel group (`rank`, `ranks`, its exchange), for a config
     /// whose `ep_size` is above 1 (`duet serve --ep N`).
     pub ep_rank_loader: Option<RankLoader>,
+    /// Compiles the grammars of constrained requests (structured outputs, forced tool calls), for
+    /// the gateway's validation and the workers' masks.
+    pub grammars: Option<Arc<GrammarCompiler>>,
 }
 
 /// See [`ServeOptions::ep_rank_loader`].
@@ -94,6 +98,29 @@ impl ServeOptions {
         tokenizer: Arc<TextTokenizer>,
         served_model_name: String,
     ) -> Self {
+        let eos_ids = eos_ids(model, &tokenizer);
+        Self {
+            max_positions: model.max_position_embeddings,
+            engine: Engine::Echo {
+                vocab_size: model.vocab_size,
+            },
+            config,
+            grammars: Some(Arc::new(tokenizer.grammar_compiler(eos_ids.clone()))),
+            tokenizer,
+            served_model_name,
+            eos_ids,
+            api_keys: Vec::new(),
+            fault: None,
+            prefill_fault: None,
+            ep_rank_loader: None,
+        }
+    }
+}
+
+/// The tokens that end a sequence: config.json's `eos_token_id` (one or a list) and the
+/// tokenizer's `eos_token`.
+pub fn eos_ids(model: &ModelConfig, tokenizer: &TextTokenizer) -> Vec<u32> {
+    {
         let mut eos_ids: Vec<u32> = match &model.eos_token_id {
             Some(serde_json::Value::Number(n)) => {
                 n.as_u64().map(|v| v as u32).into_iter().collect()
@@ -113,20 +140,7 @@ impl ServeOptions {
         {
             eos_ids.push(id);
         }
-        Self {
-            max_positions: model.max_position_embeddings,
-            engine: Engine::Echo {
-                vocab_size: model.vocab_size,
-            },
-            config,
-            tokenizer,
-            served_model_name,
-            eos_ids,
-            api_keys: Vec::new(),
-            fault: None,
-            prefill_fault: None,
-            ep_rank_loader: None,
-        }
+        eos_ids
     }
 }
 
@@ -233,6 +247,7 @@ pub async fn start(
                 stats: metrics.workers.clone(),
                 fault: if i == 0 { opts.prefill_fault } else { None },
                 kv_corrupt: None,
+                grammars: opts.grammars.clone(),
             },
         ));
     }
@@ -253,6 +268,7 @@ pub async fn start(
                 stats: metrics.workers.clone(),
                 fault: if g == 0 { opts.fault } else { None },
                 kv_corrupt: None,
+                grammars: opts.grammars.clone(),
             },
         ));
     }
@@ -308,6 +324,7 @@ pub async fn start_front(
     let state = Arc::new(AppState {
         gateway,
         think: think_ids(&opts.tokenizer),
+        grammars: opts.grammars.clone(),
         tokenizer: opts.tokenizer,
         metrics,
         board,

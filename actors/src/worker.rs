@@ -45,6 +45,9 @@ pub struct WorkerArgs {
     /// sends get one byte flipped after their checksums were computed, as a bad link would.
     /// Shared across restarts, so it counts frames, not incarnations.
     pub kv_corrupt: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Compiles the grammars of constrained sequences (the model's tokenizer); `None` for the
+    /// echo engine, which never samples.
+    pub grammars: Option<Arc<duet_model::grammar::GrammarCompiler>>,
 }
 
 /// How a worker moves KV: in-process channels (`duet serve`) or the network (role processes:

@@ -55,6 +55,9 @@ pub struct ModelSection {
     /// The name clients use in `model`. None: the directory's name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub served_model_name: Option<String>,
+    /// A Jinja chat template file used instead of the checkpoint's (`--chat-template`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
     /// Compute dtype: "bf16" (what FlashMLA and DeepSeek serve) or "f32" (CPU reference).
     pub dtype: ComputeDtype,
 }
@@ -64,6 +67,7 @@ impl Default for ModelSection {
         ModelSection {
             path: None,
             served_model_name: None,
+            chat_template: None,
             // BF16 halves weight and KV memory; the CPU kernels accumulate in f32 either way.
             dtype: ComputeDtype::Bf16,
         }

@@ -8,6 +8,7 @@ pub mod ep;
 mod ffn;
 pub mod generate;
 mod gqa;
+pub mod grammar;
 pub mod kv;
 mod loader;
 pub mod model;

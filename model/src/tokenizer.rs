@@ -8,6 +8,34 @@ use serde_json::Value as Json;
 use crate::Error;
 use crate::chat::{ChatTemplate, special_token};
 
+/// duet's tool-aware chat templates (`model/assets/tool_chat_template_deepseek*.jinja`): the
+/// released DeepSeek templates plus a tools section in the system turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolTemplate {
+    DeepSeekV3,
+    DeepSeekR1,
+}
+
+impl ToolTemplate {
+    pub fn source(self) -> &'static str {
+        match self {
+            ToolTemplate::DeepSeekV3 => {
+                include_str!("../assets/tool_chat_template_deepseekv3.jinja")
+            }
+            ToolTemplate::DeepSeekR1 => {
+                include_str!("../assets/tool_chat_template_deepseekr1.jinja")
+            }
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ToolTemplate::DeepSeekV3 => "tool_chat_template_deepseekv3.jinja",
+            ToolTemplate::DeepSeekR1 => "tool_chat_template_deepseekr1.jinja",
+        }
+    }
+}
+
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     pub bos_token: Option<String>,
@@ -17,6 +45,11 @@ pub struct TextTokenizer {
     /// would add it).
     pub bos_id: Option<u32>,
     pub chat: Option<ChatTemplate>,
+    /// The template for requests that carry tools, when `chat` ignores them
+    /// ([`TextTokenizer::tool_template_choice`]).
+    tool_chat: Option<(ToolTemplate, ChatTemplate)>,
+    /// tokenizer.json as loaded, for the grammar engine's token trie ([`Self::grammar_compiler`]).
+    json: std::sync::Arc<[u8]>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -63,13 +96,70 @@ impl TextTokenizer {
             .as_deref()
             .and_then(|b| inner.token_to_id(b))
             .filter(|_| add_bos);
-        Ok(Self {
+        let mut t = Self {
             inner,
             bos_token,
             bos_id,
             eos_token: special_token(cfg, "eos_token"),
             chat: ChatTemplate::from_tokenizer_config(cfg)?,
-        })
+            tool_chat: None,
+            json: tokenizer_json.into(),
+        };
+        t.tool_chat = t.tool_template_choice()?;
+        Ok(t)
+    }
+
+    /// Replaces the checkpoint's chat template (`duet serve --chat-template FILE`). The given
+    /// template is used for every request, with or without tools.
+    pub fn set_chat_template(&mut self, source: String) -> Result<(), Error> {
+        let bos = self.bos_token.clone().unwrap_or_default();
+        let eos = self.eos_token.clone().unwrap_or_default();
+        self.chat = Some(ChatTemplate::new(source, bos, eos)?);
+        self.tool_chat = None;
+        Ok(())
+    }
+
+    /// The template requests with tools get instead of the checkpoint's own, if any.
+    pub fn tool_template(&self) -> Option<ToolTemplate> {
+        self.tool_chat.as_ref().map(|(t, _)| *t)
+    }
+
+    /// Whether the checkpoint's template ignores tools, and which of duet's tool-aware
+    /// templates replaces it then. Decided by rendering: a probe conversation with and without a
+    /// probe tool; the same text both ways means the template never shows the model its tools.
+    /// A DeepSeek template (its turns are `<｜User｜>`/`<｜Assistant｜>`) whose generation prompt
+    /// opens `<think>` gets the R1 tool template, any other DeepSeek one the V3 tool template; a
+    /// template of another family keeps rendering as it does.
+    fn tool_template_choice(&self) -> Result<Option<(ToolTemplate, ChatTemplate)>, Error> {
+        let Some(chat) = &self.chat else {
+            return Ok(None);
+        };
+        let messages = serde_json::json!([{"role": "user", "content": "probe"}]);
+        let tools = serde_json::json!([{"type": "function", "function": {
+            "name": "duet_probe_tool", "description": "probe",
+            "parameters": {"type": "object", "properties": {}}}}]);
+        // A template that fails on tools is not one that shows them either.
+        let with = chat
+            .render(&messages, Some(&tools), true)
+            .unwrap_or_default();
+        let without = chat.render(&messages, None, true)?;
+        if with.contains("duet_probe_tool") || !without.contains("<｜User｜>") {
+            return Ok(None);
+        }
+        let which = if without.trim_end_matches('\n').ends_with("<think>") {
+            ToolTemplate::DeepSeekR1
+        } else {
+            ToolTemplate::DeepSeekV3
+        };
+        let bos = self.bos_token.clone().unwrap_or_default();
+        let eos = self.eos_token.clone().unwrap_or_default();
+        let t = ChatTemplate::new(which.source().to_string(), bos, eos)?;
+        Ok(Some((which, t)))
+    }
+
+    /// A grammar compiler over this vocabulary; `eos_ids` end a sequence whose grammar is done.
+    pub fn grammar_compiler(&self, eos_ids: Vec<u32>) -> crate::grammar::GrammarCompiler {
+        crate::grammar::GrammarCompiler::new(self.json.clone(), eos_ids)
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, Error> {
@@ -123,6 +213,25 @@ impl TextTokenizer {
         add_generation_prompt: bool,
     ) -> Result<(String, Vec<u32>), Error> {
         self.apply_chat_template_with(messages, tools, add_generation_prompt, &Default::default())
+    }
+
+    /// The prompt a server renders for a request: [`Self::apply_chat_template_with`], except that
+    /// a request with tools gets duet's tool-aware template where the checkpoint's ignores tools
+    /// ([`Self::tool_template`]). `apply_chat_template*` stay HF's rendering, tools or not.
+    pub fn render_request(
+        &self,
+        messages: &Json,
+        tools: Option<&Json>,
+        kwargs: &serde_json::Map<String, Json>,
+    ) -> Result<(String, Vec<u32>), Error> {
+        match (&self.tool_chat, tools) {
+            (Some((_, t)), Some(_)) => {
+                let text = t.render_with(messages, tools, true, kwargs)?;
+                let ids = self.encode(&text, false)?;
+                Ok((text, ids))
+            }
+            _ => self.apply_chat_template_with(messages, tools, true, kwargs),
+        }
     }
 
     /// [`TextTokenizer::apply_chat_template`] with extra template variables.

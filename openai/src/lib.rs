@@ -4,6 +4,7 @@
 //! tests read streams with. No IO and no actor code here: the gateway (duet-actors) owns the
 //! sockets.
 pub mod detok;
+pub mod grammar;
 pub mod protocol;
 pub mod reasoning;
 pub mod sse;

@@ -9,8 +9,10 @@ import json
 import os
 import subprocess
 import unittest
+from typing import Annotated, Literal
 
 import openai
+import pydantic
 
 DUET = os.environ.get("DUET_BIN", "target/debug/duet")
 
@@ -32,6 +34,64 @@ TOOLS = [
         },
     }
 ]
+
+# Tools whose calls the tests force through `tool_choice` (random weights never call a tool on
+# their own): bounded strings and enums, so every constrained call finishes within max_tokens.
+WEATHER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 12},
+                    "unit": {"enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"enum": ["utc", "cet"]}},
+                "required": ["zone"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+# The tiny model's template (R1's) opens `<think>`; the grammar applies after `</think>`, which
+# this closes in the prompt.
+NO_THINKING = {"chat_template_kwargs": {"thinking": False}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def check_call(test, name, arguments):
+    """The call names a declared function and its arguments validate against its schema."""
+    args = json.loads(arguments)
+    if name == "get_weather":
+        test.assertEqual(set(args), {"city", "unit"})
+        test.assertLessEqual(len(args["city"]), 12)
+        test.assertIn(args["unit"], ["celsius", "fahrenheit"])
+    else:
+        test.assertEqual(name, "get_time")
+        test.assertEqual(set(args), {"zone"})
+        test.assertIn(args["zone"], ["utc", "cet"])
+
+
+class Reply(pydantic.BaseModel):
+    """What `parse()` asks for: the openai helper sends its strict JSON schema."""
+
+    answer: Annotated[str, pydantic.Field(max_length=16)]
+    sure: bool
+    mood: Literal["calm", "stormy"]
 
 
 class Server:
@@ -60,7 +120,9 @@ class Server:
         self.proc.wait()
 
 
-class ModelServerTest(unittest.TestCase):
+class ModelServerCase(unittest.TestCase):
+    """A server on the embedded default model for the class's tests (no tests of its own)."""
+
     @classmethod
     def setUpClass(cls):
         cls.server = Server()
@@ -70,6 +132,8 @@ class ModelServerTest(unittest.TestCase):
     def tearDownClass(cls):
         cls.server.stop()
 
+
+class ModelServerTest(ModelServerCase):
     def test_chat(self):
         r = self.client.chat.completions.create(
             model="default",
@@ -149,6 +213,96 @@ class ModelServerTest(unittest.TestCase):
             )
         with self.assertRaises(openai.BadRequestError):
             self.client.completions.create(model="default", prompt=[5] * 200_000, max_tokens=1)
+
+
+class GrammarTest(ModelServerCase):
+    """Forced tool calls and structured outputs on the tiny model, through the client's helpers."""
+
+    def forced(self, tool_choice, **kw):
+        args = {"max_tokens": 160, "temperature": 0, "extra_body": NO_THINKING, **kw}
+        return self.client.chat.completions.create(
+            model="default", messages=ASK, tools=WEATHER_TOOLS, tool_choice=tool_choice, **args
+        )
+
+    def test_tool_choice_variants(self):
+        named = {"type": "function", "function": {"name": "get_time"}}
+        r = self.forced(named, parallel_tool_calls=False)
+        choice = r.choices[0]
+        self.assertEqual(choice.finish_reason, "tool_calls")
+        self.assertEqual(len(choice.message.tool_calls), 1)
+        call = choice.message.tool_calls[0]
+        self.assertEqual(call.function.name, "get_time")
+        check_call(self, call.function.name, call.function.arguments)
+        # "required": one or more calls, each to a declared function with valid arguments.
+        r = self.forced("required")
+        calls = r.choices[0].message.tool_calls
+        self.assertGreaterEqual(len(calls), 1)
+        for c in calls:
+            check_call(self, c.function.name, c.function.arguments)
+        # "none": the tools are not offered and nothing is constrained.
+        r = self.forced("none", max_tokens=8)
+        self.assertIsNone(r.choices[0].message.tool_calls)
+        # An undeclared function is refused by name.
+        with self.assertRaises(openai.BadRequestError) as e:
+            self.forced({"type": "function", "function": {"name": "nope"}})
+        self.assertEqual(e.exception.body["param"], "tool_choice.function.name")
+
+    def test_streamed_forced_tool_call_deltas(self):
+        stream = self.forced(
+            {"type": "function", "function": {"name": "get_weather"}},
+            stream=True,
+            parallel_tool_calls=False,
+        )
+        names, args, finish, pieces = {}, {}, None, 0
+        for chunk in stream:
+            for d in chunk.choices[0].delta.tool_calls or []:
+                if d.function.name:
+                    names[d.index] = d.function.name
+                if d.function.arguments:
+                    args[d.index] = args.get(d.index, "") + d.function.arguments
+                    pieces += 1
+            finish = chunk.choices[0].finish_reason or finish
+        self.assertEqual(names, {0: "get_weather"})
+        self.assertGreater(pieces, 1, "arguments arrive in fragments")
+        check_call(self, "get_weather", args[0])
+        self.assertEqual(finish, "tool_calls")
+
+    def test_response_format_json_schema_through_parse(self):
+        for seed in range(3):
+            r = self.client.chat.completions.parse(
+                model="default",
+                messages=ASK,
+                response_format=Reply,
+                max_tokens=120,
+                temperature=1.0,
+                seed=seed,
+                extra_body=NO_THINKING,
+            )
+            parsed = r.choices[0].message.parsed
+            self.assertIsInstance(parsed, Reply)
+            self.assertLessEqual(len(parsed.answer), 16)
+
+    def test_json_object_mode(self):
+        # A JSON object's strings are unbounded and random weights would fill them to max_tokens;
+        # favouring `"` and `}` lets the grammar close the object within a few tokens (and without
+        # the grammar those two would just repeat).
+        bias = {}
+        for ch in ['"', "}"]:
+            tok = self.client.post(
+                "/../tokenize", body={"prompt": ch, "add_special_tokens": False}, cast_to=object
+            )
+            bias[str(tok["tokens"][0])] = 30
+        r = self.client.chat.completions.create(
+            model="default",
+            messages=ASK,
+            response_format={"type": "json_object"},
+            logit_bias=bias,
+            max_tokens=60,
+            temperature=0,
+            extra_body=NO_THINKING,
+        )
+        self.assertEqual(r.choices[0].finish_reason, "stop")
+        self.assertIsInstance(json.loads(r.choices[0].message.content), dict)
 
 
 class ApiKeyTest(unittest.TestCase):

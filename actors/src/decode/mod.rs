@@ -17,7 +17,7 @@ use crate::protocol::{
     DecodeMsg, EpStep, GatewayToDecode, Handoff, KvDest, PrefillJob, PrefillPeer, PrefillToDecode,
     RegistryMsg, WorkerLoad, WorkerRef,
 };
-use crate::seq::{SeqEvent, SeqJob, SeqSampler};
+use crate::seq::{MaskJob, SeqEvent, SeqJob, SeqSampler};
 use crate::worker::{EpTurn, WorkerArgs, load_of};
 
 /// Reservations waiting for pages before they are refused: a burst beyond this goes to another
@@ -376,11 +376,27 @@ impl DecodeState {
             return;
         }
         let stats = self.args.stats.clone();
+        let masks = self.mask_jobs(&plan);
         tokio::task::spawn_blocking(move || {
             let started = Clock::instant();
-            let result = engine
-                .step(&mut kv, &rows, &mut |_, _| Ok(()))
-                .map_err(StepError::from);
+            // The grammar masks of the step's constrained sequences are computed on their own
+            // thread while the model runs; sampling then only applies them.
+            let result = std::thread::scope(|scope| {
+                let jobs = (!masks.is_empty()).then(|| {
+                    scope.spawn(|| {
+                        for j in &masks {
+                            j.run();
+                        }
+                    })
+                });
+                let r = engine.step(&mut kv, &rows, &mut |_, _| Ok(()));
+                if let Some(jobs) = jobs {
+                    // A panicking mask job leaves its slot without a mask; sampling computes it.
+                    let _ = jobs.join();
+                }
+                r
+            })
+            .map_err(StepError::from);
             stats
                 .decode_step_seconds
                 .observe(Clock::since(started).as_secs_f64());
@@ -391,6 +407,19 @@ impl DecodeState {
                 send_errors: Default::default(),
             })));
         });
+    }
+
+    /// The mask jobs of the plan's constrained sequences (see [`MaskJob`]).
+    fn mask_jobs(&mut self, plan: &duet_core::sched::StepPlan) -> Vec<MaskJob> {
+        let grammars = self.args.grammars.clone();
+        let mut jobs = Vec::new();
+        for it in plan.items.iter().filter(|it| it.samples) {
+            if let Some((toks, run)) = self.core.sample_ctx(it.seq) {
+                let prompt_len = run.job.prompt_len;
+                jobs.extend(run.sampler.mask_job(toks, prompt_len, grammars.as_deref()));
+            }
+        }
+        jobs
     }
 
     fn step_done(&mut self, done: StepDone) -> Result<(), ActorProcessingErr> {
@@ -429,7 +458,9 @@ impl DecodeState {
             };
             let prompt_len = run.job.prompt_len;
             let (token, logprob) = match logits.row(row) {
-                Some(l) => run.sampler.next(l, toks, prompt_len),
+                Some(l) => run
+                    .sampler
+                    .next(l, toks, prompt_len, self.args.grammars.as_deref()),
                 None => (echo_token(toks, prompt_len), None),
             };
             let events = run.job.events.clone();

@@ -55,6 +55,7 @@ fn job(id: u64) -> (Box<SeqJob>, EventRx) {
         stop_token_ids: vec![],
         logprobs: None,
         thinking: None,
+        grammar: None,
     };
     let job = SeqJob {
         id,
@@ -85,6 +86,7 @@ async fn reservations_beyond_the_queue_bound_go_back_to_the_gateway_at_once() {
         ep: None,
         fault: None,
         kv_corrupt: None,
+        grammars: None,
     };
     let (decode, _) = Actor::spawn(None, DecodeWorker, args).await.unwrap();
     let (prefill, _) = Actor::spawn(None, Stalled, ()).await.unwrap();

@@ -65,6 +65,8 @@ pub struct AppState {
     /// Token ids that end generation unless `ignore_eos`.
     pub eos_ids: Vec<u32>,
     pub think: Option<ThinkIds>,
+    /// Compiles request grammars (validation here; the workers compile their own copies).
+    pub grammars: Option<Arc<duet_model::grammar::GrammarCompiler>>,
     pub seq_ids: Arc<AtomicU64>,
     /// Each worker's cumulative counters at the last `/metrics` scrape (prefix queried, prefix
     /// hit, preemptions), keyed by its metrics label.
@@ -254,6 +256,44 @@ impl AppState {
         Ok(())
     }
 
+    /// Compiles the request's grammar (a 400 naming its field when it does not compile or is too
+    /// large) and sets it on `params`. The output it constrains starts after `</think>` when the
+    /// prompt leaves the model inside a reasoning span (its last `<think>` is not closed).
+    /// The first grammar of a process also builds the token trie (once; in `duet serve` the
+    /// workers share it).
+    fn constrain(
+        &self,
+        g: Option<duet_openai::grammar::RequestGrammar>,
+        prompt: &[u32],
+        params: &mut GenParams,
+    ) -> Result<(), ApiError> {
+        let Some(g) = g else {
+            return Ok(());
+        };
+        let Some(compiler) = &self.grammars else {
+            return Err(ApiError::invalid(
+                g.param,
+                "this server has no grammar engine (no tokenizer.json)",
+            ));
+        };
+        let mut spec = g.spec;
+        spec.starts_after = self.think.and_then(|t| {
+            let open = prompt.iter().rposition(|&x| x == t.start)?;
+            let closed = prompt.iter().rposition(|&x| x == t.end);
+            (closed < Some(open)).then_some(t.end)
+        });
+        // The first grammar of a process builds the token trie (a second or so): on a
+        // multi-threaded runtime the worker thread hands its other tasks on meanwhile.
+        let compile = || compiler.compile(&spec);
+        let compiled = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(compile),
+            _ => compile(),
+        };
+        compiled.map_err(|e| ApiError::invalid(g.param, e.to_string()))?;
+        params.grammar = Some(Arc::new(spec));
+        Ok(())
+    }
+
     fn seq_params(&self, g: &GenParams) -> SeqParams {
         let mut stop_token_ids = g.stop_token_ids.clone();
         if !g.ignore_eos {
@@ -283,6 +323,7 @@ impl AppState {
                 }),
                 _ => None,
             },
+            grammar: g.grammar.clone(),
         }
     }
 

@@ -320,7 +320,9 @@ impl PrefillState {
             };
             let prompt_len = j.job.prompt_len;
             let (token, logprob) = match logits.row(row) {
-                Some(l) => j.sampler.next(l, toks, prompt_len),
+                Some(l) => j
+                    .sampler
+                    .next(l, toks, prompt_len, self.args.grammars.as_deref()),
                 None => (echo_token(toks, prompt_len), None),
             };
             let transfer = match send_errors.get(&it.seq) {

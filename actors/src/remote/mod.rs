@@ -103,6 +103,8 @@ pub struct WorkerProcessOptions {
     pub metrics_addr: Option<SocketAddr>,
     /// Test tool: corrupt this many of the KV frames the process sends (see `WorkerArgs`).
     pub kv_corrupt_frames: u64,
+    /// Compiles the grammars of constrained sequences (`None` for the echo engine).
+    pub grammars: Option<Arc<duet_model::grammar::GrammarCompiler>>,
     pub name: String,
     pub announce: Box<dyn Fn(String) + Send + Sync>,
 }
@@ -217,6 +219,7 @@ pub async fn start_worker(o: WorkerProcessOptions) -> Result<WorkerProcess, Serv
                     fault: None,
                     ep: None,
                     kv_corrupt: kv_corrupt.clone(),
+                    grammars: o.grammars.clone(),
                 },
             )
         })

@@ -15,10 +15,11 @@ use crate::seq::{
     EventTx, Finish, SeqEvent, SeqFailure, SeqJob, SeqParams, SeqSampler, ThinkingBudgetSpec,
     TokenLogprob,
 };
+use duet_model::grammar::{GrammarKind, GrammarSpec};
 
 /// Bumped on any change to the messages below (3: `logit_bias` in the job's parameters; 4: the
-/// model shape names the architecture and the KV width).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// model shape names the architecture and the KV width; 5: the job's grammar).
+pub const PROTOCOL_VERSION: u16 = 5;
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireRole {
@@ -119,6 +120,50 @@ pub struct WireParams {
     pub logprobs: Option<u64>,
     /// budget, `<think>`, `</think>`, `\n`.
     pub thinking: Option<(u64, u32, u32, u32)>,
+    /// Constrained decoding: the spec only; the receiver compiles it and replays the tokens.
+    pub grammar: Option<WireGrammar>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireGrammarKind {
+    Regex,
+    Lark,
+    JsonSchema,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct WireGrammar {
+    pub kind: WireGrammarKind,
+    pub source: String,
+    pub starts_after: Option<u32>,
+}
+
+impl From<&GrammarSpec> for WireGrammar {
+    fn from(g: &GrammarSpec) -> Self {
+        Self {
+            kind: match g.kind {
+                GrammarKind::Regex => WireGrammarKind::Regex,
+                GrammarKind::Lark => WireGrammarKind::Lark,
+                GrammarKind::JsonSchema => WireGrammarKind::JsonSchema,
+            },
+            source: g.source.clone(),
+            starts_after: g.starts_after,
+        }
+    }
+}
+
+impl From<&WireGrammar> for GrammarSpec {
+    fn from(g: &WireGrammar) -> Self {
+        Self {
+            kind: match g.kind {
+                WireGrammarKind::Regex => GrammarKind::Regex,
+                WireGrammarKind::Lark => GrammarKind::Lark,
+                WireGrammarKind::JsonSchema => GrammarKind::JsonSchema,
+            },
+            source: g.source.clone(),
+            starts_after: g.starts_after,
+        }
+    }
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone)]
@@ -313,6 +358,7 @@ impl From<&SeqParams> for WireParams {
                     t.newline_id,
                 )
             }),
+            grammar: p.grammar.as_deref().map(WireGrammar::from),
         }
     }
 }
@@ -344,6 +390,10 @@ impl From<&WireParams> for SeqParams {
                         newline_id,
                     },
                 ),
+            grammar: p
+                .grammar
+                .as_ref()
+                .map(|g| std::sync::Arc::new(GrammarSpec::from(g))),
         }
     }
 }
@@ -455,6 +505,11 @@ mod tests {
                 stop_token_ids: vec![1, 2],
                 logprobs: Some(3),
                 thinking: Some((16, 128_798, 128_799, 201)),
+                grammar: Some(WireGrammar {
+                    kind: WireGrammarKind::JsonSchema,
+                    source: r#"{"type":"object"}"#.into(),
+                    starts_after: Some(128_799),
+                }),
             },
         }
     }
@@ -501,10 +556,13 @@ mod tests {
         let mut a = SeqSampler::new(j.params.clone());
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let toks = [1u32, 2, 3];
-        a.next(&logits, &toks, 3);
+        a.next(&logits, &toks, 3, None);
         let mut b = SeqSampler::resume(j.params.clone(), a.rng_state());
         for _ in 0..20 {
-            assert_eq!(a.next(&logits, &toks, 3), b.next(&logits, &toks, 3));
+            assert_eq!(
+                a.next(&logits, &toks, 3, None),
+                b.next(&logits, &toks, 3, None)
+            );
         }
     }
 

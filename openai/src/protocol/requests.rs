@@ -184,7 +184,7 @@ pub struct ChatCompletionRequest {
     pub logit_bias: Option<Map<String, Value>>,
     /// `none`, `minimal`, `low`, `medium`, `high`: a thinking budget ([`super::REASONING_EFFORT_BUDGETS`]).
     pub reasoning_effort: Option<String>,
-    /// `{"type": "text"}` only, until constrained decoding lands.
+    /// `text`, `json_object` or `json_schema`, the JSON ones enforced by the grammar engine.
     pub response_format: Option<ResponseFormatIn>,
     pub parallel_tool_calls: Option<bool>,
     // Documented OpenAI fields that would change the answer in ways this server cannot honour:
@@ -269,6 +269,12 @@ pub struct SglSamplingParams {
     pub ignore_eos: Option<bool>,
     pub skip_special_tokens: Option<bool>,
     pub n: Option<u64>,
+    /// The output matches this regular expression.
+    pub regex: Option<String>,
+    /// The output is a sentence of this GBNF grammar (`root ::= ...`).
+    pub ebnf: Option<String>,
+    /// The output is JSON valid against this schema (an object, or its JSON text).
+    pub json_schema: Option<Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -199,8 +199,8 @@ fn logit_bias_effort_and_unsupported_fields() {
         (r#""logit_bias": {"129280": 1}"#, "logit_bias.129280"),
         (r#""reasoning_effort": "max""#, "reasoning_effort"),
         (
-            r#""response_format": {"type": "json_object"}"#,
-            "response_format",
+            r#""response_format": {"type": "json_schema"}"#,
+            "response_format.json_schema",
         ),
         (
             r#""response_format": {"type": "yaml"}"#,
@@ -210,7 +210,6 @@ fn logit_bias_effort_and_unsupported_fields() {
         (r#""store": true"#, "store"),
         (r#""service_tier": "priority""#, "service_tier"),
         (r#""modalities": ["audio"]"#, "modalities"),
-        (r#""parallel_tool_calls": false"#, "parallel_tool_calls"),
     ] {
         assert_eq!(
             err_param(chat(&format!("{base}, {extra}}}"))),

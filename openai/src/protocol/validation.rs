@@ -102,6 +102,9 @@ pub struct GenParams {
     pub skip_special_tokens: bool,
     /// (token id, bias), sorted by token id.
     pub logit_bias: Vec<(u32, f32)>,
+    /// Constrained decoding, set by the gateway once the request's grammar compiled (it knows
+    /// where the output starts: after `</think>` for a reasoning prompt).
+    pub grammar: Option<std::sync::Arc<duet_model::grammar::GrammarSpec>>,
 }
 
 fn check_range(param: &str, v: f32, ok: bool, range: &str) -> Result<f32, ApiError> {
@@ -214,6 +217,7 @@ pub fn validate_sampling(s: SamplingInput, limits: &RequestLimits) -> Result<Gen
         n: n as usize,
         skip_special_tokens: s.skip_special_tokens.unwrap_or(true),
         logit_bias,
+        grammar: None,
     })
 }
 
@@ -340,9 +344,10 @@ pub struct ValidatedChat {
     /// The field the thinking budget came from (`thinking_budget`, `reasoning_effort`, ...), so a
     /// model that does not think can refuse it by name.
     pub thinking_param: Option<&'static str>,
-    /// Always [`ResponseFormat::Text`] today: the others are refused until constrained decoding
-    /// (the grammar engine) can enforce them; this is where it will find them.
     pub response_format: ResponseFormat,
+    /// What the output must match: the forced tool call (`tool_choice` `required` or a
+    /// function) or the `response_format` (JSON object or schema).
+    pub grammar: Option<crate::grammar::RequestGrammar>,
 }
 
 /// `response_format`, validated.
@@ -440,7 +445,14 @@ pub fn validate_chat(
         limits,
     )?;
     let stream = req.stream.unwrap_or(false);
+    let grammar = chat_grammar(
+        tools.as_deref(),
+        &tool_choice,
+        req.parallel_tool_calls.unwrap_or(true),
+        &response_format,
+    )?;
     Ok(ValidatedChat {
+        grammar,
         model: req.model,
         messages,
         tools,
@@ -517,17 +529,65 @@ fn reject_unsupported_chat_fields(req: &ChatCompletionRequest) -> Result<(), Api
             ));
         }
     }
-    if req.parallel_tool_calls == Some(false) {
-        return Err(unsupported(
-            "parallel_tool_calls",
-            "`false` needs constrained decoding to hold the model to one call",
-        ));
-    }
     Ok(())
 }
 
-/// `{"type": "text"}` passes; JSON modes are refused until constrained decoding can enforce them
-/// (a client that asks for JSON and silently gets prose is worse off than one told no).
+/// The grammar a chat request's output must match: a forced tool call, or its `response_format`
+/// (not both: a forced call is not the JSON the format describes).
+fn chat_grammar(
+    tools: Option<&[Tool]>,
+    choice: &ToolChoice,
+    parallel: bool,
+    format: &ResponseFormat,
+) -> Result<Option<crate::grammar::RequestGrammar>, ApiError> {
+    use crate::grammar::CallMode;
+    let mode = match choice {
+        ToolChoice::Required => Some(CallMode::Required),
+        ToolChoice::Function(name) => Some(CallMode::Named(name)),
+        ToolChoice::Auto => Some(CallMode::Auto),
+        ToolChoice::None => None,
+    };
+    let calls = match (mode, tools) {
+        (Some(mode), Some(t)) => Some((mode, crate::grammar::tool_calls(t, mode, parallel)?)),
+        _ => None,
+    };
+    match (calls, format) {
+        // With `auto` the model may answer in the format instead of calling.
+        (Some((CallMode::Auto, _)), ResponseFormat::JsonObject | ResponseFormat::JsonSchema(_)) => {
+            json_format(format)
+        }
+        (Some(_), ResponseFormat::JsonObject | ResponseFormat::JsonSchema(_)) => {
+            Err(ApiError::invalid(
+                "response_format",
+                "a JSON `response_format` cannot be combined with a forced `tool_choice`",
+            ))
+        }
+        (Some((_, g)), ResponseFormat::Text) => Ok(Some(g)),
+        (None, format) => json_format(format),
+    }
+}
+
+/// The grammar of a JSON `response_format` (none for `text`).
+fn json_format(
+    format: &ResponseFormat,
+) -> Result<Option<crate::grammar::RequestGrammar>, ApiError> {
+    match format {
+        ResponseFormat::Text => Ok(None),
+        ResponseFormat::JsonObject => Ok(Some(crate::grammar::json_object())),
+        ResponseFormat::JsonSchema(js) => {
+            let schema = js.get("schema").ok_or_else(|| {
+                ApiError::invalid(
+                    "response_format.json_schema.schema",
+                    "`schema` is required for `json_schema`",
+                )
+            })?;
+            crate::grammar::json_schema(schema, "response_format.json_schema.schema").map(Some)
+        }
+    }
+}
+
+/// `text`, `json_object` or `json_schema` (whose `json_schema` object must be given); the JSON
+/// modes are enforced by the grammar engine ([`chat_grammar`]).
 fn validate_response_format(f: Option<&ResponseFormatIn>) -> Result<ResponseFormat, ApiError> {
     let Some(f) = f else {
         return Ok(ResponseFormat::Text);
@@ -535,7 +595,15 @@ fn validate_response_format(f: Option<&ResponseFormatIn>) -> Result<ResponseForm
     let format = match f.kind.as_str() {
         "text" => ResponseFormat::Text,
         "json_object" => ResponseFormat::JsonObject,
-        "json_schema" => ResponseFormat::JsonSchema(f.json_schema.clone().unwrap_or(Value::Null)),
+        "json_schema" => match &f.json_schema {
+            Some(js @ Value::Object(_)) => ResponseFormat::JsonSchema(js.clone()),
+            _ => {
+                return Err(ApiError::invalid(
+                    "response_format.json_schema",
+                    "`json_schema` (an object with `name` and `schema`) is required",
+                ));
+            }
+        },
         other => {
             return Err(ApiError::invalid(
                 "response_format.type",
@@ -543,12 +611,6 @@ fn validate_response_format(f: Option<&ResponseFormatIn>) -> Result<ResponseForm
             ));
         }
     };
-    if format != ResponseFormat::Text {
-        return Err(unsupported(
-            "response_format",
-            "JSON output needs constrained decoding, which this server does not have yet",
-        ));
-    }
     Ok(format)
 }
 
@@ -847,6 +909,8 @@ pub fn validate_completion(
 pub struct ValidatedGenerate {
     pub prompt: Prompt,
     pub params: GenParams,
+    /// `regex`, `ebnf` or `json_schema`.
+    pub grammar: Option<crate::grammar::RequestGrammar>,
     pub stream: bool,
     pub return_logprob: bool,
 }
@@ -924,8 +988,10 @@ pub fn validate_generate(
         }
         e
     })?;
+    let grammar = crate::grammar::sampling_constraint(sp.regex, sp.ebnf, sp.json_schema)?;
     Ok(ValidatedGenerate {
         prompt,
+        grammar,
         params,
         stream: req.stream.unwrap_or(false),
         return_logprob: req.return_logprob.unwrap_or(false),

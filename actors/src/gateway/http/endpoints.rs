@@ -42,7 +42,7 @@ impl Chat {
         let kwargs = &v.chat_template_kwargs;
         let (mut text, ids) = s
             .tokenizer
-            .apply_chat_template_with(&v.messages, tools.as_ref(), true, kwargs)
+            .render_request(&v.messages, tools.as_ref(), kwargs)
             .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
         let thinking_off = ["thinking", "enable_thinking"]
             .iter()
@@ -78,6 +78,7 @@ impl Endpoint for Chat {
         }
         let (text, ids) = Self::render(s, &v)?;
         s.fit(ids.len(), &mut v.params)?;
+        s.constrain(v.grammar.take(), &ids, &mut v.params)?;
         let request = RequestInfo::new(s, "chatcmpl", v.include_usage);
         let reasoning = (v.separate_reasoning && s.think.is_some())
             .then(|| text.trim_end_matches('\n').ends_with("<think>"));
@@ -471,6 +472,7 @@ impl Endpoint for Generate {
         v.params.n = 1;
         let ids = encode_prompt(s, &v.prompt, true)?;
         s.fit(ids.len(), &mut v.params)?;
+        s.constrain(v.grammar.take(), &ids, &mut v.params)?;
         let text = TextOptions {
             stop: v.params.stop.clone(),
             reasoning: None,
