@@ -15,10 +15,11 @@ use crate::seq::{
     EventTx, Finish, SeqEvent, SeqFailure, SeqJob, SeqParams, SeqSampler, ThinkingBudgetSpec,
     TokenLogprob,
 };
+use crate::trace::TraceCtx;
 
 /// Bumped on any change to the messages below (3: `logit_bias` in the job's parameters; 4: the
-/// model shape names the architecture and the KV width).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// model shape names the architecture and the KV width; 5: the job carries its trace context).
+pub const PROTOCOL_VERSION: u16 = 5;
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireRole {
@@ -121,12 +122,22 @@ pub struct WireParams {
     pub thinking: Option<(u64, u32, u32, u32)>,
 }
 
+/// W3C trace context (fixed-size fields: nothing to bound on receipt).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireTrace {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub flags: u8,
+}
+
 #[derive(Archive, Serialize, Deserialize, Debug, Clone)]
 pub struct WireJob {
     pub id: u64,
     pub tokens: Vec<u32>,
     pub prompt_len: u64,
     pub params: WireParams,
+    /// The span the job's work joins, when the request is traced.
+    pub trace: Option<WireTrace>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,6 +366,11 @@ impl WireJob {
             tokens: job.tokens.to_vec(),
             prompt_len: job.prompt_len as u64,
             params: WireParams::from(&job.params),
+            trace: job.trace.map(|t| WireTrace {
+                trace_id: t.trace_id,
+                span_id: t.span_id,
+                flags: t.flags,
+            }),
         }
     }
 
@@ -366,6 +382,11 @@ impl WireJob {
             tokens: Arc::new(self.tokens),
             params: SeqParams::from(&self.params),
             events,
+            trace: self.trace.map(|t| TraceCtx {
+                trace_id: t.trace_id,
+                span_id: t.span_id,
+                flags: t.flags,
+            }),
         }
     }
 }
@@ -456,6 +477,11 @@ mod tests {
                 logprobs: Some(3),
                 thinking: Some((16, 128_798, 128_799, 201)),
             },
+            trace: Some(WireTrace {
+                trace_id: [7; 16],
+                span_id: [9; 8],
+                flags: 1,
+            }),
         }
     }
 

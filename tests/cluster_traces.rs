@@ -1,0 +1,359 @@
+//! One OpenTelemetry trace per request across the gateway, prefill and decode processes: an OTLP
+//! receiver in this test decodes the real OTLP/HTTP protobuf export of a 3-process cluster and
+//! checks that each request's spans form one connected trace spanning the three services, that
+//! an incoming `traceparent` is honoured, that decode steps link to the sequences they serve, and
+//! that a re-run after a decode process is SIGKILLed stays in its request's trace.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use common::cluster::Cluster;
+use common::{client, eventually, get};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use prost::Message;
+use serde_json::{Value, json};
+
+/// One span as the receiver got it.
+#[derive(Debug, Clone)]
+struct Got {
+    service: String,
+    trace: [u8; 16],
+    id: [u8; 8],
+    parent: Option<[u8; 8]>,
+    name: String,
+    attrs: BTreeMap<String, String>,
+    links: Vec<([u8; 16], [u8; 8])>,
+    events: Vec<String>,
+}
+
+type Spans = Arc<Mutex<Vec<Got>>>;
+
+fn text(v: &Option<AnyValue>) -> String {
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn attrs(kv: &[KeyValue]) -> BTreeMap<String, String> {
+    kv.iter().map(|a| (a.key.clone(), text(&a.value))).collect()
+}
+
+fn id<const N: usize>(b: &[u8]) -> [u8; N] {
+    b.try_into().expect("an OTLP id of the right length")
+}
+
+/// Decodes one OTLP/HTTP export (`POST /v1/traces`, application/x-protobuf).
+fn receive(spans: &Spans, body: &[u8]) -> Result<(), String> {
+    let req = ExportTraceServiceRequest::decode(body).map_err(|e| e.to_string())?;
+    let mut got = spans.lock().unwrap();
+    for rs in req.resource_spans {
+        let service = rs
+            .resource
+            .as_ref()
+            .and_then(|r| attrs(&r.attributes).remove("service.name"))
+            .unwrap_or_default();
+        for ss in rs.scope_spans {
+            for s in ss.spans {
+                got.push(Got {
+                    service: service.clone(),
+                    trace: id(&s.trace_id),
+                    id: id(&s.span_id),
+                    parent: (!s.parent_span_id.is_empty()).then(|| id(&s.parent_span_id)),
+                    name: s.name.clone(),
+                    attrs: attrs(&s.attributes),
+                    links: s
+                        .links
+                        .iter()
+                        .map(|l| (id(&l.trace_id), id(&l.span_id)))
+                        .collect(),
+                    events: s.events.iter().map(|e| e.name.clone()).collect(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An OTLP/HTTP receiver on a free port; returns its base URL (as OTEL_EXPORTER_OTLP_ENDPOINT).
+async fn collector(spans: Spans) -> String {
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: Bytes| {
+            let spans = spans.clone();
+            async move {
+                match receive(&spans, &body) {
+                    // An empty ExportTraceServiceResponse: full success.
+                    Ok(()) => (
+                        axum::http::StatusCode::OK,
+                        [("content-type", "application/x-protobuf")],
+                        Vec::new(),
+                    ),
+                    Err(e) => (
+                        axum::http::StatusCode::BAD_REQUEST,
+                        [("content-type", "text/plain")],
+                        e.into_bytes(),
+                    ),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+fn traceparent(trace: [u8; 16], parent: [u8; 8]) -> String {
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!("00-{}-{}-01", hex(&trace), hex(&parent))
+}
+
+/// The spans of one trace, checked: every span's parent is in the trace (or is `root`, the
+/// caller's span named by `traceparent`), the gateway, prefill and decode services all took part,
+/// and the spans a request must have are there. Returns the trace's spans by id.
+fn connected_trace(all: &[Got], trace: [u8; 16], root: [u8; 8]) -> Result<Vec<Got>, String> {
+    let spans: Vec<Got> = all.iter().filter(|s| s.trace == trace).cloned().collect();
+    let ids: BTreeSet<[u8; 8]> = spans.iter().map(|s| s.id).collect();
+    for s in &spans {
+        match s.parent {
+            Some(p) if ids.contains(&p) || p == root => {}
+            other => {
+                return Err(format!(
+                    "{} ({}) has parent {other:?} outside its trace",
+                    s.name, s.service
+                ));
+            }
+        }
+    }
+    let services: BTreeSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
+    for want in ["duet-gateway", "duet-prefill", "duet-decode"] {
+        if !services.contains(want) {
+            return Err(format!("no span from {want} yet: {services:?}"));
+        }
+    }
+    let names: BTreeSet<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+    for want in [
+        "request",
+        "choice",
+        "sequence",
+        "admission",
+        "decode.reserve",
+        "prefill.chunk",
+        "kv.layer",
+        "prefill.handoff",
+        "decode.handoff",
+    ] {
+        if !names.contains(want) {
+            return Err(format!("no {want} span yet: {names:?}"));
+        }
+    }
+    Ok(spans)
+}
+
+fn named<'a>(spans: &'a [Got], name: &str) -> Vec<&'a Got> {
+    spans.iter().filter(|s| s.name == name).collect()
+}
+
+/// Whether `s` descends from the span `ancestor` within `spans`.
+fn descends(spans: &[Got], s: &Got, ancestor: [u8; 8]) -> bool {
+    let by_id: BTreeMap<[u8; 8], &Got> = spans.iter().map(|s| (s.id, s)).collect();
+    let mut at = s.parent;
+    while let Some(p) = at {
+        if p == ancestor {
+            return true;
+        }
+        at = by_id.get(&p).and_then(|g| g.parent);
+    }
+    false
+}
+
+/// Polls the receiver until `check` holds (spans arrive in batches, after their spans end).
+async fn until<T>(spans: &Spans, what: &str, check: impl Fn(&[Got]) -> Result<T, String>) -> T {
+    let last = Mutex::new(String::new());
+    let ok = eventually(Duration::from_secs(30), || {
+        let got = spans.lock().unwrap().clone();
+        let r = check(&got).map_err(|e| *last.lock().unwrap() = e).is_ok();
+        async move { r }
+    })
+    .await;
+    let got = spans.lock().unwrap().clone();
+    assert!(ok, "{what}: {}", last.lock().unwrap());
+    check(&got).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_is_one_trace_across_the_three_processes_even_through_a_re_run() {
+    let spans: Spans = Arc::default();
+    let endpoint = collector(spans.clone()).await;
+    let env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".to_string(), endpoint),
+        // Export every few milliseconds, so spans arrive while the test looks.
+        ("OTEL_BSP_SCHEDULE_DELAY".to_string(), "20".to_string()),
+        (
+            "OTEL_TRACES_SAMPLER".to_string(),
+            "parentbased_always_on".to_string(),
+        ),
+    ];
+    let mut c = Cluster::start_env(1, 2, &[], &["--dtype", "f32"], env);
+
+    // 1. A request carrying a W3C traceparent joins the caller's trace.
+    let (caller_trace, caller_span) = ([0x11; 16], [0x22; 8]);
+    let r = client()
+        .post(c.url("/v1/completions"))
+        .header("traceparent", traceparent(caller_trace, caller_span))
+        .json(&json!({"prompt": "Trace me across three processes", "max_tokens": 8, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let trace = until(&spans, "the traced request's spans", |got| {
+        let t = connected_trace(got, caller_trace, caller_span)?;
+        // The decode steps that served it link to its sequence's span.
+        let seq_ids: BTreeSet<[u8; 8]> = named(&t, "sequence").iter().map(|s| s.id).collect();
+        let linked = got.iter().any(|s| {
+            s.name == "decode.step"
+                && s.links
+                    .iter()
+                    .any(|(lt, ls)| *lt == caller_trace && seq_ids.contains(ls))
+        });
+        if !linked {
+            return Err("no decode.step span linked to the sequence".into());
+        }
+        if named(&t, "choice")
+            .iter()
+            .all(|s| !s.events.iter().any(|e| e == "end of stream"))
+        {
+            return Err("no end of stream on the choice span yet".into());
+        }
+        Ok(t)
+    })
+    .await;
+    let request = named(&trace, "request");
+    assert_eq!(request.len(), 1, "one request span: {request:?}");
+    assert_eq!(
+        request[0].parent,
+        Some(caller_span),
+        "the caller's span is the parent"
+    );
+    assert_eq!(request[0].attrs["admission"], "admitted");
+    let admission = named(&trace, "admission");
+    assert!(
+        ["prefix_hit", "load"].contains(&admission[0].attrs["route_reason"].as_str()),
+        "{admission:?}"
+    );
+    for layer in named(&trace, "kv.layer") {
+        assert_eq!(layer.attrs["checksum"], "ok", "{layer:?}");
+        assert_eq!(layer.attrs["transport"], "quic", "{layer:?}");
+        assert!(
+            layer.attrs["bytes"].parse::<u64>().unwrap() > 0,
+            "{layer:?}"
+        );
+    }
+    // Every layer of the model arrived as its own span.
+    let layers = named(&trace, "decode.handoff")[0].attrs["layers"].clone();
+    assert_eq!(named(&trace, "kv.layer").len().to_string(), layers);
+
+    // 2. Streams, each its own trace; the decode process holding the most is SIGKILLed once
+    // every stream's handoff was exported, and the lost sequences re-run in their own traces.
+    let traces: Vec<[u8; 16]> = (0..4u8).map(|i| [0x30 + i; 16]).collect();
+    let tasks: Vec<_> = traces
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let url = c.url("/v1/completions");
+            let header = traceparent(*t, caller_span);
+            let body = json!({"prompt": format!("Stream {i} goes on and on"), "max_tokens": 300,
+                "temperature": 0, "ignore_eos": true, "stream": true});
+            tokio::spawn(async move {
+                let r = client()
+                    .post(url)
+                    .header("traceparent", header)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                r.text().await.unwrap()
+            })
+        })
+        .collect();
+    until(&spans, "every stream handed off to decode", |got| {
+        let handed: BTreeSet<[u8; 16]> = got
+            .iter()
+            .filter(|s| s.name == "decode.handoff")
+            .map(|s| s.trace)
+            .collect();
+        traces
+            .iter()
+            .all(|t| handed.contains(t))
+            .then_some(())
+            .ok_or_else(|| format!("handed off so far: {}", handed.len()))
+    })
+    .await;
+    let (victim, name) = c.busiest("decode").await;
+    c.decode.remove(victim).kill9();
+    for t in tasks {
+        let body = t.await.unwrap();
+        let finish: Vec<&str> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|e| e["choices"][0]["finish_reason"].as_str().map(String::from))
+            .map(|f| if f == "length" { "length" } else { "other" })
+            .collect();
+        assert_eq!(finish, vec!["length"], "every stream completes: {body}");
+    }
+    let lost = c.lost_with(&name);
+    assert!(
+        lost > 0,
+        "the killed process held sequences: {}",
+        c.gateway.log()
+    );
+    let reruns = until(&spans, "the streams' traces", |got| {
+        let mut reruns = 0;
+        for t in &traces {
+            let spans = connected_trace(got, *t, caller_span)?;
+            if named(&spans, "choice")
+                .iter()
+                .all(|s| !s.events.iter().any(|e| e == "end of stream"))
+            {
+                return Err("a stream's end not exported yet".into());
+            }
+            for rerun in named(&spans, "sequence")
+                .into_iter()
+                .filter(|s| s.attrs["run"] != "0")
+            {
+                // The re-run went through prefill and a decode group again, in the same trace.
+                let under: BTreeSet<&str> = spans
+                    .iter()
+                    .filter(|s| descends(&spans, s, rerun.id))
+                    .map(|s| s.name.as_str())
+                    .collect();
+                if !(under.contains("prefill.chunk") && under.contains("decode.handoff")) {
+                    return Err(format!("re-run's spans so far: {under:?}"));
+                }
+                assert!(rerun.attrs.contains_key("rerun_reason"), "{rerun:?}");
+                reruns += 1;
+            }
+        }
+        Ok(reruns)
+    })
+    .await;
+    assert!(
+        reruns >= lost,
+        "each lost sequence's re-run is in its trace ({reruns} of {lost})"
+    );
+    let (_, h) = get(&c.url("/health")).await;
+    let h: Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(h["decode_groups"], 1, "the dead process is unrouted");
+}
