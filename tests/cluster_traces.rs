@@ -286,17 +286,21 @@ async fn each_request_is_one_trace_across_the_three_processes_even_through_a_re_
             })
         })
         .collect();
-    until(&spans, "every stream handed off to decode", |got| {
-        let handed: BTreeSet<[u8; 16]> = got
-            .iter()
-            .filter(|s| s.name == "decode.handoff")
-            .map(|s| s.trace)
-            .collect();
+    // A decode process's spans that parent others (a reservation's, over its frames') end when
+    // the sequence first runs: once every stream's arrived, the kill loses only leaves.
+    until(&spans, "every stream running at a decode group", |got| {
+        let with = |name: &str| -> BTreeSet<[u8; 16]> {
+            got.iter()
+                .filter(|s| s.name == name)
+                .map(|s| s.trace)
+                .collect()
+        };
+        let (handed, running) = (with("decode.handoff"), with("decode.reserve"));
         traces
             .iter()
-            .all(|t| handed.contains(t))
+            .all(|t| handed.contains(t) && running.contains(t))
             .then_some(())
-            .ok_or_else(|| format!("handed off so far: {}", handed.len()))
+            .ok_or_else(|| format!("running so far: {}", running.len()))
     })
     .await;
     let (victim, name) = c.busiest("decode").await;
