@@ -34,6 +34,7 @@ fn job(tokens: usize) -> WireJob {
             logprobs: None,
             thinking: None,
         },
+        trace: None,
     }
 }
 
