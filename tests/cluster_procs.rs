@@ -67,20 +67,6 @@ async fn ucx_a_decode_process_killed_mid_stream_loses_no_token() {
     .await;
 }
 
-/// The `/health` and `/metrics` base URL a worker started with `--metrics-port 0` printed.
-fn endpoint_of(p: &Proc) -> String {
-    let line = p
-        .wait_line(JOIN_DEADLINE, |l| l.starts_with("health and metrics: "))
-        .unwrap_or_else(|| panic!("no endpoint line: {}", p.log()));
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|a| a.strip_suffix("/health "))
-        .unwrap_or_else(|| panic!("{line}"));
-    let port = addr.rsplit(':').next().unwrap();
-    format!("http://127.0.0.1:{port}")
-}
-
 /// The R1 distillations' architectures across processes: the prefill process sends GQA `[k | v]`
 /// pages (frames carrying that layout), and greedy output equals the one-process cluster's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,7 +104,7 @@ async fn same_tokens_as_one_process(worker_args: &[&str]) {
     let mut args = worker_args.to_vec();
     args.extend_from_slice(&["--metrics-port", "0"]);
     let c = Cluster::start(1, 1, &args);
-    let endpoints = (endpoint_of(&c.prefill[0]), endpoint_of(&c.decode[0]));
+    let endpoints = (c.prefill[0].endpoint(), c.decode[0].endpoint());
     let one = Server::start(&["--dtype", "f32"]);
     let prompt = long_prompt(0, 150);
     let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": true});

@@ -184,3 +184,20 @@ impl Cluster {
         format!("{}{path}", self.http)
     }
 }
+
+impl Proc {
+    /// A worker process's own `/health` and `/metrics` base URL (started with `--metrics-port`),
+    /// from the line it prints once serving them.
+    pub fn endpoint(&self) -> String {
+        let line = self
+            .wait_line(JOIN_DEADLINE, |l| l.starts_with("health and metrics: "))
+            .unwrap_or_else(|| panic!("no endpoint line: {}", self.log()));
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|a| a.strip_suffix("/health "))
+            .unwrap_or_else(|| panic!("{line}"));
+        let port = addr.rsplit(':').next().unwrap();
+        format!("http://127.0.0.1:{port}")
+    }
+}
