@@ -26,7 +26,7 @@ TICK=$(getconf CLK_TCK)
 spans() { curl -s http://127.0.0.1:$SINK_PORT/spans; }
 
 printf "%-10s %-22s %9s %10s %12s %9s %9s %7s %10s %9s\n" tracing case "req/s" "tok/s" "ttft_p50ms" "p99ms" "itl_p99" failed "cpu_ms/req" spans
-for case in "--max-concurrency 64" "--request-rate 800 --max-concurrency 64"; do
+for case in "--max-concurrency 64" "--request-rate 200 --max-concurrency 64"; do
     for tracing in off 100% 1%; do
         env=()
         case $tracing in
