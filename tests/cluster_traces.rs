@@ -13,7 +13,12 @@ use std::time::Duration;
 use axum::body::Bytes;
 use common::cluster::Cluster;
 use common::{client, eventually, get};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use prost::Message;
 use serde_json::{Value, json};
@@ -54,6 +59,11 @@ fn id<const N: usize>(b: &[u8]) -> [u8; N] {
 /// Decodes one OTLP/HTTP export (`POST /v1/traces`, application/x-protobuf).
 fn receive(spans: &Spans, body: &[u8]) -> Result<(), String> {
     let req = ExportTraceServiceRequest::decode(body).map_err(|e| e.to_string())?;
+    record(spans, req);
+    Ok(())
+}
+
+fn record(spans: &Spans, req: ExportTraceServiceRequest) {
     let mut got = spans.lock().unwrap();
     for rs in req.resource_spans {
         let service = rs
@@ -80,7 +90,32 @@ fn receive(spans: &Spans, body: &[u8]) -> Result<(), String> {
             }
         }
     }
-    Ok(())
+}
+
+/// The OTLP/gRPC receiver: the generated `TraceService` over tonic.
+struct GrpcCollector(Spans);
+
+#[tonic::async_trait]
+impl TraceService for GrpcCollector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        record(&self.0, request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// An OTLP/gRPC receiver on a free port; returns its URL.
+async fn grpc_collector(spans: Spans) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .serve_with_incoming(TraceServiceServer::new(GrpcCollector(spans)), incoming),
+    );
+    format!("http://{addr}")
 }
 
 /// An OTLP/HTTP receiver on a free port; returns its base URL (as OTEL_EXPORTER_OTLP_ENDPOINT).
@@ -360,4 +395,68 @@ async fn each_request_is_one_trace_across_the_three_processes_even_through_a_re_
     let (_, h) = get(&c.url("/health")).await;
     let h: Value = serde_json::from_str(&h).unwrap();
     assert_eq!(h["decode_groups"], 1, "the dead process is unrouted");
+}
+
+/// `duet serve` (every role in one process) exports over OTLP/gRPC, and the request's spans from
+/// all three roles are one trace under the service name it was given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duet_serve_exports_a_request_s_trace_over_grpc() {
+    let spans: Spans = Arc::default();
+    let endpoint = grpc_collector(spans.clone()).await;
+    let env = [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "20"),
+        ("OTEL_SERVICE_NAME", "duet-one-process"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    let server = common::Proc::spawn_env(
+        &[
+            "serve",
+            "--engine",
+            "echo",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--otlp-endpoint",
+            &endpoint,
+        ],
+        &env,
+    );
+    let line = server
+        .wait_line(Duration::from_secs(60), |l| l.starts_with("duet serving "))
+        .unwrap_or_else(|| panic!("duet serve did not start: {}", server.log()));
+    let base = line.rsplit(' ').next().unwrap().to_string();
+    let (status, _) = common::post(
+        &format!("{base}/v1/completions"),
+        &json!({"prompt": "over gRPC", "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    until(&spans, "the request's spans over gRPC", |got| {
+        let request = got
+            .iter()
+            .find(|s| s.name == "request")
+            .ok_or("no request span yet")?;
+        let trace: Vec<&Got> = got.iter().filter(|s| s.trace == request.trace).collect();
+        let names: BTreeSet<&str> = trace.iter().map(|s| s.name.as_str()).collect();
+        for want in [
+            "choice",
+            "sequence",
+            "admission",
+            "decode.reserve",
+            "prefill.chunk",
+            "prefill.handoff",
+            "decode.handoff",
+        ] {
+            if !names.contains(want) {
+                return Err(format!("no {want} span yet: {names:?}"));
+            }
+        }
+        match trace.iter().find(|s| s.service != "duet-one-process") {
+            Some(s) => Err(format!("{} came from {}", s.name, s.service)),
+            None => Ok(()),
+        }
+    })
+    .await;
 }
