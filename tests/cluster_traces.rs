@@ -180,7 +180,7 @@ fn connected_trace(all: &[Got], trace: [u8; 16], root: [u8; 8]) -> Result<Vec<Go
         "request",
         "choice",
         "sequence",
-        "admission",
+        "route",
         "decode.reserve",
         "prefill.chunk",
         "kv.layer",
@@ -280,10 +280,10 @@ async fn each_request_is_one_trace_across_the_three_processes_even_through_a_re_
         "the caller's span is the parent"
     );
     assert_eq!(request[0].attrs["admission"], "admitted");
-    let admission = named(&trace, "admission");
+    let route = named(&trace, "route");
     assert!(
-        ["prefix_hit", "load"].contains(&admission[0].attrs["route_reason"].as_str()),
-        "{admission:?}"
+        ["prefix_hit", "load"].contains(&route[0].attrs["route_reason"].as_str()),
+        "{route:?}"
     );
     for layer in named(&trace, "kv.layer") {
         assert_eq!(layer.attrs["checksum"], "ok", "{layer:?}");
@@ -443,7 +443,7 @@ async fn duet_serve_exports_a_request_s_trace_over_grpc() {
         for want in [
             "choice",
             "sequence",
-            "admission",
+            "route",
             "decode.reserve",
             "prefill.chunk",
             "prefill.handoff",

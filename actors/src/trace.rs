@@ -110,6 +110,12 @@ impl TraceCtx {
     }
 }
 
+/// Whether a trace exporter listens (the binary installed it): one cached callsite check, for
+/// loops that would otherwise look up every sequence's context each step.
+pub fn enabled() -> bool {
+    tracing::enabled!(target: "duet_trace", tracing::Level::INFO)
+}
+
 /// A span made by `make` as a child of `ctx`, or a disabled span when `ctx` is absent or not
 /// sampled (then `make` is not called).
 pub fn child_span(ctx: Option<TraceCtx>, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
@@ -224,6 +230,7 @@ mod tests {
         // No trace layer installed in unit tests: spans are disabled and carry nothing.
         let span = crate::trace_span!("t");
         assert_eq!(TraceCtx::of(&span), None);
+        assert!(!enabled());
         assert!(child_span(None, || unreachable!()).is_disabled());
     }
 

@@ -403,6 +403,9 @@ impl DecodeState {
     /// A step's span: a root of its own (it serves many requests), linked to each traced
     /// sequence it advances; disabled when none is traced.
     fn step_span(&mut self, plan: &duet_core::sched::StepPlan) -> tracing::Span {
+        if !crate::trace::enabled() {
+            return tracing::Span::none();
+        }
         let mut links = Vec::new();
         for it in &plan.items {
             if let Some(reserved) = self.traced.remove(it.seq) {

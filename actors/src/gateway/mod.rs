@@ -57,7 +57,7 @@ pub struct GatewayState {
     core: GatewayCore,
     /// Sequences waiting in the core's queue.
     waiting: BTreeMap<SeqId, Box<SeqJob>>,
-    /// The trace span of each traced sequence in `waiting`, from arrival to placement (so at most
+    /// The `route` span of each traced sequence in `waiting`, from arrival to placement (so at most
     /// as many as `waiting`).
     queued_spans: BTreeMap<SeqId, tracing::Span>,
     /// Where each placed sequence was sent.
@@ -119,7 +119,7 @@ impl Actor for Gateway {
                 };
                 let span = child_span(job.trace, || {
                     crate::trace_span!(
-                        "admission",
+                        "route",
                         seq = job.id,
                         queue_depth = st.waiting.len(),
                         prefill_worker = tracing::field::Empty,
@@ -274,7 +274,7 @@ impl GatewayState {
         }
     }
 
-    /// Ends a traced sequence's admission span with the routing decision and its reason: the
+    /// Ends a traced sequence's route span with the routing decision and its reason: the
     /// prefill worker's cache held part of the prompt, or load alone chose. A placement undone
     /// (a worker found gone) stays queued and keeps its span.
     fn trace_route(&mut self, seq: SeqId, p: RankId, d: RankId, prefix_tokens: usize, ok: bool) {

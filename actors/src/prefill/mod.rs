@@ -225,6 +225,7 @@ impl PrefillState {
         let chunk_spans: Vec<tracing::Span> = plan
             .items
             .iter()
+            .filter(|_| crate::trace::enabled())
             .filter_map(|it| {
                 let trace = self.core.job(it.seq)?.job.trace;
                 let span = child_span(trace, || {
