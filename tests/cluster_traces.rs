@@ -297,6 +297,37 @@ async fn each_request_is_one_trace_across_the_three_processes_even_through_a_re_
     let layers = named(&trace, "decode.handoff")[0].attrs["layers"].clone();
     assert_eq!(named(&trace, "kv.layer").len().to_string(), layers);
 
+    // The routing reason: the same long prompt twice goes by load, then by its prefix hit.
+    let long: String = (0..200).map(|w| format!("w{} ", w % 97)).collect();
+    let mut routes = Vec::new();
+    for t in [[0x41; 16], [0x42; 16]] {
+        let r = client()
+            .post(c.url("/v1/completions"))
+            .header("traceparent", traceparent(t, caller_span))
+            .json(&json!({"prompt": long, "max_tokens": 2, "temperature": 0}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let route = until(&spans, "the route span", |got| {
+            got.iter()
+                .find(|s| s.trace == t && s.name == "route")
+                .cloned()
+                .ok_or_else(|| "no route span yet".to_string())
+        })
+        .await;
+        routes.push((
+            route.attrs["route_reason"].clone(),
+            route.attrs["prefix_hit_tokens"].parse::<u64>().unwrap(),
+        ));
+    }
+    assert_eq!(routes[0], ("load".to_string(), 0), "{routes:?}");
+    assert_eq!(routes[1].0, "prefix_hit", "{routes:?}");
+    assert!(
+        routes[1].1 >= 64,
+        "at least a page of the prompt was cached: {routes:?}"
+    );
+
     // 2. Streams, each its own trace; the decode process holding the most is SIGKILLed once
     // every stream's handoff was exported, and the lost sequences re-run in their own traces.
     let traces: Vec<[u8; 16]> = (0..4u8).map(|i| [0x30 + i; 16]).collect();
