@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::cluster::{Cluster, JOIN_DEADLINE};
+use common::cluster::Cluster;
 use common::{Proc, Server, get, post, stream, tmp};
 use serde_json::{Value, json};
 

@@ -238,9 +238,11 @@ async fn each_request_is_one_trace_across_the_three_processes_even_through_a_re_
             "parentbased_always_on".to_string(),
         ),
     ];
-    let mut c = Cluster::start_env(1, 2, &[], &["--dtype", "f32"], env);
+    let workers = ["--dtype", "f32", "--fault-corrupt-kv-frames", "1"];
+    let mut c = Cluster::start_env(1, 2, &[], &workers, env);
 
-    // 1. A request carrying a W3C traceparent joins the caller's trace.
+    // 1. A request carrying a W3C traceparent joins the caller's trace, also through a re-run
+    // after a corrupt KV transfer (the prefill process flips a byte of its first frame).
     let (caller_trace, caller_span) = ([0x11; 16], [0x22; 8]);
     let r = client()
         .post(c.url("/v1/completions"))
@@ -269,6 +271,31 @@ async fn each_request_is_one_trace_across_the_three_processes_even_through_a_re_
         {
             return Err("no end of stream on the choice span yet".into());
         }
+        // The prefill process corrupts its first frame: that layer's span says so, and the
+        // sequence re-runs; the re-run receives every layer intact.
+        let mismatched = named(&t, "kv.layer")
+            .iter()
+            .filter(|s| s.attrs["checksum"] == "mismatch")
+            .count();
+        if mismatched != 1 {
+            return Err(format!("{mismatched} corrupt layers seen"));
+        }
+        let rerun = named(&t, "sequence")
+            .into_iter()
+            .find(|s| s.attrs["run"] == "1")
+            .ok_or("no re-run yet")?
+            .id;
+        let handoff = t
+            .iter()
+            .find(|s| s.name == "decode.handoff" && descends(&t, s, rerun))
+            .ok_or("no handoff of the re-run yet")?;
+        let layers = t
+            .iter()
+            .filter(|s| s.name == "kv.layer" && descends(&t, s, rerun))
+            .count();
+        if layers.to_string() != handoff.attrs["layers"] {
+            return Err(format!("{layers} of {} layers", handoff.attrs["layers"]));
+        }
         Ok(t)
     })
     .await;
@@ -285,17 +312,23 @@ async fn each_request_is_one_trace_across_the_three_processes_even_through_a_re_
         ["prefix_hit", "load"].contains(&route[0].attrs["route_reason"].as_str()),
         "{route:?}"
     );
+    let runs = named(&trace, "sequence");
+    assert_eq!(runs.len(), 2, "the first run and its re-run: {runs:?}");
+    let rerun = runs.iter().find(|s| s.attrs["run"] == "1").unwrap();
+    assert!(
+        rerun.attrs.contains_key("rerun_reason"),
+        "the re-run says why: {rerun:?}"
+    );
     for layer in named(&trace, "kv.layer") {
-        assert_eq!(layer.attrs["checksum"], "ok", "{layer:?}");
         assert_eq!(layer.attrs["transport"], "quic", "{layer:?}");
-        assert!(
-            layer.attrs["bytes"].parse::<u64>().unwrap() > 0,
-            "{layer:?}"
-        );
+        if descends(&trace, layer, rerun.id) {
+            assert_eq!(layer.attrs["checksum"], "ok", "{layer:?}");
+            assert!(
+                layer.attrs["bytes"].parse::<u64>().unwrap() > 0,
+                "{layer:?}"
+            );
+        }
     }
-    // Every layer of the model arrived as its own span.
-    let layers = named(&trace, "decode.handoff")[0].attrs["layers"].clone();
-    assert_eq!(named(&trace, "kv.layer").len().to_string(), layers);
 
     // The routing reason: the same long prompt twice goes by load, then by its prefix hit.
     let long: String = (0..200).map(|w| format!("w{} ", w % 97)).collect();

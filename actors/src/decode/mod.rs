@@ -302,8 +302,14 @@ impl DecodeState {
             Some(l) => frame.check_layout(l),
             None => Ok(()),
         };
-        let written = layout
-            .and_then(|()| frame.verify(self.page_bytes))
+        let verified = layout.map(|()| frame.verify(self.page_bytes));
+        let checksum = match &verified {
+            Ok(Ok(())) => "ok",
+            Ok(Err(_)) => "mismatch",
+            Err(_) => "not_checked",
+        };
+        let written = verified
+            .and_then(|v| v)
             .map_err(|e| e.to_string())
             .and_then(|()| match self.kv.as_mut() {
                 Some(WorkerKv::Model(cache)) => cache
@@ -311,7 +317,7 @@ impl DecodeState {
                     .map_err(|e| e.to_string()),
                 _ => Err("no KV pool to write into".into()),
             });
-        self.trace_frame(&frame, written.as_ref().err());
+        self.trace_frame(&frame, checksum, written.as_ref().err());
         match written {
             Ok(()) => {
                 let s = &self.args.stats;
@@ -343,7 +349,11 @@ impl DecodeState {
                 "kv.layer",
                 seq,
                 transport = self.args.kv.transport_name(),
-                checksum = "mismatch",
+                checksum = if matches!(e, E::Corrupt { .. }) {
+                    "mismatch"
+                } else {
+                    "not_checked"
+                },
                 error = e.to_string().as_str(),
             );
         }
@@ -351,8 +361,8 @@ impl DecodeState {
         self.core.handle_bad_transfer(now, seq, e.to_string());
     }
 
-    /// A traced reservation: its span lasts until the handoff (pages reserved, prefill, every
-    /// layer's KV), and its context parents the frames' spans.
+    /// A traced reservation: its span lasts until the sequence first runs (pages reserved,
+    /// prefill, every layer's KV, the handoff), and parents the frames' spans.
     fn trace_reserve(&mut self, job: &SeqJob) {
         let span = child_span(job.trace, || {
             crate::trace_span!(
@@ -368,8 +378,9 @@ impl DecodeState {
         }
     }
 
-    /// One layer's KV arrived: its size, transport and whether it verified.
-    fn trace_frame(&self, frame: &KvFrame, error: Option<&String>) {
+    /// One layer's KV arrived: its size, transport, its checksums' verdict (`not_checked` when
+    /// its layout was refused first) and why it was not written, if it was not.
+    fn trace_frame(&self, frame: &KvFrame, checksum: &str, error: Option<&String>) {
         let Some(parent) = self.traced.span(frame.seq) else {
             return;
         };
@@ -381,7 +392,7 @@ impl DecodeState {
             bytes = frame.bytes.len(),
             pages = frame.pages.len(),
             transport = self.args.kv.transport_name(),
-            checksum = if error.is_none() { "ok" } else { "mismatch" },
+            checksum,
             error = error.map(String::as_str),
         );
     }
