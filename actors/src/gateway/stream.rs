@@ -374,6 +374,7 @@ impl ChoiceRun {
 impl Drop for ChoiceRun {
     fn drop(&mut self) {
         if !self.finished {
+            self.run_span.record("outcome", "client gone");
             // Client disconnect: free the sequence's pages now, not at its next token.
             let _ = self.gateway.cast(GatewayMsg::Abort(self.id));
         }

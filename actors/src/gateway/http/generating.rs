@@ -351,7 +351,7 @@ pub(super) async fn generating<E: Endpoint>(
 /// The request's trace span: a child of the caller's W3C `traceparent` when it sends one, else
 /// the root of a new trace (disabled when tracing is off).
 pub(super) fn request_span(headers: &axum::http::HeaderMap, request_id: &str) -> tracing::Span {
-    let span = crate::trace_span!("request", request_id, admission = tracing::field::Empty,);
+    let span = crate::trace_span!("request", request_id, admission = tracing::field::Empty);
     if !span.is_disabled()
         && let Some(parent) = headers
             .get("traceparent")
