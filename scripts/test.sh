@@ -31,9 +31,10 @@ if ! command -v ip >/dev/null; then
     apt_install iproute2
 fi
 
-# Every /metrics endpoint is checked with Prometheus's own `promtool check metrics`.
+# Every /metrics endpoint is checked with Prometheus's own `promtool check metrics`, and
+# deploy/prometheus's rules with `promtool check rules` / `test rules` (tests/deploy_observability.rs).
 if ! command -v promtool >/dev/null; then
-    echo "installing Prometheus (promtool) for the metrics checks" >&2
+    echo "installing Prometheus (promtool) for the metrics and rules checks" >&2
     apt_install prometheus
 fi
 

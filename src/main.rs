@@ -17,6 +17,7 @@ use serde_json::json;
 mod calibrate_cpu;
 mod cluster_cli;
 mod engine_bench;
+mod otel;
 mod serve;
 mod sim_cli;
 
@@ -29,6 +30,8 @@ mod sim_cli;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    otlp: otel::OtlpArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -131,15 +134,15 @@ enum Cmd {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    // Warnings (lost workers, re-runs, refused peers) to stderr; RUST_LOG overrides.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let service = match &cli.cmd {
+        Cmd::Gateway(_) => "duet-gateway",
+        Cmd::Prefill(_) => "duet-prefill",
+        Cmd::Decode(_) => "duet-decode",
+        _ => "duet",
+    };
+    // Warnings (lost workers, re-runs, refused peers) to stderr; RUST_LOG overrides. Traces when
+    // an OTLP endpoint is configured; flushed when `_telemetry` drops, after the command.
+    let _telemetry = otel::init(&cli.otlp, service)?;
     match cli.cmd {
         Cmd::Logits { model, ids, dtype } => logits(&model, &ids, dtype.into()),
         Cmd::Generate {

@@ -3,172 +3,17 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::cluster::Cluster;
 use common::{Proc, Server, get, post, stream, tmp};
 use serde_json::{Value, json};
 
 /// One cluster at a time: each test runs 3–5 processes with compute threads of their own, and on
 /// a 2-core machine several clusters at once starve each other's heartbeats into false deaths.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn secret_file() -> PathBuf {
-    let p = tmp("secret");
-    std::fs::write(&p, "a cluster secret for the tests, 48 bytes long..\n").unwrap();
-    p
-}
-
-struct Cluster {
-    gateway: Proc,
-    http: String,
-    join: String,
-    secret: PathBuf,
-    prefill: Vec<Proc>,
-    decode: Vec<Proc>,
-    /// The gateway's "joined ..." lines so far.
-    joined: Vec<String>,
-}
-
-const JOIN_DEADLINE: Duration = Duration::from_secs(60);
-
-impl Cluster {
-    fn gateway(secret: &std::path::Path, cluster_port: u16) -> (Proc, String, String) {
-        Self::gateway_with(secret, cluster_port, &[])
-    }
-
-    fn gateway_with(
-        secret: &std::path::Path,
-        cluster_port: u16,
-        extra: &[&str],
-    ) -> (Proc, String, String) {
-        let port = cluster_port.to_string();
-        let mut args = vec![
-            "gateway",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--cluster-port",
-            &port,
-            "--secret-file",
-            secret.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let gw = Proc::spawn(&args);
-        let line = gw
-            .wait_line(JOIN_DEADLINE, |l| l.starts_with("duet gateway serving"))
-            .unwrap_or_else(|| panic!("gateway did not start: {}", gw.log()));
-        let (http, join) = common::gateway_addrs(&line);
-        (gw, http, join)
-    }
-
-    fn worker(&self, role: &str, extra: &[&str]) -> Proc {
-        let mut args = vec![
-            role,
-            "--join",
-            &self.join,
-            "--secret-file",
-            self.secret.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        Proc::spawn(&args)
-    }
-
-    /// Waits until the gateway printed `n` more joins.
-    fn await_joins(&mut self, n: usize) {
-        for i in 0..n {
-            let line = self
-                .gateway
-                .wait_line(JOIN_DEADLINE, |l| l.starts_with("joined "))
-                .unwrap_or_else(|| {
-                    panic!("only {i} of {n} workers joined: {}", self.gateway.log())
-                });
-            self.joined.push(line);
-        }
-    }
-
-    /// The `role` process ("prefill" or "decode") whose worker holds the most sequences now, from
-    /// the gateway's /metrics (a process that holds sequences, so killing it really loses work):
-    /// its index in `self.prefill` / `self.decode` and its name as the gateway logs it.
-    async fn busiest(&self, role: &str) -> (usize, String) {
-        let (_, metrics) = get(&self.url("/metrics")).await;
-        let (worker, held) = common::busiest_worker(&metrics, role);
-        assert!(held > 0.0, "no {role} worker holds a sequence: {metrics}");
-        // "joined ROLE ROLE-PID workers [ID, ...] from ADDR"
-        let line = self
-            .joined
-            .iter()
-            .find(|l| {
-                l.starts_with(&format!("joined {role} "))
-                    && l.split_once('[')
-                        .and_then(|(_, r)| r.split_once(']'))
-                        .is_some_and(|(ids, _)| ids.split(", ").any(|id| id == worker))
-            })
-            .unwrap_or_else(|| panic!("{role} worker {worker} never joined: {:?}", self.joined));
-        let name = line.split(' ').nth(2).unwrap().to_string();
-        let pid: u32 = name
-            .strip_prefix(&format!("{role}-"))
-            .unwrap()
-            .parse()
-            .unwrap();
-        let procs = if role == "prefill" {
-            &self.prefill
-        } else {
-            &self.decode
-        };
-        let i = procs.iter().position(|p| p.child.id() == pid).unwrap();
-        (i, name)
-    }
-
-    /// How many sequences the gateway re-ran because process `name` was lost (its log).
-    fn lost_with(&self, name: &str) -> usize {
-        common::sequences_lost_with(&self.gateway.log(), name)
-    }
-
-    /// A gateway with no workers yet.
-    fn gateway_only() -> Cluster {
-        Self::gateway_only_with(&[])
-    }
-
-    fn gateway_only_with(gateway_args: &[&str]) -> Cluster {
-        let secret = secret_file();
-        let (gateway, http, join) = Self::gateway_with(&secret, 0, gateway_args);
-        Cluster {
-            gateway,
-            http,
-            join,
-            secret,
-            prefill: Vec::new(),
-            decode: Vec::new(),
-            joined: Vec::new(),
-        }
-    }
-
-    fn start(prefill: usize, decode: usize, extra: &[&str]) -> Cluster {
-        Self::start_with(prefill, decode, &[], extra)
-    }
-
-    fn start_with(prefill: usize, decode: usize, gateway_args: &[&str], extra: &[&str]) -> Cluster {
-        let mut c = Self::gateway_only_with(gateway_args);
-        for _ in 0..prefill {
-            let p = c.worker("prefill", extra);
-            c.prefill.push(p);
-        }
-        for _ in 0..decode {
-            let d = c.worker("decode", extra);
-            c.decode.push(d);
-        }
-        c.await_joins(prefill + decode);
-        c
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.http)
-    }
-}
 
 fn text_of(events: &[Value]) -> String {
     events
@@ -222,20 +67,6 @@ async fn ucx_a_decode_process_killed_mid_stream_loses_no_token() {
     .await;
 }
 
-/// The `/health` and `/metrics` base URL a worker started with `--metrics-port 0` printed.
-fn endpoint_of(p: &Proc) -> String {
-    let line = p
-        .wait_line(JOIN_DEADLINE, |l| l.starts_with("health and metrics: "))
-        .unwrap_or_else(|| panic!("no endpoint line: {}", p.log()));
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|a| a.strip_suffix("/health "))
-        .unwrap_or_else(|| panic!("{line}"));
-    let port = addr.rsplit(':').next().unwrap();
-    format!("http://127.0.0.1:{port}")
-}
-
 /// The R1 distillations' architectures across processes: the prefill process sends GQA `[k | v]`
 /// pages (frames carrying that layout), and greedy output equals the one-process cluster's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,7 +104,7 @@ async fn same_tokens_as_one_process(worker_args: &[&str]) {
     let mut args = worker_args.to_vec();
     args.extend_from_slice(&["--metrics-port", "0"]);
     let c = Cluster::start(1, 1, &args);
-    let endpoints = (endpoint_of(&c.prefill[0]), endpoint_of(&c.decode[0]));
+    let endpoints = (c.prefill[0].endpoint(), c.decode[0].endpoint());
     let one = Server::start(&["--dtype", "f32"]);
     let prompt = long_prompt(0, 150);
     let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": true});

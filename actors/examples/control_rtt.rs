@@ -35,6 +35,7 @@ fn job(tokens: usize) -> WireJob {
             thinking: None,
             grammar: None,
         },
+        trace: None,
     }
 }
 

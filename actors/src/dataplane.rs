@@ -52,6 +52,14 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
+    pub fn kind_name(&self) -> &'static str {
+        match self.plane {
+            Plane::QuicRecv(_) | Plane::QuicSend(_) => "quic",
+            #[cfg(feature = "ucx")]
+            Plane::UcxRecv(_) | Plane::UcxSend(_) => "ucx",
+        }
+    }
+
     /// A decode process's receiving side on `bind` (QUIC) or UCX's own addresses.
     pub fn receiver(
         kind: &DataKind,

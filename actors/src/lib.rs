@@ -17,4 +17,5 @@ pub mod registry;
 pub mod remote;
 pub mod seq;
 pub mod serve;
+pub mod trace;
 pub mod worker;

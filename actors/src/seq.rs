@@ -84,6 +84,8 @@ pub struct SeqJob {
     pub prompt_len: usize,
     pub params: SeqParams,
     pub events: EventTx,
+    /// The span this run of the sequence belongs to; `None` when it is not traced.
+    pub trace: Option<crate::trace::TraceCtx>,
 }
 
 /// Per-sequence logit processing and sampling: penalties, the thinking budget, the sampler's RNG,

@@ -84,6 +84,15 @@ impl KvLink {
         }
     }
 
+    /// The KV transport's name, for traces.
+    pub fn transport_name(&self) -> &'static str {
+        match self {
+            KvLink::InProc(_) => "inproc",
+            KvLink::Net { recv: Some(r), .. } => r.kind_name(),
+            KvLink::Net { recv: None, .. } => "net",
+        }
+    }
+
     /// Binds (or rebinds, after a restart) decode endpoint `ep`.
     pub fn bind(&self, ep: u32) -> Option<KvInboxAny> {
         match self {

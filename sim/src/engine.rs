@@ -496,6 +496,7 @@ impl Simulation {
                     req,
                     prefill,
                     decode,
+                    ..
                 } => (req, prefill, decode),
                 GatewayAction::Refuse { req, .. } | GatewayAction::Expire { req } => {
                     self.fail(req.seq as u32);

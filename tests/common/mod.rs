@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use duet_openai::sse::{SseParser, is_done};
 use serde_json::Value;
 
+pub mod cluster;
+
 pub struct Server {
     child: Child,
     pub base: String,
@@ -146,8 +148,14 @@ pub struct Proc {
 impl Proc {
     /// `duet ARGS`.
     pub fn spawn(args: &[&str]) -> Proc {
+        Self::spawn_env(args, &[])
+    }
+
+    /// `duet ARGS` with these environment variables set.
+    pub fn spawn_env(args: &[&str], env: &[(String, String)]) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_duet"));
         cmd.args(args).env_remove("DUET_API_KEY");
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         Self::spawn_cmd(cmd)
     }
 

@@ -18,6 +18,7 @@ use crate::protocol::{
     RegistryMsg, WorkerLoad, WorkerRef,
 };
 use crate::seq::{MaskJob, SeqEvent, SeqJob, SeqSampler};
+use crate::trace::{TracedSeqs, child_span};
 use crate::worker::{EpTurn, WorkerArgs, load_of};
 
 /// Reservations waiting for pages before they are refused: a burst beyond this goes to another
@@ -54,6 +55,9 @@ pub struct DecodeState {
     /// (running, waiting, pages used) at the last load report.
     reported: Option<(usize, usize, usize)>,
     ep: EpTurn,
+    /// Traced sequences from reservation to their first step, each with its open
+    /// `decode.reserve` span (the parent of its frames' spans).
+    traced: TracedSeqs,
 }
 
 pub struct DecodeWorker;
@@ -111,6 +115,7 @@ impl Actor for DecodeWorker {
             steps: 0,
             reported: None,
             ep: EpTurn::default(),
+            traced: TracedSeqs::default(),
             args,
         };
         let load = state.load();
@@ -140,6 +145,7 @@ impl Actor for DecodeWorker {
             DecodeMsg::Ep(EpStep(step)) => st.ep_step(step, &myself),
             DecodeMsg::Gateway(GatewayToDecode::Reserve { job, prefill }) => {
                 let (id, len) = (job.id, job.tokens.len());
+                st.trace_reserve(&job);
                 st.core.handle_reserve(now, id, len, (job, prefill));
             }
             DecodeMsg::Frame(frame) => {
@@ -156,6 +162,7 @@ impl Actor for DecodeWorker {
                     sampler,
                     layers,
                 } = *h;
+                st.trace_handoff(&job, first_token, layers);
                 let limits = SeqLimits {
                     max_new_tokens: job.params.max_new_tokens,
                     stop_token_ids: job.params.stop_token_ids.clone(),
@@ -177,7 +184,10 @@ impl Actor for DecodeWorker {
             DecodeMsg::BadFrame(e) => st.bad_frame(e),
             DecodeMsg::Tick => st.core.handle_tick(now),
             // Whatever the sequence held comes back and is dropped here.
-            DecodeMsg::Gateway(GatewayToDecode::Abort(id)) => drop(st.core.handle_abort(now, id)),
+            DecodeMsg::Gateway(GatewayToDecode::Abort(id)) => {
+                st.traced.remove(id);
+                drop(st.core.handle_abort(now, id));
+            }
             DecodeMsg::StepDone(done) => st.step_done(*done)?,
         }
         st.carry_out(&myself);
@@ -258,10 +268,16 @@ impl DecodeState {
                         self.core.handle_prefill_unreachable(now, seq);
                     }
                 }
-                DecodeAction::Retry { reason, job, .. } => {
+                DecodeAction::Retry { seq, reason, job } => {
+                    if let Some(span) = self.traced.remove(seq) {
+                        span.record("outcome", reason.to_string().as_str());
+                    }
                     send_to(&job, SeqEvent::Retry(reason));
                 }
-                DecodeAction::Fail { reason, job, .. } => {
+                DecodeAction::Fail { seq, reason, job } => {
+                    if let Some(span) = self.traced.remove(seq) {
+                        span.record("outcome", reason.to_string().as_str());
+                    }
                     send_to(&job, SeqEvent::Failed(reason));
                 }
             }
@@ -286,8 +302,14 @@ impl DecodeState {
             Some(l) => frame.check_layout(l),
             None => Ok(()),
         };
-        let written = layout
-            .and_then(|()| frame.verify(self.page_bytes))
+        let verified = layout.map(|()| frame.verify(self.page_bytes));
+        let checksum = match &verified {
+            Ok(Ok(())) => "ok",
+            Ok(Err(_)) => "mismatch",
+            Err(_) => "not_checked",
+        };
+        let written = verified
+            .and_then(|v| v)
             .map_err(|e| e.to_string())
             .and_then(|()| match self.kv.as_mut() {
                 Some(WorkerKv::Model(cache)) => cache
@@ -295,6 +317,7 @@ impl DecodeState {
                     .map_err(|e| e.to_string()),
                 _ => Err("no KV pool to write into".into()),
             });
+        self.trace_frame(&frame, checksum, written.as_ref().err());
         match written {
             Ok(()) => {
                 let s = &self.args.stats;
@@ -320,8 +343,105 @@ impl DecodeState {
                 return;
             }
         };
+        if let Some(parent) = self.traced.span(seq) {
+            let _bad = crate::trace_span!(
+                parent: parent,
+                "kv.layer",
+                seq,
+                transport = self.args.kv.transport_name(),
+                checksum = if matches!(e, E::Corrupt { .. }) {
+                    "mismatch"
+                } else {
+                    "not_checked"
+                },
+                error = e.to_string().as_str(),
+            );
+        }
         let now = self.now();
         self.core.handle_bad_transfer(now, seq, e.to_string());
+    }
+
+    /// A traced reservation: its span lasts until the sequence first runs (pages reserved,
+    /// prefill, every layer's KV, the handoff), and parents the frames' spans.
+    fn trace_reserve(&mut self, job: &SeqJob) {
+        let span = child_span(job.trace, || {
+            crate::trace_span!(
+                "decode.reserve",
+                seq = job.id,
+                group = self.args.id.0,
+                tokens = job.tokens.len(),
+                outcome = tracing::field::Empty,
+            )
+        });
+        if !span.is_disabled() {
+            self.traced.insert(job.id, span);
+        }
+    }
+
+    /// One layer's KV arrived: its size, transport, its checksums' verdict (`not_checked` when
+    /// its layout was refused first) and why it was not written, if it was not.
+    fn trace_frame(&self, frame: &KvFrame, checksum: &str, error: Option<&String>) {
+        let Some(parent) = self.traced.span(frame.seq) else {
+            return;
+        };
+        let _span = crate::trace_span!(
+            parent: parent,
+            "kv.layer",
+            seq = frame.seq,
+            layer = frame.layer,
+            bytes = frame.bytes.len(),
+            pages = frame.pages.len(),
+            transport = self.args.kv.transport_name(),
+            checksum,
+            error = error.map(String::as_str),
+        );
+    }
+
+    /// The handoff, a span of its own (the reservation's lasts until the sequence first runs:
+    /// frames may still be arriving).
+    fn trace_handoff(&self, job: &SeqJob, first_token: u32, layers: usize) {
+        let _span = child_span(job.trace, || {
+            crate::trace_span!(
+                "decode.handoff",
+                seq = job.id,
+                group = self.args.id.0,
+                first_token,
+                layers,
+            )
+        });
+    }
+
+    /// A step's span: a root of its own (it serves many requests), linked to each traced
+    /// sequence it advances; disabled when none is traced.
+    fn step_span(&mut self, plan: &duet_core::sched::StepPlan) -> tracing::Span {
+        if !crate::trace::enabled() {
+            return tracing::Span::none();
+        }
+        let mut links = Vec::new();
+        for it in &plan.items {
+            if let Some(reserved) = self.traced.remove(it.seq) {
+                reserved.record("outcome", "running");
+            }
+            if let Some(ctx) = self.core.sample_ctx(it.seq).and_then(|(_, r)| r.job.trace)
+                && ctx.sampled()
+            {
+                links.push(ctx);
+            }
+        }
+        if links.is_empty() {
+            return tracing::Span::none();
+        }
+        let span = crate::trace_span!(
+            parent: None,
+            "decode.step",
+            group = self.args.id.0,
+            batch = plan.items.len(),
+            traced = links.len(),
+        );
+        for l in &links {
+            l.link(&span);
+        }
+        span
     }
 
     /// Starts a step if none is running and there is work; in an EP group, asks for one.
@@ -363,6 +483,7 @@ impl DecodeState {
 
     fn start_step(&mut self, plan: duet_core::sched::StepPlan, myself: &ActorRef<DecodeMsg>) {
         let rows = plan_rows(&plan, self.core.sched(), self.core.kv());
+        let span = self.step_span(&plan);
         let mut kv = self.kv.take().expect("not stepping, so the pool is here");
         let engine = self.args.engine.clone();
         let me = myself.clone();
@@ -389,7 +510,7 @@ impl DecodeState {
                         }
                     })
                 });
-                let r = engine.step(&mut kv, &rows, &mut |_, _| Ok(()));
+                let r = span.in_scope(|| engine.step(&mut kv, &rows, &mut |_, _| Ok(())));
                 if let Some(jobs) = jobs {
                     // A panicking mask job leaves its slot without a mask; sampling computes it.
                     let _ = jobs.join();

@@ -58,6 +58,7 @@ fn job(id: u64) -> (Box<SeqJob>, EventRx) {
         grammar: None,
     };
     let job = SeqJob {
+        trace: None,
         id,
         tokens: Arc::new(vec![1, 2, 3]),
         prompt_len: 3,

@@ -327,7 +327,13 @@ impl AppState {
         }
     }
 
-    fn start_choice(&self, prompt: Arc<Vec<u32>>, g: &GenParams, text: TextOptions) -> ChoiceRun {
+    fn start_choice(
+        &self,
+        prompt: Arc<Vec<u32>>,
+        g: &GenParams,
+        text: TextOptions,
+        request_span: &tracing::Span,
+    ) -> ChoiceRun {
         ChoiceRun::start(
             self.gateway.clone(),
             self.seq_ids.clone(),
@@ -336,6 +342,7 @@ impl AppState {
             self.seq_params(g),
             text,
             self.limits.request_timeout,
+            request_span,
         )
     }
 

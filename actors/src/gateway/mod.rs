@@ -21,6 +21,7 @@ use crate::protocol::{
 };
 use crate::registry::{Board, SharedBoard, WorkerEntry};
 use crate::seq::{SeqEvent, SeqFailure, SeqJob};
+use crate::trace::child_span;
 
 pub enum GatewayMsg {
     /// Route a sequence (new, or re-run after a worker loss).
@@ -56,6 +57,9 @@ pub struct GatewayState {
     core: GatewayCore,
     /// Sequences waiting in the core's queue.
     waiting: BTreeMap<SeqId, Box<SeqJob>>,
+    /// The `route` span of each traced sequence in `waiting`, from arrival to placement (so at most
+    /// as many as `waiting`).
+    queued_spans: BTreeMap<SeqId, tracing::Span>,
     /// Where each placed sequence was sent.
     routes: BTreeMap<SeqId, (PrefillRef, DecodeRef)>,
     /// The last load applied per worker: a report is applied once, so the core's own count of
@@ -91,6 +95,7 @@ impl Actor for Gateway {
             }),
             board: args.board,
             waiting: BTreeMap::new(),
+            queued_spans: BTreeMap::new(),
             routes: BTreeMap::new(),
             applied: BTreeMap::new(),
             clock: args.clock,
@@ -112,6 +117,21 @@ impl Actor for Gateway {
                     max_new_tokens: job.params.max_new_tokens,
                     page_hashes: page_chain_hashes(&job.tokens),
                 };
+                let span = child_span(job.trace, || {
+                    crate::trace_span!(
+                        "route",
+                        seq = job.id,
+                        queue_depth = st.waiting.len(),
+                        prefill_worker = tracing::field::Empty,
+                        decode_group = tracing::field::Empty,
+                        route_reason = tracing::field::Empty,
+                        prefix_hit_tokens = tracing::field::Empty,
+                        outcome = tracing::field::Empty,
+                    )
+                });
+                if !span.is_disabled() {
+                    st.queued_spans.insert(job.id, span);
+                }
                 st.waiting.insert(job.id, job);
                 st.core.handle_arrival(now, req);
             }
@@ -121,6 +141,7 @@ impl Actor for Gateway {
                     let _ = d.send_message(GatewayToDecode::Abort(id));
                 }
                 st.waiting.remove(&id);
+                st.queued_spans.remove(&id);
                 st.core.handle_done(id);
             }
             GatewayMsg::Done(id) => {
@@ -137,6 +158,7 @@ impl Actor for Gateway {
                     .collect();
                 for id in gone {
                     st.waiting.remove(&id);
+                    st.queued_spans.remove(&id);
                     st.core.handle_done(id);
                 }
                 st.core.handle_tick(now);
@@ -223,11 +245,15 @@ impl GatewayState {
                         req,
                         prefill,
                         decode,
+                        prefix_tokens,
                     } => {
                         let (Some(p), Some(d)) = (prefill, decode) else {
                             unreachable!("the server's gateway places both roles");
                         };
-                        undelivered |= !self.deliver(&board, req, p, d);
+                        let seq = req.seq;
+                        let delivered = self.deliver(&board, req, p, d);
+                        self.trace_route(seq, p, d, prefix_tokens, delivered);
+                        undelivered |= !delivered;
                     }
                     GatewayAction::Refuse { req, pool_pages } => {
                         self.fail(
@@ -248,7 +274,35 @@ impl GatewayState {
         }
     }
 
+    /// Ends a traced sequence's route span with the routing decision and its reason: the
+    /// prefill worker's cache held part of the prompt, or load alone chose. A placement undone
+    /// (a worker found gone) stays queued and keeps its span.
+    fn trace_route(&mut self, seq: SeqId, p: RankId, d: RankId, prefix_tokens: usize, ok: bool) {
+        let Some(span) = self.queued_spans.get(&seq) else {
+            return;
+        };
+        if !ok && self.waiting.contains_key(&seq) {
+            return;
+        }
+        span.record("prefill_worker", p.group);
+        span.record("decode_group", d.group);
+        span.record("prefix_hit_tokens", prefix_tokens);
+        span.record(
+            "route_reason",
+            if prefix_tokens > 0 {
+                "prefix_hit"
+            } else {
+                "load"
+            },
+        );
+        span.record("outcome", "placed");
+        self.queued_spans.remove(&seq);
+    }
+
     fn fail(&mut self, seq: SeqId, why: SeqFailure) {
+        if let Some(span) = self.queued_spans.remove(&seq) {
+            span.record("outcome", why.to_string().as_str());
+        }
         if let Some(job) = self.waiting.remove(&seq) {
             let _ = job.events.send(SeqEvent::Failed(why));
         }

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use crate::clock::Clock;
 use crate::gateway::GatewayMsg;
 use crate::seq::{Finish, SeqEvent, SeqJob, SeqParams, TokenLogprob};
+use crate::trace::TraceCtx;
 use duet_openai::detok::Detokenizer;
 use duet_openai::protocol::FinishReason;
 use duet_openai::reasoning::ReasoningParser;
@@ -84,6 +85,10 @@ pub struct ChoiceRun {
     deadline: Instant,
     /// The whole output text so far (before reasoning/tool separation), for /generate.
     pub text: String,
+    /// This choice's trace span (disabled when the request is not traced) and the span of its
+    /// current run: the first, or a re-run after a failure.
+    span: tracing::Span,
+    run_span: tracing::Span,
 }
 
 impl ChoiceRun {
@@ -96,6 +101,7 @@ impl ChoiceRun {
         params: SeqParams,
         text: TextOptions,
         timeout: Duration,
+        request_span: &tracing::Span,
     ) -> Self {
         let tail = &prompt[prompt.len().saturating_sub(8)..];
         let detok = Detokenizer::new(tokenizer, tail, text.skip_special_tokens);
@@ -105,7 +111,6 @@ impl ChoiceRun {
             gateway,
             ids,
             id,
-            prompt,
             params,
             rx,
             generated: Vec::new(),
@@ -118,8 +123,18 @@ impl ChoiceRun {
             tools: text.tools.map(ToolCallParser::new),
             deadline: Clock::deadline(timeout),
             text: String::new(),
+            span: crate::trace_span!(
+                parent: request_span,
+                "choice",
+                prompt_tokens = prompt.len(),
+                completion_tokens = tracing::field::Empty,
+                finish_reason = tracing::field::Empty,
+                error = tracing::field::Empty,
+            ),
+            run_span: tracing::Span::none(),
+            prompt,
         };
-        run.submit(tx);
+        run.submit(tx, None);
         run
     }
 
@@ -138,7 +153,17 @@ impl ChoiceRun {
             .unwrap_or_default()
     }
 
-    fn submit(&mut self, events: mpsc::UnboundedSender<SeqEvent>) {
+    /// Sends the sequence (again, after `rerun_reason`) from the tokens streamed so far.
+    fn submit(&mut self, events: mpsc::UnboundedSender<SeqEvent>, rerun_reason: Option<&str>) {
+        self.run_span = crate::trace_span!(
+            parent: &self.span,
+            "sequence",
+            seq = self.id,
+            run = self.resubmits,
+            rerun_reason = rerun_reason,
+            tokens_already_streamed = self.generated.len(),
+            outcome = tracing::field::Empty,
+        );
         let mut tokens = Vec::with_capacity(self.prompt.len() + self.generated.len());
         tokens.extend_from_slice(&self.prompt);
         tokens.extend_from_slice(&self.generated);
@@ -150,6 +175,7 @@ impl ChoiceRun {
             prompt_len: self.prompt.len(),
             params,
             events,
+            trace: TraceCtx::of(&self.run_span),
         };
         if self
             .gateway
@@ -175,10 +201,11 @@ impl ChoiceRun {
             resubmit = self.resubmits,
             "re-running: {why}"
         );
+        self.run_span.record("outcome", why);
         let (tx, rx) = mpsc::unbounded_channel();
         self.rx = rx;
         self.id = self.ids.fetch_add(1, Ordering::Relaxed);
-        self.submit(tx);
+        self.submit(tx, Some(why));
         Ok(())
     }
 
@@ -219,6 +246,8 @@ impl ChoiceRun {
 
     fn fail(&mut self, e: String) -> ChoiceDelta {
         self.finished = true;
+        self.run_span.record("outcome", e.as_str());
+        self.span.record("error", e.as_str());
         let _ = self.gateway.cast(GatewayMsg::Abort(self.id));
         ChoiceDelta {
             finish: Some(ChoiceFinish::Error(e)),
@@ -282,9 +311,29 @@ impl ChoiceRun {
             } else {
                 let _ = self.gateway.cast(GatewayMsg::Done(self.id));
             }
+            self.end_of_stream(reason);
             out.finish = Some(ChoiceFinish::Done { reason, matched });
         }
         out
+    }
+
+    /// Records the end of the stream on the choice's trace span.
+    fn end_of_stream(&self, reason: FinishReason) {
+        let reason = match reason {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
+        };
+        self.run_span.record("outcome", "finished");
+        self.span.record("completion_tokens", self.generated.len());
+        self.span.record("finish_reason", reason);
+        tracing::info!(
+            target: crate::trace::TARGET,
+            parent: &self.span,
+            completion_tokens = self.generated.len(),
+            finish_reason = reason,
+            "end of stream"
+        );
     }
 
     /// Splits released text into reasoning, content and tool-call events.
@@ -325,6 +374,7 @@ impl ChoiceRun {
 impl Drop for ChoiceRun {
     fn drop(&mut self) {
         if !self.finished {
+            self.run_span.record("outcome", "client gone");
             // Client disconnect: free the sequence's pages now, not at its next token.
             let _ = self.gateway.cast(GatewayMsg::Abort(self.id));
         }

@@ -26,6 +26,7 @@ use crate::protocol::{
     RegistryMsg, WorkerLoad, WorkerRef,
 };
 use crate::seq::{SeqEvent, SeqJob, SeqSampler};
+use crate::trace::child_span;
 use crate::worker::{EpTurn, WorkerArgs, load_of};
 
 /// One layer frame must be accepted by the destination within this time or the sequence is
@@ -219,6 +220,28 @@ impl PrefillState {
 
     fn start_step(&mut self, plan: duet_core::sched::StepPlan, myself: &ActorRef<PrefillMsg>) {
         let rows = plan_rows(&plan, self.core.sched(), self.core.kv());
+        // One span per traced sequence's chunk, open for the step (the forward and, for a final
+        // chunk, the layer-by-layer KV sends).
+        let chunk_spans: Vec<tracing::Span> = plan
+            .items
+            .iter()
+            .filter(|_| crate::trace::enabled())
+            .filter_map(|it| {
+                let trace = self.core.job(it.seq)?.job.trace;
+                let span = child_span(trace, || {
+                    crate::trace_span!(
+                        "prefill.chunk",
+                        seq = it.seq,
+                        worker = self.args.id.0,
+                        start = it.start,
+                        tokens = it.len,
+                        last = it.samples,
+                        batch = plan.items.len(),
+                    )
+                });
+                (!span.is_disabled()).then_some(span)
+            })
+            .collect();
         let mut targets = Vec::new();
         for (it, row) in plan.items.iter().zip(&rows) {
             if let Some(j) = self.core.job(it.seq)
@@ -270,6 +293,7 @@ impl PrefillState {
                 .prefill_step_seconds
                 .observe(Clock::since(started).as_secs_f64());
             stats.kv_send_failures_total.add(send_errors.len() as u64);
+            drop(chunk_spans);
             let _ = me.cast(PrefillMsg::StepDone(Box::new(StepDone {
                 plan,
                 kv,
@@ -364,6 +388,16 @@ impl PrefillState {
                     let Job {
                         job, dest, sampler, ..
                     } = job;
+                    let _span = child_span(job.trace, || {
+                        crate::trace_span!(
+                            "prefill.handoff",
+                            seq = it.seq,
+                            decode_group = dest.group.0,
+                            first_token = token,
+                            cached_tokens = cached,
+                            layers,
+                        )
+                    });
                     let handoff = Handoff {
                         job,
                         first_token: token,

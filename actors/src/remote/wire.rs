@@ -15,11 +15,13 @@ use crate::seq::{
     EventTx, Finish, SeqEvent, SeqFailure, SeqJob, SeqParams, SeqSampler, ThinkingBudgetSpec,
     TokenLogprob,
 };
+use crate::trace::TraceCtx;
 use duet_model::grammar::{GrammarKind, GrammarSpec};
 
 /// Bumped on any change to the messages below (3: `logit_bias` in the job's parameters; 4: the
-/// model shape names the architecture and the KV width; 5: the job's grammar).
-pub const PROTOCOL_VERSION: u16 = 5;
+/// model shape names the architecture and the KV width; 5: the job's grammar; 6: the job carries
+/// its trace context).
+pub const PROTOCOL_VERSION: u16 = 6;
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireRole {
@@ -166,12 +168,22 @@ impl From<&WireGrammar> for GrammarSpec {
     }
 }
 
+/// W3C trace context (fixed-size fields: nothing to bound on receipt).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireTrace {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub flags: u8,
+}
+
 #[derive(Archive, Serialize, Deserialize, Debug, Clone)]
 pub struct WireJob {
     pub id: u64,
     pub tokens: Vec<u32>,
     pub prompt_len: u64,
     pub params: WireParams,
+    /// The span the job's work joins, when the request is traced.
+    pub trace: Option<WireTrace>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -405,6 +417,11 @@ impl WireJob {
             tokens: job.tokens.to_vec(),
             prompt_len: job.prompt_len as u64,
             params: WireParams::from(&job.params),
+            trace: job.trace.map(|t| WireTrace {
+                trace_id: t.trace_id,
+                span_id: t.span_id,
+                flags: t.flags,
+            }),
         }
     }
 
@@ -416,6 +433,11 @@ impl WireJob {
             tokens: Arc::new(self.tokens),
             params: SeqParams::from(&self.params),
             events,
+            trace: self.trace.map(|t| TraceCtx {
+                trace_id: t.trace_id,
+                span_id: t.span_id,
+                flags: t.flags,
+            }),
         }
     }
 }
@@ -511,6 +533,11 @@ mod tests {
                     starts_after: Some(128_799),
                 }),
             },
+            trace: Some(WireTrace {
+                trace_id: [7; 16],
+                span_id: [9; 8],
+                flags: 1,
+            }),
         }
     }
 

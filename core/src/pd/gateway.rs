@@ -96,6 +96,8 @@ pub enum GatewayAction {
         req: PdRequest,
         prefill: Option<RankId>,
         decode: Option<RankId>,
+        /// Prompt tokens the chosen prefill group's cache is known to hold (0: chosen by load).
+        prefix_tokens: usize,
     },
     /// No live decode rank can ever hold the sequence: fail it.
     Refuse { req: PdRequest, pool_pages: usize },
@@ -408,7 +410,7 @@ impl GatewayCore {
                 None
             };
             let w = self.queue.pop_front().expect("front exists");
-            let prefill = if self.cfg.prefill {
+            let (prefill, prefix_tokens) = if self.cfg.prefill {
                 let computed;
                 let page_hashes = if w.req.page_hashes.is_empty() && w.req.prompt_len > 0 {
                     computed = hashes(&w.req);
@@ -418,14 +420,15 @@ impl GatewayCore {
                 };
                 let at = self.place_prefill(page_hashes, w.req.prompt_len, now_us);
                 debug_assert!(at.is_some(), "a prefill rank has room");
-                at
+                (at.map(|(r, _)| r), at.map_or(0, |(_, m)| m))
             } else {
-                None
+                (None, 0)
             };
             self.actions.push_back(GatewayAction::Place {
                 req: w.req,
                 prefill,
                 decode,
+                prefix_tokens,
             });
         }
     }
@@ -538,7 +541,7 @@ impl GatewayCore {
         page_hashes: &[u64],
         prompt_len: usize,
         now_us: u64,
-    ) -> Option<RankId> {
+    ) -> Option<(RankId, usize)> {
         let mut loads = std::mem::take(&mut self.scratch_prefill);
         loads.clear();
         for (&g, grp) in &self.prefill {
@@ -557,6 +560,7 @@ impl GatewayCore {
             loads.push(load);
         }
         let chosen = self.group_router.route_pages(page_hashes, &loads, now_us);
+        let matched = chosen.map_or(0, |(_, m)| m);
         let at = chosen.and_then(|(gw, _)| {
             let grp = self.prefill.get(&gw.0)?;
             loads.clear();
@@ -573,7 +577,7 @@ impl GatewayCore {
         let grp = self.prefill.get(&at.group)?;
         let r = grp.ranks[at.rank as usize];
         self.update_prefill(at, r.queued_tokens + prompt_len as u64, r.running);
-        Some(at)
+        Some((at, matched))
     }
 
     /// Panics naming the first broken invariant: commitments add up per rank, and the count of

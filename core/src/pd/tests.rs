@@ -471,6 +471,7 @@ fn placements(g: &mut GatewayCore) -> Vec<(SeqId, Option<RankId>, Option<RankId>
                 req,
                 prefill,
                 decode,
+                ..
             } => out.push((req.seq, prefill, decode)),
             other => panic!("{other:?}"),
         }
@@ -580,7 +581,7 @@ proptest! {
             g.pump(now);
             while let Some(act) = g.poll_action() {
                 let seq = match &act {
-                    GatewayAction::Place { req, prefill, decode } => {
+                    GatewayAction::Place { req, prefill, decode, .. } => {
                         prop_assert!(prefill.is_some() && decode.is_some());
                         live.push((req.seq, decode.unwrap().group));
                         req.seq

@@ -20,6 +20,7 @@ use crate::clock::Clock;
 use crate::gateway::stream::{ChoiceDelta, ChoiceFinish, ChoiceRun, Matched, TextOptions};
 use crate::metrics::Metrics;
 use crate::seq::TokenLogprob;
+use crate::trace::TraceCtx;
 use duet_openai::protocol::{self as p, ApiError, GenParams};
 
 /// Latency bookkeeping for one choice, and its count in `duet_requests_total` by how it ended.
@@ -326,7 +327,11 @@ pub(super) struct ChoiceStream {
 pub(super) type Event = axum::response::sse::Event;
 
 /// The handler of every generating endpoint.
-pub(super) async fn generating<E: Endpoint>(State(s): State<Shared>, body: Body) -> Response {
+pub(super) async fn generating<E: Endpoint>(
+    State(s): State<Shared>,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> Response {
     let prepared = match read_body(&s, body).await {
         Ok(bytes) => p::parse_json(&bytes).and_then(|req| E::prepare(&s, req)),
         Err(e) => Err(e),
@@ -339,11 +344,38 @@ pub(super) async fn generating<E: Endpoint>(State(s): State<Shared>, body: Body)
             return error_response(e);
         }
     };
-    answer(s, g).await.unwrap_or_else(error_response)
+    let span = request_span(&headers, &g.request.id);
+    answer(s, g, span).await.unwrap_or_else(error_response)
 }
 
-pub(super) async fn answer<E: Endpoint>(s: Shared, g: Generation<E>) -> Result<Response, ApiError> {
-    let admission = admit(&s)?;
+/// The request's trace span: a child of the caller's W3C `traceparent` when it sends one, else
+/// the root of a new trace (disabled when tracing is off).
+pub(super) fn request_span(headers: &axum::http::HeaderMap, request_id: &str) -> tracing::Span {
+    let span = crate::trace_span!("request", request_id, admission = tracing::field::Empty);
+    if !span.is_disabled()
+        && let Some(parent) = headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceCtx::parse_traceparent)
+    {
+        parent.adopt(&span);
+    }
+    span
+}
+
+pub(super) async fn answer<E: Endpoint>(
+    s: Shared,
+    g: Generation<E>,
+    span: tracing::Span,
+) -> Result<Response, ApiError> {
+    let admission = match admit(&s) {
+        Ok(a) => a,
+        Err(e) => {
+            span.record("admission", "refused");
+            return Err(e);
+        }
+    };
+    span.record("admission", "admitted");
     let n = g.params.n;
     // Each prompt counts once however many choices share it (OpenAI's `usage`).
     let prompt_tokens = g.prompts.iter().map(|p| p.len()).sum::<usize>();
@@ -352,7 +384,7 @@ pub(super) async fn answer<E: Endpoint>(s: Shared, g: Generation<E>) -> Result<R
         .prompts
         .iter()
         .flat_map(|pr| (0..n).map(move |_| pr.clone()))
-        .map(|pr| s.start_choice(pr, &g.params, g.text.clone()))
+        .map(|pr| s.start_choice(pr, &g.params, g.text.clone(), &span))
         .collect();
     let shape = Arc::new((g.endpoint, g.request));
     if !g.stream {
