@@ -495,13 +495,13 @@ mod tests {
         };
         let h100 = gpu("h100").unwrap();
         let cal = Calibration::default();
-        let tp1 = CostModel::new(&llama70, h100.clone(), &cal, shape(1)).unwrap();
+        let tp1 = CostModel::new(&llama70, h100, &cal, shape(1)).unwrap();
         assert!(matches!(
             tp1.kv_pages_per_gpu(),
             Err(SimError::DoesNotFit(_))
         ));
-        let tp4 = CostModel::new(&llama70, h100.clone(), &cal, shape(4)).unwrap();
-        let tp8 = CostModel::new(&llama70, h100.clone(), &cal, shape(8)).unwrap();
+        let tp4 = CostModel::new(&llama70, h100, &cal, shape(4)).unwrap();
+        let tp8 = CostModel::new(&llama70, h100, &cal, shape(8)).unwrap();
         assert!(tp4.kv_pages_per_gpu().unwrap() < tp8.kv_pages_per_gpu().unwrap());
         assert_eq!(tp4.expert_slots, 0.0);
         assert_eq!(tp4.imbalance, 1.0);
