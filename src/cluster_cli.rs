@@ -271,8 +271,13 @@ pub fn run_worker(role: Role, a: WorkerArgs) -> Result<()> {
     // The workers compile the grammars of constrained sequences over the model's vocabulary.
     let grammars = match &engine {
         Engine::Model(_) => {
-            let tokenizer = TextTokenizer::from_dir(&dir)
-                .with_context(|| format!("loading the tokenizer from {}", dir.display()))?;
+            let tokenizer = TextTokenizer::from_dir(&dir).with_context(|| {
+                format!(
+                    "loading the tokenizer from {} (a worker compiles constrained sequences' \
+                     grammars over the model's vocabulary)",
+                    dir.display()
+                )
+            })?;
             let eos = duet_actors::serve::eos_ids(&model_cfg, &tokenizer);
             Some(Arc::new(tokenizer.grammar_compiler(eos)))
         }

@@ -266,11 +266,19 @@ async fn a_worker_with_another_model_or_dtype_is_refused_at_join() {
     // The cluster runs the default model in f32. A worker in BF16 (other KV pages) or with
     // another model is refused when it joins, exits non-zero saying why, and is never routed to.
     let c = Cluster::start(1, 1, &["--dtype", "f32"]);
-    let other_model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden/fixtures/v2-lite-tiny")
-        .to_str()
-        .unwrap()
-        .to_string();
+    // V2-Lite's golden fixture with a tokenizer beside it: a worker loads one to compile grammars.
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/fixtures/v2-lite-tiny");
+    let other = tmp("v2-lite-with-tokenizer");
+    std::fs::create_dir_all(&other).unwrap();
+    for f in std::fs::read_dir(&fixture).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, other.join(f.file_name().unwrap())).unwrap();
+    }
+    let (tok, tok_cfg) = duet_model::tiny::r1_tokenizer_files().unwrap();
+    std::fs::write(other.join("tokenizer.json"), tok).unwrap();
+    std::fs::write(other.join("tokenizer_config.json"), tok_cfg).unwrap();
+    let other_model = other.to_str().unwrap().to_string();
     // A Qwen2 config with the default model's layer count and vocabulary: only the architecture
     // (and so the KV layout) differs.
     let qwen2 = tmp("qwen2-same-shape");
