@@ -411,43 +411,35 @@ pub fn cluster_toml(c: &Candidate, req: &PlanRequest, model_dir: &str) -> Result
     cfg.decode.tp_size = c.decode_tp;
     cfg.validate()
         .map_err(|e| SimError::Invalid(format!("planned config: {e}")))?;
-    if dense {
-        let header = format!(
-            "# Written by `duet plan` for {gpu} × {gpus} ({pn} prefill + {dn} decode nodes of {g}).\n\
-             # Parallelism (dense model, no experts): prefill instances of TP{ptp}, decode instances\n\
-             # of TP{dtp}; one prefill worker and one decode group per instance.\n\
-             # Predicted at {rate} req/s: TTFT p99 {ttft:.0} ms, TPOT p99 {tpot:.1} ms, \
-             {out:.0} output tok/s per decode node.\n\n",
-            gpu = req.gpu.name,
-            gpus = c.gpus,
-            pn = c.prefill_nodes,
-            dn = c.decode_nodes,
+    let parallelism = if dense {
+        format!(
+            "# Parallelism (dense model, no experts): prefill instances of TP{ptp}, decode instances\n\
+             # of TP{dtp}; one prefill worker and one decode group per instance.\n",
             ptp = c.prefill_tp,
             dtp = c.decode_tp,
-            rate = req.rate,
-            ttft = c.report.ttft_ms_p99,
-            tpot = c.report.tpot_ms_p99,
-            out = c.report.decode_output_tokens_per_s_per_node,
-        );
-        return Ok(header + &cfg.to_toml());
-    }
+        )
+    } else {
+        format!(
+            "# Parallelism: prefill EP{pep} with DP{pdp} × TP{ptp} attention per instance, decode\n\
+             # EP{dep} with DP{ddp} × TP{dtp}; one prefill worker and one decode group per attention\n\
+             # rank (`ep_size`/`tp_size` below).\n",
+            pep = c.prefill_ep,
+            dep = c.decode_ep,
+            pdp = c.prefill_ep / c.prefill_tp,
+            ptp = c.prefill_tp,
+            ddp = c.decode_ep / c.decode_tp,
+            dtp = c.decode_tp,
+        )
+    };
     let header = format!(
         "# Written by `duet plan` for {gpu} × {gpus} ({pn} prefill + {dn} decode nodes of {g}).\n\
-         # Parallelism: prefill EP{pep} with DP{pdp} × TP{ptp} attention per instance, decode\n\
-         # EP{dep} with DP{ddp} × TP{dtp}; one prefill worker and one decode group per attention\n\
-         # rank (`ep_size`/`tp_size` below).\n\
+         {parallelism}\
          # Predicted at {rate} req/s: TTFT p99 {ttft:.0} ms, TPOT p99 {tpot:.1} ms, \
          {out:.0} output tok/s per decode node.\n\n",
         gpu = req.gpu.name,
         gpus = c.gpus,
         pn = c.prefill_nodes,
         dn = c.decode_nodes,
-        pep = c.prefill_ep,
-        dep = c.decode_ep,
-        pdp = c.prefill_ep / c.prefill_tp,
-        ptp = c.prefill_tp,
-        ddp = c.decode_ep / c.decode_tp,
-        dtp = c.decode_tp,
         rate = req.rate,
         ttft = c.report.ttft_ms_p99,
         tpot = c.report.tpot_ms_p99,
