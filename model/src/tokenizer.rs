@@ -50,6 +50,110 @@ pub struct TextTokenizer {
     tool_chat: Option<(ToolTemplate, ChatTemplate)>,
     /// tokenizer.json as loaded, for the grammar engine's token trie ([`Self::grammar_compiler`]).
     json: std::sync::Arc<[u8]>,
+    /// Built on first use by [`Self::byte_vocab`]; `None` inside when the decoder is not byte-level.
+    byte_vocab: std::sync::OnceLock<Option<ByteVocab>>,
+}
+
+/// Every id's bytes under a byte-level BPE decoder (DeepSeek's, Qwen's, Llama 3's), so that
+/// streamed text is produced in O(new bytes) per token instead of re-decoding a window of ids
+/// through the tokenizer (the gateway's largest per-token cost at high concurrency, BENCHMARKS.md).
+///
+/// `Tokenizer::decode` with a `ByteLevel` decoder is exactly: each id's token string (added
+/// vocabulary first, then the model; unknown ids dropped; special tokens dropped when skipping),
+/// each mapped back char by char through GPT-2's byte alphabet (a token with any char outside it
+/// is taken as its UTF-8 bytes), all concatenated, then decoded as lossy UTF-8. So the bytes of
+/// each id are fixed, and any sequence's text is `from_utf8_lossy` of their concatenation; the
+/// tests check this against `decode` on the real DeepSeek, Qwen and Llama tokenizers.
+pub struct ByteVocab {
+    /// `bytes[offsets[id]..offsets[id + 1]]`; an id with no token has an empty range and
+    /// `known` false.
+    offsets: Vec<u32>,
+    bytes: Vec<u8>,
+    known: Vec<bool>,
+    special: Vec<bool>,
+}
+
+impl ByteVocab {
+    fn build(inner: &tokenizers::Tokenizer) -> Option<Self> {
+        if !matches!(
+            inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        ) {
+            return None;
+        }
+        let char_bytes = gpt2_char_bytes();
+        let special_strings: std::collections::HashSet<String> = inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special)
+            .map(|t| t.content)
+            .collect();
+        let n = inner
+            .get_vocab(true)
+            .into_values()
+            .max()
+            .map_or(0, |m| m as usize + 1);
+        let mut v = Self {
+            offsets: Vec::with_capacity(n + 1),
+            bytes: Vec::new(),
+            known: Vec::with_capacity(n),
+            special: Vec::with_capacity(n),
+        };
+        v.offsets.push(0);
+        for id in 0..n {
+            let tok = inner.id_to_token(id as u32);
+            if let Some(t) = &tok {
+                let start = v.bytes.len();
+                let mapped = t.chars().try_for_each(|c| {
+                    let b = char_bytes.get(&c)?;
+                    v.bytes.push(*b);
+                    Some(())
+                });
+                if mapped.is_none() {
+                    v.bytes.truncate(start);
+                    v.bytes.extend_from_slice(t.as_bytes());
+                }
+            }
+            v.special
+                .push(tok.as_ref().is_some_and(|t| special_strings.contains(t)));
+            v.known.push(tok.is_some());
+            v.offsets.push(u32::try_from(v.bytes.len()).ok()?);
+        }
+        Some(v)
+    }
+
+    /// The id's bytes; `None` for an id the tokenizer does not know (its decode drops it).
+    pub fn bytes(&self, id: u32) -> Option<&[u8]> {
+        let i = id as usize;
+        if !*self.known.get(i)? {
+            return None;
+        }
+        Some(&self.bytes[self.offsets[i] as usize..self.offsets[i + 1] as usize])
+    }
+
+    /// Whether `decode(.., skip_special_tokens: true)` drops this id.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.get(id as usize).copied().unwrap_or(false)
+    }
+}
+
+/// GPT-2's `bytes_to_unicode`, inverted: the char each byte is written as in a byte-level vocab.
+fn gpt2_char_bytes() -> std::collections::HashMap<char, u8> {
+    let mut printable: Vec<u8> = (b'!'..=b'~').chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut chars: Vec<u32> = printable.iter().map(|&b| u32::from(b)).collect();
+    let mut n = 0;
+    for b in 0..=255u8 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    printable
+        .into_iter()
+        .zip(chars)
+        .filter_map(|(b, c)| Some((char::from_u32(c)?, b)))
+        .collect()
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -104,6 +208,7 @@ impl TextTokenizer {
             chat: ChatTemplate::from_tokenizer_config(cfg)?,
             tool_chat: None,
             json: tokenizer_json.into(),
+            byte_vocab: std::sync::OnceLock::new(),
         };
         t.tool_chat = t.tool_template_choice()?;
         Ok(t)
@@ -185,6 +290,14 @@ impl TextTokenizer {
     /// The token's string in the vocabulary (`Ġhello`), as vLLM's `return_token_strs` gives it.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
+    }
+
+    /// The per-id bytes of a byte-level vocabulary ([`ByteVocab`]), built once on first use;
+    /// `None` for a tokenizer with another decoder.
+    pub fn byte_vocab(&self) -> Option<&ByteVocab> {
+        self.byte_vocab
+            .get_or_init(|| ByteVocab::build(&self.inner))
+            .as_ref()
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, Error> {
