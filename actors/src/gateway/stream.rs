@@ -220,27 +220,58 @@ impl ChoiceRun {
                 Err(_) => return Some(self.fail("request timed out".into())),
                 Ok(ev) => ev,
             };
-            let outcome = match ev {
-                Some(SeqEvent::Token {
-                    token,
-                    logprob,
-                    cached_tokens,
-                    finish,
-                }) => {
-                    if self.cached_tokens.is_none() {
-                        self.cached_tokens = cached_tokens;
-                    }
-                    return Some(self.on_token(token, logprob, finish));
-                }
-                Some(SeqEvent::Failed(e)) => return Some(self.fail(e.to_string())),
-                Some(SeqEvent::Retry(why)) => self.resubmit(&why.to_string()),
-                // Every sender dropped without a final event: the worker holding the sequence
-                // was lost. Re-run it from what was streamed.
-                None => self.resubmit("worker lost"),
-            };
-            if let Err(e) = outcome {
-                return Some(self.fail(e));
+            if let Some(d) = self.on_event(ev) {
+                return Some(d);
             }
+        }
+    }
+
+    /// The next delta if its event has already arrived, without waiting: a stream that fell
+    /// behind the engine sends what is waiting in one write.
+    pub fn try_next(&mut self) -> Option<ChoiceDelta> {
+        use tokio::sync::mpsc::error::TryRecvError;
+        while !self.finished {
+            let ev = match self.rx.try_recv() {
+                Ok(ev) => Some(ev),
+                Err(TryRecvError::Empty) => return None,
+                Err(TryRecvError::Disconnected) => None,
+            };
+            if let Some(d) = self.on_event(ev) {
+                return Some(d);
+            }
+        }
+        None
+    }
+
+    /// Whether the last delta ended the choice.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// One event (`None`: every sender gone) into a delta; `None` when the sequence was re-run
+    /// instead and the next event is awaited.
+    fn on_event(&mut self, ev: Option<SeqEvent>) -> Option<ChoiceDelta> {
+        let outcome = match ev {
+            Some(SeqEvent::Token {
+                token,
+                logprob,
+                cached_tokens,
+                finish,
+            }) => {
+                if self.cached_tokens.is_none() {
+                    self.cached_tokens = cached_tokens;
+                }
+                return Some(self.on_token(token, logprob, finish));
+            }
+            Some(SeqEvent::Failed(e)) => return Some(self.fail(e.to_string())),
+            Some(SeqEvent::Retry(why)) => self.resubmit(&why.to_string()),
+            // Every sender dropped without a final event: the worker holding the sequence
+            // was lost. Re-run it from what was streamed.
+            None => self.resubmit("worker lost"),
+        };
+        match outcome {
+            Ok(()) => None,
+            Err(e) => Some(self.fail(e)),
         }
     }
 

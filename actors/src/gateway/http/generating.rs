@@ -142,24 +142,45 @@ pub(super) async fn run_all(
     futures::future::join_all(futs).await
 }
 
-pub(super) fn sse_event<T: Serialize>(v: &T) -> axum::response::sse::Event {
-    axum::response::sse::Event::default().data(serde_json::to_string(v).unwrap_or_default())
+/// One SSE event, `data: {json}\n\n`, written straight into its frame: compact JSON never holds a
+/// raw newline, so the line needs no splitting (what axum's `Event::data` scans and copies for).
+pub(super) fn sse_event<T: Serialize>(v: &T) -> Event {
+    let mut buf = Vec::with_capacity(256);
+    buf.extend_from_slice(b"data: ");
+    // Serializing these types cannot fail (no maps with non-string keys, no I/O).
+    let _ = serde_json::to_writer(&mut buf, v);
+    buf.extend_from_slice(b"\n\n");
+    Event::from(buf)
+}
+
+const SSE_DONE: &[u8] = b"data: [DONE]\n\n";
+
+/// The response around an SSE body: the headers axum's `Sse` sets.
+fn sse_body(body: Body) -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/event-stream"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// Streams SSE events produced by `produce` (one task per choice feeding one bounded queue).
 /// The client going away closes the queue, which ends the tasks and aborts their sequences.
-pub(super) fn sse_response(rx: mpsc::Receiver<axum::response::sse::Event>) -> Response {
+pub(super) fn sse_response(rx: mpsc::Receiver<Event>) -> Response {
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
             .map(|e| (Ok::<_, std::convert::Infallible>(e), rx))
     });
-    axum::response::sse::Sse::new(stream).into_response()
+    sse_body(Body::from_stream(stream))
 }
 
 /// A failure after the response started cannot change the status code: vLLM's and SGLang's
 /// streams carry it as an `{"error": ...}` event, and so does this one.
-pub(super) fn stream_error(d: &ChoiceDelta) -> Option<axum::response::sse::Event> {
+pub(super) fn stream_error(d: &ChoiceDelta) -> Option<Event> {
     match &d.finish {
         Some(ChoiceFinish::Error(e)) => {
             Some(sse_event(&ApiError::unavailable(e.clone()).to_json()))
@@ -212,8 +233,8 @@ where
 pub(super) fn close_stream(
     tasks: Vec<tokio::task::JoinHandle<(usize, Option<usize>)>>,
     admission: Admission,
-    tx: mpsc::Sender<axum::response::sse::Event>,
-    usage: impl FnOnce(usize, usize) -> Option<axum::response::sse::Event> + Send + 'static,
+    tx: mpsc::Sender<Event>,
+    usage: impl FnOnce(usize, usize) -> Option<Event> + Send + 'static,
 ) {
     tokio::spawn(async move {
         let _admission = admission;
@@ -228,9 +249,7 @@ pub(super) fn close_stream(
         if let Some(e) = usage(completion, cached.unwrap_or(0)) {
             let _ = tx.send(e).await;
         }
-        let _ = tx
-            .send(axum::response::sse::Event::default().data("[DONE]"))
-            .await;
+        let _ = tx.send(Event::from_static(SSE_DONE)).await;
     });
 }
 
@@ -324,7 +343,8 @@ pub(super) struct ChoiceStream {
     pub(super) tokens: Vec<(u32, Option<TokenLogprob>)>,
 }
 
-pub(super) type Event = axum::response::sse::Event;
+/// One encoded SSE event (`data: ...\n\n`).
+pub(super) type Event = axum::body::Bytes;
 
 /// The handler of every generating endpoint.
 pub(super) async fn generating<E: Endpoint>(
@@ -410,6 +430,10 @@ pub(super) async fn answer<E: Endpoint>(
         drop(admission);
         return Ok(body);
     }
+    let runs = match <[ChoiceRun; 1]>::try_from(runs) {
+        Ok([run]) => return Ok(single_stream(s, shape, run, admission, prompt_tokens)),
+        Err(runs) => runs,
+    };
     let (tx, rx) = mpsc::channel(SSE_QUEUE_EVENTS);
     let tasks = runs
         .into_iter()
@@ -437,6 +461,89 @@ pub(super) async fn answer<E: Endpoint>(
             .flatten()
     });
     Ok(sse_response(rx))
+}
+
+/// A one-choice stream (nearly every request) is driven by the response body itself: each poll
+/// from hyper waits for the choice's next delta and encodes it, plus every further delta already
+/// waiting, into one frame. No task and no queue between the sequence's events and the socket:
+/// one wake-up per step instead of two, and a stream that fell behind catches up in one write.
+/// A client that stops reading stops the polls, so its events wait in the sequence's channel
+/// (bounded by its `max_tokens`); one that goes away drops the body, which aborts the sequence.
+fn single_stream<E: Endpoint>(
+    s: Shared,
+    shape: Arc<(E, RequestInfo)>,
+    run: ChoiceRun,
+    admission: Admission,
+    prompt_tokens: usize,
+) -> Response {
+    struct One<E> {
+        s: Shared,
+        shape: Arc<(E, RequestInfo)>,
+        run: ChoiceRun,
+        timing: Timing,
+        st: ChoiceStream,
+        opened: bool,
+        done: bool,
+        prompt_tokens: usize,
+        _admission: Admission,
+    }
+    let one = One {
+        timing: Timing::new(s.metrics.clone()),
+        s,
+        shape,
+        run,
+        st: ChoiceStream::default(),
+        opened: false,
+        done: false,
+        prompt_tokens,
+        _admission: admission,
+    };
+    let stream = futures::stream::unfold(one, |mut o| async move {
+        if o.done {
+            return None;
+        }
+        let (endpoint, request) = &*o.shape;
+        // The opening (chat's role chunk) goes out at once, before the first token.
+        if !std::mem::replace(&mut o.opened, true)
+            && let Some(e) = endpoint.opening(request, 0)
+        {
+            return Some((Ok(e), o));
+        }
+        let mut frame = Vec::new();
+        let mut next = o.run.next().await;
+        while let Some(d) = next.take() {
+            o.timing.on_tokens(d.tokens.len());
+            let finished = d.finish.is_some();
+            if let Some(f) = &d.finish {
+                o.timing.finish(finish_label(f));
+            }
+            match stream_error(&d) {
+                Some(e) => frame.extend_from_slice(&e),
+                None => {
+                    for e in endpoint.delta(&o.s, request, 0, &o.run, d, &mut o.st) {
+                        frame.extend_from_slice(&e);
+                    }
+                }
+            }
+            if finished {
+                break;
+            }
+            next = o.run.try_next();
+        }
+        if o.run.is_finished() {
+            let cached = o.run.cached_tokens.unwrap_or(0);
+            let usage = p::Usage::new(o.prompt_tokens, o.run.generated().len(), Some(cached));
+            if request.include_usage
+                && let Some(e) = endpoint.usage(request, usage)
+            {
+                frame.extend_from_slice(&e);
+            }
+            frame.extend_from_slice(SSE_DONE);
+            o.done = true;
+        }
+        Some((Ok::<_, std::convert::Infallible>(Event::from(frame)), o))
+    });
+    sse_body(Body::from_stream(stream))
 }
 
 pub(super) fn encode_prompt(
