@@ -25,7 +25,7 @@ use ractor::{ActorProcessingErr, ActorRef};
 
 use super::forward::{Forward, Forwarder};
 use super::wire::{
-    self, Hello, ModelShape, ToGateway, ToWorker, WireJob, WireKvTransport, WireLoad,
+    self, Hello, ModelShape, ToGateway, ToWorker, WireEvent, WireJob, WireKvTransport, WireLoad,
     WireParallelism, WireRole,
 };
 use crate::protocol::{
@@ -267,31 +267,38 @@ impl Hub {
         Ok(())
     }
 
+    /// One sequence event from a worker process into the sequence's stream.
+    fn on_event(&self, from: PeerId, seq: u64, event: WireEvent) {
+        // Only the process holding a sequence speaks for it: a stale or confused peer
+        // cannot put tokens into another's stream.
+        let last = event.is_final();
+        match self.seqs.get(&seq) {
+            Some(h) if h.holder == from => {
+                let _ = h.events.send(SeqEvent::from(event));
+            }
+            Some(h) => {
+                tracing::debug!(
+                    seq,
+                    from,
+                    holder = h.holder,
+                    "event from a non-holder dropped"
+                );
+                return;
+            }
+            None => return,
+        }
+        if last {
+            self.seqs.remove(&seq);
+        }
+    }
+
     async fn dispatch(self: &Arc<Self>, from: PeerId, msg: ToGateway) {
         match msg {
             ToGateway::Hello(_) => tracing::warn!("second hello from a worker process; ignored"),
             ToGateway::Workers(list) => self.update_workers(from, list).await,
-            ToGateway::Event { seq, event } => {
-                // Only the process holding a sequence speaks for it: a stale or confused peer
-                // cannot put tokens into another's stream.
-                let last = event.is_final();
-                match self.seqs.get(&seq) {
-                    Some(h) if h.holder == from => {
-                        let _ = h.events.send(SeqEvent::from(event));
-                    }
-                    Some(h) => {
-                        tracing::debug!(
-                            seq,
-                            from,
-                            holder = h.holder,
-                            "event from a non-holder dropped"
-                        );
-                        return;
-                    }
-                    None => return,
-                }
-                if last {
-                    self.seqs.remove(&seq);
+            ToGateway::Events(events) => {
+                for (seq, event) in events {
+                    self.on_event(from, seq, event);
                 }
             }
             ToGateway::Prefill {

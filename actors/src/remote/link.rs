@@ -81,10 +81,66 @@ struct Shared {
     generation: std::sync::atomic::AtomicU64,
     /// Sequence → the local worker holding it, to abort them all if the gateway goes away.
     local: DashMap<SeqId, u32>,
+    /// Sequence events not yet sent, in the order the forwarders took them: one control message
+    /// carries them all (a decode step's tokens for all its sequences), not one per token.
+    batch: Mutex<Vec<(SeqId, WireEvent)>>,
+    /// Wakes the batcher when `batch` gets its first event.
+    batch_ready: tokio::sync::Notify,
+    /// Held from taking a batch (or a message) to queueing it, so that messages leave in the
+    /// order their causes happened: a first token before the handoff that follows it.
+    send_order: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
+    /// Sends `msg` after every event taken before it.
     async fn send(&self, msg: &ToGateway) -> bool {
+        let _order = self.send_order.lock().await;
+        self.send_batch().await;
+        self.send_now(msg).await
+    }
+
+    /// Sends the events waiting in `batch`.
+    async fn flush(&self) {
+        let _order = self.send_order.lock().await;
+        self.send_batch().await;
+    }
+
+    /// Under `send_order`.
+    async fn send_batch(&self) {
+        let events = std::mem::take(&mut *self.batch.lock().unwrap_or_else(|e| e.into_inner()));
+        if !events.is_empty() {
+            // Disconnected: the events are dropped, as the gateway re-runs the session's
+            // sequences from what it received.
+            self.send_now(&ToGateway::Events(events)).await;
+        }
+    }
+
+    /// Queues one sequence event for the next batch; a full batch is sent at once (waiting on the
+    /// control plane's bounded queue, which holds the worker's forwarders back).
+    async fn push_event(&self, seq: SeqId, event: WireEvent) {
+        let len = {
+            let mut b = self.batch.lock().unwrap_or_else(|e| e.into_inner());
+            b.push((seq, event));
+            b.len()
+        };
+        if len >= wire::EVENTS_PER_MESSAGE_MAX {
+            self.flush().await;
+        } else if len == 1 {
+            self.batch_ready.notify_one();
+        }
+    }
+
+    /// Sends batches as events arrive. After a wake-up it yields once, so that the forwarders
+    /// woken by the same step (one per sequence) add their tokens to this batch first.
+    async fn batcher(self: Arc<Self>) {
+        loop {
+            self.batch_ready.notified().await;
+            tokio::task::yield_now().await;
+            self.flush().await;
+        }
+    }
+
+    async fn send_now(&self, msg: &ToGateway) -> bool {
         let tx = self.tx.read().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(tx) = tx else { return false };
         match wire::encode(msg) {
@@ -109,7 +165,7 @@ impl Shared {
             while let Some(ev) = rx.recv().await {
                 let event = WireEvent::from(&ev);
                 done |= event.is_final();
-                me.send(&ToGateway::Event { seq, event }).await;
+                me.push_event(seq, event).await;
             }
             let handed = me.handed.remove(&seq).is_some();
             if !done && !handed {
@@ -140,6 +196,14 @@ impl Shared {
     }
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs the link until a fatal refusal (wrong credential, another model, a version mismatch).
 /// Losing the gateway is not fatal: the link reconnects.
 pub async fn run(args: LinkArgs) -> Result<(), LinkError> {
@@ -150,7 +214,12 @@ pub async fn run(args: LinkArgs) -> Result<(), LinkError> {
         forwarders: DashMap::new(),
         generation: std::sync::atomic::AtomicU64::new(0),
         local: DashMap::new(),
+        batch: Mutex::new(Vec::new()),
+        batch_ready: tokio::sync::Notify::new(),
+        send_order: tokio::sync::Mutex::new(()),
     });
+    let batcher = tokio::spawn(shared.clone().batcher());
+    let _batcher = AbortOnDrop(batcher);
     let proxies = Proxies::default();
     let mut backoff = RECONNECT_FIRST;
     let mut reported_unreachable = false;

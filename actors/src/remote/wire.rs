@@ -21,7 +21,7 @@ use duet_model::grammar::{GrammarKind, GrammarSpec};
 /// Bumped on any change to the messages below (3: `logit_bias` in the job's parameters; 4: the
 /// model shape names the architecture and the KV width; 5: the job's grammar; 6: the job carries
 /// its trace context).
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireRole {
@@ -168,6 +168,10 @@ impl From<&WireGrammar> for GrammarSpec {
     }
 }
 
+/// Events in one [`ToGateway::Events`]: ~200 bytes each with 20 top logprobs, far under the
+/// control plane's frame limit.
+pub const EVENTS_PER_MESSAGE_MAX: usize = 4096;
+
 /// W3C trace context (fixed-size fields: nothing to bound on receipt).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WireTrace {
@@ -221,10 +225,10 @@ pub enum ToGateway {
     /// Every live worker of the process and its load: sent when a load changes and at least
     /// every heartbeat interval. A worker missing from the list is down (restarting).
     Workers(Vec<(u32, WireLoad)>),
-    Event {
-        seq: u64,
-        event: WireEvent,
-    },
+    /// Sequence events in the order they happened: everything a process's workers produced since
+    /// the last message (a decode step's tokens for all its sequences travel together), at most
+    /// [`EVENTS_PER_MESSAGE_MAX`].
+    Events(Vec<(u64, WireEvent)>),
     /// Decode reserved `pages` in `group`: send the job on to prefill worker `prefill`.
     Prefill {
         prefill: u32,
@@ -562,15 +566,18 @@ mod tests {
             let back: ToWorker = decode(&encode(&m).unwrap()).unwrap();
             assert_eq!(format!("{m:?}"), format!("{back:?}"));
         }
-        let e = ToGateway::Event {
-            seq: 3,
-            event: WireEvent::Token {
-                token: 7,
-                logprob: Some((-0.5, vec![(7, -0.5), (8, -1.5)])),
-                cached_tokens: Some(64),
-                finish: Some(WireFinish::Stop(7)),
-            },
-        };
+        let e = ToGateway::Events(vec![
+            (
+                3,
+                WireEvent::Token {
+                    token: 7,
+                    logprob: Some((-0.5, vec![(7, -0.5), (8, -1.5)])),
+                    cached_tokens: Some(64),
+                    finish: Some(WireFinish::Stop(7)),
+                },
+            ),
+            (4, WireEvent::Retry("moved".into())),
+        ]);
         let back: ToGateway = decode(&encode(&e).unwrap()).unwrap();
         assert_eq!(format!("{e:?}"), format!("{back:?}"));
     }
