@@ -34,9 +34,7 @@ const POWEROFF_DEADLINE: Duration = Duration::from_secs(30);
 const ROLLING_REQUESTS_MIN: u64 = 50;
 
 fn run(cmd: &mut Command) -> Result<Output, String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("running {cmd:?}: {e}"))?;
+    let out = cmd.output().map_err(|e| format!("running {cmd:?}: {e}"))?;
     if out.status.success() {
         Ok(out)
     } else {
@@ -63,12 +61,20 @@ fn prerequisites() -> Result<(), String> {
             .map_err(|_| format!("{tool} is not installed"))?;
     }
     for (path, what) in [
-        ("target/deploy-rootfs/usr/sbin/sshd", "the Debian root (debootstrap)"),
-        ("target/venv-ansible/bin/ansible-playbook", "ansible-core's venv"),
+        (
+            "target/deploy-rootfs/usr/sbin/sshd",
+            "the Debian root (debootstrap)",
+        ),
+        (
+            "target/venv-ansible/bin/ansible-playbook",
+            "ansible-core's venv",
+        ),
         ("target/venv-openai/bin/python", "the openai client's venv"),
     ] {
         if !Path::new(ROOT).join(path).exists() {
-            return Err(format!("{path} is missing ({what}: scripts/test.sh makes it)"));
+            return Err(format!(
+                "{path} is missing ({what}: scripts/test.sh makes it)"
+            ));
         }
     }
     Ok(())
@@ -128,11 +134,22 @@ impl Lab {
             ])?;
             ip(&["-n", &sw, "link", "set", h, "master", "br0"])?;
             ip(&["-n", &sw, "link", "set", h, "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         }
         let key = lab.dir.join("id_ed25519");
-        run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", ""]).arg("-f").arg(&key))?;
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", ""])
+            .arg("-f")
+            .arg(&key))?;
         let pubkey = std::fs::read(key.with_extension("pub")).map_err(|e| e.to_string())?;
         for h in HOSTS {
             lab.boot(h, &pubkey)?;
@@ -165,12 +182,21 @@ impl Lab {
         };
         write("etc/hostname", format!("{host}\n").as_bytes())?;
         write("root/.ssh/authorized_keys", pubkey)?;
-        let log = std::fs::File::create(base.with_extension("console"))
-            .map_err(|e| e.to_string())?;
+        let log =
+            std::fs::File::create(base.with_extension("console")).map_err(|e| e.to_string())?;
         let child = Command::new("systemd-nspawn")
-            .args(["--quiet", "--boot", "--console=passive", "--register=no", "--keep-unit"])
+            .args([
+                "--quiet",
+                "--boot",
+                "--console=passive",
+                "--register=no",
+                "--keep-unit",
+            ])
             .arg(format!("--machine={}", self.ns(host)))
-            .arg(format!("--network-namespace-path=/var/run/netns/{}", self.ns(host)))
+            .arg(format!(
+                "--network-namespace-path=/var/run/netns/{}",
+                self.ns(host)
+            ))
             .arg("--directory")
             .arg(&root)
             .stdin(Stdio::null())
@@ -194,8 +220,20 @@ impl Lab {
         let key = self.dir.join("id_ed25519");
         let out = run(self
             .ctl("ssh")
-            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
-            .args(["-o", "LogLevel=ERROR", "-o", "ConnectTimeout=2", "-o", "BatchMode=yes"])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .args([
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "ConnectTimeout=2",
+                "-o",
+                "BatchMode=yes",
+            ])
             .arg("-i")
             .arg(&key)
             .arg(format!("root@{}", Self::host_addr(host)))
@@ -316,10 +354,13 @@ fn changed(r: &[(String, [u64; 4])]) -> Vec<(String, u64)> {
 fn client_result(out: &Output) -> (u64, u64, String) {
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().last().unwrap_or_else(|| {
-        panic!("no output from the client: {}", String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "no output from the client: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     });
-    let v: serde_json::Value = serde_json::from_str(line)
-        .unwrap_or_else(|e| panic!("client output {line}: {e}"));
+    let v: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("client output {line}: {e}"));
     (
         v["ok"].as_u64().unwrap(),
         v["failed"].as_u64().unwrap(),
@@ -402,7 +443,10 @@ fn ansible_deploys_serves_is_idempotent_and_restarts_rolling_without_a_failed_re
 
     let (out, took) = lab.ansible(&inv, &[&site]);
     let first = assert_ran("the first site.yml", &out);
-    eprintln!("site.yml (first run) took {took:.1?}: changed {:?}", changed(&first));
+    eprintln!(
+        "site.yml (first run) took {took:.1?}: changed {:?}",
+        changed(&first)
+    );
     assert_eq!(first.len(), HOSTS.len(), "{first:?}");
 
     let base = format!("http://{}:9965/v1", Lab::host_addr("gw"));
@@ -422,18 +466,29 @@ fn ansible_deploys_serves_is_idempotent_and_restarts_rolling_without_a_failed_re
     let mode = std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "{}", secret.display());
     for h in HOSTS {
-        let st = lab.ssh(h, "stat -c '%a %U' /etc/duet/cluster.secret").unwrap();
+        let st = lab
+            .ssh(h, "stat -c '%a %U' /etc/duet/cluster.secret")
+            .unwrap();
         assert_eq!(st, "600 duet", "{h}");
     }
 
     let (out, took) = lab.ansible(&inv, &[&site]);
     let again = assert_ran("the second site.yml", &out);
-    eprintln!("site.yml (second run) took {took:.1?}: changed {:?}", changed(&again));
-    assert!(again.iter().all(|(_, c)| c[1] == 0), "not idempotent: {again:?}");
+    eprintln!(
+        "site.yml (second run) took {took:.1?}: changed {:?}",
+        changed(&again)
+    );
+    assert!(
+        again.iter().all(|(_, c)| c[1] == 0),
+        "not idempotent: {again:?}"
+    );
 
     let (out, took) = lab.ansible(&inv, &["--check", "--diff", &site]);
     let check = assert_ran("site.yml --check --diff", &out);
-    eprintln!("site.yml --check --diff took {took:.1?}: changed {:?}", changed(&check));
+    eprintln!(
+        "site.yml --check --diff took {took:.1?}: changed {:?}",
+        changed(&check)
+    );
     assert!(check.iter().all(|(_, c)| c[1] == 0), "{check:?}");
 
     // The rolling restart under a steady stream of requests.
@@ -468,8 +523,14 @@ fn ansible_deploys_serves_is_idempotent_and_restarts_rolling_without_a_failed_re
     eprintln!(
         "rolling-restart.yml took {took:.1?}: {ok} requests succeeded and {failed} failed during it"
     );
-    assert_eq!(failed, 0, "requests failed during the rolling restart: {errors}");
-    assert!(ok >= ROLLING_REQUESTS_MIN, "only {ok} requests during the rolling restart");
+    assert_eq!(
+        failed, 0,
+        "requests failed during the rolling restart: {errors}"
+    );
+    assert!(
+        ok >= ROLLING_REQUESTS_MIN,
+        "only {ok} requests during the rolling restart"
+    );
     assert_eq!(restart.len(), 3, "{restart:?}");
     let after = worker_pids(&lab);
     for ((h, a), (_, b)) in before.iter().zip(&after) {
@@ -500,8 +561,16 @@ fn the_planner_writes_an_inventory_site_yml_reads() {
     }
     let dir = common::tmp("plan-inventory");
     run(Command::new(env!("CARGO_BIN_EXE_duet"))
-        .args(["plan", "--gpu", "h200", "--isl", "1000", "--osl", "100", "--rate", "4"])
-        .args(["--verify-requests", "100", "--model-dir", "/srv/models/deepseek-v3", "--out"])
+        .args([
+            "plan", "--gpu", "h200", "--isl", "1000", "--osl", "100", "--rate", "4",
+        ])
+        .args([
+            "--verify-requests",
+            "100",
+            "--model-dir",
+            "/srv/models/deepseek-v3",
+            "--out",
+        ])
         .arg(&dir))
     .unwrap();
     let toml = std::fs::read_to_string(dir.join("duet.toml")).unwrap();
@@ -514,7 +583,9 @@ fn the_planner_writes_an_inventory_site_yml_reads() {
     let inv: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for group in ["duet_gateway", "duet_prefill", "duet_decode"] {
         assert!(
-            inv[group]["hosts"].as_array().is_some_and(|h| !h.is_empty()),
+            inv[group]["hosts"]
+                .as_array()
+                .is_some_and(|h| !h.is_empty()),
             "{group}: {inv}"
         );
     }
@@ -523,11 +594,22 @@ fn the_planner_writes_an_inventory_site_yml_reads() {
     // The worker's batch cap and KV pages are the config's.
     let field = |section: &str, key: &str| -> u64 {
         let s = &toml[toml.find(&format!("[{section}]")).unwrap()..];
-        let line = s.lines().find(|l| l.starts_with(&format!("{key} = "))).unwrap();
+        let line = s
+            .lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap();
         line.rsplit(' ').next().unwrap().parse().unwrap()
     };
-    assert_eq!(vars["duet_decode_max_running"], field("decode", "max_running"), "{vars}");
-    assert_eq!(vars["duet_decode_kv_pages"], field("decode", "kv_pages"), "{vars}");
+    assert_eq!(
+        vars["duet_decode_max_running"],
+        field("decode", "max_running"),
+        "{vars}"
+    );
+    assert_eq!(
+        vars["duet_decode_kv_pages"],
+        field("decode", "kv_pages"),
+        "{vars}"
+    );
     assert_eq!(vars["duet_decode_ep"], field("decode", "ep_size"), "{vars}");
     assert_eq!(vars["duet_model_src"], "/srv/models/deepseek-v3", "{vars}");
     assert!(vars["duet_instance"].is_u64(), "{vars}");
