@@ -53,7 +53,7 @@ fn ip(args: &[&str]) -> Result<(), String> {
 
 /// What the test needs from the machine, or why it cannot run.
 fn prerequisites() -> Result<(), String> {
-    if !nix_is_root() {
+    if !is_root() {
         return Err("not root".into());
     }
     for tool in ["ip", "systemd-nspawn", "ssh", "ssh-keygen", "mount"] {
@@ -80,7 +80,7 @@ fn prerequisites() -> Result<(), String> {
     Ok(())
 }
 
-fn nix_is_root() -> bool {
+fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
@@ -505,16 +505,13 @@ fn ansible_deploys_serves_is_idempotent_and_restarts_rolling_without_a_failed_re
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Let the stream start before the first worker goes.
-    let (out, _) = {
-        let o = lab
-            .ctl(&client)
-            .args([&script, &base, "smoke", "4"])
-            .output()
-            .unwrap();
-        (o, ())
-    };
-    assert_eq!(client_result(&out).1, 0);
+    // A few requests of its own before the first worker goes, so the stream is under way.
+    let out = lab
+        .ctl(&client)
+        .args([&script, &base, "smoke", "4"])
+        .output()
+        .unwrap();
+    assert_eq!(client_result(&out).1, 0, "{}", client_result(&out).2);
     let (out, took) = lab.ansible(&inv, &[&format!("{ROOT}/deploy/rolling-restart.yml")]);
     std::fs::write(&stop, b"").unwrap();
     let load = load.wait_with_output().unwrap();
