@@ -82,7 +82,7 @@ if [ "$(id -u)" = 0 ]; then
         echo "making the deploy test's Debian root (debootstrap bookworm) in $ROOTFS" >&2
         rm -rf "$ROOTFS.tmp" "$ROOTFS"
         debootstrap --variant=minbase \
-            --include=systemd,systemd-sysv,dbus,openssh-server,python3,iproute2 \
+            --include=systemd,systemd-sysv,dbus,openssh-server,python3,iproute2,sudo \
             bookworm "$ROOTFS.tmp" http://deb.debian.org/debian >target/deploy-rootfs.log 2>&1 \
             || { tail -n 20 target/deploy-rootfs.log >&2; exit 1; }
         # Each host names itself and gets its own machine id at boot.
