@@ -67,6 +67,38 @@ if [ ! -x "$ST_VENV/bin/st" ]; then
     "$ST_VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis>=4.3,<5"
 fi
 
+# The ansible deploy test (tests/deploy_ansible.rs) boots four Debian hosts as systemd-nspawn
+# containers (systemd-container), each from an overlay over one Debian 12 root made here once by
+# debootstrap (about 320 MB, cached in target/), with openssh-server in it; ansible-core and
+# ansible-lint come from PyPI into a venv under target/. Needs root, like the multi-host test.
+if [ "$(id -u)" = 0 ]; then
+    if ! command -v systemd-nspawn >/dev/null || ! command -v debootstrap >/dev/null \
+        || ! command -v ssh >/dev/null; then
+        echo "installing systemd-container, debootstrap and openssh-client for the deploy test" >&2
+        apt_install systemd-container debootstrap openssh-client
+    fi
+    ROOTFS=target/deploy-rootfs
+    if [ ! -x "$ROOTFS/usr/sbin/sshd" ]; then
+        echo "making the deploy test's Debian root (debootstrap bookworm) in $ROOTFS" >&2
+        rm -rf "$ROOTFS.tmp" "$ROOTFS"
+        debootstrap --variant=minbase \
+            --include=systemd,systemd-sysv,dbus,openssh-server,python3,iproute2,sudo \
+            bookworm "$ROOTFS.tmp" http://deb.debian.org/debian >target/deploy-rootfs.log 2>&1 \
+            || { tail -n 20 target/deploy-rootfs.log >&2; exit 1; }
+        # Each host names itself and gets its own machine id at boot.
+        rm -f "$ROOTFS.tmp/etc/hostname"
+        : >"$ROOTFS.tmp/etc/machine-id"
+        mv "$ROOTFS.tmp" "$ROOTFS"
+    fi
+fi
+AN_VENV=target/venv-ansible
+if [ ! -x "$AN_VENV/bin/ansible-playbook" ] || [ ! -x "$AN_VENV/bin/ansible-lint" ]; then
+    rm -rf "$AN_VENV"
+    python3 -m venv "$AN_VENV"
+    "$AN_VENV/bin/pip" install --quiet --disable-pip-version-check "ansible-core>=2.16,<2.18" "ansible-lint>=24,<26"
+fi
+(cd deploy && PATH="../$AN_VENV/bin:$PATH" ansible-lint --offline -q)
+
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy --workspace --all-targets --features ucx --locked -- -D warnings

@@ -134,10 +134,11 @@ pub struct PlanArgs {
     /// Requests simulated to verify each candidate cluster.
     #[arg(long, default_value_t = 1000)]
     verify_requests: usize,
-    /// Where the winning duet.toml and inventory.yml go.
+    /// Where the winning duet.toml, the ansible inventory.ini and its group_vars/all.yml go
+    /// (`ansible-playbook -i DIR/inventory.ini deploy/site.yml` deploys it).
     #[arg(long, default_value = "plan-out")]
     out: PathBuf,
-    /// Model directory written into duet.toml.
+    /// Model directory written into duet.toml, and the directory deploy/ copies to the hosts.
     #[arg(long, default_value = "/srv/models/deepseek-v3")]
     model_dir: String,
     #[arg(long)]
@@ -398,9 +399,18 @@ pub fn run_plan(a: PlanArgs) -> Result<()> {
     let toml_path = a.out.join("duet.toml");
     std::fs::write(&toml_path, plan::cluster_toml(best, &req, &a.model_dir)?)
         .with_context(|| format!("writing {}", toml_path.display()))?;
-    let inv_path = a.out.join("inventory.yml");
+    let inv_path = a.out.join("inventory.ini");
     std::fs::write(&inv_path, plan::ansible_inventory(best, &req))
         .with_context(|| format!("writing {}", inv_path.display()))?;
+    let vars_dir = a.out.join("group_vars");
+    std::fs::create_dir_all(&vars_dir)
+        .with_context(|| format!("creating {}", vars_dir.display()))?;
+    let vars_path = vars_dir.join("all.yml");
+    std::fs::write(
+        &vars_path,
+        plan::ansible_group_vars(best, &req, &a.model_dir)?,
+    )
+    .with_context(|| format!("writing {}", vars_path.display()))?;
     let top: Vec<_> = cands.iter().take(a.top).collect();
     if a.json {
         println!("{}", serde_json::to_string(&top)?);
@@ -439,6 +449,11 @@ pub fn run_plan(a: PlanArgs) -> Result<()> {
             );
         }
     }
-    eprintln!("wrote {} and {}", toml_path.display(), inv_path.display());
+    eprintln!(
+        "wrote {}, {} and {}",
+        toml_path.display(),
+        inv_path.display(),
+        vars_path.display()
+    );
     Ok(())
 }

@@ -17,7 +17,8 @@
 //!    a bounded number of times. Passing clusters are ranked by GPUs or by cost per hour.
 //!
 //! The winner is written as core's cluster TOML (`duet_core::config::ClusterConfig`, its
-//! parallelism in each role's `ep_size`/`tp_size`) and as an ansible inventory (YAML) for deploy/.
+//! parallelism in each role's `ep_size`/`tp_size`) and as an ansible inventory (`inventory.ini`)
+//! with the group variables deploy/site.yml reads (`group_vars/all.yml`).
 
 use duet_core::config::ClusterConfig;
 use duet_core::pages_for;
@@ -387,13 +388,17 @@ pub fn search(req: &PlanRequest) -> Result<Vec<Candidate>, SimError> {
     Ok(out)
 }
 
-/// The candidate as core's cluster config (TOML), with the parallelism in a comment header.
-pub fn cluster_toml(c: &Candidate, req: &PlanRequest, model_dir: &str) -> Result<String, SimError> {
+/// The candidate as core's cluster config: one prefill worker and one decode group per attention
+/// rank (`tp` GPUs).
+fn planned_config(
+    c: &Candidate,
+    req: &PlanRequest,
+    model_dir: &str,
+) -> Result<ClusterConfig, SimError> {
     let mut cfg = ClusterConfig::default();
     cfg.model.path = Some(model_dir.to_string());
     cfg.model.dtype = duet_core::config::ComputeDtype::Bf16;
     let g = req.gpus_per_node;
-    // One prefill worker and one decode group per attention rank (`tp` GPUs).
     cfg.prefill.workers = c.prefill_nodes * g / c.prefill_tp;
     cfg.prefill.kv_pages = c.report.kv_pages_per_prefill_gpu;
     cfg.prefill.token_budget = c.prefill_tokens_per_gpu * c.prefill_tp;
@@ -411,6 +416,13 @@ pub fn cluster_toml(c: &Candidate, req: &PlanRequest, model_dir: &str) -> Result
     cfg.decode.tp_size = c.decode_tp;
     cfg.validate()
         .map_err(|e| SimError::Invalid(format!("planned config: {e}")))?;
+    Ok(cfg)
+}
+
+/// The candidate as core's cluster config (TOML), with the parallelism in a comment header.
+pub fn cluster_toml(c: &Candidate, req: &PlanRequest, model_dir: &str) -> Result<String, SimError> {
+    let cfg = planned_config(c, req, model_dir)?;
+    let dense = !req.model.is_moe();
     let parallelism = if dense {
         format!(
             "# Parallelism (dense model, no experts): prefill instances of TP{ptp}, decode instances\n\
@@ -444,39 +456,87 @@ pub fn cluster_toml(c: &Candidate, req: &PlanRequest, model_dir: &str) -> Result
         ttft = c.report.ttft_ms_p99,
         tpot = c.report.tpot_ms_p99,
         out = c.report.decode_output_tokens_per_s_per_node,
+        g = req.gpus_per_node,
     );
     Ok(header + &cfg.to_toml())
 }
 
-/// The candidate as an ansible inventory (YAML): groups `duet_gateway`, `duet_prefill`,
-/// `duet_decode`; each host carries its EP instance and role; set `ansible_host` per host.
+/// The candidate as an ansible inventory for deploy/site.yml (INI): groups `duet_gateway`,
+/// `duet_prefill`, `duet_decode`, one host per node; each worker host carries its EP instance and
+/// its rank in it. Replace each `ansible_host` with the machine's address.
 pub fn ansible_inventory(c: &Candidate, req: &PlanRequest) -> String {
-    let mut s = String::new();
-    s.push_str("# Written by `duet plan`. Replace each ansible_host with the machine's address.\n");
-    s.push_str("all:\n  vars:\n");
-    s.push_str(&format!("    duet_gpu: {}\n", req.gpu.name));
-    s.push_str(&format!("    duet_gpus_per_node: {}\n", req.gpus_per_node));
-    s.push_str("    duet_config: duet.toml\n");
-    s.push_str(&format!("    duet_prefill_ep: {}\n", c.prefill_ep));
-    s.push_str(&format!("    duet_decode_ep: {}\n", c.decode_ep));
-    s.push_str(&format!("    duet_prefill_tp: {}\n", c.prefill_tp));
-    s.push_str(&format!("    duet_decode_tp: {}\n", c.decode_tp));
-    s.push_str("  children:\n    duet_gateway:\n      hosts:\n        gateway-0:\n");
-    s.push_str("          ansible_host: gateway-0.invalid\n");
+    let mut s = String::from(
+        "# Written by `duet plan`. Replace each ansible_host with the machine's address, then:\n\
+         #   ansible-playbook -i inventory.ini deploy/site.yml\n\
+         # The variables are in group_vars/all.yml (deploy/README.md lists them).\n\n\
+         [duet_gateway]\ngateway-0 ansible_host=gateway-0.invalid\n",
+    );
     for (role, nodes, ep) in [
         ("prefill", c.prefill_nodes, c.prefill_ep),
         ("decode", c.decode_nodes, c.decode_ep),
     ] {
-        s.push_str(&format!("    duet_{role}:\n      hosts:\n"));
+        s.push_str(&format!("\n[duet_{role}]\n"));
         let per_instance = (ep / req.gpus_per_node).max(1);
         for n in 0..nodes {
-            s.push_str(&format!("        {role}-{n}:\n"));
-            s.push_str(&format!("          ansible_host: {role}-{n}.invalid\n"));
-            s.push_str(&format!("          duet_instance: {}\n", n / per_instance));
-            s.push_str(&format!("          duet_node_rank: {}\n", n % per_instance));
+            s.push_str(&format!(
+                "{role}-{n} ansible_host={role}-{n}.invalid duet_instance={} duet_node_rank={}\n",
+                n / per_instance,
+                n % per_instance
+            ));
         }
     }
     s
+}
+
+/// The variables deploy/site.yml reads (`group_vars/all.yml` next to the inventory): the config
+/// file, the model, and what each worker process runs — DP ranks per host, KV pages, batch caps —
+/// with the parallelism and the ports.
+pub fn ansible_group_vars(
+    c: &Candidate,
+    req: &PlanRequest,
+    model_dir: &str,
+) -> Result<String, SimError> {
+    let cfg = planned_config(c, req, model_dir)?;
+    let g = req.gpus_per_node;
+    let quoted = |v: &str| serde_json::to_string(v).expect("a string serialises");
+    Ok(format!(
+        "---\n\
+         # Written by `duet plan` for {gpu} × {gpus}: what deploy/site.yml deploys.\n\
+         duet_gpu: {gpu_q}\n\
+         duet_gpus_per_node: {g}\n\
+         # The cluster config (core's TOML schema) next to this inventory.\n\
+         duet_config_src: \"{{{{ inventory_dir }}}}/duet.toml\"\n\
+         # The model directory on the control node; the hosts get a verified copy.\n\
+         duet_model_src: {model}\n\
+         duet_prefill_ep: {pep}\n\
+         duet_prefill_tp: {ptp}\n\
+         duet_decode_ep: {dep}\n\
+         duet_decode_tp: {dtp}\n\
+         # One worker process per host, one worker (DP rank) per attention rank of TP GPUs.\n\
+         duet_prefill_workers_per_host: {pw}\n\
+         duet_decode_workers_per_host: {dw}\n\
+         duet_prefill_kv_pages: {pkv}\n\
+         duet_decode_kv_pages: {dkv}\n\
+         duet_decode_max_running: {dmr}\n\
+         duet_http_port: {http}\n\
+         duet_cluster_port: {cluster}\n\
+         duet_metrics_port: 9967\n",
+        gpu = req.gpu.name,
+        gpu_q = quoted(req.gpu.name),
+        gpus = c.gpus,
+        model = quoted(model_dir),
+        pep = cfg.prefill.ep_size,
+        ptp = cfg.prefill.tp_size,
+        dep = cfg.decode.ep_size,
+        dtp = cfg.decode.tp_size,
+        pw = (g / c.prefill_tp).max(1),
+        dw = (g / c.decode_tp).max(1),
+        pkv = cfg.prefill.kv_pages,
+        dkv = cfg.decode.kv_pages,
+        dmr = cfg.decode.max_running,
+        http = cfg.gateway.port,
+        cluster = cfg.gateway.cluster_port,
+    ))
 }
 
 #[cfg(test)]
@@ -515,6 +575,28 @@ mod tests {
         let parsed = ClusterConfig::from_toml(&toml).unwrap();
         assert_eq!(parsed.decode.max_running, best.decode_batch_per_gpu);
         let inv = ansible_inventory(best, &req);
-        assert!(inv.contains("duet_prefill:") && inv.contains("decode-0:"));
+        assert!(inv.contains("\n[duet_prefill]\n") && inv.contains("\ndecode-0 ansible_host="));
+        let vars = ansible_group_vars(best, &req, "/srv/models/deepseek-v3").unwrap();
+        let var = |k: &str| {
+            let line = vars
+                .lines()
+                .find(|l| l.starts_with(&format!("{k}: ")))
+                .unwrap();
+            line[k.len() + 2..].to_string()
+        };
+        assert_eq!(
+            var("duet_decode_max_running"),
+            parsed.decode.max_running.to_string()
+        );
+        assert_eq!(
+            var("duet_decode_kv_pages"),
+            parsed.decode.kv_pages.to_string()
+        );
+        assert_eq!(var("duet_prefill_ep"), best.prefill_ep.to_string());
+        assert_eq!(
+            var("duet_decode_workers_per_host"),
+            (8 / best.decode_tp).to_string()
+        );
+        assert_eq!(var("duet_model_src"), "\"/srv/models/deepseek-v3\"");
     }
 }
