@@ -12,13 +12,15 @@
 #
 #   bash bench/gateway_overhead.sh            # 2000 requests × 128 tokens per case
 #   CASES="--max-concurrency 512" SIDES="floor duet" bash bench/gateway_overhead.sh
+#   BASELINE=/path/to/an/older/duet bash bench/gateway_overhead.sh   # adds its `serve --engine echo`
+#                                                                     # as side "baseline"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-2000}
-SIDES=${SIDES:-floor duet cluster}
+SIDES=${SIDES:-floor ${BASELINE:+baseline} duet cluster}
 cargo build --release --quiet --bin duet --example sse_floor
 DUET=target/release/duet
-ECHO_PORT=19970 FLOOR_PORT=19980 GW_PORT=19990 GW_CLUSTER_PORT=19991
+ECHO_PORT=19970 BASE_PORT=19975 FLOOR_PORT=19980 GW_PORT=19990 GW_CLUSTER_PORT=19991
 # Every stream runs at once: 4096 pages of 64 tokens hold 512 streams of 32 + 128 tokens many
 # times over (the default pool would queue most of them at the gateway, which is not what this
 # measures).
@@ -31,6 +33,13 @@ trap 'kill "${PIDS[@]}" 2>/dev/null; rm -rf "$LOGS"' EXIT
 $DUET serve --engine echo --host 127.0.0.1 --port $ECHO_PORT --queue-max 4096 $POOL >"$LOGS/echo.log" 2>&1 &
 ECHO_PID=$!
 PIDS+=($ECHO_PID)
+BASE_PID=
+if [ -n "${BASELINE:-}" ]; then
+    # shellcheck disable=SC2086
+    "$BASELINE" serve --engine echo --host 127.0.0.1 --port $BASE_PORT --queue-max 4096 $POOL >"$LOGS/base.log" 2>&1 &
+    BASE_PID=$!
+    PIDS+=($BASE_PID)
+fi
 target/release/examples/sse_floor $FLOOR_PORT >"$LOGS/floor.log" 2>&1 &
 FLOOR_PID=$!
 PIDS+=($FLOOR_PID)
@@ -48,6 +57,7 @@ $DUET decode --engine echo --join 127.0.0.1:$GW_CLUSTER_PORT --secret-file "$LOG
 DECODE_PID=$!
 PIDS+=($DECODE_PID)
 until grep -q "serving" "$LOGS/echo.log" && grep -q "floor at" "$LOGS/floor.log" \
+    && { [ -z "$BASE_PID" ] || grep -q "serving" "$LOGS/base.log"; } \
     && [ "$(grep -c '^joined ' "$LOGS/gw.log")" -ge 2 ]; do
     for p in "${PIDS[@]}"; do
         kill -0 "$p" || { tail -n 5 "$LOGS"/*.log; exit 1; }
@@ -70,6 +80,7 @@ for case in "${CASE_LIST[@]}"; do
     for side in $SIDES; do
         case $side in
             floor) port=$FLOOR_PORT pids="$FLOOR_PID" ;;
+            baseline) port=$BASE_PORT pids="$BASE_PID" ;;
             duet) port=$ECHO_PORT pids="$ECHO_PID" ;;
             cluster) port=$GW_PORT pids="$GW_PID $PREFILL_PID $DECODE_PID" ;;
         esac

@@ -375,7 +375,7 @@ async fn a_stalled_stream_holds_its_slot_with_bounded_events_and_then_gets_every
         done.await,
         "the stalled stream's sequences finished in the engine"
     );
-    // ...but its events wait in the stream's bounded queue (`SSE_QUEUE_EVENTS`), not in
+    // ...but its events wait in the stream's bounded queue (`SSE_QUEUE_EVENTS`, `n` > 1), not in
     // unbounded memory: the request still holds its admission slot, so `--queue-max 1` refuses
     // the next one.
     let (status, v) = post(

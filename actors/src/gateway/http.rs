@@ -43,8 +43,9 @@ pub struct HttpLimits {
     pub request_timeout: Duration,
 }
 
-/// SSE events a streaming response may have queued for a slow client before the choice tasks
-/// wait: bounds memory per stream while keeping the writer busy.
+/// SSE events a streaming response with several choices may have queued for a slow client before
+/// the choice tasks wait: bounds memory per stream while keeping the writer busy. (A one-choice
+/// stream has no queue: its body reads the sequence's channel directly.)
 const SSE_QUEUE_EVENTS: usize = 64;
 
 pub struct AppState {
