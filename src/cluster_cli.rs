@@ -299,6 +299,7 @@ pub fn run_worker(role: Role, a: WorkerArgs) -> Result<()> {
         Role::Prefill => cfg.prefill.metrics_port,
         Role::Decode => cfg.decode.metrics_port,
     });
+    let drain = std::time::Duration::from_secs(cfg.limits.drain_timeout_s);
     let opts = WorkerProcessOptions {
         metrics_addr: metrics_port.map(|p| SocketAddr::from(([0, 0, 0, 0], p))),
         role,
@@ -321,18 +322,35 @@ pub fn run_worker(role: Role, a: WorkerArgs) -> Result<()> {
         announce: announce(),
     };
     runtime()?.block_on(async move {
-        let process = remote::start_worker(opts).await?;
+        let mut process = remote::start_worker(opts).await?;
         if let Some(addr) = process.endpoint {
             println!("health and metrics: http://{addr}/health http://{addr}/metrics");
             let _ = std::io::stdout().flush();
         }
         tokio::select! {
-            r = process.link => match r {
+            r = &mut process.link => return match r {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(anyhow::anyhow!("{e}")),
                 Err(e) => Err(anyhow::anyhow!("worker link task: {e}")),
             },
-            () = crate::serve::shutdown_signal() => Ok(()),
+            () = crate::serve::shutdown_signal() => {}
         }
+        // The drain: the gateway places nothing new here, the sequences held run to their end
+        // (a rolling restart loses none and re-runs none), then the process exits. A second
+        // signal, or the drain deadline, exits at once; the gateway re-runs what is left.
+        eprintln!(
+            "duet: draining: no new sequences; finishing the {} held (at most {drain:?})",
+            process.held()
+        );
+        let left = tokio::select! {
+            left = process.drain(drain) => left,
+            () = crate::serve::shutdown_signal() => process.held(),
+        };
+        if left > 0 {
+            eprintln!("duet: exiting with {left} sequences held; the gateway re-runs them");
+        } else {
+            eprintln!("duet: drained, exiting");
+        }
+        Ok(())
     })
 }

@@ -459,6 +459,79 @@ async fn decode_killed_mid_stream(worker_args: &[&str]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_decode_process_its_streams_finish_there_and_none_is_re_run() {
+    // A rolling restart's step: the decode process holding the most streams gets SIGTERM while
+    // every stream is under way. It takes nothing new (a request sent now is served by the other
+    // one), finishes what it holds, and exits 0; no sequence is lost or re-run, every stream
+    // ends whole with an undisturbed run's text.
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::start(1, 2, &["--dtype", "f32"]);
+    let prompts: Vec<String> = (0..6)
+        .map(|i| format!("Drained stream {i} goes on"))
+        .collect();
+    let max_tokens = 120;
+    let bodies = prompts
+        .iter()
+        .map(|p| json!({"prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": true}))
+        .collect();
+    let streams = common::start_streams(&c.url("/v1/completions"), bodies, 4).await;
+    let (victim, name) = c.busiest("decode").await;
+    let mut drained = c.decode.remove(victim);
+    // SAFETY: kill(2) on a child this test spawned and has not reaped.
+    assert_eq!(
+        unsafe { libc::kill(drained.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    // The gateway takes the draining process off its routing at once (its /health counts one
+    // decode group), while its streams go on.
+    let health = c.url("/health");
+    let unrouted = common::eventually(Duration::from_secs(10), || async {
+        let (_, h) = get(&health).await;
+        serde_json::from_str::<Value>(&h).is_ok_and(|h| h["decode_groups"] == 1)
+    });
+    assert!(unrouted.await, "{}", c.gateway.log());
+    let (s, v) = post(
+        &c.url("/v1/completions"),
+        &json!({"prompt": "a request during the drain", "max_tokens": 4, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let mut results = Vec::new();
+    for st in streams {
+        results.push(st.await.unwrap());
+    }
+    let status = drained
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("the drained process did not exit: {}", drained.log()));
+    assert!(status.success(), "{status:?}: {}", drained.log());
+    assert!(
+        drained.log().contains("duet: drained, exiting"),
+        "{}",
+        drained.log()
+    );
+    assert_eq!(c.lost_with(&name), 0, "{}", c.gateway.log());
+    assert!(
+        !c.gateway.log().contains("re-running"),
+        "a sequence was re-run: {}",
+        c.gateway.log()
+    );
+    for (p, events) in prompts.iter().zip(&results) {
+        let finish: Vec<&Value> = events
+            .iter()
+            .filter_map(|e| e["choices"].get(0)?.get("finish_reason"))
+            .filter(|f| !f.is_null())
+            .collect();
+        assert_eq!(finish, vec![&json!("length")], "{p}");
+        let (_, again) = post(
+            &c.url("/v1/completions"),
+            &json!({"prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true}),
+        )
+        .await;
+        assert_eq!(json!(text_of(events)), again["choices"][0]["text"], "{p}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefill_process_killed_under_load_has_its_requests_retried() {
     let _serial = SERIAL.lock().await;
     let mut c = Cluster::start(2, 1, &["--dtype", "f32"]);

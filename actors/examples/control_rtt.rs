@@ -67,15 +67,15 @@ async fn main() {
             let ToWorker::Reserve { job, .. } = wire::decode::<ToWorker>(&b).unwrap() else {
                 panic!("unexpected message");
             };
-            let ev = ToGateway::Event {
-                seq: job.id,
-                event: WireEvent::Token {
+            let ev = ToGateway::Events(vec![(
+                job.id,
+                WireEvent::Token {
                     token: 7,
                     logprob: None,
                     cached_tokens: Some(0),
                     finish: None,
                 },
-            };
+            )]);
             c.tx.send(wire::encode(&ev).unwrap()).await.unwrap();
         }
     });

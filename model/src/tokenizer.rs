@@ -139,7 +139,10 @@ impl ByteVocab {
 
 /// GPT-2's `bytes_to_unicode`, inverted: the char each byte is written as in a byte-level vocab.
 fn gpt2_char_bytes() -> std::collections::HashMap<char, u8> {
-    let mut printable: Vec<u8> = (b'!'..=b'~').chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut printable: Vec<u8> = (b'!'..=b'~')
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut chars: Vec<u32> = printable.iter().map(|&b| u32::from(b)).collect();
     let mut n = 0;
     for b in 0..=255u8 {

@@ -364,11 +364,7 @@ mod tests {
     fn fast_path_equals_one_shot_decode_on_arbitrary_ids() {
         use duet_model::tiny::TinyArch;
         use proptest::prelude::*;
-        let toks = [
-            r1(),
-            distill(TinyArch::Qwen2),
-            distill(TinyArch::Llama),
-        ];
+        let toks = [r1(), distill(TinyArch::Qwen2), distill(TinyArch::Llama)];
         for tok in &toks {
             assert!(tok.byte_vocab().is_some());
         }
@@ -382,7 +378,11 @@ mod tests {
         let id = prop_oneof![0..n, 0..400u32, 128_790..128_820u32, 151_640..151_670u32];
         runner
             .run(
-                &(0..toks.len(), proptest::collection::vec(id, 0..40), any::<bool>()),
+                &(
+                    0..toks.len(),
+                    proptest::collection::vec(id, 0..40),
+                    any::<bool>(),
+                ),
                 |(t, ids, skip)| {
                     let tok = &toks[t];
                     let mut d = Detokenizer::new(tok.clone(), &[], skip);

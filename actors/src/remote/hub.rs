@@ -54,6 +54,9 @@ struct Peer {
     /// Every id the process announced in its hello (reserved for it while it is connected).
     ids: BTreeSet<u32>,
     page_bytes: u64,
+    /// Draining: its workers are off the routing board (nothing new is placed on them) but keep
+    /// their proxies, so the sequences they hold finish normally.
+    draining: bool,
 }
 
 /// A sequence a remote process holds.
@@ -262,6 +265,7 @@ impl Hub {
                 workers: BTreeMap::new(),
                 ids: h.workers.iter().copied().collect(),
                 page_bytes: h.shape.page_bytes,
+                draining: false,
             },
         );
         Ok(())
@@ -296,6 +300,7 @@ impl Hub {
         match msg {
             ToGateway::Hello(_) => tracing::warn!("second hello from a worker process; ignored"),
             ToGateway::Workers(list) => self.update_workers(from, list).await,
+            ToGateway::Draining => self.drain(from),
             ToGateway::Events(events) => {
                 for (seq, event) in events {
                     self.on_event(from, seq, event);
@@ -371,7 +376,7 @@ impl Hub {
     }
 
     async fn update_workers(self: &Arc<Self>, from: PeerId, list: Vec<(u32, WireLoad)>) {
-        let (role, tx, ids, known) = {
+        let (role, tx, ids, known, draining) = {
             let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
             let Some(p) = peers.get(&from) else { return };
             (
@@ -379,6 +384,7 @@ impl Hub {
                 p.tx.clone(),
                 p.ids.clone(),
                 p.workers.keys().copied().collect::<BTreeSet<u32>>(),
+                p.draining,
             )
         };
         let listed: BTreeSet<u32> = list
@@ -391,7 +397,8 @@ impl Hub {
             self.drop_worker(from, w);
         }
         for (w, load) in list {
-            if !ids.contains(&w) {
+            // A draining process's workers stay off the board.
+            if !ids.contains(&w) || draining {
                 continue;
             }
             let load = WorkerLoad::from(&load);
@@ -451,6 +458,28 @@ impl Hub {
                 kv: None,
             },
         })
+    }
+
+    /// `peer` drains: its workers leave the routing board, nothing else changes.
+    fn drain(&self, peer: PeerId) {
+        let (name, workers) = {
+            let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(p) = peers.get_mut(&peer) else {
+                return;
+            };
+            p.draining = true;
+            (
+                p.name.clone(),
+                p.workers.keys().copied().collect::<Vec<_>>(),
+            )
+        };
+        tracing::info!(
+            process = name,
+            "draining: no new sequences for workers {workers:?}"
+        );
+        for w in workers {
+            let _ = self.registry.cast(RegistryMsg::Gone { id: WorkerId(w) });
+        }
     }
 
     fn drop_worker(&self, peer: PeerId, w: u32) {

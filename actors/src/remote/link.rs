@@ -69,6 +69,35 @@ pub struct LinkArgs {
     pub data: Arc<crate::dataplane::DataPlane>,
     /// Called with one line when the process joins or loses the gateway.
     pub announce: Box<dyn Fn(String) + Send + Sync>,
+    /// Turns true when the process drains: the gateway is told (again after any reconnect) to
+    /// place nothing new here.
+    pub drain: tokio::sync::watch::Receiver<bool>,
+}
+
+/// What the process sees of its link: how many sequences it still holds.
+#[derive(Clone)]
+pub struct LinkState(Arc<Shared>);
+
+impl LinkState {
+    pub fn new(data: Arc<crate::dataplane::DataPlane>) -> Self {
+        Self(Arc::new(Shared {
+            tx: RwLock::new(None),
+            data,
+            handed: DashMap::new(),
+            forwarders: DashMap::new(),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            local: DashMap::new(),
+            batch: Mutex::new(Vec::new()),
+            batch_ready: tokio::sync::Notify::new(),
+            send_order: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// Sequences this process's workers hold for the gateway (reserved, prefilling or decoding,
+    /// and not handed over).
+    pub fn held(&self) -> usize {
+        self.0.local.len()
+    }
 }
 
 struct Shared {
@@ -206,18 +235,8 @@ impl Drop for AbortOnDrop {
 
 /// Runs the link until a fatal refusal (wrong credential, another model, a version mismatch).
 /// Losing the gateway is not fatal: the link reconnects.
-pub async fn run(args: LinkArgs) -> Result<(), LinkError> {
-    let shared = Arc::new(Shared {
-        tx: RwLock::new(None),
-        data: args.data.clone(),
-        handed: DashMap::new(),
-        forwarders: DashMap::new(),
-        generation: std::sync::atomic::AtomicU64::new(0),
-        local: DashMap::new(),
-        batch: Mutex::new(Vec::new()),
-        batch_ready: tokio::sync::Notify::new(),
-        send_order: tokio::sync::Mutex::new(()),
-    });
+pub async fn run(mut args: LinkArgs, state: LinkState) -> Result<(), LinkError> {
+    let shared = state.0;
     let batcher = tokio::spawn(shared.clone().batcher());
     let _batcher = AbortOnDrop(batcher);
     let proxies = Proxies::default();
@@ -266,7 +285,7 @@ pub async fn run(args: LinkArgs) -> Result<(), LinkError> {
             "joined the gateway at {} as {:?} workers {:?}",
             args.join, args.hello.role, args.hello.workers
         ));
-        let why = session(&args, &shared, &proxies, &mut conn.rx).await;
+        let why = session(&mut args, &shared, &proxies, &mut conn.rx).await;
         tracing::warn!("lost the gateway at {}: {why}; rejoining", args.join);
         *shared.tx.write().unwrap_or_else(|e| e.into_inner()) = None;
         conn.close("link closed");
@@ -288,7 +307,7 @@ pub async fn run(args: LinkArgs) -> Result<(), LinkError> {
 }
 
 async fn session(
-    args: &LinkArgs,
+    args: &mut LinkArgs,
     shared: &Arc<Shared>,
     proxies: &Proxies,
     rx: &mut control::ControlRx,
@@ -297,8 +316,21 @@ async fn session(
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<Vec<(u32, WireLoad)>> = None;
     let mut last_sent = Clock::instant();
+    // A drain that began before this session (or before a reconnect) is told at once.
+    let mut drain_told = false;
+    let mut drain_watch = true;
     loop {
+        if !drain_told && *args.drain.borrow_and_update() {
+            if !shared.send(&ToGateway::Draining).await {
+                return "control connection closed".into();
+            }
+            drain_told = true;
+        }
         tokio::select! {
+            changed = args.drain.changed(), if drain_watch && !drain_told => {
+                // The sender gone (the process is exiting anyway): stop watching.
+                drain_watch = changed.is_ok();
+            }
             msg = rx.recv() => {
                 let msg = match msg {
                     Ok(Some(b)) => b,
@@ -306,7 +338,7 @@ async fn session(
                     Err(e) => return e.to_string(),
                 };
                 match wire::decode::<ToWorker>(&msg) {
-                    Ok(m) => handle(args, shared, proxies, m).await,
+                    Ok(m) => handle(&*args, shared, proxies, m).await,
                     Err(e) => return format!("bad control message: {e}"),
                 }
             }

@@ -266,6 +266,8 @@ pub async fn start_worker(o: WorkerProcessOptions) -> Result<WorkerProcess, Serv
         shape: o.shape,
         name: o.name,
     };
+    let (drain, drain_rx) = tokio::sync::watch::channel(false);
+    let state = link::LinkState::new(data.clone());
     let args = link::LinkArgs {
         join: o.join,
         secret: o.secret,
@@ -273,13 +275,22 @@ pub async fn start_worker(o: WorkerProcessOptions) -> Result<WorkerProcess, Serv
         board,
         data,
         announce: o.announce,
+        drain: drain_rx,
     };
-    let link = tokio::spawn(async move {
-        // The supervisor lives as long as the link.
-        let _cluster = cluster;
-        link::run(args).await
+    let link = tokio::spawn({
+        let state = state.clone();
+        async move {
+            // The supervisor lives as long as the link.
+            let _cluster = cluster;
+            link::run(args, state).await
+        }
     });
-    Ok(WorkerProcess { link, endpoint })
+    Ok(WorkerProcess {
+        link,
+        endpoint,
+        drain,
+        state,
+    })
 }
 
 /// A running `duet prefill` / `duet decode`.
@@ -288,4 +299,28 @@ pub struct WorkerProcess {
     pub link: tokio::task::JoinHandle<Result<(), LinkError>>,
     /// Where `/health` and `/metrics` are served, if they are.
     pub endpoint: Option<SocketAddr>,
+    drain: tokio::sync::watch::Sender<bool>,
+    state: link::LinkState,
 }
+
+impl WorkerProcess {
+    /// Drains: the gateway places nothing new here; returns once every sequence the process
+    /// holds finished or was handed over, or when `timeout` passed (then the gateway re-runs
+    /// what is left when the process goes). Returns the sequences still held.
+    pub async fn drain(&self, timeout: std::time::Duration) -> usize {
+        self.drain.send_replace(true);
+        let deadline = crate::clock::Clock::deadline(timeout);
+        while self.state.held() > 0 && crate::clock::Clock::instant() < deadline {
+            tokio::time::sleep(DRAIN_POLL_INTERVAL).await;
+        }
+        self.state.held()
+    }
+
+    /// Sequences the process holds now.
+    pub fn held(&self) -> usize {
+        self.state.held()
+    }
+}
+
+/// How often a draining process looks whether its last sequence ended.
+const DRAIN_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);

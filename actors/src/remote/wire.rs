@@ -248,6 +248,9 @@ pub enum ToGateway {
     Lost {
         seq: u64,
     },
+    /// The process is draining (it got SIGTERM): place nothing new on its workers; what it holds
+    /// runs to the end, and its relays, handoffs and aborts keep flowing until it leaves.
+    Draining,
 }
 
 /// Gateway → worker process.
