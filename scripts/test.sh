@@ -69,8 +69,11 @@ fi
 
 # The ansible deploy test (tests/deploy_ansible.rs) boots four Debian hosts as systemd-nspawn
 # containers (systemd-container), each from an overlay over one Debian 12 root made here once by
-# debootstrap (about 320 MB, cached in target/), with openssh-server in it; ansible-core and
-# ansible-lint come from PyPI into a venv under target/. Needs root, like the multi-host test.
+# debootstrap (about 600 MB, cached in target/), with openssh-server in it, python3-apt (ansible's
+# apt module) and Debian's prometheus package (the hosts have no network: site.yml's Prometheus
+# role finds it installed); ansible-core and ansible-lint come from PyPI into a venv under
+# target/. Needs root, like the multi-host test.
+# The root records the package list it was made with and is made again when that list changes.
 if [ "$(id -u)" = 0 ]; then
     if ! command -v systemd-nspawn >/dev/null || ! command -v debootstrap >/dev/null \
         || ! command -v ssh >/dev/null; then
@@ -78,16 +81,22 @@ if [ "$(id -u)" = 0 ]; then
         apt_install systemd-container debootstrap openssh-client
     fi
     ROOTFS=target/deploy-rootfs
-    if [ ! -x "$ROOTFS/usr/sbin/sshd" ]; then
+    ROOTFS_PACKAGES=systemd,systemd-sysv,dbus,openssh-server,python3,iproute2,sudo,python3-apt,prometheus
+    if [ ! -x "$ROOTFS/usr/sbin/sshd" ] \
+        || [ "$(cat "$ROOTFS/.duet-packages" 2>/dev/null)" != "$ROOTFS_PACKAGES" ]; then
         echo "making the deploy test's Debian root (debootstrap bookworm) in $ROOTFS" >&2
         rm -rf "$ROOTFS.tmp" "$ROOTFS"
-        debootstrap --variant=minbase \
-            --include=systemd,systemd-sysv,dbus,openssh-server,python3,iproute2,sudo \
+        debootstrap --variant=minbase --include="$ROOTFS_PACKAGES" \
             bookworm "$ROOTFS.tmp" http://deb.debian.org/debian >target/deploy-rootfs.log 2>&1 \
             || { tail -n 20 target/deploy-rootfs.log >&2; exit 1; }
         # Each host names itself and gets its own machine id at boot.
         rm -f "$ROOTFS.tmp/etc/hostname"
         : >"$ROOTFS.tmp/etc/machine-id"
+        # prometheus's postinst enabled its service: off in the image, so that it runs only where
+        # site.yml puts it (the duet_prometheus hosts), with the config the role writes.
+        rm -f "$ROOTFS.tmp/etc/systemd/system/multi-user.target.wants/prometheus.service"
+        rm -f "$ROOTFS.tmp"/var/cache/apt/archives/*.deb
+        echo "$ROOTFS_PACKAGES" >"$ROOTFS.tmp/.duet-packages"
         mv "$ROOTFS.tmp" "$ROOTFS"
     fi
 fi

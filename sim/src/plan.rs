@@ -463,7 +463,8 @@ pub fn cluster_toml(c: &Candidate, req: &PlanRequest, model_dir: &str) -> Result
 
 /// The candidate as an ansible inventory for deploy/site.yml (INI): groups `duet_gateway`,
 /// `duet_prefill`, `duet_decode`, one host per node; each worker host carries its EP instance and
-/// its rank in it. Replace each `ansible_host` with the machine's address.
+/// its rank in it. Replace each `ansible_host` with the machine's address. `duet_prometheus` (where
+/// site.yml installs Prometheus scraping every process) is the gateway host.
 pub fn ansible_inventory(c: &Candidate, req: &PlanRequest) -> String {
     let mut s = String::from(
         "# Written by `duet plan`. Replace each ansible_host with the machine's address, then:\n\
@@ -485,6 +486,8 @@ pub fn ansible_inventory(c: &Candidate, req: &PlanRequest) -> String {
             ));
         }
     }
+    s.push_str("\n# Prometheus (scraping every process above, with deploy/prometheus's rules).\n");
+    s.push_str("[duet_prometheus]\ngateway-0\n");
     s
 }
 
@@ -576,6 +579,7 @@ mod tests {
         assert_eq!(parsed.decode.max_running, best.decode_batch_per_gpu);
         let inv = ansible_inventory(best, &req);
         assert!(inv.contains("\n[duet_prefill]\n") && inv.contains("\ndecode-0 ansible_host="));
+        assert!(inv.ends_with("\n[duet_prometheus]\ngateway-0\n"), "{inv}");
         let vars = ansible_group_vars(best, &req, "/srv/models/deepseek-v3").unwrap();
         let var = |k: &str| {
             let line = vars
