@@ -532,6 +532,59 @@ async fn sigterm_drains_a_decode_process_its_streams_finish_there_and_none_is_re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_prefill_process_under_load_without_a_re_run() {
+    // Two prefill processes under a queue of long prompts; the busier one gets SIGTERM after the
+    // first answer. What it holds, and what decode groups had already reserved for it, is
+    // prefilled there before it exits 0; the rest goes to the other one. Nothing is re-run.
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::start(2, 1, &["--dtype", "f32"]);
+    let prompts: Vec<String> = (0..16).map(|i| long_prompt(i, 900)).collect();
+    let url = c.url("/v1/completions");
+    let done = Arc::new(tokio::sync::Notify::new());
+    let tasks: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let url = url.clone();
+            let done = done.clone();
+            let body = json!({"prompt": p, "max_tokens": 6, "temperature": 0, "ignore_eos": true});
+            tokio::spawn(async move {
+                let r = post(&url, &body).await;
+                done.notify_one();
+                r
+            })
+        })
+        .collect();
+    done.notified().await;
+    let (victim, name) = c.busiest("prefill").await;
+    let mut drained = c.prefill.remove(victim);
+    // SAFETY: kill(2) on a child this test spawned and has not reaped.
+    assert_eq!(
+        unsafe { libc::kill(drained.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    for t in tasks {
+        let (s, v) = t.await.unwrap();
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 6);
+    }
+    let status = drained
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("the drained process did not exit: {}", drained.log()));
+    assert!(status.success(), "{status:?}: {}", drained.log());
+    assert!(
+        drained.log().contains("duet: drained, exiting"),
+        "{}",
+        drained.log()
+    );
+    assert_eq!(c.lost_with(&name), 0, "{}", c.gateway.log());
+    assert!(
+        !c.gateway.log().contains("re-running"),
+        "a sequence was re-run: {}",
+        c.gateway.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefill_process_killed_under_load_has_its_requests_retried() {
     let _serial = SERIAL.lock().await;
     let mut c = Cluster::start(2, 1, &["--dtype", "f32"]);

@@ -137,10 +137,16 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Keep-alives on KV connections: between two transfers a pair of workers can be quiet for
+/// minutes, longer than QUIC's default idle timeout (30 s); without them the next transfer met a
+/// connection closed while idle and its sequence was re-run.
+const KV_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(KV_STREAMS_MAX));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.keep_alive_interval(Some(KV_KEEP_ALIVE));
     Arc::new(t)
 }
 
@@ -506,6 +512,7 @@ async fn read_frame(recv: &mut RecvStream) -> Result<Option<KvFrame>, ReadFrameE
 struct KvStream {
     send: SendStream,
     _recv: RecvStream,
+    conn: Connection,
 }
 
 /// The sending side: QUIC connections to the servers that host the destination endpoints.
@@ -622,7 +629,11 @@ impl QuicTransport {
                 detail: e.to_string(),
             })?;
         match status[0] {
-            STREAM_OK => Ok(KvStream { send, _recv: recv }),
+            STREAM_OK => Ok(KvStream {
+                send,
+                _recv: recv,
+                conn,
+            }),
             STREAM_UNKNOWN => Err(TransportError::UnknownEndpoint(dest)),
             STREAM_CLOSED => Err(TransportError::Closed(dest)),
             s => Err(TransportError::Protocol(format!("stream status {s}"))),
@@ -647,6 +658,15 @@ impl QuicTransport {
             .clone();
         // Held for the whole frame: frames to one endpoint never interleave on the stream.
         let mut slot = slot.lock().await;
+        // A stream whose connection closed since the last frame (the peer restarted, or the
+        // network dropped it) is replaced before any byte of this frame is written: nothing of
+        // it can have reached the receiver, so a new connection carries it whole.
+        if slot
+            .as_ref()
+            .is_some_and(|s| s.conn.close_reason().is_some())
+        {
+            *slot = None;
+        }
         if slot.is_none() {
             *slot = Some(self.open_stream(dest, addr).await?);
         }

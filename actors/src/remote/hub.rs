@@ -28,6 +28,7 @@ use super::wire::{
     self, Hello, ModelShape, ToGateway, ToWorker, WireEvent, WireJob, WireKvTransport, WireLoad,
     WireParallelism, WireRole,
 };
+use crate::clock::Clock;
 use crate::protocol::{
     GatewayToDecode, GatewayToPrefill, PrefillPeer, RegistryMsg, WorkerLoad, WorkerRef,
 };
@@ -54,9 +55,9 @@ struct Peer {
     /// Every id the process announced in its hello (reserved for it while it is connected).
     ids: BTreeSet<u32>,
     page_bytes: u64,
-    /// Draining: its workers are off the routing board (nothing new is placed on them) but keep
-    /// their proxies, so the sequences they hold finish normally.
-    draining: bool,
+    /// Draining since: its workers are off the routing board (nothing new is placed on them) but
+    /// keep their proxies, so the sequences they hold finish normally.
+    draining: Option<std::time::Instant>,
 }
 
 /// A sequence a remote process holds.
@@ -65,7 +66,15 @@ struct Held {
     holder: PeerId,
     /// The decode group that reserved pages for it, until the handoff.
     group: Option<u32>,
+    /// The prefill worker the reservation will send it to, until it is sent there: a process
+    /// that drains must not leave while work is on its way to it.
+    prefill: Option<u32>,
 }
+
+/// How long after a process starts draining it is first released: placements the gateway made
+/// just before its workers left the board are in flight (actor messages within this process) for
+/// far less.
+const DRAIN_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub struct Hub {
     registry: ActorRef<RegistryMsg>,
@@ -265,7 +274,7 @@ impl Hub {
                 workers: BTreeMap::new(),
                 ids: h.workers.iter().copied().collect(),
                 page_bytes: h.shape.page_bytes,
-                draining: false,
+                draining: None,
             },
         );
         Ok(())
@@ -300,7 +309,7 @@ impl Hub {
         match msg {
             ToGateway::Hello(_) => tracing::warn!("second hello from a worker process; ignored"),
             ToGateway::Workers(list) => self.update_workers(from, list).await,
-            ToGateway::Draining => self.drain(from),
+            ToGateway::Draining => self.drain(from).await,
             ToGateway::Events(events) => {
                 for (seq, event) in events {
                     self.on_event(from, seq, event);
@@ -324,6 +333,7 @@ impl Hub {
                         if let Some(mut h) = self.seqs.get_mut(&seq) {
                             h.holder = p;
                             h.group = Some(group);
+                            h.prefill = None;
                         }
                         let msg = ToWorker::Prefill {
                             prefill,
@@ -384,7 +394,7 @@ impl Hub {
                 p.tx.clone(),
                 p.ids.clone(),
                 p.workers.keys().copied().collect::<BTreeSet<u32>>(),
-                p.draining,
+                p.draining.is_some(),
             )
         };
         let listed: BTreeSet<u32> = list
@@ -460,26 +470,48 @@ impl Hub {
         })
     }
 
-    /// `peer` drains: its workers leave the routing board, nothing else changes.
-    fn drain(&self, peer: PeerId) {
-        let (name, workers) = {
+    /// `peer` drains (it repeats this every [`super::DRAIN_RESEND_INTERVAL`] until released): the
+    /// first time, its workers leave the routing board and nothing else changes; each time, once
+    /// no sequence is held there or on its way there, it is told it may go. Placements made just
+    /// before the board changed reach this table within [`DRAIN_SETTLE`], so the release waits
+    /// at least that long.
+    async fn drain(&self, peer: PeerId) {
+        let (first, since, name, workers, tx) = {
             let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
             let Some(p) = peers.get_mut(&peer) else {
                 return;
             };
-            p.draining = true;
+            let first = p.draining.is_none();
+            let since = *p.draining.get_or_insert_with(Clock::instant);
             (
+                first,
+                since,
                 p.name.clone(),
                 p.workers.keys().copied().collect::<Vec<_>>(),
+                p.tx.clone(),
             )
         };
-        tracing::info!(
-            process = name,
-            "draining: no new sequences for workers {workers:?}"
-        );
-        for w in workers {
-            let _ = self.registry.cast(RegistryMsg::Gone { id: WorkerId(w) });
+        if first {
+            tracing::info!(
+                process = name,
+                "draining: no new sequences for workers {workers:?}"
+            );
+            for &w in &workers {
+                let _ = self.registry.cast(RegistryMsg::Gone { id: WorkerId(w) });
+            }
         }
+        if since.elapsed() >= DRAIN_SETTLE && !self.holds_any(peer) {
+            Self::send(&tx, &ToWorker::Drained).await;
+        }
+    }
+
+    /// Whether a sequence is held by `peer`, or reserved elsewhere for one of its prefill workers.
+    fn holds_any(&self, peer: PeerId) -> bool {
+        self.seqs.iter().any(|h| {
+            h.holder == peer
+                || h.prefill
+                    .is_some_and(|w| self.owner.get(&w).is_some_and(|o| *o == peer))
+        })
     }
 
     fn drop_worker(&self, peer: PeerId, w: u32) {
@@ -578,6 +610,7 @@ impl Forward for GatewayToDecode {
                         events: job.events,
                         holder,
                         group: None,
+                        prefill: Some(prefill.id.0),
                     },
                 );
                 let msg = ToWorker::Reserve {

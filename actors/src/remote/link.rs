@@ -90,7 +90,21 @@ impl LinkState {
             batch: Mutex::new(Vec::new()),
             batch_ready: tokio::sync::Notify::new(),
             send_order: tokio::sync::Mutex::new(()),
+            released: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// A draining process may go: it holds nothing, and the gateway said nothing is on its way
+    /// (or there is no gateway to send anything).
+    pub fn drained(&self) -> bool {
+        let connected = self
+            .0
+            .tx
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        self.held() == 0
+            && (self.0.released.load(std::sync::atomic::Ordering::Acquire) || !connected)
     }
 
     /// Sequences this process's workers hold for the gateway (reserved, prefilling or decoding,
@@ -118,6 +132,8 @@ struct Shared {
     /// Held from taking a batch (or a message) to queueing it, so that messages leave in the
     /// order their causes happened: a first token before the handoff that follows it.
     send_order: tokio::sync::Mutex<()>,
+    /// The gateway answered a drain with `Drained`: nothing is on its way here any more.
+    released: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -316,20 +332,22 @@ async fn session(
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<Vec<(u32, WireLoad)>> = None;
     let mut last_sent = Clock::instant();
-    // A drain that began before this session (or before a reconnect) is told at once.
-    let mut drain_told = false;
+    // A drain (begun before this session too) is repeated until the gateway releases it.
+    let mut drain_resend = tokio::time::interval(super::DRAIN_RESEND_INTERVAL);
+    drain_resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain_watch = true;
     loop {
-        if !drain_told && *args.drain.borrow_and_update() {
-            if !shared.send(&ToGateway::Draining).await {
-                return "control connection closed".into();
-            }
-            drain_told = true;
-        }
+        let draining = *args.drain.borrow_and_update()
+            && !shared.released.load(std::sync::atomic::Ordering::Acquire);
         tokio::select! {
-            changed = args.drain.changed(), if drain_watch && !drain_told => {
+            changed = args.drain.changed(), if drain_watch && !draining => {
                 // The sender gone (the process is exiting anyway): stop watching.
                 drain_watch = changed.is_ok();
+            }
+            _ = drain_resend.tick(), if draining => {
+                if !shared.send(&ToGateway::Draining).await {
+                    return "control connection closed".into();
+                }
             }
             msg = rx.recv() => {
                 let msg = match msg {
@@ -405,6 +423,9 @@ fn abort_local(board: &SharedBoard, worker: u32, seq: SeqId) {
 async fn handle(args: &LinkArgs, shared: &Arc<Shared>, proxies: &Proxies, msg: ToWorker) {
     match msg {
         ToWorker::Welcome | ToWorker::Refused(_) => {}
+        ToWorker::Drained => shared
+            .released
+            .store(true, std::sync::atomic::Ordering::Release),
         ToWorker::Reserve {
             group,
             prefill,

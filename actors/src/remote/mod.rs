@@ -36,6 +36,8 @@ pub use wire::{ModelShape, PROTOCOL_VERSION};
 /// the gateway's [`hub::HEARTBEAT_TIMEOUT`] waits for.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
 /// How often a worker process looks for load changes to report (the gateway routes on them).
+/// A draining worker process repeats `Draining` this often until the gateway releases it.
+pub const DRAIN_RESEND_INTERVAL: Duration = Duration::from_millis(50);
 pub const LOAD_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// A running `duet gateway`.
@@ -305,12 +307,13 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     /// Drains: the gateway places nothing new here; returns once every sequence the process
-    /// holds finished or was handed over, or when `timeout` passed (then the gateway re-runs
-    /// what is left when the process goes). Returns the sequences still held.
+    /// holds finished or was handed over and the gateway confirmed nothing more is on its way
+    /// (or, with the gateway unreachable, once nothing is held), or when `timeout` passed (then
+    /// the gateway re-runs what is left when the process goes). Returns the sequences still held.
     pub async fn drain(&self, timeout: std::time::Duration) -> usize {
         self.drain.send_replace(true);
         let deadline = crate::clock::Clock::deadline(timeout);
-        while self.state.held() > 0 && crate::clock::Clock::instant() < deadline {
+        while !self.state.drained() && crate::clock::Clock::instant() < deadline {
             tokio::time::sleep(DRAIN_POLL_INTERVAL).await;
         }
         self.state.held()

@@ -258,6 +258,8 @@ pub enum ToGateway {
 pub enum ToWorker {
     Welcome,
     Refused(String),
+    /// To a draining process: nothing is held there or on its way there any more; it may exit.
+    Drained,
     Reserve {
         group: u32,
         prefill: u32,
