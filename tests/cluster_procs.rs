@@ -531,20 +531,17 @@ async fn sigterm_drains_a_decode_process_its_streams_finish_there_and_none_is_re
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_a_prefill_process_under_load_without_a_re_run() {
-    // Two prefill processes under a queue of long prompts; the busier one gets SIGTERM after the
-    // first answer. What it holds, and what decode groups had already reserved for it, is
-    // prefilled there before it exits 0; the rest goes to the other one. Nothing is re-run.
-    let _serial = SERIAL.lock().await;
-    let mut c = Cluster::start(2, 1, &["--dtype", "f32"]);
-    let prompts: Vec<String> = (0..16).map(|i| long_prompt(i, 900)).collect();
-    let url = c.url("/v1/completions");
+/// Sends every prompt at once (6 greedy tokens each) and returns once the first answer came:
+/// the prefill processes are busy with the rest.
+async fn six_tokens_each_after_the_first_answer(
+    url: &str,
+    prompts: &[String],
+) -> Vec<tokio::task::JoinHandle<(u16, Value)>> {
     let done = Arc::new(tokio::sync::Notify::new());
-    let tasks: Vec<_> = prompts
+    let tasks = prompts
         .iter()
         .map(|p| {
-            let url = url.clone();
+            let url = url.to_string();
             let done = done.clone();
             let body = json!({"prompt": p, "max_tokens": 6, "temperature": 0, "ignore_eos": true});
             tokio::spawn(async move {
@@ -555,6 +552,19 @@ async fn sigterm_drains_a_prefill_process_under_load_without_a_re_run() {
         })
         .collect();
     done.notified().await;
+    tasks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_prefill_process_under_load_without_a_re_run() {
+    // Two prefill processes under a queue of long prompts; the busier one gets SIGTERM after the
+    // first answer. What it holds, and what decode groups had already reserved for it, is
+    // prefilled there before it exits 0; the rest goes to the other one. Nothing is re-run.
+    let _serial = SERIAL.lock().await;
+    let mut c = Cluster::start(2, 1, &["--dtype", "f32"]);
+    let prompts: Vec<String> = (0..16).map(|i| long_prompt(i, 900)).collect();
+    let url = c.url("/v1/completions");
+    let tasks = six_tokens_each_after_the_first_answer(&url, &prompts).await;
     let (victim, name) = c.busiest("prefill").await;
     let mut drained = c.prefill.remove(victim);
     // SAFETY: kill(2) on a child this test spawned and has not reaped.
@@ -591,21 +601,7 @@ async fn a_prefill_process_killed_under_load_has_its_requests_retried() {
     // Long prompts keep both prefill processes busy; one dies after the first answer.
     let prompts: Vec<String> = (0..16).map(|i| long_prompt(i, 900)).collect();
     let url = c.url("/v1/completions");
-    let done = Arc::new(tokio::sync::Notify::new());
-    let tasks: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            let url = url.clone();
-            let done = done.clone();
-            let body = json!({"prompt": p, "max_tokens": 6, "temperature": 0, "ignore_eos": true});
-            tokio::spawn(async move {
-                let r = post(&url, &body).await;
-                done.notify_one();
-                r
-            })
-        })
-        .collect();
-    done.notified().await;
+    let tasks = six_tokens_each_after_the_first_answer(&url, &prompts).await;
     let (victim, name) = c.busiest("prefill").await;
     c.prefill.remove(victim).kill9();
     let mut answers = Vec::new();
