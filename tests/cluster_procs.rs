@@ -439,7 +439,20 @@ async fn decode_killed_mid_stream(worker_args: &[&str]) {
         "the killed process held sequences that were re-run: {}",
         c.gateway.log()
     );
-    for (p, events) in prompts.iter().zip(&results) {
+    assert_whole_and_undisturbed(&c, &prompts, &results, max_tokens).await;
+    let (_, h) = get(&c.url("/health")).await;
+    let h: Value = serde_json::from_str(&h).unwrap();
+    assert_eq!(h["decode_groups"], 1, "the dead process is unrouted");
+}
+
+/// Each stream ended whole (`length`) with the text an undisturbed greedy run gives.
+async fn assert_whole_and_undisturbed(
+    c: &Cluster,
+    prompts: &[String],
+    results: &[Vec<Value>],
+    max_tokens: usize,
+) {
+    for (p, events) in prompts.iter().zip(results) {
         let finish: Vec<&Value> = events
             .iter()
             .filter_map(|e| e["choices"].get(0)?.get("finish_reason"))
@@ -453,9 +466,25 @@ async fn decode_killed_mid_stream(worker_args: &[&str]) {
         .await;
         assert_eq!(json!(text_of(events)), again["choices"][0]["text"], "{p}");
     }
-    let (_, h) = get(&c.url("/health")).await;
-    let h: Value = serde_json::from_str(&h).unwrap();
-    assert_eq!(h["decode_groups"], 1, "the dead process is unrouted");
+}
+
+/// A process sent SIGTERM exited 0 after its drain, and the gateway lost and re-ran nothing.
+fn assert_drained_cleanly(c: &Cluster, drained: &mut Proc, name: &str) {
+    let status = drained
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("the drained process did not exit: {}", drained.log()));
+    assert!(status.success(), "{status:?}: {}", drained.log());
+    assert!(
+        drained.log().contains("duet: drained, exiting"),
+        "{}",
+        drained.log()
+    );
+    assert_eq!(c.lost_with(name), 0, "{}", c.gateway.log());
+    assert!(
+        !c.gateway.log().contains("re-running"),
+        "a sequence was re-run: {}",
+        c.gateway.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,35 +529,8 @@ async fn sigterm_drains_a_decode_process_its_streams_finish_there_and_none_is_re
     for st in streams {
         results.push(st.await.unwrap());
     }
-    let status = drained
-        .wait_exit(Duration::from_secs(30))
-        .unwrap_or_else(|| panic!("the drained process did not exit: {}", drained.log()));
-    assert!(status.success(), "{status:?}: {}", drained.log());
-    assert!(
-        drained.log().contains("duet: drained, exiting"),
-        "{}",
-        drained.log()
-    );
-    assert_eq!(c.lost_with(&name), 0, "{}", c.gateway.log());
-    assert!(
-        !c.gateway.log().contains("re-running"),
-        "a sequence was re-run: {}",
-        c.gateway.log()
-    );
-    for (p, events) in prompts.iter().zip(&results) {
-        let finish: Vec<&Value> = events
-            .iter()
-            .filter_map(|e| e["choices"].get(0)?.get("finish_reason"))
-            .filter(|f| !f.is_null())
-            .collect();
-        assert_eq!(finish, vec![&json!("length")], "{p}");
-        let (_, again) = post(
-            &c.url("/v1/completions"),
-            &json!({"prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true}),
-        )
-        .await;
-        assert_eq!(json!(text_of(events)), again["choices"][0]["text"], "{p}");
-    }
+    assert_drained_cleanly(&c, &mut drained, &name);
+    assert_whole_and_undisturbed(&c, &prompts, &results, max_tokens).await;
 }
 
 /// Sends every prompt at once (6 greedy tokens each) and returns once the first answer came:
@@ -577,21 +579,7 @@ async fn sigterm_drains_a_prefill_process_under_load_without_a_re_run() {
         assert_eq!(s, 200, "{v}");
         assert_eq!(v["usage"]["completion_tokens"], 6);
     }
-    let status = drained
-        .wait_exit(Duration::from_secs(30))
-        .unwrap_or_else(|| panic!("the drained process did not exit: {}", drained.log()));
-    assert!(status.success(), "{status:?}: {}", drained.log());
-    assert!(
-        drained.log().contains("duet: drained, exiting"),
-        "{}",
-        drained.log()
-    );
-    assert_eq!(c.lost_with(&name), 0, "{}", c.gateway.log());
-    assert!(
-        !c.gateway.log().contains("re-running"),
-        "a sequence was re-run: {}",
-        c.gateway.log()
-    );
+    assert_drained_cleanly(&c, &mut drained, &name);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
